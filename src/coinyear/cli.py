@@ -1,0 +1,184 @@
+"""The command line: parse, call one stage, print. `coinyear --help` lists the commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from coinyear.config import get_settings
+
+
+def _train_config(args, settings):
+    from coinyear.model import ModelConfig
+    from coinyear.train import TrainConfig
+
+    model = ModelConfig(backbone=args.backbone or settings.backbone, mode=args.mode or settings.mode,
+                        proj_dim=settings.proj_dim if args.proj_dim is None else args.proj_dim,
+                        grayscale=args.grayscale or settings.grayscale,
+                        image_size=args.image_size or settings.image_size, pretrained=not args.no_pretrained)
+    return TrainConfig(model=model, epochs=settings.epochs if args.epochs is None else args.epochs,
+                       batch_size=args.batch_size or settings.batch_size, lr=args.lr or settings.lr,
+                       loss=args.loss or settings.loss, folds=settings.folds if args.folds is None else args.folds,
+                       seed=settings.seed if args.seed is None else args.seed, limit=args.limit,
+                       horizontal_flip=args.horizontal_flip)
+
+
+def cmd_train(args) -> int:
+    from coinyear import registry
+    from coinyear.config import set_torch_threads
+    from coinyear.data import read_manifest
+    from coinyear.train import run_training
+
+    settings = get_settings()
+    if args.data:
+        settings = settings.model_copy(update={"data_dir": args.data})
+    set_torch_threads(settings)
+    config = _train_config(args, settings)
+    manifest = read_manifest(settings.data_dir, settings.min_year, settings.max_year, limit=config.limit,
+                             seed=config.seed)
+    print(manifest.report())
+    outcome = run_training(settings, config, manifest, register=not args.no_register)
+    print(f"run {outcome.run_id}: MAE {outcome.metrics['val_mae']:.2f} years, "
+          f"within ±10y {100 * outcome.metrics['val_within_10y']:.1f}%")
+    if outcome.version:
+        print(f"registered {settings.model_name} version {outcome.version}")
+        if args.promote:
+            registry.promote(settings, outcome.version, args.promote)
+            print(f"{settings.model_name}@{args.promote} -> version {outcome.version}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from coinyear.data import read_manifest
+    from coinyear.evaluate import evaluate_model
+
+    settings = get_settings()
+    manifest = read_manifest(args.data or settings.data_dir, settings.min_year, settings.max_year, limit=args.limit)
+    if not args.json:
+        print(manifest.report())
+    report = evaluate_model(args.model, manifest.rows, progress=not args.json)
+    report["data"] = manifest.summary()
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for key, value in report["metrics"].items():
+            print(f"{key:>12}: {value:.3f}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from coinyear import registry
+
+    settings = get_settings()
+    if args.models_command == "promote":
+        previous = registry.promote(settings, args.version, args.to)
+        print(f"{settings.model_name}@{args.to}: version {previous or '-'} -> {args.version}")
+    elif args.models_command == "rollback":
+        current, target = registry.rollback(settings)
+        print(f"{settings.model_name}@production: version {current} -> {target} (rolled back)")
+    else:
+        versions = registry.list_versions(settings)
+        if args.json:
+            print(json.dumps([v.__dict__ for v in versions], indent=2, default=str))
+            return 0
+        if not versions:
+            print(f"no versions of {settings.model_name} registered yet")
+            return 0
+        print(f"{'version':>7}  {'aliases':<20} {'val_mae':>8} {'±10y':>6}  decision")
+        for v in versions:
+            mae = v.metrics.get("val_mae")
+            within = v.metrics.get("val_within_10y")
+            decision = v.tags.get("decision", "")
+            if v.tags.get("decision_reason"):
+                decision += f" ({v.tags['decision_reason']})"
+            print(f"{v.version:>7}  {','.join(v.aliases) or '-':<20} "
+                  f"{'-' if mae is None else f'{mae:.2f}':>8} {'-' if within is None else f'{100 * within:.0f}%':>6}"
+                  f"  {decision}")
+    return 0
+
+
+def cmd_data(args) -> int:
+    from coinyear.data import import_collection, read_manifest
+
+    settings = get_settings()
+    if args.data_command == "import":
+        out = args.out or settings.home_dir / "datasets" / "imported"
+        manifest = import_collection(args.images, args.csv, out, settings.min_year, settings.max_year)
+        print(manifest.report())
+        print(f"manifest written to {out}/manifest.csv")
+    else:
+        manifest = read_manifest(args.data or settings.data_dir, settings.min_year, settings.max_year)
+        print(json.dumps(manifest.summary(), indent=2) if args.json else manifest.report())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="coinyear", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every step")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train (grouped K-fold or hold-out), log to MLflow, register")
+    train.add_argument("--data", help="dataset folder with manifest.csv (default COINYEAR_DATA_DIR)")
+    train.add_argument("--backbone", choices=["resnet18", "mobilenet_v3_small", "efficientnet_lite0"])
+    train.add_argument("--mode", choices=["shared", "dual"])
+    train.add_argument("--proj-dim", type=int, help="projection after fusion; 0 = none")
+    train.add_argument("--grayscale", action="store_true")
+    train.add_argument("--image-size", type=int)
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--folds", type=int, help="K for grouped K-fold; 0 = one grouped hold-out")
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--lr", type=float)
+    train.add_argument("--loss", choices=["interval", "mse"])
+    train.add_argument("--limit", type=int, help="train on a random subset of N coins")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--horizontal-flip", action="store_true", help="add flips (not advised: mirrors legends)")
+    train.add_argument("--no-pretrained", action="store_true", help="do not load ImageNet weights")
+    train.add_argument("--no-register", action="store_true")
+    train.add_argument("--promote", choices=["staging", "production"], help="set this alias on the new version")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = commands.add_parser("evaluate", help="score a manifest with a registered model")
+    evaluate.add_argument("--model", required=True, help="e.g. models:/coinyear@production")
+    evaluate.add_argument("--data", help="dataset folder with manifest.csv (default COINYEAR_DATA_DIR)")
+    evaluate.add_argument("--limit", type=int)
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    models = commands.add_parser("models", help="registered versions, promotion and rollback")
+    models_commands = models.add_subparsers(dest="models_command", required=True)
+    listing = models_commands.add_parser("list", help="versions with aliases, metrics and decisions")
+    listing.add_argument("--json", action="store_true")
+    promote = models_commands.add_parser("promote", help="point an alias at a version")
+    promote.add_argument("version")
+    promote.add_argument("--to", required=True, choices=["staging", "production"])
+    models_commands.add_parser("rollback", help="production back to the version before")
+    models.set_defaults(func=cmd_models)
+
+    data = commands.add_parser("data", help="check a dataset or import your own collection")
+    data_commands = data.add_subparsers(dest="data_command", required=True)
+    check = data_commands.add_parser("check", help="validate a manifest and report dropped rows")
+    check.add_argument("--data")
+    check.add_argument("--json", action="store_true")
+    imported = data_commands.add_parser("import", help="turn a folder of photos + CSV into a manifest")
+    imported.add_argument("--images", required=True)
+    imported.add_argument("--csv", required=True)
+    imported.add_argument("--out", help="output folder (default COINYEAR_HOME/datasets/imported)")
+    data.set_defaults(func=cmd_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as error:
+        print(f"coinyear: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

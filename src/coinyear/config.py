@@ -1,0 +1,128 @@
+"""One typed settings object for every stage: read from COINYEAR_* environment variables, local defaults.
+
+The embedded default keeps all state under COINYEAR_HOME (MLflow SQLite store and artifacts, Delta tables,
+caches). Setting MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI (e.g. `databricks`, `databricks-uc`) points the
+same code at a Databricks workspace.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# The OCRE reference data spans 32 BC .. AD 138; a coin dating system should still accept the whole span of
+# coinage (c. 700 BC to today), and nothing else: years outside it are typos, not coins.
+MIN_YEAR = -700
+MAX_YEAR = 2100
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="COINYEAR_", extra="ignore")
+
+    home: Path = Field(default=Path(".coinyear"), description="State folder: MLflow store, lake, caches.")
+    data_dir: Path = Field(default=Path("../shared/data/ocre"), description="Reference dataset (manifest.csv).")
+    model_name: str = "coinyear"
+    experiment_name: str = "coinyear"
+    tracking_uri: str | None = Field(
+        default=None, validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "COINYEAR_TRACKING_URI")
+    )
+    registry_uri: str | None = Field(
+        default=None, validation_alias=AliasChoices("MLFLOW_REGISTRY_URI", "COINYEAR_REGISTRY_URI")
+    )
+    lake_uri: str | None = Field(default=None, description="Root of the Delta tables; default HOME/lake.")
+
+    # Training defaults: the recipe `coinyear train` and `make demo` use when no flag says otherwise.
+    backbone: str = "efficientnet_lite0"
+    mode: str = "shared"
+    image_size: int = 128
+    grayscale: bool = False
+    proj_dim: int = 256
+    epochs: int = 6
+    folds: int = 0
+    batch_size: int = 32
+    lr: float = 1e-3
+    loss: str = "interval"
+    seed: int = 42
+    num_threads: int = 0
+
+    # Serving
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_tokens: list[str] = Field(default_factory=list)
+    auth_disabled: bool = False
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_rows: int = 64
+    alias_poll_seconds: float = 5.0
+    batch_max_size: int = 32
+    batch_max_wait_ms: float = 5.0
+
+    # Client side (UI): where the gateway lives
+    api_url: str = "http://127.0.0.1:8080"
+    api_token: str | None = None
+
+    min_year: int = MIN_YEAR
+    max_year: int = MAX_YEAR
+
+    @property
+    def home_dir(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    @property
+    def mlflow_tracking_uri(self) -> str:
+        return self.tracking_uri or f"sqlite:///{self.home_dir / 'mlflow.db'}"
+
+    @property
+    def mlflow_registry_uri(self) -> str:
+        return self.registry_uri or self.mlflow_tracking_uri
+
+    @property
+    def artifact_root(self) -> Path:
+        return self.home_dir / "mlartifacts"
+
+    @property
+    def lake_root(self) -> str:
+        return self.lake_uri or str(self.home_dir / "lake")
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home_dir / "cache"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
+
+
+def configure_mlflow(settings: Settings) -> None:
+    """Point MLflow at the configured tracking store and registry, creating the local state folder."""
+    import mlflow
+
+    if settings.tracking_uri is None:
+        settings.home_dir.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    mlflow.set_registry_uri(settings.mlflow_registry_uri)
+
+
+def ensure_experiment(settings: Settings) -> str:
+    """The experiment id, creating it with its artifacts under COINYEAR_HOME (not the working directory)."""
+    import mlflow
+
+    configure_mlflow(settings)
+    experiment = mlflow.get_experiment_by_name(settings.experiment_name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None if settings.tracking_uri else settings.artifact_root.as_uri()
+    return mlflow.create_experiment(settings.experiment_name, artifact_location=location)
+
+
+def set_torch_threads(settings: Settings) -> None:
+    import torch
+
+    if settings.num_threads > 0:
+        torch.set_num_threads(settings.num_threads)
+    elif os.cpu_count():
+        torch.set_num_threads(os.cpu_count())

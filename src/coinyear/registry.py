@@ -1,0 +1,117 @@
+"""Registry stage: model versions and their lifecycle in the MLflow Model Registry.
+
+None -> Staging -> Production is expressed with the aliases `staging` and `production` (MLflow 3 and Unity
+Catalog have no stages). Each promotion to production tags the new version with the version it replaced
+(`previous_production`), so `rollback` can walk back through the history one step at a time, repeatedly.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from coinyear.config import Settings, configure_mlflow
+
+STAGING, PRODUCTION = "staging", "production"
+ALIASES = (STAGING, PRODUCTION)
+PREVIOUS_TAG = "previous_production"
+KEY_METRICS = ("val_mae", "val_rmse", "val_within_10y", "cv_mae_mean", "train_seconds")
+
+
+class RegistryError(RuntimeError):
+    """A registry operation that cannot be done (unknown version, nothing to roll back to...)."""
+
+
+@dataclass
+class VersionInfo:
+    version: str
+    aliases: list[str]
+    run_id: str | None
+    created: float
+    metrics: dict[str, float] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+def client(settings: Settings) -> MlflowClient:
+    configure_mlflow(settings)
+    return MlflowClient(tracking_uri=settings.mlflow_tracking_uri, registry_uri=settings.mlflow_registry_uri)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def version_by_alias(settings: Settings, alias: str) -> str | None:
+    try:
+        return client(settings).get_model_version_by_alias(settings.model_name, alias).version
+    except MlflowException:
+        return None
+
+
+def list_versions(settings: Settings) -> list[VersionInfo]:
+    """Every version of the model, newest first, with its aliases, key run metrics and tags."""
+    mlflow_client = client(settings)
+    try:
+        versions = mlflow_client.search_model_versions(f"name='{settings.model_name}'")
+    except MlflowException:
+        return []
+    infos = []
+    for mv in sorted(versions, key=lambda v: int(v.version), reverse=True):
+        metrics = {}
+        if mv.run_id:
+            try:
+                run_metrics = mlflow_client.get_run(mv.run_id).data.metrics
+                metrics = {k: run_metrics[k] for k in KEY_METRICS if k in run_metrics}
+            except MlflowException:
+                pass
+        infos.append(VersionInfo(str(mv.version), list(mv.aliases or []), mv.run_id,
+                                 (mv.creation_timestamp or 0) / 1000, metrics, dict(mv.tags or {})))
+    return infos
+
+
+def promote(settings: Settings, version: str | int, to: str) -> str | None:
+    """Point alias `to` at `version`; returns the version the alias pointed to before (or None)."""
+    if to not in ALIASES:
+        raise RegistryError(f"unknown alias {to!r}; use one of {', '.join(ALIASES)}")
+    mlflow_client, name, version = client(settings), settings.model_name, str(version)
+    try:
+        mlflow_client.get_model_version(name, version)
+    except MlflowException as error:
+        raise RegistryError(f"model {name} has no version {version}") from error
+    previous = version_by_alias(settings, to)
+    if to == PRODUCTION and previous and previous != version:
+        mlflow_client.set_model_version_tag(name, version, PREVIOUS_TAG, previous)
+    mlflow_client.set_model_version_tag(name, version, f"{to}_since", _now())
+    mlflow_client.set_registered_model_alias(name, to, version)
+    return previous
+
+
+def rollback(settings: Settings) -> tuple[str, str]:
+    """Move `production` back to the version it pointed to before the current one: (from, to)."""
+    mlflow_client, name = client(settings), settings.model_name
+    current = version_by_alias(settings, PRODUCTION)
+    if current is None:
+        raise RegistryError(f"model {name} has no production version to roll back")
+    target = mlflow_client.get_model_version(name, current).tags.get(PREVIOUS_TAG)
+    if not target:
+        raise RegistryError(f"version {current} has no earlier production version to roll back to")
+    mlflow_client.set_registered_model_alias(name, PRODUCTION, target)
+    mlflow_client.set_model_version_tag(name, current, "rolled_back_at", _now())
+    mlflow_client.set_model_version_tag(name, target, f"{PRODUCTION}_since", _now())
+    return current, target
+
+
+def tag_version(settings: Settings, version: str | int, tags: dict[str, str]) -> None:
+    mlflow_client = client(settings)
+    for key, value in tags.items():
+        mlflow_client.set_model_version_tag(settings.model_name, str(version), key, str(value))
+
+
+def model_uri(settings: Settings, alias_or_version: str) -> str:
+    """`models:/name@alias` for an alias, `models:/name/N` for a version number."""
+    if str(alias_or_version).isdigit():
+        return f"models:/{settings.model_name}/{alias_or_version}"
+    return f"models:/{settings.model_name}@{alias_or_version}"

@@ -1,0 +1,335 @@
+"""Training stage: dataset tensors, augmentation, the fit loop, grouped K-fold, and the tracked training run.
+
+`run_training` is what `coinyear train` calls: it validates the data, cross-validates (grouped K-fold) or
+holds out one grouped split, fits the model to register, logs everything to MLflow (params, per-epoch and
+per-fold metrics, plots, dataset summary, the pyfunc model with signature and input example) and registers
+a new model version.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+from tqdm.auto import tqdm
+
+from coinyear import evaluate
+from coinyear.data import ImageCache, Manifest, grouped_folds, grouped_holdout, load_arrays
+from coinyear.model import DualImageRegressor, ModelConfig, build_model
+
+log = logging.getLogger(__name__)
+
+LOSSES = ("interval", "mse")
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    epochs: int = 6
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    loss: str = "interval"
+    patience: int = 3
+    folds: int = 0
+    holdout_fraction: float = 0.15
+    rotation_degrees: float = 20.0
+    color_jitter: float = 0.2
+    horizontal_flip: bool = False  # off by default: it mirrors legends and portrait direction
+    seed: int = 42
+    limit: int | None = None
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; choose from {', '.join(LOSSES)}")
+
+    def flat(self) -> dict:
+        params = {k: v for k, v in asdict(self).items() if k != "model"}
+        params.update(self.model.to_dict())
+        return params
+
+
+# ---------------------------------------------------------------------------------------------- dataset
+class CoinDataset(Dataset):
+    """In-memory uint8 images of both sides; augmentation (when given) applied per sample."""
+
+    def __init__(self, fronts: np.ndarray, backs: np.ndarray, year_from, year_to, augment=None):
+        self.fronts, self.backs = torch.from_numpy(fronts), torch.from_numpy(backs)
+        self.year_from = torch.as_tensor(np.asarray(year_from, dtype=np.float32))
+        self.year_to = torch.as_tensor(np.asarray(year_to, dtype=np.float32))
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.fronts)
+
+    def __getitem__(self, index: int):
+        front, back = self.fronts[index], self.backs[index]
+        if self.augment is not None:
+            front, back = self.augment(front), self.augment(back)
+        return front.float() / 255, back.float() / 255, self.year_from[index], self.year_to[index]
+
+
+def make_augmentation(config: TrainConfig) -> v2.Compose:
+    """Rotation (coins are photographed at any angle) and light colour jitter; flips only when asked."""
+    steps = [v2.RandomRotation(config.rotation_degrees, interpolation=v2.InterpolationMode.BILINEAR)]
+    if config.color_jitter:
+        jitter = config.color_jitter
+        if config.model.grayscale:
+            steps.append(v2.ColorJitter(brightness=jitter, contrast=jitter))
+        else:
+            steps.append(v2.ColorJitter(brightness=jitter, contrast=jitter, saturation=jitter))
+    if config.horizontal_flip:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose(steps)
+
+
+# ------------------------------------------------------------------------------------------------- loss
+def loss_fn(predicted, year_from, year_to, kind: str, scale: float) -> torch.Tensor:
+    """Loss in standardised years. `interval`: zero inside the label range, Huber outside; `mse`: midpoint."""
+    if kind == "mse":
+        return torch.mean(((predicted - (year_from + year_to) / 2) / scale) ** 2)
+    outside = torch.relu(year_from - predicted) + torch.relu(predicted - year_to)
+    return nn.functional.smooth_l1_loss(outside / scale, torch.zeros_like(outside), beta=0.1)
+
+
+# ---------------------------------------------------------------------------------------------- fitting
+@torch.inference_mode()
+def predict_arrays(model: nn.Module, fronts: np.ndarray, backs: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    model.eval()
+    out = []
+    for start in range(0, len(fronts), batch_size):
+        front = torch.from_numpy(fronts[start:start + batch_size]).float() / 255
+        back = torch.from_numpy(backs[start:start + batch_size]).float() / 255
+        out.append(model(front, back).numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def fit(model: DualImageRegressor, train: CoinDataset, config: TrainConfig, val: CoinDataset | None = None,
+        name: str = "fit", on_epoch=None, epochs: int | None = None) -> list[dict]:
+    """Train in place; with a validation set, stop early on validation MAE and keep the best weights.
+
+    `on_epoch(record)` is called after every epoch (MLflow logging); returns the per-epoch history.
+    """
+    epochs = config.epochs if epochs is None else epochs
+    generator = torch.Generator().manual_seed(config.seed)
+    loader = DataLoader(train, batch_size=config.batch_size, shuffle=True, generator=generator, drop_last=len(train) > config.batch_size)
+    # A pretrained backbone needs gentler steps than the freshly initialised head.
+    backbone_lr = config.lr * (0.3 if model.pretrained_loaded else 1.0)
+    head_params = list(model.fusion.parameters()) + list(model.head.parameters())
+    head_ids = {id(p) for p in head_params}
+    backbone_params = [p for p in model.parameters() if id(p) not in head_ids]
+    optimizer = torch.optim.AdamW([{"params": backbone_params, "lr": backbone_lr},
+                                   {"params": head_params, "lr": config.lr}], weight_decay=config.weight_decay)
+    total_steps = max(1, epochs * len(loader))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=[backbone_lr, config.lr], total_steps=total_steps, pct_start=0.15)
+    scale = float(model.year_scale)
+    history, best_mae, best_state, stale = [], math.inf, None, 0
+    bar = tqdm(range(1, epochs + 1), desc=name, unit="epoch", leave=False)
+    for epoch in bar:
+        model.train()
+        started, losses = time.perf_counter(), []
+        for front, back, year_from, year_to in loader:
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(front, back), year_from, year_to, config.loss, scale)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+        record = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
+                  "epoch_seconds": time.perf_counter() - started}
+        if val is not None and len(val):
+            predicted = predict_arrays(model, val.fronts.numpy(), val.backs.numpy())
+            metrics = evaluate.regression_metrics(predicted, val.year_from.numpy(), val.year_to.numpy())
+            record.update(val_mae=metrics["mae"], val_range_mae=metrics["range_mae"])
+            if metrics["mae"] < best_mae:
+                best_mae, best_state, stale = metrics["mae"], copy.deepcopy(model.state_dict()), 0
+                record["best"] = True
+            else:
+                stale += 1
+        history.append(record)
+        bar.set_postfix({k: round(v, 3) for k, v in record.items() if k in ("train_loss", "val_mae")})
+        log.info("%s epoch %d/%d %s", name, epoch, epochs,
+                 " ".join(f"{k}={v:.3f}" for k, v in record.items() if isinstance(v, float)))
+        if on_epoch:
+            on_epoch(record)
+        if val is not None and stale >= config.patience:
+            log.info("%s: early stop after epoch %d (best val MAE %.2f)", name, epoch, best_mae)
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return history
+
+
+def best_epoch(history: list[dict]) -> int:
+    marked = [h["epoch"] for h in history if h.get("best")]
+    return marked[-1] if marked else history[-1]["epoch"]
+
+
+def year_normalisation(year_from, year_to) -> tuple[float, float]:
+    midpoint = (np.asarray(year_from, float) + np.asarray(year_to, float)) / 2
+    return float(np.median(midpoint)), float(max(np.std(midpoint), 1.0))
+
+
+def new_model(config: TrainConfig, year_from, year_to) -> DualImageRegressor:
+    torch.manual_seed(config.seed)
+    center, scale = year_normalisation(year_from, year_to)
+    return build_model(config.model, year_center=center, year_scale=scale)
+
+
+# ----------------------------------------------------------------------------------------- experiments
+@dataclass
+class TrainingResult:
+    model: DualImageRegressor
+    metrics: dict[str, float]
+    histories: dict[str, list[dict]]
+    predictions: pd.DataFrame  # coin_id, year_from, year_to, predicted, fold (out-of-fold or hold-out)
+    seconds: float
+    fold_models: list[DualImageRegressor] = field(default_factory=list)
+
+
+def train_on_manifest(manifest: Manifest, config: TrainConfig, cache_dir: Path, on_metrics=None) -> TrainingResult:
+    """Cross-validate (folds >= 2) or hold out one grouped split, then produce the model to register.
+
+    With K folds, the reported metrics are the out-of-fold ones and the final model is fit on all rows for
+    the median best epoch; with a hold-out, the final model is the one early-stopped on the hold-out.
+    `on_metrics(dict, step)` receives every metric as it is produced (MLflow logging).
+    """
+    started = time.perf_counter()
+    rows = manifest.rows
+    if len(rows) < 4:
+        raise ValueError(f"only {len(rows)} valid rows: too few to train")
+    cache = ImageCache(cache_dir, config.model.image_size, config.model.grayscale)
+    fronts, backs = load_arrays(rows, cache, progress=True)
+    year_from, year_to = rows["year_from"].to_numpy(), rows["year_to"].to_numpy()
+    augment = make_augmentation(config)
+    emit = on_metrics or (lambda metrics, step=None: None)
+
+    def subset(index, with_augment):
+        return CoinDataset(fronts[index], backs[index], year_from[index], year_to[index],
+                           augment if with_augment else None)
+
+    if config.folds >= 2:
+        splits = grouped_folds(rows, config.folds, config.seed)
+    else:
+        train_index, holdout_index = grouped_holdout(rows, config.holdout_fraction, config.seed)
+        splits = [(train_index, holdout_index)]
+    predictions = np.full(len(rows), np.nan)
+    fold_of = np.full(len(rows), -1)
+    histories, fold_metrics, best_epochs, fold_models = {}, [], [], []
+    for fold, (train_index, val_index) in enumerate(tqdm(splits, desc="folds", unit="fold", disable=len(splits) == 1)):
+        name = f"fold{fold + 1}" if len(splits) > 1 else "holdout"
+        model = new_model(config, year_from[train_index], year_to[train_index])
+        history = fit(model, subset(train_index, True), config, subset(val_index, False), name=name,
+                      on_epoch=lambda r, n=name: emit({f"{n}/{k}": v for k, v in r.items()
+                                                       if isinstance(v, float)}, r["epoch"]))
+        histories[name], best_epochs = history, best_epochs + [best_epoch(history)]
+        predictions[val_index] = predict_arrays(model, fronts[val_index], backs[val_index])
+        fold_of[val_index] = fold + 1
+        metrics = evaluate.regression_metrics(predictions[val_index], year_from[val_index], year_to[val_index])
+        fold_metrics.append(metrics)
+        emit({f"{name}/{k}": v for k, v in metrics.items()})
+        log.info("%s: MAE %.2f, within 10y %.1f%%", name, metrics["mae"], 100 * metrics["within_10y"])
+        fold_models.append(model)
+
+    evaluated = fold_of > 0
+    overall = evaluate.regression_metrics(predictions[evaluated], year_from[evaluated], year_to[evaluated])
+    metrics = {f"val_{k}": v for k, v in overall.items()}
+    if len(splits) > 1:
+        metrics.update(evaluate.summarize_folds(fold_metrics))
+        final_epochs = int(np.median(best_epochs))
+        final = new_model(config, year_from, year_to)
+        histories["final"] = fit(final, subset(np.arange(len(rows)), True), config, None, name="final",
+                                 epochs=final_epochs,
+                                 on_epoch=lambda r: emit({f"final/{k}": v for k, v in r.items()
+                                                          if isinstance(v, float)}, r["epoch"]))
+        metrics["final_epochs"] = float(final_epochs)
+    else:
+        final = fold_models[0]
+    metrics["train_seconds"] = time.perf_counter() - started
+    emit(metrics)
+    table = pd.DataFrame({"coin_id": rows["coin_id"], "year_from": year_from, "year_to": year_to,
+                          "predicted": predictions, "fold": fold_of})[evaluated].reset_index(drop=True)
+    return TrainingResult(final.eval(), metrics, histories, table, metrics["train_seconds"], fold_models)
+
+
+# ------------------------------------------------------------------------------------------ tracked run
+@dataclass
+class RunOutcome:
+    run_id: str
+    version: str | None
+    metrics: dict[str, float]
+
+
+def _log_plots(result: TrainingResult) -> None:
+    import mlflow
+    import matplotlib.pyplot as plt
+
+    table = result.predictions
+    figures = {
+        "plots/loss_curves.png": evaluate.plot_loss_curves(result.histories),
+        "plots/predicted_vs_true.png": evaluate.plot_predicted_vs_true(table["predicted"], table["year_from"],
+                                                                       table["year_to"]),
+        "plots/decade_confusion.png": evaluate.plot_decade_confusion(
+            evaluate.decade_confusion(table["predicted"], table["year_from"], table["year_to"])),
+        "plots/decade_mae.png": evaluate.plot_decade_mae(
+            evaluate.per_decade_mae(table["predicted"], table["year_from"], table["year_to"])),
+    }
+    for path, figure in figures.items():
+        mlflow.log_figure(figure, path)
+        plt.close(figure)
+    mlflow.log_table(evaluate.per_decade_mae(table["predicted"], table["year_from"], table["year_to"]),
+                     "evaluation/decade_mae.json")
+    mlflow.log_text(table.to_csv(index=False), "evaluation/predictions.csv")
+
+
+def run_training(settings, config: TrainConfig, manifest: Manifest | None = None, register: bool = True,
+                 run_name: str | None = None, tags: dict | None = None) -> RunOutcome:
+    """Validate the data, train, and log the whole run to MLflow; register a new model version."""
+    import tempfile
+
+    import mlflow
+
+    from coinyear.config import ensure_experiment
+    from coinyear.data import read_manifest
+    from coinyear.pyfunc import input_example, log_model
+
+    experiment_id = ensure_experiment(settings)
+    if manifest is None:
+        manifest = read_manifest(settings.data_dir, settings.min_year, settings.max_year,
+                                 limit=config.limit, seed=config.seed)
+    log.info(manifest.report())
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
+        mlflow.log_params(config.flat())
+        summary = manifest.summary()
+        mlflow.log_params({f"data_{k}": v for k, v in summary.items() if not isinstance(v, dict)})
+        mlflow.log_dict(summary, "dataset/summary.json")
+        if len(manifest.dropped):
+            mlflow.log_text(manifest.dropped.to_csv(index=False), "dataset/dropped_rows.csv")
+        columns = [c for c in ("coin_id", "year_from", "year_to", "group") if c in manifest.rows.columns]
+        mlflow.log_input(mlflow.data.from_pandas(manifest.rows[columns], source=str(manifest.source),
+                                                 name="coins"), context="training")
+
+        result = train_on_manifest(manifest, config, settings.cache_dir,
+                                   on_metrics=lambda metrics, step=None: mlflow.log_metrics(metrics, step=step))
+        mlflow.set_tag("pretrained_weights", str(result.model.pretrained_loaded))
+        _log_plots(result)
+        with tempfile.TemporaryDirectory() as folder:
+            from coinyear.model import save_checkpoint
+
+            checkpoint = Path(folder) / "model.pt"
+            save_checkpoint(result.model, checkpoint)
+            info = log_model(checkpoint, input_example(manifest.rows),
+                             registered_model_name=settings.model_name if register else None)
+        version = str(info.registered_model_version) if register and info.registered_model_version else None
+        return RunOutcome(run.info.run_id, version, result.metrics)
