@@ -1,0 +1,39 @@
+# Everyday commands. `make demo` and `make test` each set up their own virtual environment first.
+VENV ?= .venv
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+BIN := $(VENV)/bin
+export COINYEAR_DATA_DIR ?= $(abspath ../shared/data/ocre)
+
+.PHONY: setup demo test test-fast serve ui bench clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch and torchvision first, pinned: pip takes them from this machine's disk (no CUDA download)
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+## The main job on the embedded defaults: train on OCRE, register, promote to production, evaluate.
+demo: setup
+	$(BIN)/coinyear train --promote production
+	$(BIN)/coinyear models list
+	$(BIN)/coinyear evaluate --model models:/coinyear@production --json
+
+## Everything CI runs.
+test: setup
+	$(BIN)/python -m pytest
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow and not browser"
+
+serve: setup
+	$(BIN)/coinyear serve
+
+ui: setup
+	$(BIN)/coinyear ui
+
+clean:
+	rm -rf .coinyear .pytest_cache

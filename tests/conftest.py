@@ -1,0 +1,75 @@
+"""Shared fixtures: an isolated COINYEAR_HOME per test session, the OCRE data in place, small made-up
+images, and one small trained + registered model that system tests reuse."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+REPO = Path(__file__).resolve().parents[1]
+OCRE = Path(os.environ.get("COINYEAR_DATA_DIR", REPO.parent / "shared" / "data" / "ocre")).resolve()
+
+
+def coin_image(seed: int = 0, size: tuple[int, int] = (96, 96), fmt: str = "JPEG") -> bytes:
+    """A small synthetic 'coin': a disc with a few random marks, encoded as `fmt`."""
+    rng = np.random.default_rng(seed)
+    image = Image.new("RGB", size, (30, 30, 30))
+    draw = ImageDraw.Draw(image)
+    w, h = size
+    draw.ellipse((4, 4, w - 4, h - 4), fill=tuple(int(c) for c in rng.integers(100, 220, 3)))
+    for _ in range(6):
+        x, y = (int(v) for v in rng.integers(10, min(w, h) - 20, 2))
+        draw.rectangle((x, y, x + 8, y + 8), fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def ocre_dir() -> Path:
+    if not (OCRE / "manifest.csv").is_file():
+        pytest.fail(f"reference data not found at {OCRE}; set COINYEAR_DATA_DIR")
+    return OCRE
+
+
+def make_settings(home: Path, **overrides):
+    from coinyear.config import Settings
+
+    return Settings(home=home, data_dir=OCRE, tracking_uri=f"sqlite:///{home / 'mlflow.db'}",
+                    registry_uri=f"sqlite:///{home / 'mlflow.db'}", **overrides)
+
+
+@pytest.fixture
+def settings(tmp_path):
+    return make_settings(tmp_path / "home")
+
+
+def small_train_config(**overrides):
+    """A training recipe that runs in seconds on 2 CPU cores (tests only)."""
+    from coinyear.model import ModelConfig
+    from coinyear.train import TrainConfig
+
+    model = ModelConfig(**{"backbone": "mobilenet_v3_small", "mode": "shared", "image_size": 64, "proj_dim": 32,
+                           **overrides.pop("model", {})})
+    return TrainConfig(**{"model": model, "epochs": 1, "batch_size": 16, "limit": 80, "seed": 1, **overrides})
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """One small model trained on real OCRE coins, registered as version 1 and promoted to production.
+
+    Returns (settings, outcome). Tests that change the registry must use their own home, not this one.
+    """
+    from coinyear import registry
+    from coinyear.train import run_training
+
+    home = tmp_path_factory.mktemp("trained") / "home"
+    settings = make_settings(home)
+    outcome = run_training(settings, small_train_config())
+    registry.promote(settings, outcome.version, registry.PRODUCTION)
+    return settings, outcome
