@@ -21,7 +21,7 @@ MAX_YEAR = 2100
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="COINYEAR_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="COINYEAR_", extra="ignore", populate_by_name=True)
 
     home: Path = Field(default=Path(".coinyear"), description="State folder: MLflow store, lake, caches.")
     data_dir: Path = Field(default=Path("../shared/data/ocre"), description="Reference dataset (manifest.csv).")

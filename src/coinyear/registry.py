@@ -46,7 +46,7 @@ def _now() -> str:
 
 def version_by_alias(settings: Settings, alias: str) -> str | None:
     try:
-        return client(settings).get_model_version_by_alias(settings.model_name, alias).version
+        return str(client(settings).get_model_version_by_alias(settings.model_name, alias).version)
     except MlflowException:
         return None
 
@@ -58,6 +58,10 @@ def list_versions(settings: Settings) -> list[VersionInfo]:
         versions = mlflow_client.search_model_versions(f"name='{settings.model_name}'")
     except MlflowException:
         return []
+    # search results carry no aliases; the registered model has the alias -> version map
+    aliases: dict[str, list[str]] = {}
+    for alias, version in (mlflow_client.get_registered_model(settings.model_name).aliases or {}).items():
+        aliases.setdefault(str(version), []).append(alias)
     infos = []
     for mv in sorted(versions, key=lambda v: int(v.version), reverse=True):
         metrics = {}
@@ -67,7 +71,7 @@ def list_versions(settings: Settings) -> list[VersionInfo]:
                 metrics = {k: run_metrics[k] for k in KEY_METRICS if k in run_metrics}
             except MlflowException:
                 pass
-        infos.append(VersionInfo(str(mv.version), list(mv.aliases or []), mv.run_id,
+        infos.append(VersionInfo(str(mv.version), sorted(aliases.get(str(mv.version), [])), mv.run_id,
                                  (mv.creation_timestamp or 0) / 1000, metrics, dict(mv.tags or {})))
     return infos
 
