@@ -46,6 +46,13 @@ model_decisions, monitoring, training_data: schema on first write (new columns a
 from __future__ import annotations
 
 import logging
+import os
+import pickle
+import struct
+import threading
+import time
+import uuid
+import zlib
 from pathlib import Path
 
 import pandas as pd
@@ -170,3 +177,235 @@ class Lake:
 
     def count(self, table: str) -> int:
         return DeltaTable(self.uri(table)).count() if self.exists(table) else 0
+
+
+# ------------------------------------------------------------------------------------------------ spool
+FRAME_HEADER = struct.Struct("<II")  # payload length, crc32 of the payload
+
+
+def _frame(records: list[dict]) -> bytes:
+    payload = pickle.dumps(records, protocol=pickle.HIGHEST_PROTOCOL)
+    return FRAME_HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def read_segment(path: Path) -> list[dict]:
+    """Every complete record of a spool segment; a torn tail (never acknowledged) is ignored."""
+    data, records, offset = path.read_bytes(), [], 0
+    while offset + FRAME_HEADER.size <= len(data):
+        length, crc = FRAME_HEADER.unpack_from(data, offset)
+        payload = data[offset + FRAME_HEADER.size:offset + FRAME_HEADER.size + length]
+        if len(payload) < length or zlib.crc32(payload) != crc:
+            log.warning("spool segment %s: torn record at byte %d ignored", path.name, offset)
+            break
+        records.extend(pickle.loads(payload))
+        offset += FRAME_HEADER.size + length
+    return records
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class SpooledAppender:
+    """Durable, batched appends to one Delta table: the table's single writer.
+
+    `write(records)` returns once the records are fsync'ed in a local spool segment (concurrent callers share
+    one fsync: group commit), so whatever a caller acknowledged after `write` survives `kill -9`. One committer
+    thread seals the current segment every `flush_seconds`, appends the sealed segments to Delta in one commit
+    and then deletes them; a failed commit is retried with backoff and nothing is dropped.
+
+    Replay is idempotent: each commit carries a Delta transaction marker (app id of this spool folder, version =
+    the last segment number in the commit), so after a crash between the commit and the deletion of the
+    segment files, `start()` sees the segments as committed and only deletes them.
+    """
+
+    SUFFIX = ".seg"
+
+    def __init__(self, lake: Lake, table: str, spool_dir: str | Path, flush_seconds: float = 1.0,
+                 max_commit_rows: int = 5000):
+        self.lake, self.table = lake, table
+        self.dir = Path(spool_dir)
+        self.flush_seconds, self.max_commit_rows = flush_seconds, max_commit_rows
+        self.dir.mkdir(parents=True, exist_ok=True)
+        id_file = self.dir / "spool_id"
+        if not id_file.exists():
+            id_file.write_text(uuid.uuid4().hex)
+        self.app_id = f"coinyear-spool:{table}:{id_file.read_text().strip()}"
+        self.backlog = 0  # records spooled, not yet in Delta
+        self.committed_rows = 0
+        self.last_error: str | None = None
+        self._lock = threading.Lock()  # guards the pending buffer and counters
+        self._file_lock = threading.Lock()  # one thread writes + fsyncs the segment at a time
+        self._pending: list[bytes] = []
+        self._pending_rows = 0
+        self._next_ticket = 1
+        self._durable_ticket = 0
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._file = None
+        self._segment_seq = 0
+        self._segment_rows = 0
+
+    # ---------------------------------------------------------------------------------------- segments
+    def _segments(self) -> list[tuple[int, Path]]:
+        found = []
+        for path in self.dir.glob(f"*{self.SUFFIX}"):
+            try:
+                found.append((int(path.stem), path))
+            except ValueError:
+                continue
+        return sorted(found)
+
+    def _open_segment(self, seq: int) -> None:
+        # segment numbers never repeat, even after the folder was emptied: a reused number would look committed
+        high_water = self.dir / "last_segment"
+        high_water.with_suffix(".tmp").write_text(str(seq))
+        high_water.with_suffix(".tmp").replace(high_water)
+        self._segment_seq, self._segment_rows = seq, 0
+        self._file = open(self.dir / f"{seq:012d}{self.SUFFIX}", "ab")
+        _fsync_dir(self.dir)
+
+    def _next_seq(self) -> int:
+        candidates = [seq for seq, _ in self._segments()]
+        high_water = self.dir / "last_segment"
+        if high_water.exists():
+            candidates.append(int(high_water.read_text().strip() or 0))
+        try:
+            candidates.append(self.lake.committed_version(self.table, self.app_id) or 0)
+        except Exception as error:  # an unreachable lake must not stop the spool from taking writes
+            log.warning("cannot read %s's commit markers at start: %s", self.table, error)
+        return max(candidates, default=0) + 1
+
+    def _seal(self) -> bool:
+        """Close the current segment (if it holds anything) and open the next one."""
+        with self._file_lock:
+            if self._file is None or self._segment_rows == 0:
+                return False
+            self._file.close()
+            self._open_segment(self._segment_seq + 1)
+            return True
+
+    # -------------------------------------------------------------------------------------- lifecycle
+    def start(self) -> SpooledAppender:
+        """Count what an earlier process left in the spool, open a fresh segment and start committing."""
+        segments = self._segments()
+        self.backlog = sum(len(read_segment(path)) for _, path in segments)
+        self._open_segment(self._next_seq())
+        self._thread = threading.Thread(target=self._run, name=f"lake-committer-{self.table}", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self, timeout: float = 30.0) -> bool:
+        """Commit everything spooled (waiting up to `timeout`) and stop; True when nothing is left behind."""
+        done = self.flush(timeout)
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        with self._file_lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+                if self._segment_rows == 0:
+                    (self.dir / f"{self._segment_seq:012d}{self.SUFFIX}").unlink(missing_ok=True)
+        return done
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Seal and commit everything written so far; True when the backlog reached zero in time."""
+        deadline = time.monotonic() + timeout
+        self._wake.set()
+        while time.monotonic() < deadline:
+            if self.backlog == 0:
+                return True
+            self._wake.set()
+            time.sleep(0.02)
+        return self.backlog == 0
+
+    # ------------------------------------------------------------------------------------------ write
+    def write(self, records: list[dict]) -> None:
+        """Append records to the spool; returns when they are on disk (fsync'ed)."""
+        if not records:
+            return
+        frame = _frame(records)
+        with self._lock:
+            self._pending.append(frame)
+            self._pending_rows += len(records)
+            ticket = self._next_ticket
+            self._next_ticket += 1
+        with self._file_lock:
+            if self._durable_ticket >= ticket:  # another caller's fsync already covered this write
+                return
+            with self._lock:
+                frames, rows, last = self._pending, self._pending_rows, self._next_ticket - 1
+                self._pending, self._pending_rows = [], 0
+            if self._file is None:
+                raise RuntimeError(f"spool for {self.table} is closed")
+            self._file.write(b"".join(frames))
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._segment_rows += rows
+            self._durable_ticket = last
+            with self._lock:
+                self.backlog += rows
+
+    # ----------------------------------------------------------------------------------------- commit
+    def _run(self) -> None:
+        backoff = 0.0
+        while not self._stop.is_set():
+            self._wake.wait(timeout=backoff or self.flush_seconds)
+            self._wake.clear()
+            self._seal()
+            try:
+                self._commit_sealed()
+                backoff, self.last_error = 0.0, None
+            except Exception as error:  # the lake may be briefly unavailable: keep the spool, retry later
+                self.last_error = f"{type(error).__name__}: {error}"
+                backoff = min(max(backoff * 2, 0.5), 30.0)
+                log.warning("commit to %s failed (retrying in %.1fs): %s", self.table, backoff, self.last_error)
+
+    def _commit_sealed(self) -> None:
+        sealed = [(seq, path) for seq, path in self._segments() if seq != self._segment_seq]
+        if not sealed:
+            return
+        committed = self.lake.committed_version(self.table, self.app_id) or 0
+        while sealed:
+            batch, parts, rows = [], [], 0
+            while sealed and rows < self.max_commit_rows:
+                seq, path = sealed.pop(0)
+                segment_records = read_segment(path)
+                if seq <= committed:  # landed before a crash; only the deletion was lost
+                    self._forget(path, len(segment_records))
+                    continue
+                try:
+                    parts.append(self.lake.to_arrow(self.table, segment_records))
+                except (pa.ArrowException, TypeError, ValueError, KeyError) as error:
+                    # a segment that can never fit the table must not block the ones behind it
+                    rejected = self.dir / "rejected"
+                    rejected.mkdir(exist_ok=True)
+                    path.replace(rejected / path.name)
+                    self._forget(None, len(segment_records))
+                    log.error("spool segment %s does not fit %s, moved to %s: %s", path.name, self.table,
+                              rejected, error)
+                    continue
+                batch.append((seq, path, len(segment_records)))
+                rows += len(segment_records)
+            if not batch:
+                continue
+            last_seq = batch[-1][0]
+            self.lake.append(self.table, pa.concat_tables(parts, promote_options="default"), transaction=(self.app_id, last_seq),
+                             metadata={"spool_segments": f"{batch[0][0]}-{last_seq}", "spool_id": self.app_id})
+            committed = last_seq
+            for _, path, count in batch:
+                self._forget(path, count)
+                self.committed_rows += count
+
+    def _forget(self, path: Path | None, rows: int) -> None:
+        if path is not None:
+            path.unlink()
+        with self._lock:
+            self.backlog -= rows
