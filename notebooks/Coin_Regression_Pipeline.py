@@ -42,7 +42,6 @@ print(f"SMALL={SMALL}\ndata: {DATA_DIR}\nstate (COINYEAR_HOME): {HOME}\nrecipe: 
 
 # %%
 import io
-import json
 import logging
 import warnings
 
@@ -368,7 +367,7 @@ with socket.socket() as probe:
 TOKEN = "notebook-token"
 server_log = open(HOME / "serve.log", "w")
 server = subprocess.Popen([sys.executable, "-m", "coinyear.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                          env={**os.environ, "COINYEAR_API_TOKENS": json.dumps([TOKEN])},
+                          env={**os.environ, "COINYEAR_API_TOKENS": TOKEN},
                           stdout=server_log, stderr=subprocess.STDOUT)
 api = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
 deadline = time.time() + 180
