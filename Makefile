@@ -4,7 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 BIN := $(VENV)/bin
 export COINYEAR_DATA_DIR ?= $(abspath ../shared/data/ocre)
 
-.PHONY: setup demo test test-fast serve ui bench clean
+.PHONY: setup demo test test-fast serve ui bench docs notebook clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,14 @@ serve: setup
 
 ui: setup
 	$(BIN)/coinyear ui
+
+## Regenerate docs/architecture.png (needs Graphviz `dot`) and the API tables in docs/api_schema.md.
+docs: setup
+	$(BIN)/python docs/build_docs.py
+
+## Re-run the pipeline notebook with the full settings and keep its outputs (tens of minutes on 2 cores).
+notebook: setup
+	$(BIN)/python notebooks/build_notebook.py --execute
 
 clean:
 	rm -rf .coinyear .pytest_cache
