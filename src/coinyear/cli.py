@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from typing import NoReturn
 
 from coinyear.config import get_settings
 
@@ -114,6 +115,22 @@ def cmd_data(args) -> int:
     return 0
 
 
+def cmd_ui(args) -> NoReturn:
+    """Replace this process with `streamlit run` on the app, so a signal to it stops the UI itself."""
+    import os
+    from pathlib import Path
+
+    import coinyear.ui
+
+    settings = get_settings()
+    app = Path(coinyear.ui.__file__).with_name("app.py")
+    os.execv(sys.executable, [sys.executable, "-m", "streamlit", "run", str(app),
+                              "--server.address", args.host or settings.host,
+                              "--server.port", str(args.port or settings.ui_port),
+                              "--server.headless", "true", "--server.fileWatcherType", "none",
+                              "--browser.gatherUsageStats", "false"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coinyear", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log every step")
@@ -166,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     imported.add_argument("--csv", required=True)
     imported.add_argument("--out", help="output folder (default COINYEAR_HOME/datasets/imported)")
     data.set_defaults(func=cmd_data)
+
+    ui = commands.add_parser("ui", help="the Streamlit front end: predict, correct, monitor, manage models")
+    ui.add_argument("--host", help="address to bind (default COINYEAR_HOST)")
+    ui.add_argument("--port", type=int, help="port (default COINYEAR_UI_PORT, 8501)")
+    ui.set_defaults(func=cmd_ui)
     return parser
 
 

@@ -63,6 +63,9 @@ class Settings(BaseSettings):
     # Client side (UI): where the gateway lives
     api_url: str = "http://127.0.0.1:8080"
     api_token: str | None = None
+    api_timeout: float = Field(default=30.0, gt=0, description="Seconds the UI waits for an API answer.")
+    ui_port: int = 8501
+    ui_interval: float = Field(default=0.9, ge=0, lt=1, description="Interval the UI asks for; 0 = none.")
 
     min_year: int = MIN_YEAR
     max_year: int = MAX_YEAR

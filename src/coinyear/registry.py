@@ -58,6 +58,8 @@ def list_versions(settings: Settings) -> list[VersionInfo]:
         versions = mlflow_client.search_model_versions(f"name='{settings.model_name}'")
     except MlflowException:
         return []
+    if not versions:  # also when the model is not registered at all
+        return []
     # search results carry no aliases; the registered model has the alias -> version map
     aliases: dict[str, list[str]] = {}
     for alias, version in (mlflow_client.get_registered_model(settings.model_name).aliases or {}).items():

@@ -1,0 +1,26 @@
+"""The Streamlit entry point (`coinyear ui`): page navigation and the serving status in the sidebar."""
+
+import streamlit as st
+
+from coinyear.ui.client import ApiError
+from coinyear.ui.shared import api_client, settings
+
+st.set_page_config(page_title="coinyear", page_icon=":material/toll:", layout="wide")
+
+navigation = st.navigation([
+    st.Page("predict.py", title="Predict", icon=":material/photo_camera:", default=True),
+    st.Page("monitor.py", title="Monitor", icon=":material/monitoring:"),
+    st.Page("models.py", title="Models", icon=":material/deployed_code_history:"),
+])
+
+with st.sidebar:
+    st.markdown("### coinyear")
+    st.caption(f"API: `{settings().api_url}`")
+    try:
+        served = api_client().version()
+        st.success(f"Serving **{served.get('model_name', '?')}** version **{served.get('model_version', '?')}**",
+                   icon=":material/check_circle:")
+    except ApiError as error:
+        st.warning(error.message, icon=":material/cloud_off:")
+
+navigation.run()

@@ -1,0 +1,115 @@
+"""Models page: the registered versions with aliases and metrics, the retraining decisions, and promote /
+rollback, each behind a confirmation. The running server follows the `production` alias on its own."""
+
+import datetime as dt
+
+import pandas as pd
+import streamlit as st
+
+from coinyear import registry
+from coinyear.lake import MODEL_DECISIONS, Lake
+from coinyear.ui.shared import settings
+
+
+def versions_table(versions: list[registry.VersionInfo]) -> pd.DataFrame:
+    return pd.DataFrame([{
+        "version": int(v.version),
+        "aliases": ", ".join(v.aliases),
+        "registered": dt.datetime.fromtimestamp(v.created, dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "val MAE (years)": v.metrics.get("val_mae"),
+        "within ±10y": v.metrics.get("val_within_10y"),
+        "decision": v.tags.get("decision", ""),
+        "reason": v.tags.get("decision_reason", ""),
+        "replaced": v.tags.get(registry.PREVIOUS_TAG, ""),
+    } for v in versions])
+
+
+def show_versions(versions: list[registry.VersionInfo]) -> None:
+    table = versions_table(versions)
+    st.dataframe(table, hide_index=True, column_config={
+        "within ±10y": st.column_config.ProgressColumn(format="percent", min_value=0, max_value=1),
+        "val MAE (years)": st.column_config.NumberColumn(format="%.2f"),
+    })
+    scored = table.dropna(subset=["val MAE (years)"])
+    if len(scored) > 1:
+        st.markdown("**Validation MAE by version**")
+        st.line_chart(scored.set_index("version")[["val MAE (years)"]])
+
+
+def show_decisions() -> None:
+    st.subheader("Retraining decisions")
+    decisions = Lake(settings()).read(MODEL_DECISIONS)
+    if decisions.empty:
+        st.info("No retraining decisions yet: `coinyear retrain` records each promotion or rejection here.")
+        return
+    newest_first = next((c for c in ("timestamp", "decided_at", "date") if c in decisions.columns), None)
+    if newest_first:
+        decisions = decisions.sort_values(newest_first, ascending=False)
+    st.dataframe(decisions, hide_index=True)
+
+
+def ask(action: dict) -> None:
+    st.session_state["pending"] = action
+
+
+def confirm_pending() -> None:
+    """The confirmation step of a promotion or rollback, then the change itself."""
+    action = st.session_state.get("pending")
+    if not action:
+        return
+    st.warning(action["question"], icon=":material/help:")
+    yes, no, _ = st.columns([1, 1, 4])
+    if no.button("Cancel", key="cancel"):
+        del st.session_state["pending"]
+        st.rerun()
+    if yes.button("Yes, do it", type="primary", key="confirm"):
+        del st.session_state["pending"]
+        try:
+            if action["kind"] == "rollback":
+                current, target = registry.rollback(settings())
+                done = f"Rolled production back from version {current} to version {target}."
+            else:
+                previous = registry.promote(settings(), action["version"], action["alias"])
+                done = f"`{action['alias']}` now points to version {action['version']} (was {previous or 'none'})."
+        except (registry.RegistryError, ValueError) as error:
+            st.session_state["outcome"] = ("error", str(error))
+        else:
+            st.session_state["outcome"] = ("success", done + " The server switches to it within a few seconds."
+                                           if action.get("alias", registry.PRODUCTION) == registry.PRODUCTION
+                                           else done)
+        st.rerun()
+
+
+def show_actions(versions: list[registry.VersionInfo]) -> None:
+    st.subheader("Change what is served")
+    production = registry.version_by_alias(settings(), registry.PRODUCTION)
+    promote, rollback = st.columns(2)
+    with promote:
+        version = st.selectbox("Version", [v.version for v in versions], key="promote_version")
+        alias = st.radio("Alias", registry.ALIASES, index=1, horizontal=True, key="promote_alias")
+        if st.button("Promote…", key="promote"):
+            ask({"kind": "promote", "version": version, "alias": alias,
+                 "question": f"Point `{alias}` at version {version}?"
+                             + (" The API will serve it to every user." if alias == registry.PRODUCTION else "")})
+    with rollback:
+        st.caption(f"Production is version **{production or 'none'}**. Rollback returns it to the version it "
+                   "replaced.")
+        if st.button("Roll back production…", key="rollback", disabled=production is None):
+            ask({"kind": "rollback", "question": f"Roll production back from version {production} to the "
+                                                 "version it replaced?"})
+    confirm_pending()
+
+
+st.title("Models")
+outcome = st.session_state.pop("outcome", None)
+if outcome:
+    (st.success if outcome[0] == "success" else st.error)(outcome[1])
+versions = registry.list_versions(settings())
+if not versions:
+    st.info(f"No versions of `{settings().model_name}` registered yet. `coinyear train --promote production` "
+            "trains and registers the first one.")
+else:
+    st.caption(f"Registered model `{settings().model_name}` in `{settings().mlflow_registry_uri}`.")
+    show_versions(versions)
+    show_actions(versions)
+show_decisions()

@@ -1,0 +1,116 @@
+"""Monitor page: traffic, errors, latency, predictions and feedback error from the inference log, and the drift
+indicators `coinyear monitor` writes to the monitoring table."""
+
+import altair as alt
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from coinyear.lake import FEEDBACK, INFERENCE_LOG, MONITORING, Lake
+from coinyear.ui.shared import settings
+
+LOG_COLUMNS = ["request_id", "timestamp", "date", "status_code", "execution_time_ms", "model_version", "prediction"]
+PSI_ALERT = 0.2  # the usual reading of the population stability index: above 0.2 the population has shifted
+
+
+@st.cache_data(ttl=10, show_spinner=False)
+def load(lake_root: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    lake = Lake(lake_root)
+    return lake.read(INFERENCE_LOG, columns=LOG_COLUMNS), lake.read(FEEDBACK), lake.read(MONITORING)
+
+
+def daily_traffic(log: pd.DataFrame) -> pd.DataFrame:
+    by_day = log.assign(ok=log["status_code"] < 400).groupby("date")
+    table = pd.DataFrame({"answered": by_day["ok"].sum(), "failed": by_day["ok"].size() - by_day["ok"].sum()})
+    table["error rate"] = table["failed"] / (table["answered"] + table["failed"])
+    latency = log[log["status_code"] < 400].groupby("date")["execution_time_ms"]
+    for share in (50, 95, 99):
+        table[f"p{share}"] = latency.quantile(share / 100)
+    table.index = pd.to_datetime(table.index)
+    return table
+
+
+def feedback_error(log: pd.DataFrame, feedback: pd.DataFrame) -> pd.DataFrame:
+    """Each corrected prediction with its absolute error against the expert's date (0 inside a given range)."""
+    latest = feedback.sort_values("timestamp").drop_duplicates("request_id", keep="last")
+    joined = latest.merge(log[["request_id", "model_version", "prediction"]].dropna(), on="request_id")
+    joined["error"] = (np.maximum(joined["year_from"] - joined["prediction"], 0)
+                       + np.maximum(joined["prediction"] - joined["year_to"], 0))
+    return joined
+
+
+def show_traffic(log: pd.DataFrame) -> None:
+    answered = log[log["status_code"] < 400]
+    days = daily_traffic(log)
+    total, failed = len(log), len(log) - len(answered)
+    kpis = st.columns(4)
+    kpis[0].metric("Requests", f"{total:,}")
+    kpis[1].metric("Error rate", f"{100 * failed / total:.1f}%")
+    if len(answered):
+        kpis[2].metric("Latency p50", f"{answered['execution_time_ms'].quantile(0.5):.0f} ms")
+        kpis[3].metric("Latency p99", f"{answered['execution_time_ms'].quantile(0.99):.0f} ms")
+    left, right = st.columns(2)
+    with left:
+        st.markdown("**Requests per day**")
+        st.bar_chart(days[["answered", "failed"]], color=["#4c78a8", "#e45756"])
+        st.markdown("**Latency percentiles per day (ms)**")
+        st.line_chart(days[["p50", "p95", "p99"]])
+    with right:
+        st.markdown("**Error rate per day**")
+        st.line_chart(days[["error rate"]])
+        st.markdown("**Predicted years**")
+        if len(answered):
+            histogram = alt.Chart(answered).mark_bar().encode(
+                x=alt.X("prediction:Q", bin=alt.Bin(step=10), title="predicted year (negative = BC)"),
+                y=alt.Y("count():Q", title="predictions"),
+                color=alt.Color("model_version:N", title="model version"),
+            )
+            st.altair_chart(histogram, width="stretch")
+        else:
+            st.caption("No successful predictions yet.")
+
+
+def show_feedback(log: pd.DataFrame, feedback: pd.DataFrame) -> None:
+    st.subheader("Error on expert corrections")
+    if feedback.empty:
+        st.info("No corrections yet. Corrections entered on the Predict page (or sent to `POST /feedback`) "
+                "measure the model on real coins.")
+        return
+    corrected = feedback_error(log, feedback)
+    by_version = corrected.groupby("model_version")["error"].agg(mae="mean", corrections="size").reset_index()
+    left, right = st.columns([2, 1])
+    with left:
+        chart = alt.Chart(by_version).mark_bar().encode(
+            x=alt.X("model_version:N", title="model version"), y=alt.Y("mae:Q", title="MAE (years)"),
+            tooltip=["model_version", "mae", "corrections"])
+        st.altair_chart(chart, width="stretch")
+    right.dataframe(by_version.rename(columns={"model_version": "version", "mae": "MAE (years)"}),
+                    hide_index=True)
+
+
+def show_drift(monitoring: pd.DataFrame) -> None:
+    st.subheader("Drift")
+    drift_columns = [c for c in monitoring.columns if "psi" in c.lower()]
+    if monitoring.empty or not drift_columns or "date" not in monitoring.columns:
+        st.info("No drift indicators yet: `coinyear monitor` (or the scheduler) computes them from the log.")
+        return
+    psi = monitoring.assign(date=pd.to_datetime(monitoring["date"])).groupby("date")[drift_columns].max()
+    st.caption(f"Population stability index against the training data, per day (worst model version). "
+               f"Above {PSI_ALERT} the inputs or predictions have shifted.")
+    st.line_chart(psi)
+    latest = psi.iloc[-1]
+    shifted = [name for name, value in latest.items() if value > PSI_ALERT]
+    if shifted:
+        st.warning(f"Drift on {latest.name:%Y-%m-%d}: {', '.join(shifted)} above {PSI_ALERT}.",
+                   icon=":material/warning:")
+
+
+st.title("Monitor")
+log, feedback, monitoring = load(settings().lake_root)
+if log.empty:
+    st.info(f"No requests logged yet in `{settings().lake_root}`. Predictions made through the API appear here.")
+else:
+    st.caption(f"{len(log):,} logged requests from {log['date'].min()} to {log['date'].max()}.")
+    show_traffic(log)
+    show_feedback(log, feedback)
+show_drift(monitoring)

@@ -1,0 +1,149 @@
+"""Predict page: two photos (uploaded, or an example coin from the reference data) -> the API -> the year;
+then the expert's correction goes back to the API against the request id."""
+
+import hashlib
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from coinyear.evaluate import year_label
+from coinyear.ui.client import ApiError
+from coinyear.ui.shared import api_client, parse_year, settings
+
+IMAGE_TYPES = ["jpg", "jpeg", "png", "webp"]
+EXAMPLE_COUNT = 12
+
+
+@st.cache_data(show_spinner=False)
+def example_coins(data_dir: str) -> pd.DataFrame:
+    """A dozen coins spread over the reference data's years, so a user can try the system without photos."""
+    from coinyear.data import read_manifest
+
+    try:
+        rows = read_manifest(data_dir, settings().min_year, settings().max_year, check_images=False).rows
+    except (FileNotFoundError, ValueError):
+        return pd.DataFrame()
+    rows = rows[[Path(p).is_file() and Path(q).is_file() for p, q in zip(rows["obverse_path"], rows["reverse_path"])]]
+    if rows.empty:
+        return rows
+    rows = rows.sort_values(["year", "coin_id"]).reset_index(drop=True)
+    picks = sorted({round(i * (len(rows) - 1) / (EXAMPLE_COUNT - 1)) for i in range(EXAMPLE_COUNT)})
+    return rows.iloc[picks].reset_index(drop=True)
+
+
+def describe(coin) -> str:
+    return f"#{coin.coin_id} · {coin.denomination} · {coin.mint}"
+
+
+def chosen_photos():
+    """(front bytes, back bytes, what they are, catalogue date or None); missing sides are None."""
+    st.subheader("Photos of the two sides")
+    upload_front, upload_back = st.columns(2)
+    front = upload_front.file_uploader("Front (obverse)", type=IMAGE_TYPES, key="front_upload")
+    back = upload_back.file_uploader("Back (reverse)", type=IMAGE_TYPES, key="back_upload")
+    examples = example_coins(str(settings().data_dir))
+    with st.expander("No photos at hand? Try a coin from the reference collection", expanded=not (front or back)):
+        if examples.empty:
+            st.info(f"The reference dataset was not found at `{settings().data_dir}` (COINYEAR_DATA_DIR).")
+            example = None
+        else:
+            index = st.selectbox("Example coin", [None, *range(len(examples))], key="example",
+                                 format_func=lambda i: "—" if i is None else describe(examples.iloc[i]))
+            example = None if index is None else examples.iloc[index]
+    if front or back or example is None:
+        return (front.getvalue() if front else None, back.getvalue() if back else None,
+                "your photos", None)
+    return (Path(example.obverse_path).read_bytes(), Path(example.reverse_path).read_bytes(),
+            f"example coin {describe(example)}", example.date_text)
+
+
+def show_previews(front: bytes | None, back: bytes | None) -> None:
+    left, right = st.columns(2)
+    for column, photo, side in ((left, front, "front"), (right, back, "back")):
+        with column:
+            if photo:
+                st.image(photo, caption=side, width=220)
+            else:
+                st.caption(f"no {side} photo yet")
+
+
+def predict(front: bytes, back: bytes, source: str, catalogue_date: str | None, fingerprint: str) -> None:
+    interval = settings().ui_interval or None
+    with st.spinner("Asking the model..."):
+        try:
+            answer = api_client().predict(settings().model_name, front, back, interval=interval)
+        except ApiError as error:
+            st.session_state.pop("prediction", None)
+            st.error(error.message, icon=":material/error:")
+            return
+    st.session_state["prediction"] = {"answer": answer, "fingerprint": fingerprint, "source": source,
+                                      "catalogue_date": catalogue_date, "interval": interval}
+    st.session_state.pop("recorded_correction", None)
+
+
+def show_prediction(result: dict) -> None:
+    answer = result["answer"]
+    st.subheader("Predicted date")
+    headline, details = st.columns([1, 2])
+    headline.metric("Predicted year", year_label(answer.year))
+    lines = [f"Model **{answer.model_name or '?'}** version **{answer.model_version or '?'}** answered "
+             f"in **{answer.latency_ms:.0f} ms**."]
+    if answer.low is not None and answer.high is not None:
+        share = f"{100 * result['interval']:.0f}% " if result["interval"] else ""
+        lines.append(f"{share}interval: **{year_label(answer.low)} – {year_label(answer.high)}**.")
+    if result["catalogue_date"]:
+        lines.append(f"Catalogue date of this {result['source']}: **{result['catalogue_date']}**.")
+    lines.append(f"Request id `{answer.request_id or 'not returned'}`.")
+    details.markdown("  \n".join(lines))
+    if answer.out_of_distribution:
+        st.warning("These photos look unlike the coins the model learned from: treat this date with caution.",
+                   icon=":material/warning:")
+
+
+def correction_form(answer) -> None:
+    st.subheader("Correct the date")
+    if not answer.request_id:
+        st.warning("The API returned no request id, so a correction cannot be linked to this prediction.")
+        return
+    with st.form("correction"):
+        st.caption("Know better? Give the true year, or a range. Write years as '27 BC', 'AD 73' or '-27'.")
+        first, last = st.columns(2)
+        year_from_text = first.text_input("True year (or first year of the range)", key="year_from")
+        year_to_text = last.text_input("Last year of the range (optional)", key="year_to")
+        submitted = st.form_submit_button("Submit correction")
+    if submitted:
+        try:
+            year_from = parse_year(year_from_text)
+            year_to = parse_year(year_to_text) if year_to_text.strip() else year_from
+            if year_to < year_from:
+                raise ValueError(f"the range ends ({year_label(year_to)}) before it starts ({year_label(year_from)})")
+        except ValueError as error:
+            st.error(f"Cannot read the date: {error}.", icon=":material/error:")
+            return
+        try:
+            api_client().feedback(answer.request_id, year_from, year_to)
+        except ApiError as error:
+            st.error(error.message, icon=":material/error:")
+            return
+        span = year_label(year_from) if year_from == year_to else f"{year_label(year_from)} – {year_label(year_to)}"
+        st.session_state["recorded_correction"] = span
+    if st.session_state.get("recorded_correction"):
+        st.success(f"Thank you: correction **{st.session_state['recorded_correction']}** recorded for request "
+                   f"`{answer.request_id}`. It will be used when the model is next retrained.",
+                   icon=":material/task_alt:")
+
+
+st.title("Date a coin")
+st.caption("Upload photos of both sides of a coin; the model in production estimates the year it was struck.")
+front, back, source, catalogue_date = chosen_photos()
+show_previews(front, back)
+fingerprint = hashlib.sha256((front or b"") + b"|" + (back or b"")).hexdigest()
+if st.button("Predict", type="primary", disabled=not (front and back)):
+    predict(front, back, source, catalogue_date, fingerprint)
+result = st.session_state.get("prediction")
+if result and result["fingerprint"] == fingerprint:
+    show_prediction(result)
+    correction_form(result["answer"])
+elif not (front and back):
+    st.info("Add a photo of each side (or pick an example coin) to get a date.")

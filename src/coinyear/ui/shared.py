@@ -1,0 +1,41 @@
+"""What the pages share: the settings, the API client, and reading years as people write them."""
+
+from __future__ import annotations
+
+import re
+
+import streamlit as st
+
+from coinyear.config import Settings, get_settings
+from coinyear.ui.client import ApiClient
+
+YEAR_PATTERN = re.compile(r"^\s*(?:(AD|BC|BCE|CE)\s*)?(-?\d{1,4})\s*(AD|BC|BCE|CE)?\s*$", re.IGNORECASE)
+
+
+def settings() -> Settings:
+    return get_settings()
+
+
+@st.cache_resource
+def _client(url: str, token: str | None, timeout: float) -> ApiClient:
+    return ApiClient(url, token, timeout)
+
+
+def api_client() -> ApiClient:
+    current = settings()
+    return _client(current.api_url, current.api_token, current.api_timeout)
+
+
+def parse_year(text: str) -> int:
+    """'27 BC' -> -27, 'AD 73' / '73' / '73 AD' -> 73, '-27' -> -27; ValueError with a readable message."""
+    match = YEAR_PATTERN.match(text or "")
+    if not match or (match.group(1) and match.group(3)):
+        raise ValueError(f"{text!r} is not a year; write e.g. '27 BC', 'AD 73' or '-27'")
+    era = (match.group(1) or match.group(3) or "").upper()
+    value = int(match.group(2))
+    if era and value <= 0:
+        raise ValueError(f"{text!r}: with AD or BC write a positive year")
+    if value == 0:
+        raise ValueError("there is no year 0: 1 BC is followed by AD 1")
+    return -value if era in ("BC", "BCE") else value
+

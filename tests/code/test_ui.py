@@ -1,0 +1,366 @@
+"""The Streamlit pages, run by Streamlit's AppTest.
+
+The Predict page talks HTTP to a small contract server on loopback that answers what each test needs (a year,
+an interval, 400, 401, a slow answer) and records what the page sent; the real gateway is driven by the browser
+test. Monitor and Models read a real Delta lake and a real MLflow registry in a temporary home.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from coinyear import registry
+from coinyear.config import ensure_experiment, get_settings
+from coinyear.lake import FEEDBACK, INFERENCE_LOG, MODEL_DECISIONS, MONITORING, Lake
+from coinyear.ui.shared import parse_year
+from tests.conftest import coin_image
+
+APP = Path(__file__).resolve().parents[2] / "src" / "coinyear" / "ui" / "app.py"
+TOKEN = "ui-test-token"
+
+
+class ContractServer(ThreadingHTTPServer):
+    """Answers `routes[(method, path)] = (status, json body, headers[, delay s])` and records each request."""
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.routes: dict[tuple[str, str], tuple] = {}
+        self.received: list[dict] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def calls(self, path: str) -> list[dict]:
+        return [r for r in self.received if r["path"] == path]
+
+
+class Handler(BaseHTTPRequestHandler):
+    def _answer(self, method: str) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        self.server.received.append({"method": method, "path": self.path, "headers": dict(self.headers),
+                                     "json": json.loads(body) if body else None})
+        status, payload, headers, *delay = self.server.routes.get(
+            (method, self.path), (404, {"error_code": "ENDPOINT_NOT_FOUND", "message": "no such route"}, {}))
+        time.sleep(delay[0] if delay else 0)
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.end_headers()
+        try:
+            self.wfile.write(data)
+        except BrokenPipeError:  # the client gave up first (the timeout test)
+            pass
+
+    def do_GET(self):
+        self._answer("GET")
+
+    def do_POST(self):
+        self._answer("POST")
+
+    def log_message(self, *args):
+        pass
+
+
+INVOCATIONS = ("POST", "/serving-endpoints/coinyear/invocations")
+ANSWER_HEADERS = {"served-model-name": "coinyear", "served-model-version": "3", "x-request-id": "req-123"}
+
+
+@pytest.fixture
+def api(monkeypatch, tmp_path, ocre_dir):
+    server = ContractServer()
+    server.routes[("GET", "/version")] = (200, {"model_name": "coinyear", "model_version": "3"}, {})
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    home = tmp_path / "home"
+    for key, value in {"API_URL": server.url, "API_TOKEN": TOKEN, "HOME": str(home), "DATA_DIR": str(ocre_dir),
+                       "API_TIMEOUT": "2"}.items():
+        monkeypatch.setenv(f"COINYEAR_{key}", value)
+    # mlflow.set_tracking_uri / set_registry_uri export MLFLOW_*_URI, which Settings reads first: pin them too
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{home / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", f"sqlite:///{home / 'mlflow.db'}")
+    get_settings.cache_clear()
+    yield server
+    server.shutdown()
+    server.server_close()
+    get_settings.cache_clear()
+
+
+def app(page: str | None = None) -> AppTest:
+    at = AppTest.from_file(str(APP), default_timeout=60).run()
+    if page:
+        at.switch_page(page).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def upload_pair(at: AppTest, front: bytes, back: bytes) -> AppTest:
+    at.file_uploader(key="front_upload").set_value(("front.jpg", front, "image/jpeg"))
+    at.file_uploader(key="back_upload").set_value(("back.jpg", back, "image/jpeg"))
+    return at.run()
+
+
+def press(at: AppTest, label: str) -> AppTest:
+    next(b for b in at.button if b.label == label).click()
+    return at.run()
+
+
+def texts(elements) -> str:
+    return "\n".join(str(e.value) for e in elements)
+
+
+# ------------------------------------------------------------------------------------------------ predict
+def test_predict_sends_both_photos_as_base64_and_shows_the_year_in_numismatic_form(api):
+    api.routes[INVOCATIONS] = (200, {"predictions": [-27.4]}, ANSWER_HEADERS)
+    front, back = coin_image(1), coin_image(2)
+    at = upload_pair(app(), front, back)
+    assert not texts(at.info).count("Add a photo")
+    at = press(at, "Predict")
+
+    (call,) = api.calls(INVOCATIONS[1])
+    row = call["json"]["inputs"][0]
+    assert base64.b64decode(row["front_image_base64"]) == front
+    assert base64.b64decode(row["back_image_base64"]) == back
+    assert call["json"]["params"] == {"interval": 0.9}
+    assert call["headers"]["Authorization"] == f"Bearer {TOKEN}"
+    assert at.metric[0].value == "27 BC"
+    details = texts(at.markdown)
+    assert "version **3**" in details and "req-123" in details and " ms**" in details
+    assert not at.error and not at.warning
+
+
+def test_predict_shows_the_interval_and_warns_when_out_of_distribution(api):
+    answer = {"year": 73.2, "low": 60.0, "high": 88.6, "out_of_distribution": True}
+    api.routes[INVOCATIONS] = (200, {"predictions": [answer]}, ANSWER_HEADERS)
+    at = press(upload_pair(app(), coin_image(1), coin_image(2)), "Predict")
+    assert at.metric[0].value == "AD 73"
+    assert "90% interval: **AD 60 – AD 89**" in texts(at.markdown)
+    assert "unlike the coins the model learned from" in texts(at.warning)
+
+
+def test_predict_button_waits_for_both_sides(api):
+    at = app()
+    at.file_uploader(key="front_upload").set_value(("front.jpg", coin_image(1), "image/jpeg"))
+    at.run()
+    assert next(b for b in at.button if b.label == "Predict").disabled
+    assert "no back photo yet" in texts(at.caption)
+
+
+def test_an_example_coin_from_the_reference_data_can_be_dated_without_photos(api, ocre_dir):
+    api.routes[INVOCATIONS] = (200, {"predictions": [101.0]}, ANSWER_HEADERS)
+    at = app()
+    examples = at.selectbox(key="example")
+    assert len(examples.options) == 13  # "—" and a dozen coins
+    examples.set_value(3).run()
+    at = press(at, "Predict")
+    sent = api.calls(INVOCATIONS[1])[0]["json"]["inputs"][0]
+    manifest = pd.read_csv(ocre_dir / "manifest.csv")
+    coin_id = int(examples.format_func(3).split("·")[0].strip(" #"))
+    coin = manifest[manifest["coin_id"] == coin_id].iloc[0]
+    assert base64.b64decode(sent["front_image_base64"]) == (ocre_dir / coin["obverse"]).read_bytes()
+    assert base64.b64decode(sent["back_image_base64"]) == (ocre_dir / coin["reverse"]).read_bytes()
+    assert f"Catalogue date of this example coin #{coin_id}" in texts(at.markdown)
+    assert at.metric[0].value == "AD 101"
+
+
+@pytest.mark.parametrize("status, body, expected", [
+    (400, {"error_code": "INVALID_PARAMETER_VALUE", "message": "row 0: front image: not an image"},
+     "could not use this request (INVALID_PARAMETER_VALUE): row 0: front image: not an image"),
+    (401, {"error_code": "UNAUTHENTICATED", "message": "missing or invalid bearer token"},
+     "refused the request (401 UNAUTHENTICATED): missing or invalid bearer token. Check the token"),
+    (413, {"error_code": "RESOURCE_LIMIT_EXCEEDED", "message": "body over 16777216 bytes"}, "too large"),
+    (503, {"error_code": "TEMPORARILY_UNAVAILABLE", "message": "no production model loaded"}, "no model ready"),
+])
+def test_api_errors_are_shown_as_messages_not_tracebacks(api, status, body, expected):
+    api.routes[INVOCATIONS] = (status, body, {})
+    at = press(upload_pair(app(), coin_image(1), coin_image(2)), "Predict")
+    assert not at.exception
+    assert expected in texts(at.error)
+    assert not at.metric  # no stale or made-up prediction
+
+
+def test_api_down_is_a_clear_message(api, monkeypatch):
+    api.shutdown()
+    api.server_close()
+    at = press(upload_pair(app(), coin_image(1), coin_image(2)), "Predict")
+    assert not at.exception
+    assert f"Cannot reach the coinyear API at {api.url}" in texts(at.error)
+    assert f"Cannot reach the coinyear API at {api.url}" in texts(at.sidebar.warning)
+
+
+def test_a_slow_api_times_out_with_a_message(api):
+    api.routes[INVOCATIONS] = (200, {"predictions": [50.0]}, ANSWER_HEADERS, 4)
+    at = press(upload_pair(app(), coin_image(1), coin_image(2)), "Predict")
+    assert "did not answer within 2 s" in texts(at.error)
+
+
+def test_sidebar_names_the_served_model_version(api):
+    assert "Serving **coinyear** version **3**" in texts(app().sidebar.success)
+
+
+# ------------------------------------------------------------------------------------------------ correct
+@pytest.fixture
+def predicted(api):
+    api.routes[INVOCATIONS] = (200, {"predictions": [80.0]}, ANSWER_HEADERS)
+    api.routes[("POST", "/feedback")] = (200, {"status": "recorded"}, {})
+    return press(upload_pair(app(), coin_image(1), coin_image(2)), "Predict")
+
+
+def correct(at: AppTest, first: str, last: str = "") -> AppTest:
+    at.text_input(key="year_from").input(first)
+    at.text_input(key="year_to").input(last)
+    return press(at, "Submit correction")
+
+
+def test_a_correction_is_posted_against_the_request_id(api, predicted):
+    at = correct(predicted, "27 BC", "AD 14")
+    (call,) = api.calls("/feedback")
+    assert call["json"] == {"request_id": "req-123", "year_from": -27, "year_to": 14}
+    assert "correction **27 BC – AD 14** recorded for request `req-123`" in texts(at.success)
+
+
+def test_a_single_year_correction_is_a_one_year_range(api, predicted):
+    correct(predicted, "73")
+    assert api.calls("/feedback")[0]["json"] == {"request_id": "req-123", "year_from": 73, "year_to": 73}
+
+
+@pytest.mark.parametrize("first, last, expected", [
+    ("hello", "", "is not a year"),
+    ("AD 80", "AD 70", "ends (AD 70) before it starts (AD 80)"),
+    ("0", "", "there is no year 0"),
+])
+def test_an_unreadable_correction_is_explained_and_not_sent(api, predicted, first, last, expected):
+    at = correct(predicted, first, last)
+    assert expected in texts(at.error)
+    assert not api.calls("/feedback")
+
+
+def test_a_refused_correction_shows_the_api_message(api, predicted):
+    api.routes[("POST", "/feedback")] = (404, {"error_code": "RESOURCE_DOES_NOT_EXIST",
+                                               "message": "unknown request_id req-123"}, {})
+    at = correct(predicted, "AD 70")
+    assert "unknown request_id req-123" in texts(at.error)
+    assert not at.main.success
+
+
+@pytest.mark.parametrize("text, year", [("27 BC", -27), ("AD 73", 73), ("73", 73), ("-27", -27), ("73 ad", 73),
+                                        ("BC 4", -4), (" 1 BCE ", -1)])
+def test_parse_year_reads_numismatic_forms(text, year):
+    assert parse_year(text) == year
+
+
+@pytest.mark.parametrize("text", ["", "AD", "AD -5", "0", "AD 73 BC", "12345", "73.5"])
+def test_parse_year_rejects_what_is_not_a_year(text):
+    with pytest.raises(ValueError):
+        parse_year(text)
+
+
+# ------------------------------------------------------------------------------------------------ monitor
+def log_rows(day: str, count: int, failed: int, version: str, prediction: float) -> list[dict]:
+    stamp = pd.Timestamp(f"{day}T12:00:00Z")
+    return [{"request_id": f"{day}-{version}-{i}", "timestamp": stamp, "date": stamp.date(),
+             "status_code": 400 if i < failed else 200, "execution_time_ms": 10.0 + i,
+             "model_name": "coinyear", "model_version": version,
+             "prediction": None if i < failed else prediction + i} for i in range(count)]
+
+
+def test_monitor_has_empty_states_before_any_traffic(api):
+    at = app("monitor.py")
+    assert "No requests logged yet" in texts(at.info)
+    assert "No drift indicators yet" in texts(at.info)
+
+
+def test_monitor_summarises_the_log_feedback_and_drift(api):
+    lake = Lake(get_settings())
+    lake.append(INFERENCE_LOG, log_rows("2026-11-20", 10, 2, "1", 50.0) + log_rows("2026-11-21", 10, 0, "2", 90.0))
+    lake.append(FEEDBACK, [  # version 1 predicted 52 and 53: 12 and 13 years off a range ending AD 40
+        {"request_id": "2026-11-20-1-2", "year_from": 30, "year_to": 40, "timestamp": pd.Timestamp.now(tz="UTC")},
+        {"request_id": "2026-11-20-1-3", "year_from": 30, "year_to": 40, "timestamp": pd.Timestamp.now(tz="UTC")},
+        # version 2 predicted 90, inside the expert's range: no error
+        {"request_id": "2026-11-21-2-0", "year_from": 85, "year_to": 95, "timestamp": pd.Timestamp.now(tz="UTC")},
+    ])
+    lake.append(MONITORING, pd.DataFrame({"date": ["2026-11-20", "2026-11-21"], "model_version": ["1", "2"],
+                                          "prediction_psi": [0.05, 0.31], "brightness_psi": [0.01, 0.02]}))
+    at = app("monitor.py")
+    kpis = {m.label: m.value for m in at.metric}
+    assert kpis["Requests"] == "20" and kpis["Error rate"] == "10.0%"
+    by_version = at.dataframe[0].value.set_index("version")
+    assert by_version.loc["1", "MAE (years)"] == pytest.approx(12.5)
+    assert by_version.loc["2", "MAE (years)"] == 0
+    assert "Drift on 2026-11-21: prediction_psi above 0.2" in texts(at.warning)
+
+
+# ------------------------------------------------------------------------------------------------- models
+@pytest.fixture
+def registered(api):
+    """Three registered versions (real MLflow registry, no training): 2 in production, having replaced 1."""
+    settings = get_settings()
+    client = registry.client(settings)
+    client.create_registered_model(settings.model_name)
+    experiment = ensure_experiment(settings)
+    for mae in (20.0, 15.0, 18.0):
+        with mlflow.start_run(experiment_id=experiment) as run:
+            mlflow.log_metrics({"val_mae": mae, "val_within_10y": 0.4})
+        client.create_model_version(settings.model_name, f"{run.info.artifact_uri}/model", run.info.run_id)
+    registry.promote(settings, 1, registry.PRODUCTION)
+    registry.promote(settings, 2, registry.PRODUCTION)
+    registry.tag_version(settings, 3, {"decision": "rejected", "decision_reason": "MAE not 2% lower"})
+    Lake(settings).append(MODEL_DECISIONS, pd.DataFrame({
+        "timestamp": pd.to_datetime(["2026-11-20T03:00Z", "2026-11-21T03:00Z"]), "candidate_version": ["2", "3"],
+        "decision": ["promoted", "rejected"], "reason": ["first production", "MAE not 2% lower"]}))
+    return settings
+
+
+def test_models_page_has_empty_states(api):
+    at = app("models.py")
+    assert "No versions of `coinyear` registered yet" in texts(at.info)
+    assert "No retraining decisions yet" in texts(at.info)
+
+
+def test_models_page_lists_versions_aliases_metrics_and_decisions(registered):
+    at = app("models.py")
+    versions = at.dataframe[0].value.set_index("version")
+    assert list(versions.index) == [3, 2, 1]
+    assert versions.loc[2, "aliases"] == "production"
+    assert versions.loc[2, "val MAE (years)"] == 15.0
+    assert versions.loc[3, "decision"] == "rejected" and versions.loc[2, "replaced"] == "1"
+    decisions = at.dataframe[1].value
+    assert list(decisions["decision"]) == ["rejected", "promoted"]  # newest first
+
+
+def test_promotion_needs_confirmation_then_moves_the_alias(registered):
+    at = app("models.py")
+    at.selectbox(key="promote_version").set_value("3")
+    at.radio(key="promote_alias").set_value("production")
+    at = press(at, "Promote…")
+    assert "Point `production` at version 3?" in texts(at.warning)
+    assert registry.version_by_alias(registered, registry.PRODUCTION) == "2"  # nothing changed yet
+    at = press(at, "Yes, do it")
+    assert registry.version_by_alias(registered, registry.PRODUCTION) == "3"
+    assert "`production` now points to version 3 (was 2)" in texts(at.success)
+
+
+def test_a_cancelled_rollback_changes_nothing_and_a_confirmed_one_rolls_back(registered):
+    at = press(app("models.py"), "Roll back production…")
+    assert "Roll production back from version 2" in texts(at.warning)
+    at = press(at, "Cancel")
+    assert not at.warning and registry.version_by_alias(registered, registry.PRODUCTION) == "2"
+    at = press(press(at, "Roll back production…"), "Yes, do it")
+    assert registry.version_by_alias(registered, registry.PRODUCTION) == "1"
+    assert "Rolled production back from version 2 to version 1" in texts(at.success)
+    at = press(press(at, "Roll back production…"), "Yes, do it")  # version 1 replaced nothing
+    assert "no earlier production version" in texts(at.error)
