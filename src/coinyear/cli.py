@@ -100,6 +100,41 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_retrain(args) -> int:
+    from dataclasses import asdict
+
+    from coinyear.config import set_torch_threads
+    from coinyear.jobs.retrain import run_retrain
+
+    settings = get_settings()
+    set_torch_threads(settings)
+    result = run_retrain(settings, dry_run=args.dry_run, force=args.force)
+    print(json.dumps(asdict(result), indent=2) if args.json else result.report())
+    return 0
+
+
+def cmd_scheduler(args) -> int:
+    from coinyear.jobs.scheduler import run_scheduler
+
+    run_scheduler(get_settings())
+    return 0
+
+
+def cmd_monitor(args) -> int:
+    from coinyear.jobs.monitor import run_monitor
+
+    table = run_monitor(get_settings())
+    if args.json:
+        print(table.to_json(orient="records", date_format="iso", indent=2))
+    elif len(table) == 0:
+        print("no requests in the inference log yet")
+    else:
+        columns = ["date", "model_version", "requests", "error_rate", "latency_p50_ms", "latency_p99_ms",
+                   "prediction_p50", "prediction_psi", "brightness_psi", "feedback_rows", "feedback_mae"]
+        print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    return 0
+
+
 def cmd_data(args) -> int:
     from coinyear.data import import_collection, read_manifest
 
@@ -129,6 +164,13 @@ def cmd_ui(args) -> NoReturn:
                               "--server.port", str(args.port or settings.ui_port),
                               "--server.headless", "true", "--server.fileWatcherType", "none",
                               "--browser.gatherUsageStats", "false"])
+
+
+def cmd_serve(args) -> int:
+    from coinyear.serve import serve
+
+    serve(get_settings(), host=args.host, port=args.port, access_log=args.access_log)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,6 +215,17 @@ def build_parser() -> argparse.ArgumentParser:
     models_commands.add_parser("rollback", help="production back to the version before")
     models.set_defaults(func=cmd_models)
 
+    retrain = commands.add_parser("retrain", help="feedback -> candidate model -> promote or reject (one run)")
+    retrain.add_argument("--dry-run", action="store_true", help="ingest and clean only; report, change nothing")
+    retrain.add_argument("--force", action="store_true", help="retrain even without new feedback")
+    retrain.add_argument("--json", action="store_true")
+    retrain.set_defaults(func=cmd_retrain)
+    scheduler = commands.add_parser("scheduler", help="run the retraining on COINYEAR_RETRAIN_CRON until stopped")
+    scheduler.set_defaults(func=cmd_scheduler)
+    monitor = commands.add_parser("monitor", help="daily health and drift metrics -> the monitoring table")
+    monitor.add_argument("--json", action="store_true")
+    monitor.set_defaults(func=cmd_monitor)
+
     data = commands.add_parser("data", help="check a dataset or import your own collection")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     check = data_commands.add_parser("check", help="validate a manifest and report dropped rows")
@@ -184,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     imported.add_argument("--out", help="output folder (default COINYEAR_HOME/datasets/imported)")
     data.set_defaults(func=cmd_data)
 
+    serve = commands.add_parser("serve", help="REST gateway serving models:/<name>@production, logging to Delta")
+    serve.add_argument("--host", help="address to bind (default COINYEAR_HOST, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default COINYEAR_PORT, 8080)")
+    serve.add_argument("--access-log", action="store_true", help="print one line per HTTP request")
+    serve.set_defaults(func=cmd_serve)
     ui = commands.add_parser("ui", help="the Streamlit front end: predict, correct, monitor, manage models")
     ui.add_argument("--host", help="address to bind (default COINYEAR_HOST)")
     ui.add_argument("--port", type=int, help="port (default COINYEAR_UI_PORT, 8501)")

@@ -1,0 +1,1 @@
+"""Jobs stage: what runs on a schedule against the lake and the registry (retraining, monitoring)."""
