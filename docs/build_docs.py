@@ -76,6 +76,15 @@ def _schema_name(schema: dict | None) -> str:
     return schema.get("type", "object")
 
 
+def _constraints(spec: dict) -> str:
+    words = {"minLength": "at least {} characters", "maxLength": "at most {} characters",
+             "minimum": ">= {}", "maximum": "<= {}", "default": "default {}"}
+    found = []
+    for part in [spec, *spec.get("anyOf", [])]:
+        found += [template.format(json.dumps(part[key])) for key, template in words.items() if key in part]
+    return ", ".join(dict.fromkeys(found)) or "-"
+
+
 def _content_type(body: dict) -> str:
     content = body.get("content") or {}
     for kind, spec in content.items():
@@ -93,7 +102,8 @@ def api_tables(document: dict) -> str:
             params = [p["name"] for p in operation.get("parameters", []) if p.get("in") == "path"]
             body = _content_type(operation["requestBody"]) if "requestBody" in operation else "-"
             responses = ", ".join(sorted(operation.get("responses", {})))
-            summary = (operation.get("summary") or "").replace("|", "\\|")
+            text = (operation.get("description") or operation.get("summary") or "").strip().splitlines()
+            summary = (text[0] if text else "").replace("|", "\\|")
             shown = path + (f" ({', '.join(params)} in path)" if params else "")
             lines.append(f"| `{method.upper()}` | `{shown}` | {summary} | {body} | {responses} |")
     schemas = document.get("components", {}).get("schemas", {})
@@ -106,10 +116,10 @@ def api_tables(document: dict) -> str:
             lines.append(f"{_schema_name(schema)}")
             continue
         required = set(schema.get("required", []))
-        lines += ["| field | type | required | description |", "| --- | --- | --- | --- |"]
+        lines += ["| field | type | required | constraints |", "| --- | --- | --- | --- |"]
         for field, spec in properties.items():
-            description = (spec.get("description") or "").replace("\n", " ").replace("|", "\\|")
-            lines.append(f"| `{field}` | {_schema_name(spec)} | {'yes' if field in required else 'no'} | {description} |")
+            lines.append(f"| `{field}` | {_schema_name(spec)} | {'yes' if field in required else 'no'} "
+                         f"| {_constraints(spec)} |")
     return "\n".join(lines)
 
 
