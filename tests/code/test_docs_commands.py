@@ -29,7 +29,7 @@ def help_text(path: tuple[str, ...]) -> str:
 def subcommands(path: tuple[str, ...]) -> set[str]:
     """The choices of the command's subparser, from the `{a,b,c}` of its usage line."""
     usage = help_text(path).split("\n\n")[0]
-    match = re.search(r"\{([a-z0-9_,-]+)\} \.\.\.", usage)  # a subparser, not an option choice
+    match = re.search(r"\{([a-z0-9_,-]+)\}\s+\.\.\.", usage)  # a subparser, not an option choice
     return set(match.group(1).split(",")) if match else set()
 
 
