@@ -166,6 +166,13 @@ def cmd_ui(args) -> NoReturn:
                               "--browser.gatherUsageStats", "false"])
 
 
+def cmd_serve(args) -> int:
+    from coinyear.serve import serve
+
+    serve(get_settings(), host=args.host, port=args.port, access_log=args.access_log)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="coinyear", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log every step")
@@ -230,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     imported.add_argument("--out", help="output folder (default COINYEAR_HOME/datasets/imported)")
     data.set_defaults(func=cmd_data)
 
+    serve = commands.add_parser("serve", help="REST gateway serving models:/<name>@production, logging to Delta")
+    serve.add_argument("--host", help="address to bind (default COINYEAR_HOST, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default COINYEAR_PORT, 8080)")
+    serve.add_argument("--access-log", action="store_true", help="print one line per HTTP request")
+    serve.set_defaults(func=cmd_serve)
     ui = commands.add_parser("ui", help="the Streamlit front end: predict, correct, monitor, manage models")
     ui.add_argument("--host", help="address to bind (default COINYEAR_HOST)")
     ui.add_argument("--port", type=int, help="port (default COINYEAR_UI_PORT, 8501)")

@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import AliasChoices, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 # The OCRE reference data spans 32 BC .. AD 138; a coin dating system should still accept the whole span of
 # coinage (c. 700 BC to today), and nothing else: years outside it are typos, not coins.
@@ -52,13 +53,18 @@ class Settings(BaseSettings):
     # Serving
     host: str = "127.0.0.1"
     port: int = 8080
-    api_tokens: list[str] = Field(default_factory=list)
+    api_tokens: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Accepted bearer tokens, comma-separated in COINYEAR_API_TOKENS.")
     auth_disabled: bool = False
+    endpoint_name: str | None = Field(default=None, description="{name} in /serving-endpoints/{name}/...; "
+                                                                "default: model_name.")
     max_body_bytes: int = 16 * 1024 * 1024
     max_rows: int = 64
     alias_poll_seconds: float = 5.0
     batch_max_size: int = 32
     batch_max_wait_ms: float = 5.0
+    inference_log: bool = Field(default=True, description="Append every request to the inference_log table.")
+    log_flush_seconds: float = Field(default=1.0, description="How often the spool is committed to Delta.")
 
     # Client side (UI): where the gateway lives
     api_url: str = "http://127.0.0.1:8080"
@@ -82,6 +88,13 @@ class Settings(BaseSettings):
     retrain_base_limit: int | None = Field(default=None, description="Use N base coins (quick runs and tests).")
     monitor_psi_bins: int = Field(default=10, ge=2)
 
+    @field_validator("api_tokens", mode="before")
+    @classmethod
+    def _split_tokens(cls, value):
+        if isinstance(value, str):
+            return [token.strip() for token in value.split(",") if token.strip()]
+        return value
+
     @property
     def home_dir(self) -> Path:
         return self.home.expanduser().resolve()
@@ -101,6 +114,11 @@ class Settings(BaseSettings):
     @property
     def lake_root(self) -> str:
         return self.lake_uri or str(self.home_dir / "lake")
+
+    @property
+    def spool_dir(self) -> Path:
+        """Local, fsync'ed write-ahead spool of the lake writers (always local, even with a remote lake)."""
+        return self.home_dir / "spool"
 
     @property
     def cache_dir(self) -> Path:

@@ -45,6 +45,7 @@ model_decisions, monitoring, training_data: schema on first write (new columns a
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import pickle
@@ -250,6 +251,7 @@ class SpooledAppender:
         self._file = None
         self._segment_seq = 0
         self._segment_rows = 0
+        self._lock_file = None
 
     # ---------------------------------------------------------------------------------------- segments
     def _segments(self) -> list[tuple[int, Path]]:
@@ -292,7 +294,17 @@ class SpooledAppender:
 
     # -------------------------------------------------------------------------------------- lifecycle
     def start(self) -> SpooledAppender:
-        """Count what an earlier process left in the spool, open a fresh segment and start committing."""
+        """Count what an earlier process left in the spool, open a fresh segment and start committing.
+
+        The spool folder is locked for the life of this appender (released by the OS even on kill -9): a second
+        process on the same folder would commit and delete segments the first one is still writing.
+        """
+        self._lock_file = open(self.dir / "lock", "a")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as error:
+            self._lock_file.close()
+            raise RuntimeError(f"spool {self.dir} is in use by another process (one writer per table)") from error
         segments = self._segments()
         self.backlog = sum(len(read_segment(path)) for _, path in segments)
         self._open_segment(self._next_seq())
@@ -313,6 +325,9 @@ class SpooledAppender:
                 self._file = None
                 if self._segment_rows == 0:
                     (self.dir / f"{self._segment_seq:012d}{self.SUFFIX}").unlink(missing_ok=True)
+        if self._lock_file is not None:
+            self._lock_file.close()  # releases the flock
+            self._lock_file = None
         return done
 
     def flush(self, timeout: float = 30.0) -> bool:

@@ -1,0 +1,372 @@
+"""The gateway: FastAPI routes for scoring, feedback and operations.
+
+Scoring (`POST /serving-endpoints/{name}/invocations`, `POST /invocations`) answers
+`{"predictions": [year, ...]}` in input order with the headers `served-model-name`, `served-model-version` and
+`x-request-id`. Every answered request is spooled durably (see coinyear.lake.SpooledAppender) before the
+answer leaves, so the inference log never misses an acknowledged request; rows that failed are logged too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+
+import coinyear
+from coinyear.config import Settings
+from coinyear.lake import FEEDBACK, INFERENCE_LOG, Lake, SpooledAppender
+from coinyear.serve.auth import BearerAuth
+from coinyear.serve.batching import MicroBatcher
+from coinyear.serve.errors import (ENDPOINT_NOT_FOUND, INTERNAL_ERROR, INVALID_PARAMETER_VALUE,
+                                   RESOURCE_DOES_NOT_EXIST, RESOURCE_LIMIT_EXCEEDED, TEMPORARILY_UNAVAILABLE,
+                                   ApiError, install_handlers)
+from coinyear.serve.lifecycle import ModelManager, ServedModel, to_tensors
+from coinyear.serve.wire import ParsedRequest, PreparedRow, parse_body, prepare_rows
+
+log = logging.getLogger(__name__)
+
+# A body this many times over the limit is cut off instead of read to the end for a clean 413.
+DRAIN_FACTOR = 4
+RECENT_IDS = 200_000
+
+
+class Metrics:
+    """Prometheus series of one app (own registry, so several apps can live in one process)."""
+
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        self.requests = Counter("coinyear_requests", "Scoring requests by HTTP status and error code",
+                                ["status", "error_code"], registry=self.registry)
+        self.rows = Counter("coinyear_rows", "Scored input rows", registry=self.registry)
+        self.latency = Histogram("coinyear_request_latency_seconds", "Scoring request latency",
+                                 buckets=(.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10),
+                                 registry=self.registry)
+        self.batch_rows = Histogram("coinyear_batch_rows", "Rows per forward pass (micro-batch size)",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=self.registry)
+        self.model_version = Gauge("coinyear_model_version", "Registered version being served (0: none)",
+                                   registry=self.registry)
+        self.swaps = Counter("coinyear_model_swaps", "Model versions swapped in", registry=self.registry)
+        self.load_failures = Counter("coinyear_model_load_failures", "Versions that failed to load or warm",
+                                     registry=self.registry)
+        self.log_backlog = Gauge("coinyear_inference_log_backlog", "Rows spooled but not yet in Delta",
+                                 ["table"], registry=self.registry)
+
+
+class FeedbackIn(BaseModel):
+    """An expert's date for a logged request: `year`, or `year_from` + `year_to` (negative = BC)."""
+
+    model_config = ConfigDict(extra="forbid")
+    request_id: str = Field(min_length=1, max_length=200)
+    year: int | None = Field(default=None, strict=True)
+    year_from: int | None = Field(default=None, strict=True)
+    year_to: int | None = Field(default=None, strict=True)
+    source: str | None = Field(default=None, max_length=100)
+    note: str | None = Field(default=None, max_length=2000)
+
+
+@dataclass
+class Outcome:
+    """What one scoring request did, for the answer, the log and the metrics."""
+
+    http_id: str
+    arrived: datetime
+    started: float
+    endpoint_name: str | None
+    model: ServedModel | None = None
+    parsed: ParsedRequest | None = None
+    rows: list[PreparedRow] = field(default_factory=list)
+    years: np.ndarray | None = None
+    error: ApiError | None = None
+
+    @property
+    def status(self) -> int:
+        return self.error.status if self.error else 200
+
+    def row_ids(self) -> list[str]:
+        count = max(len(self.rows), 1)
+        return [self.http_id] if count == 1 else [f"{self.http_id}-{i}" for i in range(count)]
+
+
+class Gateway:
+    """Everything one serving process holds: model manager, batcher, lake writers, auth, metrics."""
+
+    def __init__(self, settings: Settings, host: str):
+        self.settings = settings
+        self.endpoint_name = settings.endpoint_name or settings.model_name
+        self.auth = BearerAuth(settings, host)
+        self.metrics = Metrics()
+        self.lake = Lake(settings)
+        self.log_writer = SpooledAppender(self.lake, INFERENCE_LOG, settings.spool_dir / INFERENCE_LOG,
+                                          settings.log_flush_seconds) if settings.inference_log else None
+        self.feedback_writer = SpooledAppender(self.lake, FEEDBACK, settings.spool_dir / FEEDBACK,
+                                               settings.log_flush_seconds)
+        self.models = ModelManager(settings, on_swap=self._swapped, on_failure=self._load_failed)
+        self.batcher = MicroBatcher(lambda model, fronts, backs: model.forward(fronts, backs),
+                                    settings.batch_max_size, settings.batch_max_wait_ms,
+                                    on_batch=self.metrics.batch_rows.observe)
+        self.recent_ids: OrderedDict[str, None] = OrderedDict()
+        for table, writer in ((INFERENCE_LOG, self.log_writer), (FEEDBACK, self.feedback_writer)):
+            if writer is not None:
+                self.metrics.log_backlog.labels(table).set_function(lambda w=writer: w.backlog)
+
+    def _swapped(self, model: ServedModel) -> None:
+        self.metrics.swaps.inc()
+        self.metrics.model_version.set(float(model.version) if model.version.isdigit() else -1)
+
+    def _load_failed(self, version: str, reason: str) -> None:
+        self.metrics.load_failures.inc()
+
+    # ----------------------------------------------------------------------------------------- lifespan
+    async def start(self) -> None:
+        for writer in (self.log_writer, self.feedback_writer):
+            if writer is not None:
+                writer.start()
+        self.batcher.start()
+        self.models.start()
+
+    async def stop(self) -> None:
+        self.models.stop()
+        await self.batcher.stop()
+        for writer in (self.log_writer, self.feedback_writer):
+            if writer is not None:
+                await asyncio.to_thread(writer.close)
+
+    # ------------------------------------------------------------------------------------------ scoring
+    async def read_body(self, request: Request) -> bytes:
+        limit = self.settings.max_body_bytes
+        too_big = ApiError(413, RESOURCE_LIMIT_EXCEEDED, f"request body larger than {limit} bytes")
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit * DRAIN_FACTOR:
+            raise too_big
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit * DRAIN_FACTOR:
+                raise too_big
+            if size <= limit:
+                chunks.append(chunk)
+        if size > limit:  # read to the end (bounded) so the client gets the 413 instead of a reset connection
+            raise too_big
+        return b"".join(chunks)
+
+    async def score(self, request: Request, endpoint_name: str | None) -> Response:
+        outcome = Outcome(uuid.uuid4().hex, datetime.now(UTC), time.perf_counter(), endpoint_name)
+        self.auth.check(request)  # unauthenticated requests are refused before anything is read or logged
+        if endpoint_name is not None and endpoint_name != self.endpoint_name:
+            raise ApiError(404, ENDPOINT_NOT_FOUND, f"no serving endpoint named {endpoint_name!r}; "
+                                                   f"this server serves {self.endpoint_name!r}")
+        try:
+            await self._score(request, outcome)
+        except ApiError as error:
+            outcome.error = error
+        except Exception as error:  # a bug must cost one answer, never the worker
+            log.exception("scoring request %s failed", outcome.http_id)
+            outcome.error = ApiError(500, INTERNAL_ERROR, f"internal error ({type(error).__name__})")
+        elapsed = time.perf_counter() - outcome.started
+        if self.log_writer is not None:
+            try:
+                await asyncio.to_thread(self.log_writer.write, self._log_rows(outcome, request, elapsed))
+            except Exception as error:  # not durably logged means not answered: the client retries
+                log.exception("inference log spool write failed")
+                outcome.error = ApiError(503, TEMPORARILY_UNAVAILABLE, f"inference log unavailable ({error})")
+        self._remember(outcome.row_ids())
+        self.metrics.requests.labels(str(outcome.status), outcome.error.error_code if outcome.error else "").inc()
+        self.metrics.latency.observe(elapsed)
+        headers = {"x-request-id": outcome.http_id}
+        if outcome.model is not None:
+            headers.update({"served-model-name": outcome.model.name, "served-model-version": outcome.model.version})
+        if outcome.error:
+            return outcome.error.response(headers)
+        self.metrics.rows.inc(len(outcome.rows))
+        return JSONResponse({"predictions": [float(y) for y in outcome.years]}, headers=headers)
+
+    async def _score(self, request: Request, outcome: Outcome) -> None:
+        body = await self.read_body(request)
+        outcome.model = model = self.models.current  # this request finishes on this model, even across a swap
+        self.batcher.preparing += 1
+        try:
+            outcome.parsed = await asyncio.to_thread(parse_body, body, self.settings.max_rows)
+            outcome.rows = await asyncio.to_thread(prepare_rows, outcome.parsed.rows,
+                                                   model.image_size if model else None,
+                                                   model.grayscale if model else False)
+        finally:
+            self.batcher.preparing -= 1
+        first_error = next((row.error for row in outcome.rows if row.error), None)
+        if first_error:
+            raise ApiError(400, INVALID_PARAMETER_VALUE, first_error)
+        if model is None:
+            raise ApiError(503, TEMPORARILY_UNAVAILABLE, "no production model is loaded yet; see GET /version")
+        fronts, backs = to_tensors([row.arrays for row in outcome.rows])
+        outcome.years = await self.batcher.submit(model, fronts, backs)
+
+    def _log_rows(self, outcome: Outcome, request: Request, elapsed: float) -> list[dict]:
+        parsed, model, error = outcome.parsed, outcome.model, outcome.error
+        metadata = json.dumps({
+            "input_format": parsed.input_format if parsed else None,
+            "params": parsed.params if parsed else None,
+            "rows": len(outcome.rows),
+            "user_agent": request.headers.get("user-agent"),
+            "content_length": request.headers.get("content-length"),
+        }, default=str)
+        rows = outcome.rows or [PreparedRow()]
+        records = []
+        for index, (row_id, row) in enumerate(zip(outcome.row_ids(), rows)):
+            records.append({
+                "request_id": row_id,
+                "http_request_id": outcome.http_id,
+                "row_index": index,
+                "client_request_id": parsed.client_request_id if parsed else None,
+                "timestamp": outcome.arrived,
+                "date": outcome.arrived.date(),
+                "status_code": outcome.status,
+                "error_code": error.error_code if error else None,
+                "error_message": error.message if error else None,
+                "execution_time_ms": elapsed * 1000,
+                "endpoint_name": outcome.endpoint_name,
+                "model_name": model.name if model else None,
+                "model_version": model.version if model else None,
+                "prediction": float(outcome.years[index]) if outcome.years is not None else None,
+                "front_image": row.front,
+                "back_image": row.back,
+                "front_image_bytes": row.front_size,
+                "back_image_bytes": row.back_size,
+                "request_metadata": metadata,
+            })
+        return records
+
+    def _remember(self, ids: list[str]) -> None:
+        for request_id in ids:
+            self.recent_ids[request_id] = None
+        while len(self.recent_ids) > RECENT_IDS:
+            self.recent_ids.popitem(last=False)
+
+    # ----------------------------------------------------------------------------------------- feedback
+    def _logged(self, request_id: str) -> bool:
+        if request_id in self.recent_ids:
+            return True
+        found = self.lake.read(INFERENCE_LOG, columns=["request_id"], filters=[("request_id", "=", request_id)])
+        return len(found) > 0
+
+    async def feedback(self, request: Request, feedback: FeedbackIn) -> dict:
+        self.auth.check(request)
+        low, high = self.settings.min_year, self.settings.max_year
+        if feedback.year is not None:
+            if feedback.year_from is not None or feedback.year_to is not None:
+                raise ApiError(400, INVALID_PARAMETER_VALUE, "give either year or year_from + year_to, not both")
+            year_from = year_to = feedback.year
+        elif feedback.year_from is not None and feedback.year_to is not None:
+            year_from, year_to = feedback.year_from, feedback.year_to
+        else:
+            raise ApiError(400, INVALID_PARAMETER_VALUE, "give year, or both year_from and year_to")
+        for name, value in (("year_from", year_from), ("year_to", year_to)):
+            if value == 0:
+                raise ApiError(400, INVALID_PARAMETER_VALUE, f"{name}: there is no year 0 (1 BC is -1, AD 1 is 1)")
+            if not low <= value <= high:
+                raise ApiError(400, INVALID_PARAMETER_VALUE, f"{name}={value} is outside {low}..{high}")
+        if year_from > year_to:
+            raise ApiError(400, INVALID_PARAMETER_VALUE, f"year_from {year_from} is after year_to {year_to}")
+        known = await asyncio.to_thread(self._logged, feedback.request_id)
+        if not known and self.log_writer is not None and self.log_writer.backlog:
+            await asyncio.to_thread(self.log_writer.flush, 10)  # it may still be on its way from the spool
+            known = await asyncio.to_thread(self._logged, feedback.request_id)
+        if not known:
+            raise ApiError(404, RESOURCE_DOES_NOT_EXIST, f"no logged request with id {feedback.request_id!r}")
+        record = {"request_id": feedback.request_id, "year_from": year_from, "year_to": year_to,
+                  "timestamp": datetime.now(UTC), "source": feedback.source, "note": feedback.note}
+        await asyncio.to_thread(self.feedback_writer.write, [record])
+        return {"request_id": feedback.request_id, "year_from": year_from, "year_to": year_to, "recorded": True}
+
+    # -------------------------------------------------------------------------------------------- ops
+    def version(self) -> dict:
+        writers = {INFERENCE_LOG: self.log_writer, FEEDBACK: self.feedback_writer}
+        return {
+            "service": "coinyear",
+            "service_version": coinyear.__version__,
+            "endpoint_name": self.endpoint_name,
+            **self.models.status(),
+            "lake": {table: None if w is None else {"backlog": w.backlog, "committed_rows": w.committed_rows,
+                                                     "last_error": w.last_error}
+                     for table, w in writers.items()},
+        }
+
+
+def create_app(settings: Settings, host: str | None = None) -> FastAPI:
+    """The ASGI app; `host` is where it will listen (auth may be off only on loopback)."""
+    gateway = Gateway(settings, host or settings.host)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    app = FastAPI(title="coinyear serving gateway", version=coinyear.__version__, lifespan=lifespan,
+                  description="Dates a coin from its two photos. Wire-compatible with Databricks Model Serving "
+                              "and the MLflow scoring server.")
+    app.state.gateway = gateway
+    install_handlers(app)
+
+    @app.post("/serving-endpoints/{name}/invocations", tags=["scoring"])
+    async def endpoint_invocations(name: str, request: Request):
+        """Score rows of {front_image_base64, back_image_base64} (inputs / dataframe_records / dataframe_split)."""
+        return await gateway.score(request, name)
+
+    @app.post("/invocations", tags=["scoring"])
+    async def invocations(request: Request):
+        """Same as /serving-endpoints/{name}/invocations (the MLflow scoring server's path)."""
+        return await gateway.score(request, None)
+
+    @app.post("/feedback", tags=["feedback"])
+    async def feedback(body: FeedbackIn, request: Request):
+        """Record an expert's date for a logged request (`x-request-id`, or `<id>-<row>` for several rows)."""
+        return await gateway.feedback(request, body)
+
+    @app.get("/health", tags=["ops"])
+    async def health():
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/ready", tags=["ops"])
+    async def ready():
+        """Readiness: a production model is loaded (503 until then)."""
+        model = gateway.models.current
+        if model is None:
+            raise ApiError(503, TEMPORARILY_UNAVAILABLE, "no production model is loaded yet")
+        return {"ready": True, "model_name": model.name, "model_version": model.version}
+
+    @app.get("/version", tags=["ops"])
+    async def version():
+        """Served model name, version, alias, load time, last load error, lake backlog."""
+        return gateway.version()
+
+    @app.get("/metrics", tags=["ops"])
+    async def metrics():
+        """Prometheus metrics."""
+        return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def serve(settings: Settings, host: str | None = None, port: int | None = None, access_log: bool = False) -> None:
+    """Run the gateway with uvicorn in this process (one process: batching needs all requests in one place)."""
+    import uvicorn
+
+    from coinyear.config import set_torch_threads
+
+    set_torch_threads(settings)
+    host, port = host or settings.host, port or settings.port
+    uvicorn.run(create_app(settings, host), host=host, port=port, access_log=access_log, log_level="info")

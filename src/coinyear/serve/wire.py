@@ -1,0 +1,153 @@
+"""The scoring wire format (MLflow scoring server / Databricks Model Serving) in, coin rows out.
+
+Accepted bodies, each with the columns `front_image_base64` and `back_image_base64`:
+    {"inputs": [{"front_image_base64": ..., "back_image_base64": ...}, ...]}      (or "instances")
+    {"inputs": {"front_image_base64": [...], "back_image_base64": [...]}}         (columns)
+    {"dataframe_records": [{...}, ...]}
+    {"dataframe_split": {"columns": [...], "data": [[...], ...], "index": [...]}}
+plus optional "params" (`batch_size`, accepted for compatibility: the server batches by itself) and
+"client_request_id" (a string kept in the inference log). Other top-level keys are ignored, as MLflow does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from coinyear.data import ImageError, preprocess
+from coinyear.pyfunc import BACK, FRONT, InvalidCoinInput, decode_base64
+from coinyear.serve.errors import BAD_REQUEST, INVALID_PARAMETER_VALUE, ApiError
+
+FORMATS = ("inputs", "instances", "dataframe_records", "dataframe_split")
+MAX_CLIENT_REQUEST_ID = 128
+
+
+@dataclass
+class ParsedRequest:
+    rows: list[tuple[object, object]] = field(default_factory=list)  # (front, back) raw JSON values
+    input_format: str | None = None
+    params: dict = field(default_factory=dict)
+    client_request_id: str | None = None
+
+
+@dataclass
+class PreparedRow:
+    """One row decoded as far as it could be: photo bytes for the log, model arrays when readable."""
+
+    front: bytes | None = None
+    back: bytes | None = None
+    front_size: int | None = None
+    back_size: int | None = None
+    arrays: tuple | None = None
+    error: str | None = None
+
+
+def bad(message: str, code: str = BAD_REQUEST) -> ApiError:
+    return ApiError(400, code, message)
+
+
+def _records(value, where: str) -> list[tuple[object, object]]:
+    if isinstance(value, dict):  # column-oriented: {"col": [values]}
+        columns = {k: (v if isinstance(v, list) else [v]) for k, v in value.items()}
+        missing = [c for c in (FRONT, BACK) if c not in columns]
+        if missing:
+            raise bad(f"{where}: missing column(s): {', '.join(missing)}", INVALID_PARAMETER_VALUE)
+        if len(columns[FRONT]) != len(columns[BACK]):
+            raise bad(f"{where}: columns {FRONT} and {BACK} have different lengths", INVALID_PARAMETER_VALUE)
+        return list(zip(columns[FRONT], columns[BACK]))
+    if not isinstance(value, list):
+        raise bad(f"{where} must be a list of records or an object of columns, not {type(value).__name__}")
+    rows = []
+    for index, record in enumerate(value):
+        if not isinstance(record, dict):
+            raise bad(f"{where}[{index}] must be an object with {FRONT} and {BACK}, not {type(record).__name__}")
+        missing = [c for c in (FRONT, BACK) if c not in record]
+        if missing:
+            raise bad(f"row {index}: missing column(s): {', '.join(missing)}", INVALID_PARAMETER_VALUE)
+        rows.append((record[FRONT], record[BACK]))
+    return rows
+
+
+def _split(value) -> list[tuple[object, object]]:
+    if not isinstance(value, dict) or not isinstance(value.get("columns"), list) \
+            or not isinstance(value.get("data"), list):
+        raise bad("dataframe_split must be an object with 'columns' (list) and 'data' (list of rows)")
+    columns = value["columns"]
+    missing = [c for c in (FRONT, BACK) if c not in columns]
+    if missing:
+        raise bad(f"dataframe_split: missing column(s): {', '.join(missing)}", INVALID_PARAMETER_VALUE)
+    front_at, back_at = columns.index(FRONT), columns.index(BACK)
+    rows = []
+    for index, row in enumerate(value["data"]):
+        if not isinstance(row, list) or len(row) != len(columns):
+            raise bad(f"dataframe_split: data[{index}] must be a list of {len(columns)} values")
+        rows.append((row[front_at], row[back_at]))
+    return rows
+
+
+def parse_body(body: bytes, max_rows: int) -> ParsedRequest:
+    """Body bytes to rows; ApiError (400) for anything that is not a well-formed scoring request."""
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise bad(f"Invalid input. Ensure that input is a valid JSON formatted string: {error}") from error
+    if not isinstance(payload, dict):
+        raise bad(f"The input must be a JSON object with exactly one of the fields {list(FORMATS)}, "
+                  f"not a {type(payload).__name__}")
+    present = [key for key in FORMATS if key in payload]
+    if len(present) != 1:
+        raise bad(f"The input must be a JSON object with exactly one of the fields {list(FORMATS)}; "
+                  f"got fields {sorted(payload)}")
+    input_format = present[0]
+    value = payload[input_format]
+    rows = _split(value) if input_format == "dataframe_split" else _records(value, input_format)
+    if not rows:
+        raise bad("the request has no rows", INVALID_PARAMETER_VALUE)
+    if len(rows) > max_rows:
+        raise bad(f"{len(rows)} rows in one request; at most {max_rows} are accepted", INVALID_PARAMETER_VALUE)
+    params = payload.get("params") or {}
+    if not isinstance(params, dict):
+        raise bad("params must be a JSON object", INVALID_PARAMETER_VALUE)
+    batch_size = params.get("batch_size")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise bad("params.batch_size must be a positive integer", INVALID_PARAMETER_VALUE)
+    client_request_id = payload.get("client_request_id")
+    if client_request_id is not None and (not isinstance(client_request_id, str)
+                                          or len(client_request_id) > MAX_CLIENT_REQUEST_ID):
+        raise bad(f"client_request_id must be a string of at most {MAX_CLIENT_REQUEST_ID} characters",
+                  INVALID_PARAMETER_VALUE)
+    return ParsedRequest(rows, input_format, params, client_request_id)
+
+
+def prepare_rows(rows: list[tuple[object, object]], image_size: int | None, grayscale: bool) -> list[PreparedRow]:
+    """Decode every row's photos (base64, then the training preprocessing when a model size is known).
+
+    Every row is decoded even after a bad one, so the log keeps what each row carried; a side that is not
+    valid base64 or not a readable image is kept out of the log (None).
+    """
+    prepared = []
+    for index, (front_value, back_value) in enumerate(rows):
+        row = PreparedRow()
+        decoded = {}
+        for side, column, value in (("front", FRONT, front_value), ("back", BACK, back_value)):
+            try:
+                decoded[side] = decode_base64(value, index, column)
+            except InvalidCoinInput as error:
+                row.error = row.error or error.message
+                decoded[side] = None
+        row.front_size = len(decoded["front"]) if decoded["front"] is not None else None
+        row.back_size = len(decoded["back"]) if decoded["back"] is not None else None
+        arrays = {}
+        for side in ("front", "back"):
+            if decoded[side] is None or image_size is None:
+                continue
+            try:
+                arrays[side] = preprocess(decoded[side], side, image_size, grayscale)
+            except ImageError as error:
+                row.error = row.error or f"row {index}: {side} image: {error}"
+                decoded[side] = None
+        row.front, row.back = decoded["front"], decoded["back"]
+        if len(arrays) == 2:
+            row.arrays = (arrays["front"], arrays["back"])
+        prepared.append(row)
+    return prepared
