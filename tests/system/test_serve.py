@@ -196,6 +196,21 @@ def test_databricks_sdk_client_works_unchanged(server):
     assert len(records.predictions) == 2
 
 
+def test_interval_param_gives_a_range_around_the_same_year(server):
+    from coinyear.pyfunc import CoinYearModel
+
+    plain = server.post({"inputs": [coin_row(6)]}).json()["predictions"][0]
+    response = server.post({"inputs": [coin_row(6)], "params": {"interval": 0.9}})
+    if not hasattr(CoinYearModel, "predict_intervals"):  # a pyfunc without interval calibration says so
+        assert response.status_code == 400 and response.json()["error_code"] == "INVALID_PARAMETER_VALUE"
+        return
+    assert response.status_code == 200, response.text
+    answer = response.json()["predictions"][0]
+    assert set(answer) == {"year", "low", "high", "out_of_distribution"}
+    assert answer["year"] == pytest.approx(plain, abs=1e-3)
+    assert answer["low"] <= answer["year"] <= answer["high"]
+
+
 # --------------------------------------------------------------------------------------------------- auth
 def test_auth_requires_a_configured_bearer_token(server):
     body = {"inputs": [coin_row(5)]}
@@ -255,6 +270,7 @@ BAD_INPUTS = [
     ("second row bad", {"inputs": [GOOD, {FRONT: "bad!", BACK: GOOD[BACK]}]}, None, 400, "INVALID_PARAMETER_VALUE"),
     ("params not an object", {"inputs": [GOOD], "params": [1]}, None, 400, "INVALID_PARAMETER_VALUE"),
     ("bad batch_size", {"inputs": [GOOD], "params": {"batch_size": -3}}, None, 400, "INVALID_PARAMETER_VALUE"),
+    ("interval out of range", {"inputs": [GOOD], "params": {"interval": 1.5}}, None, 400, "INVALID_PARAMETER_VALUE"),
     ("client id not a string", {"inputs": [GOOD], "client_request_id": 7}, None, 400, "INVALID_PARAMETER_VALUE"),
     ("body over the limit", {"inputs": [{FRONT: "A" * (MAX_BODY + 10), BACK: "B"}]}, None, 413,
      "RESOURCE_LIMIT_EXCEEDED"),

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from mlflow.exceptions import MlflowException
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -88,6 +89,7 @@ class Outcome:
     parsed: ParsedRequest | None = None
     rows: list[PreparedRow] = field(default_factory=list)
     years: np.ndarray | None = None
+    answers: list | None = None  # what "predictions" holds: years, or dicts with an interval
     error: ApiError | None = None
 
     @property
@@ -190,7 +192,7 @@ class Gateway:
         if outcome.error:
             return outcome.error.response(headers)
         self.metrics.rows.inc(len(outcome.rows))
-        return JSONResponse({"predictions": [float(y) for y in outcome.years]}, headers=headers)
+        return JSONResponse({"predictions": outcome.answers}, headers=headers)
 
     async def _score(self, request: Request, outcome: Outcome) -> None:
         body = await self.read_body(request)
@@ -209,7 +211,24 @@ class Gateway:
         if model is None:
             raise ApiError(503, TEMPORARILY_UNAVAILABLE, "no production model is loaded yet; see GET /version")
         fronts, backs = to_tensors([row.arrays for row in outcome.rows])
-        outcome.years = await self.batcher.submit(model, fronts, backs)
+        if outcome.parsed.interval:
+            outcome.answers = await self._intervals(model, fronts, backs, outcome.parsed.interval)
+            outcome.years = np.array([answer["year"] for answer in outcome.answers])
+        else:
+            outcome.years = await self.batcher.submit(model, fronts, backs)
+            outcome.answers = [float(year) for year in outcome.years]
+
+    async def _intervals(self, model: ServedModel, fronts, backs, level: float) -> list[dict]:
+        """Year, conformal range and out-of-distribution flag per row (not micro-batched: a rarer, richer call)."""
+        predict_intervals = getattr(model.python_model, "predict_intervals", None)
+        if predict_intervals is None:
+            raise ApiError(400, INVALID_PARAMETER_VALUE, f"model version {model.version} cannot give intervals")
+        try:
+            frame = await asyncio.to_thread(predict_intervals, fronts, backs, level, max(len(fronts), 1))
+        except MlflowException as error:
+            raise ApiError(400, INVALID_PARAMETER_VALUE, error.message) from error
+        return [{"year": float(row.year), "low": float(row.low), "high": float(row.high),
+                 "out_of_distribution": bool(row.out_of_distribution)} for row in frame.itertuples()]
 
     def _log_rows(self, outcome: Outcome, request: Request, elapsed: float) -> list[dict]:
         parsed, model, error = outcome.parsed, outcome.model, outcome.error

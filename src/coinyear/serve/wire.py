@@ -5,8 +5,9 @@ Accepted bodies, each with the columns `front_image_base64` and `back_image_base
     {"inputs": {"front_image_base64": [...], "back_image_base64": [...]}}         (columns)
     {"dataframe_records": [{...}, ...]}
     {"dataframe_split": {"columns": [...], "data": [[...], ...], "index": [...]}}
-plus optional "params" (`batch_size`, accepted for compatibility: the server batches by itself) and
-"client_request_id" (a string kept in the inference log). Other top-level keys are ignored, as MLflow does.
+plus optional "params" and "client_request_id" (a string kept in the inference log). Other top-level keys
+are ignored, as MLflow does. Params: `batch_size` (accepted for compatibility: the server batches by itself)
+and `interval` (a coverage level in (0, 1): each prediction becomes {year, low, high, out_of_distribution}).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class ParsedRequest:
     input_format: str | None = None
     params: dict = field(default_factory=dict)
     client_request_id: str | None = None
+    interval: float = 0.0  # 0 = plain years
 
 
 @dataclass
@@ -111,12 +113,15 @@ def parse_body(body: bytes, max_rows: int) -> ParsedRequest:
     batch_size = params.get("batch_size")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise bad("params.batch_size must be a positive integer", INVALID_PARAMETER_VALUE)
+    interval = params.get("interval") or 0.0
+    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 0 <= interval < 1:
+        raise bad("params.interval must be a coverage level between 0 and 1 (e.g. 0.9)", INVALID_PARAMETER_VALUE)
     client_request_id = payload.get("client_request_id")
     if client_request_id is not None and (not isinstance(client_request_id, str)
                                           or len(client_request_id) > MAX_CLIENT_REQUEST_ID):
         raise bad(f"client_request_id must be a string of at most {MAX_CLIENT_REQUEST_ID} characters",
                   INVALID_PARAMETER_VALUE)
-    return ParsedRequest(rows, input_format, params, client_request_id)
+    return ParsedRequest(rows, input_format, params, client_request_id, float(interval))
 
 
 def prepare_rows(rows: list[tuple[object, object]], image_size: int | None, grayscale: bool) -> list[PreparedRow]:
