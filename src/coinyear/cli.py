@@ -163,7 +163,7 @@ def cmd_ui(args) -> NoReturn:
                               "--server.address", args.host or settings.host,
                               "--server.port", str(args.port or settings.ui_port),
                               "--server.headless", "true", "--server.fileWatcherType", "none",
-                              "--browser.gatherUsageStats", "false"])
+                              "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal"])
 
 
 def cmd_serve(args) -> int:

@@ -193,6 +193,16 @@ def test_api_errors_are_shown_as_messages_not_tracebacks(api, status, body, expe
     assert not at.metric  # no stale or made-up prediction
 
 
+def test_a_file_that_is_not_an_image_is_flagged_and_left_to_the_api(api):
+    api.routes[INVOCATIONS] = (400, {"error_code": "INVALID_PARAMETER_VALUE",
+                                     "message": "row 0: front image: cannot identify image file"}, {})
+    at = upload_pair(app(), b"%PDF-1.4 not a photo", coin_image(2))
+    assert not at.exception
+    assert "The front file cannot be shown" in texts(at.warning)
+    at = press(at, "Predict")
+    assert "cannot identify image file" in texts(at.error)
+
+
 def test_api_down_is_a_clear_message(api, monkeypatch):
     api.shutdown()
     api.server_close()
@@ -212,6 +222,12 @@ def test_sidebar_names_the_served_model_version(api):
     assert "Serving **coinyear** version **3**" in texts(app().sidebar.success)
 
 
+def test_sidebar_says_when_the_api_has_no_model_yet(api):
+    api.routes[("GET", "/version")] = (200, {"model_name": "coinyear", "model_version": None,
+                                             "last_error": "version 4 failed its smoke request"}, {})
+    assert "no production model loaded yet. version 4 failed its smoke request" in texts(app().sidebar.warning)
+
+
 # ------------------------------------------------------------------------------------------------ correct
 @pytest.fixture
 def predicted(api):
@@ -229,13 +245,13 @@ def correct(at: AppTest, first: str, last: str = "") -> AppTest:
 def test_a_correction_is_posted_against_the_request_id(api, predicted):
     at = correct(predicted, "27 BC", "AD 14")
     (call,) = api.calls("/feedback")
-    assert call["json"] == {"request_id": "req-123", "year_from": -27, "year_to": 14}
+    assert call["json"] == {"request_id": "req-123", "year_from": -27, "year_to": 14, "source": "ui"}
     assert "correction **27 BC – AD 14** recorded for request `req-123`" in texts(at.success)
 
 
 def test_a_single_year_correction_is_a_one_year_range(api, predicted):
     correct(predicted, "73")
-    assert api.calls("/feedback")[0]["json"] == {"request_id": "req-123", "year_from": 73, "year_to": 73}
+    assert api.calls("/feedback")[0]["json"]["year_from"] == api.calls("/feedback")[0]["json"]["year_to"] == 73
 
 
 @pytest.mark.parametrize("first, last, expected", [

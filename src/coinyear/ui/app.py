@@ -18,8 +18,12 @@ with st.sidebar:
     st.caption(f"API: `{settings().api_url}`")
     try:
         served = api_client().version()
-        st.success(f"Serving **{served.get('model_name', '?')}** version **{served.get('model_version', '?')}**",
-                   icon=":material/check_circle:")
+        if served.get("model_version"):
+            st.success(f"Serving **{served.get('model_name', '?')}** version **{served['model_version']}**",
+                       icon=":material/check_circle:")
+        else:
+            st.warning(f"The API is up but has no production model loaded yet. {served.get('last_error') or ''}",
+                       icon=":material/hourglass_empty:")
     except ApiError as error:
         st.warning(error.message, icon=":material/cloud_off:")
 

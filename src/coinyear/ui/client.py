@@ -107,7 +107,7 @@ class ApiClient:
 
     def feedback(self, request_id: str, year_from: int, year_to: int) -> dict:
         """Record an expert's true date (a year or a range) against a logged request."""
-        body = {"request_id": request_id, "year_from": year_from, "year_to": year_to}
+        body = {"request_id": request_id, "year_from": year_from, "year_to": year_to, "source": "ui"}
         return self._send("POST", "/feedback", json=body).json()
 
     def version(self) -> dict:

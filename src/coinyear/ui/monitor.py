@@ -26,8 +26,20 @@ def daily_traffic(log: pd.DataFrame) -> pd.DataFrame:
     latency = log[log["status_code"] < 400].groupby("date")["execution_time_ms"]
     for share in (50, 95, 99):
         table[f"p{share}"] = latency.quantile(share / 100)
-    table.index = pd.to_datetime(table.index)
+    table.index = [str(day) for day in table.index]
     return table
+
+
+def daily_chart(table: pd.DataFrame, columns: list[str], y_title: str, bars: bool = False, percent: bool = False):
+    """One series per column against the day; days are categories, so a single day still draws a bar or a point."""
+    long = table[columns].rename_axis("day").reset_index().melt("day", var_name="series", value_name="value")
+    base = alt.Chart(long).encode(
+        x=alt.X("day:O", title=None, axis=alt.Axis(labelAngle=0)),
+        y=alt.Y("value:Q", title=y_title, axis=alt.Axis(format="%" if percent else "~s")),
+        color=alt.Color("series:N", title=None, legend=alt.Legend(orient="bottom")),
+        tooltip=["day", "series", alt.Tooltip("value:Q", format=".1%" if percent else ".1f")],
+    )
+    return base.mark_bar() if bars else base.mark_line(point=True)
 
 
 def feedback_error(log: pd.DataFrame, feedback: pd.DataFrame) -> pd.DataFrame:
@@ -52,12 +64,12 @@ def show_traffic(log: pd.DataFrame) -> None:
     left, right = st.columns(2)
     with left:
         st.markdown("**Requests per day**")
-        st.bar_chart(days[["answered", "failed"]], color=["#4c78a8", "#e45756"])
+        st.altair_chart(daily_chart(days, ["answered", "failed"], "requests", bars=True), width="stretch")
         st.markdown("**Latency percentiles per day (ms)**")
-        st.line_chart(days[["p50", "p95", "p99"]])
+        st.altair_chart(daily_chart(days, ["p50", "p95", "p99"], "ms"), width="stretch")
     with right:
         st.markdown("**Error rate per day**")
-        st.line_chart(days[["error rate"]])
+        st.altair_chart(daily_chart(days, ["error rate"], "failed requests", percent=True), width="stretch")
         st.markdown("**Predicted years**")
         if len(answered):
             histogram = alt.Chart(answered).mark_bar().encode(
@@ -94,15 +106,14 @@ def show_drift(monitoring: pd.DataFrame) -> None:
     if monitoring.empty or not drift_columns or "date" not in monitoring.columns:
         st.info("No drift indicators yet: `coinyear monitor` (or the scheduler) computes them from the log.")
         return
-    psi = monitoring.assign(date=pd.to_datetime(monitoring["date"])).groupby("date")[drift_columns].max()
+    psi = monitoring.assign(date=monitoring["date"].astype(str).str[:10]).groupby("date")[drift_columns].max()
     st.caption(f"Population stability index against the training data, per day (worst model version). "
                f"Above {PSI_ALERT} the inputs or predictions have shifted.")
-    st.line_chart(psi)
+    st.altair_chart(daily_chart(psi, drift_columns, "PSI"), width="stretch")
     latest = psi.iloc[-1]
     shifted = [name for name, value in latest.items() if value > PSI_ALERT]
     if shifted:
-        st.warning(f"Drift on {latest.name:%Y-%m-%d}: {', '.join(shifted)} above {PSI_ALERT}.",
-                   icon=":material/warning:")
+        st.warning(f"Drift on {latest.name}: {', '.join(shifted)} above {PSI_ALERT}.", icon=":material/warning:")
 
 
 st.title("Monitor")

@@ -2,10 +2,12 @@
 then the expert's correction goes back to the API against the request id."""
 
 import hashlib
+import io
 from pathlib import Path
 
 import pandas as pd
 import streamlit as st
+from PIL import Image
 
 from coinyear.evaluate import year_label
 from coinyear.ui.client import ApiError
@@ -58,14 +60,26 @@ def chosen_photos():
             f"example coin {describe(example)}", example.date_text)
 
 
+def readable(photo: bytes) -> bool:
+    try:
+        with Image.open(io.BytesIO(photo)) as image:
+            image.verify()
+        return True
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return False
+
+
 def show_previews(front: bytes | None, back: bytes | None) -> None:
     left, right = st.columns(2)
     for column, photo, side in ((left, front, "front"), (right, back, "back")):
         with column:
-            if photo:
-                st.image(photo, caption=side, width=220)
-            else:
+            if not photo:
                 st.caption(f"no {side} photo yet")
+            elif readable(photo):
+                st.image(photo, caption=side, width=220)
+            else:  # the API gives the authoritative answer on Predict; say now that it will likely refuse
+                st.warning(f"The {side} file cannot be shown: it does not look like an image.",
+                           icon=":material/broken_image:")
 
 
 def predict(front: bytes, back: bytes, source: str, catalogue_date: str | None, fingerprint: str) -> None:
