@@ -81,6 +81,18 @@ class Settings(BaseSettings):
     retrain_min_mae_improvement: float = Field(default=0.02, gt=0, lt=1, description="Relative MAE gain needed.")
     retrain_max_decade_regression: float = Field(default=1.0, ge=0, description="Years a decade may get worse.")
     retrain_decade_min_coins: int = Field(default=20, ge=1, description="Decades with fewer eval coins are not checked.")
+    retrain_latency_budget_ms: float = Field(default=1000.0, gt=0, description="Median ms of one-coin requests.")
+    retrain_holdout_fraction: float = Field(default=0.15, gt=0, lt=1, description="Frozen grouped hold-out share.")
+    retrain_holdout_seed: int = 20250101
+    retrain_feedback_eval_percent: int = Field(default=20, ge=0, le=100, description="Feedback kept for evaluation.")
+    retrain_base_limit: int | None = Field(default=None, description="Use N base coins (quick runs and tests).")
+    monitor_psi_bins: int = Field(default=10, ge=2)
+
+    # Retraining (`coinyear retrain`, `coinyear scheduler`): the candidate must beat production by these margins
+    retrain_cron: str = Field(default="0 3 * * *", description="5-field crontab (UTC); 6 fields = seconds first.")
+    retrain_min_mae_improvement: float = Field(default=0.02, gt=0, lt=1, description="Relative MAE gain needed.")
+    retrain_max_decade_regression: float = Field(default=1.0, ge=0, description="Years a decade may get worse.")
+    retrain_decade_min_coins: int = Field(default=20, ge=1, description="Decades with fewer eval coins are not checked.")
     retrain_latency_budget_ms: float = Field(default=1000.0, gt=0, description="p95 of one-coin requests.")
     retrain_holdout_fraction: float = Field(default=0.15, gt=0, lt=1, description="Frozen grouped hold-out share.")
     retrain_holdout_seed: int = 20250101
