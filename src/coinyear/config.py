@@ -108,35 +108,6 @@ class Settings(BaseSettings):
         return value
 
     @property
-    def home_dir(self) -> Path:
-        return self.home.expanduser().resolve()
-
-    @property
-    def mlflow_tracking_uri(self) -> str:
-        return self.tracking_uri or f"sqlite:///{self.home_dir / 'mlflow.db'}"
-
-    @property
-    def mlflow_registry_uri(self) -> str:
-        return self.registry_uri or self.mlflow_tracking_uri
-
-    @property
-    def artifact_root(self) -> Path:
-        return self.home_dir / "mlartifacts"
-
-    @property
-    def lake_root(self) -> str:
-        return self.lake_uri or str(self.home_dir / "lake")
-
-    @property
-    def spool_dir(self) -> Path:
-        """Local, fsync'ed write-ahead spool of the lake writers (always local, even with a remote lake)."""
-        return self.home_dir / "spool"
-
-    @property
-    def cache_dir(self) -> Path:
-        return self.home_dir / "cache"
-
-    @property
     def state_dir(self) -> Path:
         """Locks and content-addressed feedback images of the retraining job."""
         return self.home_dir / "state"
