@@ -135,30 +135,6 @@ def cmd_monitor(args) -> int:
     return 0
 
 
-
-
-def cmd_scheduler(args) -> int:
-    from coinyear.jobs.scheduler import run_scheduler
-
-    run_scheduler(get_settings())
-    return 0
-
-
-def cmd_monitor(args) -> int:
-    from coinyear.jobs.monitor import run_monitor
-
-    table = run_monitor(get_settings())
-    if args.json:
-        print(table.to_json(orient="records", date_format="iso", indent=2))
-    elif len(table) == 0:
-        print("no requests in the inference log yet")
-    else:
-        columns = ["date", "model_version", "requests", "error_rate", "latency_p50_ms", "latency_p99_ms",
-                   "prediction_p50", "prediction_psi", "brightness_psi", "feedback_rows", "feedback_mae"]
-        print(table[columns].to_string(index=False, float_format=lambda v: f"{v:.2f}"))
-    return 0
-
-
 def cmd_data(args) -> int:
     from coinyear.data import import_collection, read_manifest
 

@@ -88,24 +88,41 @@ class Settings(BaseSettings):
     retrain_base_limit: int | None = Field(default=None, description="Use N base coins (quick runs and tests).")
     monitor_psi_bins: int = Field(default=10, ge=2)
 
-    # Retraining (`coinyear retrain`, `coinyear scheduler`): the candidate must beat production by these margins
-    retrain_cron: str = Field(default="0 3 * * *", description="5-field crontab (UTC); 6 fields = seconds first.")
-    retrain_min_mae_improvement: float = Field(default=0.02, gt=0, lt=1, description="Relative MAE gain needed.")
-    retrain_max_decade_regression: float = Field(default=1.0, ge=0, description="Years a decade may get worse.")
-    retrain_decade_min_coins: int = Field(default=20, ge=1, description="Decades with fewer eval coins are not checked.")
-    retrain_latency_budget_ms: float = Field(default=1000.0, gt=0, description="p95 of one-coin requests.")
-    retrain_holdout_fraction: float = Field(default=0.15, gt=0, lt=1, description="Frozen grouped hold-out share.")
-    retrain_holdout_seed: int = 20250101
-    retrain_feedback_eval_percent: int = Field(default=20, ge=0, le=100, description="Feedback kept for evaluation.")
-    retrain_base_limit: int | None = Field(default=None, description="Use N base coins (quick runs and tests).")
-    monitor_psi_bins: int = Field(default=10, ge=2)
-
     @field_validator("api_tokens", mode="before")
     @classmethod
     def _split_tokens(cls, value):
         if isinstance(value, str):
             return [token.strip() for token in value.split(",") if token.strip()]
         return value
+
+    @property
+    def home_dir(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    @property
+    def mlflow_tracking_uri(self) -> str:
+        return self.tracking_uri or f"sqlite:///{self.home_dir / 'mlflow.db'}"
+
+    @property
+    def mlflow_registry_uri(self) -> str:
+        return self.registry_uri or self.mlflow_tracking_uri
+
+    @property
+    def artifact_root(self) -> Path:
+        return self.home_dir / "mlartifacts"
+
+    @property
+    def lake_root(self) -> str:
+        return self.lake_uri or str(self.home_dir / "lake")
+
+    @property
+    def spool_dir(self) -> Path:
+        """Local, fsync'ed write-ahead spool of the lake writers (always local, even with a remote lake)."""
+        return self.home_dir / "spool"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.home_dir / "cache"
 
     @property
     def state_dir(self) -> Path:
