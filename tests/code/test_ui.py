@@ -30,7 +30,8 @@ TOKEN = "ui-test-token"
 
 
 class ContractServer(ThreadingHTTPServer):
-    """Answers `routes[(method, path)] = (status, json body, headers[, delay s])` and records each request."""
+    """Answers `routes[(method, path)] = (status, json body, headers[, delay s])` (or a function of the request
+    body giving that) and records each request."""
 
     def __init__(self):
         super().__init__(("127.0.0.1", 0), Handler)
@@ -51,8 +52,11 @@ class Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(length) if length else b""
         self.server.received.append({"method": method, "path": self.path, "headers": dict(self.headers),
                                      "json": json.loads(body) if body else None})
-        status, payload, headers, *delay = self.server.routes.get(
+        route = self.server.routes.get(
             (method, self.path), (404, {"error_code": "ENDPOINT_NOT_FOUND", "message": "no such route"}, {}))
+        if callable(route):
+            route = route(self.server.received[-1]["json"])
+        status, payload, headers, *delay = route
         time.sleep(delay[0] if delay else 0)
         data = json.dumps(payload).encode()
         self.send_response(status)
@@ -150,6 +154,19 @@ def test_predict_shows_the_interval_and_warns_when_out_of_distribution(api):
     assert at.metric[0].value == "AD 73"
     assert "90% interval: **AD 60 – AD 89**" in texts(at.markdown)
     assert "unlike the coins the model learned from" in texts(at.warning)
+
+
+def test_a_model_without_intervals_still_gives_its_year(api):
+    def no_intervals(body):
+        if "params" in body:
+            return 400, {"error_code": "INVALID_PARAMETER_VALUE", "message": "model version 1 cannot give intervals"}, {}
+        return 200, {"predictions": [12.0]}, ANSWER_HEADERS
+
+    api.routes[INVOCATIONS] = no_intervals
+    at = press(upload_pair(app(), coin_image(1), coin_image(2)), "Predict")
+    assert at.metric[0].value == "AD 12" and not at.error
+    assert "interval" not in texts(at.markdown)
+    assert [("params" in call["json"]) for call in api.calls(INVOCATIONS[1])] == [True, False]
 
 
 def test_predict_button_waits_for_both_sides(api):
@@ -309,15 +326,17 @@ def test_monitor_summarises_the_log_feedback_and_drift(api):
         # version 2 predicted 90, inside the expert's range: no error
         {"request_id": "2026-11-21-2-0", "year_from": 85, "year_to": 95, "timestamp": pd.Timestamp.now(tz="UTC")},
     ])
-    lake.append(MONITORING, pd.DataFrame({"date": ["2026-11-20", "2026-11-21"], "model_version": ["1", "2"],
-                                          "prediction_psi": [0.05, 0.31], "brightness_psi": [0.01, 0.02]}))
+    lake.append(MONITORING, pd.DataFrame({  # two runs of `coinyear monitor`: the later one counts
+        "date": ["2026-11-20", "2026-11-21", "2026-11-20", "2026-11-21"], "model_version": ["1", "2", "1", "2"],
+        "computed_at": pd.to_datetime(["2026-11-21T01:00Z"] * 2 + ["2026-11-22T01:00Z"] * 2),
+        "prediction_psi": [0.9, 0.9, 0.05, 0.31], "brightness_psi": [0.9, 0.9, 0.01, 0.02]}))
     at = app("monitor.py")
     kpis = {m.label: m.value for m in at.metric}
     assert kpis["Requests"] == "20" and kpis["Error rate"] == "10.0%"
     by_version = at.dataframe[0].value.set_index("version")
     assert by_version.loc["1", "MAE (years)"] == pytest.approx(12.5)
     assert by_version.loc["2", "MAE (years)"] == 0
-    assert "Drift on 2026-11-21: prediction_psi above 0.2" in texts(at.warning)
+    assert "Drift on 2026-11-21: prediction_psi above 0.2." in texts(at.warning)
 
 
 # ------------------------------------------------------------------------------------------------- models
@@ -336,7 +355,7 @@ def registered(api):
     registry.promote(settings, 2, registry.PRODUCTION)
     registry.tag_version(settings, 3, {"decision": "rejected", "decision_reason": "MAE not 2% lower"})
     Lake(settings).append(MODEL_DECISIONS, pd.DataFrame({
-        "timestamp": pd.to_datetime(["2026-11-20T03:00Z", "2026-11-21T03:00Z"]), "candidate_version": ["2", "3"],
+        "decided_at": pd.to_datetime(["2026-11-20T03:00Z", "2026-11-21T03:00Z"]), "candidate_version": ["2", "3"],
         "decision": ["promoted", "rejected"], "reason": ["first production", "MAE not 2% lower"]}))
     return settings
 

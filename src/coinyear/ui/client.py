@@ -19,9 +19,9 @@ MODEL_VERSION_HEADER = "served-model-version"
 class ApiError(RuntimeError):
     """The API could not answer: `status` is the HTTP status (None when it was never reached)."""
 
-    def __init__(self, message: str, status: int | None = None, error_code: str | None = None):
+    def __init__(self, message: str, status: int | None = None, error_code: str | None = None, detail: str = ""):
         super().__init__(message)
-        self.message, self.status, self.error_code = message, status, error_code
+        self.message, self.status, self.error_code, self.detail = message, status, error_code, detail
 
 
 @dataclass
@@ -58,7 +58,7 @@ def _explain(response: httpx.Response, url: str) -> ApiError:
         message = f"The API could not use this request ({code or status}): {detail}"
     else:
         message = f"The API failed ({status} {code or ''}): {detail}".replace("  ", " ")
-    return ApiError(message, status, code)
+    return ApiError(message, status, code, detail)
 
 
 class ApiClient:
@@ -83,10 +83,16 @@ class ApiClient:
         """Date one coin from its two photos (raw file bytes), sent as base64 JSON exactly as the API schema says."""
         body: dict = {"inputs": [{"front_image_base64": base64.b64encode(front).decode("ascii"),
                                   "back_image_base64": base64.b64encode(back).decode("ascii")}]}
-        if interval:
-            body["params"] = {"interval": interval}
+        path = f"/serving-endpoints/{model_name}/invocations"
         started = time.perf_counter()
-        response = self._send("POST", f"/serving-endpoints/{model_name}/invocations", json=body)
+        try:
+            response = self._send("POST", path, json={**body, "params": {"interval": interval}} if interval else body)
+        except ApiError as error:
+            # a model version without intervals refuses the parameter: the year alone is still worth showing
+            if not (interval and error.status == 400 and "interval" in error.detail):
+                raise
+            started = time.perf_counter()
+            response = self._send("POST", path, json=body)
         latency_ms = (time.perf_counter() - started) * 1000
         try:
             answer = response.json()["predictions"][0]

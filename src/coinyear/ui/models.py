@@ -10,6 +10,10 @@ from coinyear import registry
 from coinyear.lake import MODEL_DECISIONS, Lake
 from coinyear.ui.shared import settings
 
+# the columns of `model_decisions` a person reads first (the rest, JSON metrics and counts, stays in the table)
+DECISION_COLUMNS = ["decided_at", "decision", "reason", "candidate_version", "production_before", "production_after",
+                    "candidate_mae", "production_mae", "new_feedback_rows", "training_data_version"]
+
 
 def versions_table(versions: list[registry.VersionInfo]) -> pd.DataFrame:
     return pd.DataFrame([{
@@ -42,10 +46,13 @@ def show_decisions() -> None:
     if decisions.empty:
         st.info("No retraining decisions yet: `coinyear retrain` records each promotion or rejection here.")
         return
-    newest_first = next((c for c in ("timestamp", "decided_at", "date") if c in decisions.columns), None)
-    if newest_first:
-        decisions = decisions.sort_values(newest_first, ascending=False)
-    st.dataframe(decisions, hide_index=True)
+    if "decided_at" in decisions.columns:
+        decisions = decisions.sort_values("decided_at", ascending=False)
+    shown = [c for c in DECISION_COLUMNS if c in decisions.columns]
+    st.dataframe(decisions, hide_index=True, column_order=shown or None, column_config={
+        "candidate_mae": st.column_config.NumberColumn("candidate MAE", format="%.2f"),
+        "production_mae": st.column_config.NumberColumn("production MAE", format="%.2f"),
+    })
 
 
 def ask(action: dict) -> None:

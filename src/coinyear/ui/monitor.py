@@ -106,7 +106,10 @@ def show_drift(monitoring: pd.DataFrame) -> None:
     if monitoring.empty or not drift_columns or "date" not in monitoring.columns:
         st.info("No drift indicators yet: `coinyear monitor` (or the scheduler) computes them from the log.")
         return
-    psi = monitoring.assign(date=monitoring["date"].astype(str).str[:10]).groupby("date")[drift_columns].max()
+    monitoring = monitoring.assign(date=monitoring["date"].astype(str).str[:10])
+    if {"computed_at", "model_version"} <= set(monitoring.columns):  # each run appends: keep the latest one
+        monitoring = monitoring.sort_values("computed_at").drop_duplicates(["date", "model_version"], keep="last")
+    psi = monitoring.groupby("date")[drift_columns].max()
     st.caption(f"Population stability index against the training data, per day (worst model version). "
                f"Above {PSI_ALERT} the inputs or predictions have shifted.")
     st.altair_chart(daily_chart(psi, drift_columns, "PSI"), width="stretch")
