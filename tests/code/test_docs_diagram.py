@@ -67,3 +67,13 @@ def test_every_stage_module_is_drawn():
     stages = {path.stem for path in PACKAGE.glob("*.py")} | {path.parent.name for path in PACKAGE.glob("*/*.py")}
     missing = sorted(stages - drawn - NOT_A_COMPONENT)
     assert not missing, f"modules not in docs/architecture.dot (add them to a component, then `make docs`): {missing}"
+
+
+def test_lake_node_names_every_delta_table():
+    from coinyear import lake
+
+    tables = {value for name, value in vars(lake).items() if name.isupper() and isinstance(value, str)
+              and value == name.lower()}
+    label = re.search(r'^\s*lake\s*\[label="([^"]+)"', (DOCS / "architecture.dot").read_text(), flags=re.M).group(1)
+    missing = sorted(table for table in tables if table not in label)
+    assert tables and not missing, f"Delta tables missing from the diagram's lake: {missing}"
