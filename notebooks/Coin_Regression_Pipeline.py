@@ -368,6 +368,7 @@ if "interval" in param_names:
 # `production` version registered above.
 
 # %%
+import atexit  # noqa: E402
 import socket  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -382,6 +383,7 @@ server_log = open(HOME / "serve.log", "w")
 server = subprocess.Popen([sys.executable, "-m", "coinyear.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
                           env={**os.environ, "COINYEAR_API_TOKENS": TOKEN},
                           stdout=server_log, stderr=subprocess.STDOUT)
+atexit.register(server.kill)  # never leave the server behind, even if a later cell fails
 api = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
 deadline = time.time() + 180
 while time.time() < deadline:
