@@ -154,7 +154,9 @@ def test_predict_correct_monitor_models_in_a_real_browser(stack, browser, ocre_d
     page.get_by_role("button", name="Predict").click()
     shown = page.get_by_test_id("stMetricValue").inner_text(timeout=60_000).strip()
     assert re.fullmatch(r"AD \d+|\d+ BC", shown), shown
-    request_id = re.search(r"Request id ([0-9a-f-]{32,36})\b", page.get_by_test_id("stMainBlockContainer").inner_text())
+    text = page.get_by_test_id("stMainBlockContainer").inner_text()
+    assert re.search(r"90% interval: (AD \d+|\d+ BC) – (AD \d+|\d+ BC)", text), text
+    request_id = re.search(r"Request id ([0-9a-f-]{32,36})\b", text)
     assert request_id, "no request id on the page"
     request_id = request_id.group(1)
 
