@@ -54,6 +54,7 @@ import threading
 import time
 import uuid
 import zlib
+from concurrent.futures import Future
 from pathlib import Path
 
 import pandas as pd
@@ -214,8 +215,9 @@ def _fsync_dir(path: Path) -> None:
 class SpooledAppender:
     """Durable, batched appends to one Delta table: the table's single writer.
 
-    `write(records)` returns once the records are fsync'ed in a local spool segment (concurrent callers share
-    one fsync: group commit), so whatever a caller acknowledged after `write` survives `kill -9`. One committer
+    `write(records)` returns once the records are fsync'ed in a local spool segment, so whatever a caller
+    acknowledged after `write` survives `kill -9`; `submit(records)` is the same as a future (for event loops).
+    One syncer thread writes everything queued since its last fsync with one write + fsync (group commit). One committer
     thread seals the current segment every `flush_seconds`, appends the sealed segments to Delta in one commit
     and then deletes them; a failed commit is retried with backoff and nothing is dropped.
 
@@ -239,12 +241,12 @@ class SpooledAppender:
         self.backlog = 0  # records spooled, not yet in Delta
         self.committed_rows = 0
         self.last_error: str | None = None
-        self._lock = threading.Lock()  # guards the pending buffer and counters
-        self._file_lock = threading.Lock()  # one thread writes + fsyncs the segment at a time
-        self._pending: list[bytes] = []
-        self._pending_rows = 0
-        self._next_ticket = 1
-        self._durable_ticket = 0
+        self._lock = threading.Lock()  # guards the pending queue and counters
+        self._file_lock = threading.Lock()  # the syncer's writes vs the committer's sealing
+        self._pending: list[tuple[bytes, int, Future]] = []
+        self._has_pending = threading.Condition(self._lock)
+        self._closing = False
+        self._syncer: threading.Thread | None = None
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -308,12 +310,19 @@ class SpooledAppender:
         segments = self._segments()
         self.backlog = sum(len(read_segment(path)) for _, path in segments)
         self._open_segment(self._next_seq())
+        self._syncer = threading.Thread(target=self._sync, name=f"spool-sync-{self.table}", daemon=True)
+        self._syncer.start()
         self._thread = threading.Thread(target=self._run, name=f"lake-committer-{self.table}", daemon=True)
         self._thread.start()
         return self
 
     def close(self, timeout: float = 30.0) -> bool:
         """Commit everything spooled (waiting up to `timeout`) and stop; True when nothing is left behind."""
+        with self._has_pending:
+            self._closing = True
+            self._has_pending.notify()
+        if self._syncer is not None:
+            self._syncer.join(timeout=timeout)
         done = self.flush(timeout)
         self._stop.set()
         self._wake.set()
@@ -342,31 +351,53 @@ class SpooledAppender:
         return self.backlog == 0
 
     # ------------------------------------------------------------------------------------------ write
+    def submit(self, records: list[dict]) -> Future:
+        """Queue records for the spool; the future completes once they are fsync'ed (or fails)."""
+        future: Future = Future()
+        if not records:
+            future.set_result(None)
+            return future
+        frame = _frame(records)
+        with self._has_pending:
+            if self._file is None:
+                raise RuntimeError(f"spool for {self.table} is not open")
+            self._pending.append((frame, len(records), future))
+            self._has_pending.notify()
+        return future
+
     def write(self, records: list[dict]) -> None:
         """Append records to the spool; returns when they are on disk (fsync'ed)."""
-        if not records:
-            return
-        frame = _frame(records)
-        with self._lock:
-            self._pending.append(frame)
-            self._pending_rows += len(records)
-            ticket = self._next_ticket
-            self._next_ticket += 1
-        with self._file_lock:
-            if self._durable_ticket >= ticket:  # another caller's fsync already covered this write
-                return
-            with self._lock:
-                frames, rows, last = self._pending, self._pending_rows, self._next_ticket - 1
-                self._pending, self._pending_rows = [], 0
-            if self._file is None:
-                raise RuntimeError(f"spool for {self.table} is closed")
-            self._file.write(b"".join(frames))
-            self._file.flush()
-            os.fsync(self._file.fileno())
-            self._segment_rows += rows
-            self._durable_ticket = last
-            with self._lock:
-                self.backlog += rows
+        self.submit(records).result()
+
+    def _sync(self) -> None:
+        """The syncer thread: everything queued since the last fsync goes to disk in one write + fsync."""
+        while True:
+            with self._has_pending:
+                while not self._pending and not self._closing:
+                    self._has_pending.wait()
+                if not self._pending:
+                    return
+                batch, self._pending = self._pending, []
+            rows = sum(count for _, count, _ in batch)
+            try:
+                with self._file_lock:
+                    good = self._file.tell()
+                    try:
+                        self._file.write(b"".join(frame for frame, _, _ in batch))
+                        self._file.flush()
+                        os.fsync(self._file.fileno())
+                    except OSError:
+                        self._file.truncate(good)  # no torn frame may hide the records written after it
+                        raise
+                    self._segment_rows += rows
+                with self._lock:
+                    self.backlog += rows
+            except Exception as error:
+                for _, _, future in batch:
+                    future.set_exception(error)
+                continue
+            for _, _, future in batch:
+                future.set_result(None)
 
     # ----------------------------------------------------------------------------------------- commit
     def _run(self) -> None:

@@ -179,7 +179,7 @@ class Gateway:
         elapsed = time.perf_counter() - outcome.started
         if self.log_writer is not None:
             try:
-                await asyncio.to_thread(self.log_writer.write, self._log_rows(outcome, request, elapsed))
+                await asyncio.wrap_future(self.log_writer.submit(self._log_rows(outcome, request, elapsed)))
             except Exception as error:  # not durably logged means not answered: the client retries
                 log.exception("inference log spool write failed")
                 outcome.error = ApiError(503, TEMPORARILY_UNAVAILABLE, f"inference log unavailable ({error})")
@@ -199,10 +199,7 @@ class Gateway:
         outcome.model = model = self.models.current  # this request finishes on this model, even across a swap
         self.batcher.preparing += 1
         try:
-            outcome.parsed = await asyncio.to_thread(parse_body, body, self.settings.max_rows)
-            outcome.rows = await asyncio.to_thread(prepare_rows, outcome.parsed.rows,
-                                                   model.image_size if model else None,
-                                                   model.grayscale if model else False)
+            await asyncio.to_thread(self._decode, body, model, outcome)
         finally:
             self.batcher.preparing -= 1
         first_error = next((row.error for row in outcome.rows if row.error), None)
@@ -217,6 +214,12 @@ class Gateway:
         else:
             outcome.years = await self.batcher.submit(model, fronts, backs)
             outcome.answers = [float(year) for year in outcome.years]
+
+    def _decode(self, body: bytes, model: ServedModel | None, outcome: Outcome) -> None:
+        """JSON, base64 and photo decoding, off the event loop (one thread hop per request)."""
+        outcome.parsed = parse_body(body, self.settings.max_rows)
+        outcome.rows = prepare_rows(outcome.parsed.rows, model.image_size if model else None,
+                                    model.grayscale if model else False)
 
     async def _intervals(self, model: ServedModel, fronts, backs, level: float) -> list[dict]:
         """Year, conformal range and out-of-distribution flag per row (not micro-batched: a rarer, richer call)."""
@@ -304,7 +307,7 @@ class Gateway:
             raise ApiError(404, RESOURCE_DOES_NOT_EXIST, f"no logged request with id {feedback.request_id!r}")
         record = {"request_id": feedback.request_id, "year_from": year_from, "year_to": year_to,
                   "timestamp": datetime.now(UTC), "source": feedback.source, "note": feedback.note}
-        await asyncio.to_thread(self.feedback_writer.write, [record])
+        await asyncio.wrap_future(self.feedback_writer.submit([record]))
         return {"request_id": feedback.request_id, "year_from": year_from, "year_to": year_to, "recorded": True}
 
     # -------------------------------------------------------------------------------------------- ops

@@ -1,0 +1,378 @@
+"""Serving benchmark: the coinyear gateway against `mlflow models serve` on the same registered model.
+
+For each backbone, a model is trained for one epoch on a small slice of the reference data, registered and
+promoted to production in a benchmark home (reused on later runs). Then, on the same machine in the same run:
+
+  * our gateway (`coinyear serve`) with the Delta inference log on, and with it off;
+  * `mlflow models serve -m models:/coinyear@production --env-manager local` (MLflow's scoring server);
+
+all three run at once and get closed-loop clients (1, 4, 16 at a time; every client sends its next request when
+its last one is answered) posting the same real coin photo pair as `{"inputs": [...]}`, in interleaved rounds.
+Reported: requests/s, p50 and p99 latency, errors. Next to them the compute bound: the model's FLOPs per request (one coin = two
+photos, counted with torch's FlopCounterMode) against this machine's measured float32 matmul GFLOP/s.
+
+    python benchmarks/serve_bench.py                      # both backbones, 1/4/16 clients, 3 rounds x 4 s
+    python benchmarks/serve_bench.py --seconds 3 --backbones mobilenet_v3_small
+
+Writes benchmarks/results/serve_bench.{json,md,png}. Numbers depend on the machine: compare only rows of one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import http.client
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TOKEN = "bench-token"
+
+
+# ------------------------------------------------------------------------------------------------ model
+def prepare_model(home: Path, backbone: str, image_size: int, limit: int, data_dir: Path) -> str:
+    """A production model of this backbone in `home` (trained once, reused afterwards); its version."""
+    from coinyear import registry
+    from coinyear.config import Settings
+    from coinyear.model import ModelConfig
+    from coinyear.train import TrainConfig, run_training
+
+    settings = Settings(home=home, data_dir=data_dir, tracking_uri=f"sqlite:///{home / 'mlflow.db'}",
+                        registry_uri=f"sqlite:///{home / 'mlflow.db'}")
+    version = registry.version_by_alias(settings, registry.PRODUCTION) if (home / "mlflow.db").exists() else None
+    if version:
+        return version
+    print(f"training {backbone} for 1 epoch on {limit} coins (once; reused by later runs)", flush=True)
+    config = TrainConfig(model=ModelConfig(backbone=backbone, image_size=image_size), epochs=1, limit=limit,
+                         batch_size=16, seed=1)
+    outcome = run_training(settings, config)
+    registry.promote(settings, outcome.version, registry.PRODUCTION)
+    return outcome.version
+
+
+def flops_per_request(home: Path) -> float:
+    """FLOPs of one forward pass for one coin (front + back) of the production model."""
+    import mlflow
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mlflow.set_tracking_uri(f"sqlite:///{home / 'mlflow.db'}")
+    mlflow.set_registry_uri(f"sqlite:///{home / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model("models:/coinyear@production").unwrap_python_model()
+    channels = 1 if model.grayscale else 3
+    fronts = backs = torch.rand(1, channels, model.size, model.size)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model.model(fronts, backs)
+    return float(counter.get_total_flops())
+
+
+def matmul_gflops(seconds: float = 2.0, n: int = 1024) -> float:
+    """Sustained float32 matrix-multiply GFLOP/s on this machine with torch's default threads."""
+    import torch
+
+    a, b = torch.rand(n, n), torch.rand(n, n)
+    for _ in range(3):
+        a @ b
+    count, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        a @ b
+        count += 1
+    return 2 * n ** 3 * count / (time.perf_counter() - started) / 1e9
+
+
+# ---------------------------------------------------------------------------------------------- servers
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Process:
+    def __init__(self, name: str, command: list[str], env: dict, ready_url: str, log_path: Path):
+        self.name, self.ready_url = name, ready_url
+        self.log = open(log_path, "wb")
+        self.process = subprocess.Popen(command, env=env, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+
+    def wait_ready(self, timeout: float = 180) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}; see {self.log.name}")
+            try:
+                if requests.get(self.ready_url, timeout=2).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"{self.name} not ready after {timeout}s; see {self.log.name}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)  # its own session: uvicorn workers go too
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.log.close()
+
+
+def start_ours(home: Path, logging_on: bool, out: Path) -> tuple[Process, str, dict]:
+    port = free_port()
+    # each gateway needs its own COINYEAR_HOME (one spool writer per folder); both read the same registry
+    own_home = home if logging_on else home / "log-off"
+    env = {**os.environ, "COINYEAR_HOME": str(own_home), "COINYEAR_API_TOKENS": TOKEN,
+           "COINYEAR_INFERENCE_LOG": str(logging_on).lower(),
+           "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
+           "MLFLOW_REGISTRY_URI": f"sqlite:///{home / 'mlflow.db'}"}
+    env.pop("COINYEAR_LAKE_URI", None)
+    name = f"coinyear-log-{'on' if logging_on else 'off'}"
+    process = Process(name, [str(BIN / "coinyear"), "serve", "--port", str(port)], env,
+                      f"http://127.0.0.1:{port}/ready", out / f"{home.name}-{name}.log")
+    return process, f"http://127.0.0.1:{port}/serving-endpoints/coinyear/invocations", \
+        {"Authorization": f"Bearer {TOKEN}"}
+
+
+def start_mlflow(home: Path, out: Path) -> tuple[Process, str, dict]:
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
+           "MLFLOW_REGISTRY_URI": f"sqlite:///{home / 'mlflow.db'}",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # it runs `uvicorn` from PATH
+    process = Process("mlflow-models-serve",
+                      [str(BIN / "mlflow"), "models", "serve", "-m", "models:/coinyear@production",
+                       "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+                      env, f"http://127.0.0.1:{port}/ping", out / f"{home.name}-mlflow.log")
+    return process, f"http://127.0.0.1:{port}/invocations", {}
+
+
+# ------------------------------------------------------------------------------------------------- load
+def run_load(url: str, body: bytes, headers: dict, clients: int, seconds: float, warmup: float = 1.0) -> dict:
+    """Closed loop: `clients` threads, each posting the next request as soon as the last is answered.
+
+    A bare keep-alive http.client connection per client keeps the load generator's own CPU use small (it shares
+    the machine with the server).
+    """
+    target = urlsplit(url)
+    headers = {**headers, "Content-Type": "application/json"}
+    latencies: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+    start_at = time.perf_counter() + 0.2
+    measure_from, stop_at = start_at + warmup, start_at + warmup + seconds
+
+    def post(connection: http.client.HTTPConnection) -> bool:
+        connection.request("POST", target.path, body=body, headers=headers)
+        response = connection.getresponse()
+        response.read()
+        return response.status == 200
+
+    def client():
+        connection = http.client.HTTPConnection(target.hostname, target.port, timeout=120)
+        while time.perf_counter() < start_at:
+            time.sleep(0.001)
+        while (now := time.perf_counter()) < stop_at:
+            try:
+                ok = post(connection)
+            except (OSError, http.client.HTTPException):
+                ok = False
+                connection.close()
+                connection = http.client.HTTPConnection(target.hostname, target.port, timeout=120)
+            done = time.perf_counter()
+            if now >= measure_from:
+                with lock:
+                    if ok:
+                        latencies.append(done - now)
+                    else:
+                        errors[0] += 1
+        connection.close()
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return {"clients": clients, "seconds": seconds, "errors": errors[0], "latencies": latencies}
+
+
+def aggregate(server: str, clients: int, runs: list[dict]) -> dict:
+    """Pool the rounds of one (server, clients) point: throughput over all measured time, pooled latencies."""
+    ordered = sorted(latency for run in runs for latency in run["latencies"])
+    seconds = sum(run["seconds"] for run in runs)
+
+    def pct(p: float) -> float:
+        return 1000 * ordered[min(len(ordered) - 1, int(p * len(ordered)))] if ordered else float("nan")
+
+    return {"server": server, "clients": clients, "requests": len(ordered),
+            "errors": sum(run["errors"] for run in runs), "rps": len(ordered) / seconds,
+            "rps_rounds": [len(run["latencies"]) / run["seconds"] for run in runs],
+            "p50_ms": pct(0.50), "p99_ms": pct(0.99),
+            "mean_ms": 1000 * statistics.fmean(ordered) if ordered else float("nan")}
+
+
+def bench_servers(starts, body: bytes, clients: list[int], seconds: float, rounds: int) -> list[dict]:
+    """All servers up at once; rounds interleave them point by point, so drifting background load on a shared
+    machine hits every server alike instead of whichever happened to run during a busy minute."""
+    servers = [start() for start in starts]
+    try:
+        for process, url, headers in servers:
+            process.wait_ready()
+            run_load(url, body, headers, 4, 2.0, warmup=0.5)  # warm caches, allocator, connection handling
+        runs: dict[tuple[str, int], list[dict]] = {}
+        for round_index in range(rounds):
+            for count in clients:
+                for process, url, headers in servers:
+                    runs.setdefault((process.name, count), []).append(run_load(url, body, headers, count, seconds))
+            print(f"  round {round_index + 1}/{rounds} done", flush=True)
+        results = []
+        for (name, count), point in runs.items():
+            result = aggregate(name, count, point)
+            print(f"  {name:<22} {count:>2} clients: {result['rps']:7.1f} req/s  p50 {result['p50_ms']:7.1f} ms  "
+                  f"p99 {result['p99_ms']:7.1f} ms  errors {result['errors']}", flush=True)
+            results.append(result)
+        return results
+    finally:
+        for process, _, _ in servers:
+            process.stop()
+
+
+# ----------------------------------------------------------------------------------------------- report
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores (torch threads {m['torch_threads']}), "
+             f"torch {m['torch']}, Python {m['python']}; measured matmul {report['matmul_gflops']:.1f} GFLOP/s "
+             f"(float32, 1024x1024). {report['rounds']} interleaved rounds x {report['seconds']:.0f} s per point, "
+             f"closed-loop clients on the same machine, one real coin pair ({report['body_bytes'] // 1024} KiB JSON) "
+             f"per request. Load average at start: {report['loadavg']}.", "",
+             "| model | server | clients | req/s | p50 ms | p99 ms | errors |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for model in report["models"]:
+        for row in model["results"]:
+            lines.append(f"| {model['backbone']} | {row['server']} | {row['clients']} | {row['rps']:.1f} | "
+                         f"{row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {row['errors']} |")
+    lines += ["", "| model | GFLOP/request | compute bound req/s | ours/mlflow @16 | p99 ours vs mlflow @16 "
+                  "| logging cost @16 |", "|---|---:|---:|---:|---:|---:|"]
+    for model in report["models"]:
+        s = model["summary"]
+        lines.append(f"| {model['backbone']} | {model['gflop_per_request']:.3f} | {s['compute_bound_rps']:.0f} | "
+                     f"{s['speedup_16']:.2f}x | {s['p99_ours_16']:.0f} vs {s['p99_mlflow_16']:.0f} ms | "
+                     f"{100 * s['logging_cost_16']:.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def summarise(results: list[dict], gflop: float, matmul: float) -> dict:
+    at16 = {row["server"]: row for row in results if row["clients"] == max(r["clients"] for r in results)}
+    ours, off, theirs = at16["coinyear-log-on"], at16["coinyear-log-off"], at16["mlflow-models-serve"]
+    return {"compute_bound_rps": matmul / gflop, "speedup_16": ours["rps"] / theirs["rps"],
+            "p99_ours_16": ours["p99_ms"], "p99_mlflow_16": theirs["p99_ms"],
+            "logging_cost_16": 1 - ours["rps"] / off["rps"]}
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = report["models"]
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        servers = list(dict.fromkeys(row["server"] for row in model["results"]))
+        clients = sorted({row["clients"] for row in model["results"]})
+        width = 0.8 / len(servers)
+        for i, server in enumerate(servers):
+            values = [next(r["rps"] for r in model["results"] if r["server"] == server and r["clients"] == c)
+                      for c in clients]
+            ax.bar([x + i * width for x in range(len(clients))], values, width, label=server)
+        ax.axhline(model["summary"]["compute_bound_rps"], color="gray", linestyle="--", label="compute bound")
+        ax.set_xticks([x + width * (len(servers) - 1) / 2 for x in range(len(clients))], [str(c) for c in clients])
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel("requests / s")
+        ax.set_yscale("log")
+        ax.set_title(model["backbone"])
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbones", nargs="+", default=["mobilenet_v3_small", "resnet18"])
+    parser.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16])
+    parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per point and round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all servers")
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--limit", type=int, default=96, help="coins to train the 1-epoch model on")
+    parser.add_argument("--home", type=Path, default=REPO / ".coinyear" / "bench", help="benchmark state")
+    parser.add_argument("--data", type=Path, default=Path(os.environ.get("COINYEAR_DATA_DIR",
+                                                                          REPO.parent / "shared" / "data" / "ocre")))
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    import pandas as pd
+
+    manifest = pd.read_csv(args.data / "manifest.csv")
+    first = manifest.iloc[0]
+    pair = {"front_image_base64": base64.b64encode((args.data / first["obverse"]).read_bytes()).decode(),
+            "back_image_base64": base64.b64encode((args.data / first["reverse"]).read_bytes()).decode()}
+    body = json.dumps({"inputs": [pair]}).encode()
+
+    matmul = matmul_gflops()
+    print(f"matmul: {matmul:.1f} GFLOP/s float32; request body {len(body) / 1024:.0f} KiB", flush=True)
+    report = {"machine": machine(), "matmul_gflops": matmul, "seconds": args.seconds, "rounds": args.rounds,
+              "loadavg": " ".join(f"{x:.1f}" for x in os.getloadavg()), "clients": args.clients,
+              "body_bytes": len(body), "models": []}
+    for backbone in args.backbones:
+        home = (args.home / backbone).resolve()
+        version = prepare_model(home, backbone, args.image_size, args.limit, args.data)
+        gflop = flops_per_request(home) / 1e9
+        print(f"{backbone} (version {version}): {gflop:.3f} GFLOP per request -> compute bound "
+              f"{matmul / gflop:.0f} req/s", flush=True)
+        for state in ("lake", "spool", "log-off"):
+            shutil.rmtree(home / state, ignore_errors=True)
+        starts = (lambda: start_ours(home, True, args.out), lambda: start_ours(home, False, args.out),
+                  lambda: start_mlflow(home, args.out))
+        results = bench_servers(starts, body, args.clients, args.seconds, args.rounds)
+        report["models"].append({"backbone": backbone, "version": version, "gflop_per_request": gflop,
+                                 "results": results, "summary": summarise(results, gflop, matmul)})
+    (args.out / "serve_bench.json").write_text(json.dumps(report, indent=2))
+    table = markdown(report)
+    (args.out / "serve_bench.md").write_text(table)
+    plot(report, args.out / "serve_bench.png")
+    print()
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
