@@ -126,6 +126,12 @@ def poll(check, seconds: float = 30):
         time.sleep(0.3)
 
 
+def rows_of(lake: Lake, table: str, request_id: str) -> pd.DataFrame | None:
+    """The table's rows for one request id; None while there are none (the gateway commits in batches)."""
+    rows = lake.read(table, filters=[("request_id", "=", request_id)])
+    return rows if len(rows) else None
+
+
 def screenshot(page, name: str) -> None:
     """The whole page: Streamlit scrolls inside its main block, so grow the window to the content first."""
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
@@ -138,7 +144,7 @@ def screenshot(page, name: str) -> None:
     page.set_viewport_size({"width": 1400, "height": 1000})
 
 
-def test_predict_correct_monitor_models_in_a_real_browser(stack, browser, ocre_dir):
+def test_predict_correct_monitor_models_in_a_real_browser(browser, stack, ocre_dir):  # no browser: skip first
     settings, api_url, ui_url = stack
     lake = Lake(settings)
     coin = coins(ocre_dir, 1).iloc[0]
@@ -160,9 +166,7 @@ def test_predict_correct_monitor_models_in_a_real_browser(stack, browser, ocre_d
     assert request_id, "no request id on the page"
     request_id = request_id.group(1)
 
-    logged = poll(lambda: (lambda rows: rows if len(rows) else None)(
-        lake.read(INFERENCE_LOG, columns=["request_id", "prediction", "model_version"],
-                  filters=[("request_id", "=", request_id)])))
+    logged = poll(lambda: rows_of(lake, INFERENCE_LOG, request_id))
     assert logged is not None, f"request {request_id} never reached the inference log"
     assert year_label(logged["prediction"].iloc[0]) == shown  # the page shows what the model answered
     screenshot(page, "predict.png")
@@ -171,8 +175,7 @@ def test_predict_correct_monitor_models_in_a_real_browser(stack, browser, ocre_d
     page.get_by_label("Last year of the range (optional)").fill("AD 75")
     page.get_by_role("button", name="Submit correction").click()
     page.get_by_text(f"recorded for request {request_id}").wait_for()
-    feedback = poll(lambda: (lambda rows: rows if len(rows) else None)(
-        lake.read(FEEDBACK, filters=[("request_id", "=", request_id)])))
+    feedback = poll(lambda: rows_of(lake, FEEDBACK, request_id))
     assert feedback is not None, "the correction is not in the feedback table"
     assert (feedback["year_from"].iloc[0], feedback["year_to"].iloc[0], feedback["source"].iloc[0]) == (70, 75, "ui")
     screenshot(page, "correct.png")
