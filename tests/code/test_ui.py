@@ -194,6 +194,14 @@ def test_an_example_coin_from_the_reference_data_can_be_dated_without_photos(api
     assert at.metric[0].value == "AD 101"
 
 
+def test_without_the_reference_data_the_examples_say_where_they_looked(api, monkeypatch, tmp_path):
+    monkeypatch.setenv("COINYEAR_DATA_DIR", str(tmp_path / "nowhere"))
+    get_settings.cache_clear()
+    at = app()
+    assert f"reference dataset was not found at `{tmp_path / 'nowhere'}`" in texts(at.info)
+    assert not at.selectbox
+
+
 @pytest.mark.parametrize("status, body, expected", [
     (400, {"error_code": "INVALID_PARAMETER_VALUE", "message": "row 0: front image: not an image"},
      "could not use this request (INVALID_PARAMETER_VALUE): row 0: front image: not an image"),
