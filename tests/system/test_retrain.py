@@ -26,7 +26,7 @@ def small_settings(home, **overrides):
     """The tests' recipe (seconds on 2 cores) and a base set of 80 coins."""
     return make_settings(home, **{"backbone": "mobilenet_v3_small", "image_size": 64, "proj_dim": 32, "epochs": 1,
                                   "batch_size": 16, "seed": 1, "retrain_base_limit": BASE_LIMIT,
-                                  "retrain_decade_min_coins": 5,
+                                  "retrain_decade_min_coins": 5, "retrain_holdout_fraction": 0.3,
                                   # a shared 2-core CI machine can be slow; the latency gate has its own case
                                   "retrain_latency_budget_ms": 60_000, **overrides})
 

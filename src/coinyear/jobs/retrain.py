@@ -194,7 +194,8 @@ class Retraining:
                 mlflow.log_metrics({"ingested_rows": result.ingested_rows})
                 mlflow.log_param("training_data_version", result.training_data_version)
                 train_rows, eval_rows = dataset(self.lake, self.settings, result.training_data_version)
-                mlflow.log_metrics({"train_rows": len(train_rows.rows), "eval_rows": len(eval_rows.rows)})
+                mlflow.log_metrics({"train_rows": len(train_rows.rows), "eval_rows": len(eval_rows.rows),
+                                    "unusable_rows": len(train_rows.dropped) + len(eval_rows.dropped)})
             self.train_validate_decide(result, train_rows, eval_rows, feedback_version)
             status = "FINISHED"
             return result
@@ -240,6 +241,8 @@ class Retraining:
         from mlflow.models.evaluation.validation import ModelValidationFailedException
 
         settings, rows = self.settings, eval_rows.rows
+        if len(rows) == 0:
+            return REJECTED, "no usable evaluation rows: the candidate cannot be judged"
         frame = encoded_frame(rows)
         truth = pd.DataFrame({"year": rows["year"].to_numpy(float), "year_from": rows["year_from"].to_numpy(float),
                               "year_to": rows["year_to"].to_numpy(float), "source": rows["source"].to_numpy()})
@@ -355,7 +358,9 @@ def base_candidates(settings: Settings) -> pd.DataFrame:
         "coin_id": "base:" + rows["coin_id"].astype(str), "source": BASE,
         "front": [Path(p).read_bytes() for p in rows["obverse_path"]],
         "back": [Path(p).read_bytes() for p in rows["reverse_path"]],
-        "obverse": rows["obverse_path"], "reverse": rows["reverse_path"],
+        # absolute, so the rows stay valid whatever the working directory of a later run
+        "obverse": [str(Path(p).resolve()) for p in rows["obverse_path"]],
+        "reverse": [str(Path(p).resolve()) for p in rows["reverse_path"]],
         "year_from": rows["year_from"], "year_to": rows["year_to"],
         **{c: rows[c].fillna("").astype(str) if c in rows else "" for c in ("date_text", "denomination", "mint")},
         "request_id": None, "feedback_timestamp": None, "group": rows["group"], "problem": None,
