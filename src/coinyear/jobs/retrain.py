@@ -130,17 +130,26 @@ def run_retrain(settings: Settings, dry_run: bool = False, force: bool = False) 
 
 @contextlib.contextmanager
 def retrain_lock(settings: Settings):
-    """One retraining at a time per COINYEAR_HOME (the scheduler and a manual run share it)."""
+    """One retraining at a time per COINYEAR_HOME (the scheduler and a manual run share it).
+
+    A file system without locks (a Databricks volume) leaves it to the platform: the Job allows one run at a
+    time (`max_concurrent_runs: 1` in deploy/databricks/databricks.yml).
+    """
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     with open(settings.state_dir / "retrain.lock", "a+") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
         except BlockingIOError as error:
             raise RetrainBusy(f"another retraining run holds {handle.name}") from error
+        except OSError as error:
+            log.warning("no file lock on %s (%s): relying on the scheduler for one run at a time", handle.name, error)
+            locked = False
         try:
             yield
         finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            if locked:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class Retraining:
