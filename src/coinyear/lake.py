@@ -254,6 +254,7 @@ class SpooledAppender:
         self._segment_seq = 0
         self._segment_rows = 0
         self._lock_file = None
+        self._committed: int | None = None  # last segment known committed (the committer is the only writer)
 
     # ---------------------------------------------------------------------------------------- segments
     def _segments(self) -> list[tuple[int, Path]]:
@@ -410,6 +411,7 @@ class SpooledAppender:
                 self._commit_sealed()
                 backoff, self.last_error = 0.0, None
             except Exception as error:  # the lake may be briefly unavailable: keep the spool, retry later
+                self._committed = None  # the failed commit may have landed: read the markers again
                 self.last_error = f"{type(error).__name__}: {error}"
                 backoff = min(max(backoff * 2, 0.5), 30.0)
                 log.warning("commit to %s failed (retrying in %.1fs): %s", self.table, backoff, self.last_error)
@@ -418,7 +420,9 @@ class SpooledAppender:
         sealed = [(seq, path) for seq, path in self._segments() if seq != self._segment_seq]
         if not sealed:
             return
-        committed = self.lake.committed_version(self.table, self.app_id) or 0
+        if self._committed is None:  # at start, and after a failure whose outcome is unknown
+            self._committed = self.lake.committed_version(self.table, self.app_id) or 0
+        committed = self._committed
         while sealed:
             batch, parts, rows = [], [], 0
             while sealed and rows < self.max_commit_rows:
@@ -445,7 +449,7 @@ class SpooledAppender:
             last_seq = batch[-1][0]
             self.lake.append(self.table, pa.concat_tables(parts, promote_options="default"), transaction=(self.app_id, last_seq),
                              metadata={"spool_segments": f"{batch[0][0]}-{last_seq}", "spool_id": self.app_id})
-            committed = last_seq
+            committed = self._committed = last_seq
             for _, path, count in batch:
                 self._forget(path, count)
                 self.committed_rows += count
