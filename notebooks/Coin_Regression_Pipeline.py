@@ -22,7 +22,8 @@
 # coins, then the final fit on those 800 — run with `make notebook` on a 2-core CPU shared with other work. It is
 # a walk through the pipeline, not the quality benchmark: the README's model-quality table comes from 5-fold
 # runs on all coins (`benchmarks/quality.py`). All state (MLflow store, registry, Delta tables, image cache)
-# goes to a temporary `COINYEAR_HOME`, so running the notebook leaves nothing behind.
+# goes to a temporary `COINYEAR_HOME` (printed below: browse it with `mlflow ui`, delete it when done), never
+# into the repository.
 
 # %%
 import os

@@ -7,6 +7,7 @@ notebook has exactly these cells.
 
     python notebooks/build_notebook.py             # cells only, no outputs
     python notebooks/build_notebook.py --execute   # run it (full settings) and keep the outputs
+    python notebooks/build_notebook.py --text-only # take only markdown edits, keeping the existing outputs
     COINYEAR_NOTEBOOK_SMALL=1 python notebooks/build_notebook.py --execute --out /tmp/nb.ipynb
 """
 
@@ -57,6 +58,16 @@ def build(source: Path = SOURCE) -> nbformat.NotebookNode:
     return notebook
 
 
+def refresh_text(built: nbformat.NotebookNode, existing: nbformat.NotebookNode) -> nbformat.NotebookNode:
+    """The existing notebook (with its outputs) with the built one's markdown; the code must be unchanged."""
+    shape = [(c.cell_type, c.source if c.cell_type == "code" else "") for c in built.cells]
+    if shape != [(c.cell_type, c.source if c.cell_type == "code" else "") for c in existing.cells]:
+        raise SystemExit("code cells changed: the outputs would no longer match; run with --execute")
+    for mine, theirs in zip(built.cells, existing.cells):
+        theirs.source = mine.source
+    return existing
+
+
 def execute(notebook: nbformat.NotebookNode, timeout: int = 3600) -> nbformat.NotebookNode:
     """Run every cell in a fresh kernel of this interpreter (so the kernel sees this environment)."""
     from nbclient import NotebookClient
@@ -70,10 +81,13 @@ def execute(notebook: nbformat.NotebookNode, timeout: int = 3600) -> nbformat.No
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--execute", action="store_true", help="run the notebook and keep its outputs")
+    parser.add_argument("--text-only", action="store_true", help="update markdown cells, keep code and outputs")
     parser.add_argument("--out", type=Path, default=NOTEBOOK)
     parser.add_argument("--timeout", type=int, default=3600, help="seconds allowed per cell")
     args = parser.parse_args(argv)
     notebook = build()
+    if args.text_only:
+        notebook = refresh_text(notebook, nbformat.read(args.out, as_version=4))
     try:
         if args.execute:
             started = time.perf_counter()

@@ -42,3 +42,20 @@ def test_committed_notebook_keeps_a_full_error_free_run():
     assert "SMALL=False" in first, "the committed outputs come from a full (not SMALL) run"
     figures = sum(1 for c in code for o in c.outputs if "image/png" in o.get("data", {}))
     assert figures >= 10
+
+
+def test_text_only_refresh_keeps_outputs_and_refuses_code_changes():
+    builder = load_builder()
+    existing = builder.build()
+    existing.cells[1].outputs = [nbformat.v4.new_output("stream", text="kept")]
+    edited = builder.build()
+    edited.cells[0].source = "# A new title"
+    refreshed = builder.refresh_text(edited, existing)
+    assert refreshed.cells[0].source == "# A new title" and refreshed.cells[1].outputs[0].text == "kept"
+    edited.cells[1].source += "\nprint('changed')"
+    try:
+        builder.refresh_text(edited, builder.build())
+    except SystemExit as refusal:
+        assert "code cells changed" in str(refusal)
+    else:
+        raise AssertionError("a code change must need a new run")
