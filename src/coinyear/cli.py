@@ -167,6 +167,11 @@ def cmd_ui(args) -> NoReturn:
 
 
 def cmd_serve(args) -> int:
+    import os
+
+    # Idle OpenMP workers spin by default; in the gateway they would steal the cores that the event loop, the
+    # photo decoders and the spool thread need between forward passes. Set before torch loads OpenMP.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from coinyear.serve import serve
 
     serve(get_settings(), host=args.host, port=args.port, access_log=args.access_log)
