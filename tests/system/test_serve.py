@@ -187,7 +187,7 @@ def test_predictions_match_the_registered_pyfunc(server, trained):
 def test_databricks_sdk_client_works_unchanged(server):
     from databricks.sdk import WorkspaceClient
 
-    client = WorkspaceClient(host=server.url, token=TOKENS[1], auth_type="pat")
+    client = WorkspaceClient(host=server.url, token=TOKENS[1])
     answer = client.serving_endpoints.query("coinyear", inputs=[coin_row(3)])
     direct = server.post({"inputs": [coin_row(3)]}).json()["predictions"]
     assert answer.predictions == pytest.approx(direct, abs=1e-3)
