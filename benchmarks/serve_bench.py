@@ -8,8 +8,8 @@ promoted to production in a benchmark home (reused on later runs). Then, on the 
 
 all three run at once and get closed-loop clients (1, 4, 16 at a time; every client sends its next request when
 its last one is answered) posting the same real coin photo pair as `{"inputs": [...]}`, in interleaved rounds.
-Reported: requests/s, p50 and p99 latency, errors. Next to them the compute bound: the model's FLOPs per request (one coin = two
-photos, counted with torch's FlopCounterMode) against this machine's measured float32 matmul GFLOP/s.
+Reported: requests/s, p50 and p99 latency, errors. Next to them the compute bound: the model's FLOPs per request
+(one coin = two photos, counted with torch's FlopCounterMode) against this machine's float32 matmul GFLOP/s.
 
     python benchmarks/serve_bench.py                      # both backbones, 1/4/16 clients, 3 rounds x 4 s
     python benchmarks/serve_bench.py --seconds 3 --backbones mobilenet_v3_small
@@ -276,7 +276,8 @@ def markdown(report: dict) -> str:
              f"torch {m['torch']}, Python {m['python']}; measured matmul {report['matmul_gflops']:.1f} GFLOP/s "
              f"(float32, 1024x1024). {report['rounds']} interleaved rounds x {report['seconds']:.0f} s per point, "
              f"closed-loop clients on the same machine, one real coin pair ({report['body_bytes'] // 1024} KiB JSON) "
-             f"per request. Load average (1/5/15 min) at start: {report['loadavg']}, at end: {report['loadavg_end']}.", "",
+             f"per request. Load average (1/5/15 min) at start: {report['loadavg']}, "
+             f"at end: {report['loadavg_end']}.", "",
              "| model | server | clients | req/s | req/s per round | p50 ms | p99 ms | errors |",
              "|---|---|---:|---:|---|---:|---:|---:|"]
     for model in report["models"]:

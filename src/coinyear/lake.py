@@ -216,10 +216,10 @@ class SpooledAppender:
     """Durable, batched appends to one Delta table: the table's single writer.
 
     `write(records)` returns once the records are fsync'ed in a local spool segment, so whatever a caller
-    acknowledged after `write` survives `kill -9`; `submit(records)` is the same as a future (for event loops).
-    One syncer thread writes everything queued since its last fsync with one write + fsync (group commit). One committer
-    thread seals the current segment every `flush_seconds`, appends the sealed segments to Delta in one commit
-    and then deletes them; a failed commit is retried with backoff and nothing is dropped.
+    acknowledged after `write` survives `kill -9`; `submit(records)` does the same through a future (for event
+    loops). One syncer thread writes everything queued since its last fsync with one write + fsync (group
+    commit). One committer thread seals the current segment every `flush_seconds`, appends the sealed segments
+    to Delta in one commit and then deletes them; a failed commit is retried with backoff and nothing is dropped.
 
     Replay is idempotent: each commit carries a Delta transaction marker (app id of this spool folder, version =
     the last segment number in the commit), so after a crash between the commit and the deletion of the
@@ -447,7 +447,8 @@ class SpooledAppender:
             if not batch:
                 continue
             last_seq = batch[-1][0]
-            self.lake.append(self.table, pa.concat_tables(parts, promote_options="default"), transaction=(self.app_id, last_seq),
+            self.lake.append(self.table, pa.concat_tables(parts, promote_options="default"),
+                             transaction=(self.app_id, last_seq),
                              metadata={"spool_segments": f"{batch[0][0]}-{last_seq}", "spool_id": self.app_id})
             committed = self._committed = last_seq
             for _, path, count in batch:

@@ -5,7 +5,8 @@ downloaded, loaded and warmed in the background, then answers a smoke request (t
 example, through the same decoding path as live requests). Only a model that passes becomes `current`, in one
 reference assignment; requests hold the model they started with, so in-flight requests finish on it. A
 version that fails to load or to answer is not swapped in: the old one keeps serving, the failure is reported
-in /version and /metrics, and that version is not retried until the alias moves again.
+in /version and /metrics, and that version is tried again only after `RETRY_SECONDS` (a failure may be
+passing: an artifact store briefly down), or at once when the alias moves to another version.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from coinyear.pyfunc import BACK, FRONT, CoinYearModel
 from coinyear.serve.wire import prepare_rows
 
 log = logging.getLogger(__name__)
+
+RETRY_SECONDS = 60.0
 
 
 @dataclass(eq=False)
@@ -110,14 +113,13 @@ class ModelManager:
     """Holds the serving model and keeps it in step with the production alias."""
 
     def __init__(self, settings: Settings, alias: str = registry.PRODUCTION,
-                 loader: Callable[[Settings, str, int], ServedModel] = load_version,
                  on_swap: Callable[[ServedModel], None] | None = None,
                  on_failure: Callable[[str, str], None] | None = None):
-        self.settings, self.alias, self.loader = settings, alias, loader
+        self.settings, self.alias = settings, alias
         self.on_swap, self.on_failure = on_swap, on_failure
         self.current: ServedModel | None = None
         self.target_version: str | None = None
-        self.failed: dict[str, str] = {}  # version -> why it was not swapped in
+        self.failed: dict[str, tuple[str, float]] = {}  # version -> (why it was not swapped in, when)
         self.last_error: str | None = None
         self.last_check: datetime | None = None
         self._stop = threading.Event()
@@ -143,21 +145,24 @@ class ModelManager:
         self.last_check = datetime.now(UTC)
         self.target_version = version
         current = self.current
-        if version is None or (current is not None and current.version == version) or version in self.failed:
+        if version is None or (current is not None and current.version == version):
+            return
+        if version in self.failed and time.monotonic() - self.failed[version][1] < RETRY_SECONDS:
             return
         log.info("loading %s version %s (%s)", self.settings.model_name, version, self.alias)
         started = time.monotonic()
         try:
-            candidate = self.loader(self.settings, version, self.settings.batch_max_size)
+            candidate = load_version(self.settings, version, self.settings.batch_max_size)
         except Exception as error:
             reason = f"{type(error).__name__}: {error}"
-            self.failed[version] = reason
+            self.failed[version] = (reason, time.monotonic())
             self.last_error = f"version {version} not swapped in: {reason}"
             log.error("%s; still serving %s", self.last_error, current.version if current else "nothing")
             if self.on_failure:
                 self.on_failure(version, reason)
             return
         self.current = candidate  # the swap: one reference assignment, atomic for every reader
+        self.failed.pop(version, None)
         self.last_error = None
         log.info("now serving %s version %s (loaded in %.1fs)", candidate.name, version, time.monotonic() - started)
         if self.on_swap:
@@ -179,5 +184,5 @@ class ModelManager:
             "alias_version": self.target_version,
             "last_check": self.last_check.isoformat() if self.last_check else None,
             "last_error": self.last_error,
-            "rejected_versions": dict(self.failed),
+            "rejected_versions": {version: reason for version, (reason, _) in self.failed.items()},
         }
