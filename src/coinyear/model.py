@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -35,6 +35,8 @@ class ModelConfig:
     image_size: int = 128
     pretrained: bool = True
     dropout: float = 0.2
+    # Auxiliary classification heads trained alongside the year (multi-task), e.g. {"mint": 12}; not served.
+    aux_classes: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.backbone not in BACKBONES:
@@ -158,21 +160,108 @@ class DualImageRegressor(nn.Module):
         else:
             self.fusion = nn.Identity()
         self.head = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(fused, 1))
+        self.aux_heads = nn.ModuleDict({name: nn.Sequential(nn.Dropout(config.dropout), nn.Linear(fused, count))
+                                        for name, count in config.aux_classes.items()})
 
-    def features(self, front: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
-        """The fused embedding of a coin, [B, proj_dim or 2*D]."""
+    def backbone_features(self, front: torch.Tensor, back: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each side's pooled backbone features, ([B, D], [B, D])."""
         front = (front - self.mean) / self.std
         back = (back - self.mean) / self.std
         if self.config.mode == "shared":
-            both = self.front_net(torch.cat([front, back]))
-            front_features, back_features = both.chunk(2)
-        else:
-            front_features, back_features = self.front_net(front), self.back_net(back)
-        return self.fusion(torch.cat([front_features, back_features], dim=1))
+            return self.front_net(torch.cat([front, back])).chunk(2)
+        return self.front_net(front), self.back_net(back)
+
+    def features(self, front: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
+        """The fused embedding of a coin, [B, proj_dim or 2*D]."""
+        return self.fusion(torch.cat(self.backbone_features(front, back), dim=1))
+
+    def ood_features(self, front: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
+        """What the out-of-distribution score compares: both sides' pooled backbone features, [B, 2*D].
+        Backbone features (not the year-trained fusion) keep what makes a photo look like a coin, and their
+        size matters: a featureless photo (a blank card) gives a near-zero vector."""
+        return torch.cat(self.backbone_features(front, back), dim=1)
 
     def forward(self, front: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
         """Years, [B]: the head predicts a standardised year, rescaled here."""
-        return self.head(self.features(front, back)).squeeze(1) * self.year_scale + self.year_center
+        return self.year_from_features(self.features(front, back))
+
+    def year_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features).squeeze(1) * self.year_scale + self.year_center
+
+    def forward_with_aux(self, front: torch.Tensor, back: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Years and the auxiliary heads' logits (training only)."""
+        features = self.features(front, back)
+        return self.year_from_features(features), {name: head(features) for name, head in self.aux_heads.items()}
+
+
+class CoinEnsemble(nn.Module):
+    """What is served: the mean year of one or more regressors (e.g. the K fold models) over rotated copies
+    of both photos (test-time augmentation; coins are photographed at any angle).
+
+    Exposes `config` and `pretrained_loaded` like a single regressor, so every caller treats both alike.
+    """
+
+    def __init__(self, members: list[DualImageRegressor], tta_angles: tuple[float, ...] = (0.0,)):
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+        self.tta_angles = tuple(float(a) for a in tta_angles) or (0.0,)
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.members[0].config
+
+    @property
+    def pretrained_loaded(self) -> bool:
+        return all(m.pretrained_loaded for m in self.members)
+
+    def year_samples(self, front: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
+        """Every member's year on every rotation, [B, members, angles]."""
+        from torchvision.transforms.v2 import functional as F
+
+        per_angle = []
+        for angle in self.tta_angles:
+            rotated = (front, back) if angle == 0 else (
+                F.rotate(front, angle, interpolation=F.InterpolationMode.BILINEAR),
+                F.rotate(back, angle, interpolation=F.InterpolationMode.BILINEAR))
+            per_angle.append(torch.stack([member(*rotated) for member in self.members], dim=1))
+        return torch.stack(per_angle, dim=2)
+
+    def forward(self, front: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
+        return self.year_samples(front, back).mean(dim=(1, 2))
+
+    def features(self, front: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
+        """The first member's fused embedding."""
+        return self.members[0].features(front, back)
+
+    def ood_features(self, front: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
+        """The first member's (members share their training coins' look; one keeps the reference small)."""
+        return self.members[0].ood_features(front, back)
+
+
+def rotation_spread(samples: torch.Tensor) -> torch.Tensor:
+    """How much the year moves when the photos are rotated: std over angles, averaged over members.
+    [B, members, angles] -> [B]; zero with a single angle."""
+    if samples.shape[2] < 2:
+        return torch.zeros(samples.shape[0], device=samples.device)
+    return samples.std(dim=2).mean(dim=1)
+
+
+@torch.inference_mode()
+def infer(model: DualImageRegressor | CoinEnsemble, front: torch.Tensor, back: torch.Tensor,
+          with_features: bool = False) -> dict[str, torch.Tensor]:
+    """One batch: {"year": [B], "spread": [B] (rotation spread, zero without TTA), "features": [B, D] (the
+    out-of-distribution features)}."""
+    if isinstance(model, CoinEnsemble):
+        samples = model.year_samples(front, back)
+        out = {"year": samples.mean(dim=(1, 2)), "spread": rotation_spread(samples)}
+    else:
+        year = model(front, back)
+        out = {"year": year, "spread": torch.zeros_like(year)}
+    if with_features:
+        out["features"] = model.ood_features(front, back)
+    return out
 
 
 def build_model(config: ModelConfig, year_center: float = 0.0, year_scale: float = 1.0) -> DualImageRegressor:
@@ -183,13 +272,24 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def save_checkpoint(model: DualImageRegressor, path: str | Path) -> None:
-    torch.save({"config": model.config.to_dict(), "state_dict": model.state_dict()}, path)
+def save_checkpoint(model: DualImageRegressor | CoinEnsemble, path: str | Path) -> None:
+    if isinstance(model, CoinEnsemble):
+        torch.save({"config": model.config.to_dict(), "tta_angles": list(model.tta_angles),
+                    "members": [m.state_dict() for m in model.members]}, path)
+    else:
+        torch.save({"config": model.config.to_dict(), "state_dict": model.state_dict()}, path)
 
 
-def load_checkpoint(path: str | Path) -> DualImageRegressor:
+def load_checkpoint(path: str | Path) -> DualImageRegressor | CoinEnsemble:
+    """A single regressor, or an ensemble when the checkpoint holds several members or rotation angles."""
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     config = ModelConfig(**{**checkpoint["config"], "pretrained": False})
-    model = DualImageRegressor(config)
-    model.load_state_dict(checkpoint["state_dict"])
-    return model.eval()
+
+    def regressor(state: dict) -> DualImageRegressor:
+        model = DualImageRegressor(config)
+        model.load_state_dict(state)
+        return model
+
+    if "members" in checkpoint:
+        return CoinEnsemble([regressor(s) for s in checkpoint["members"]], tuple(checkpoint["tta_angles"])).eval()
+    return regressor(checkpoint["state_dict"]).eval()

@@ -8,11 +8,11 @@ a new model version.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
+import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +25,16 @@ from tqdm.auto import tqdm
 
 from coinyear import evaluate
 from coinyear.data import ImageCache, Manifest, grouped_folds, grouped_holdout, load_arrays
-from coinyear.model import DualImageRegressor, ModelConfig, build_model
+from coinyear.model import CoinEnsemble, DualImageRegressor, ModelConfig, build_model, infer
+from coinyear.quality import Conformal, FeatureDistance, Quality
 
 log = logging.getLogger(__name__)
 
 LOSSES = ("interval", "mse")
+AUX_COLUMNS = ("mint", "denomination")
+# Rotation TTA measured in benchmarks/quality.py: -0.7 years MAE, and its spread makes the conformal ranges
+# adaptive (median 90% width 35 instead of 60 years at the same coverage). Costs 5 forward passes per coin.
+TTA_ANGLES = (-20.0, -10.0, 0.0, 10.0, 20.0)
 
 
 @dataclass
@@ -41,6 +46,9 @@ class TrainConfig:
     weight_decay: float = 1e-4
     loss: str = "interval"
     patience: int = 3
+    # Keep the epoch with the best validation MAE and stop when it stalls. Off = fixed epochs, last weights
+    # (benchmarks: choosing the epoch on the fold being scored would flatter its score).
+    early_stopping: bool = True
     folds: int = 0
     holdout_fraction: float = 0.15
     rotation_degrees: float = 20.0
@@ -48,10 +56,25 @@ class TrainConfig:
     horizontal_flip: bool = False  # off by default: it mirrors legends and portrait direction
     seed: int = 42
     limit: int | None = None
+    # Rotation test-time augmentation: the served year is the mean over these rotations of both photos.
+    tta_angles: tuple[float, ...] = TTA_ANGLES
+    # With folds >= 2: serve the K fold models averaged instead of one model refit on all coins.
+    ensemble: bool = False
+    # Weight of the auxiliary mint/denomination cross-entropy (0 = off); classes beyond the most common
+    # `aux_top` of each column share one "other" class.
+    aux_weight: float = 0.0
+    aux_top: int = 15
+    # Conformal scores divided by the spread of the rotated predictions (needs >= 2 TTA angles).
+    conformal_scaled: bool = True
+    ood_quantile: float = 0.99
+    device: str = "auto"  # "auto": CUDA when present, else CPU
 
     def __post_init__(self):
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; choose from {', '.join(LOSSES)}")
+        self.tta_angles = tuple(float(a) for a in self.tta_angles)
+        if self.ensemble and self.folds < 2:
+            raise ValueError("a fold ensemble needs folds >= 2")
 
     def flat(self) -> dict:
         params = {k: v for k, v in asdict(self).items() if k != "model"}
@@ -61,13 +84,18 @@ class TrainConfig:
 
 # ---------------------------------------------------------------------------------------------- dataset
 class CoinDataset(Dataset):
-    """In-memory uint8 images of both sides; augmentation (when given) applied per sample."""
+    """In-memory uint8 images of both sides; augmentation (when given) applied per sample.
 
-    def __init__(self, fronts: np.ndarray, backs: np.ndarray, year_from, year_to, augment=None):
+    `aux` holds integer class labels per auxiliary head ([N] each, -100 = unknown); they follow the years.
+    """
+
+    def __init__(self, fronts: np.ndarray, backs: np.ndarray, year_from, year_to, augment=None,
+                 aux: dict[str, np.ndarray] | None = None):
         self.fronts, self.backs = torch.from_numpy(fronts), torch.from_numpy(backs)
         self.year_from = torch.as_tensor(np.asarray(year_from, dtype=np.float32))
         self.year_to = torch.as_tensor(np.asarray(year_to, dtype=np.float32))
         self.augment = augment
+        self.aux = {name: torch.as_tensor(np.asarray(labels, dtype=np.int64)) for name, labels in (aux or {}).items()}
 
     def __len__(self) -> int:
         return len(self.fronts)
@@ -76,7 +104,8 @@ class CoinDataset(Dataset):
         front, back = self.fronts[index], self.backs[index]
         if self.augment is not None:
             front, back = self.augment(front), self.augment(back)
-        return front.float() / 255, back.float() / 255, self.year_from[index], self.year_to[index]
+        labels = tuple(self.aux[name][index] for name in self.aux)
+        return (front.float() / 255, back.float() / 255, self.year_from[index], self.year_to[index]) + labels
 
 
 def make_augmentation(config: TrainConfig) -> v2.Compose:
@@ -102,16 +131,53 @@ def loss_fn(predicted, year_from, year_to, kind: str, scale: float) -> torch.Ten
     return nn.functional.smooth_l1_loss(outside / scale, torch.zeros_like(outside), beta=0.1)
 
 
+def aux_labels(rows: pd.DataFrame, top: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Class indices of the auxiliary columns present: the `top` most common values, then one "other"."""
+    labels, classes = {}, {}
+    for column in AUX_COLUMNS:
+        if column not in rows.columns:
+            continue
+        values = rows[column].fillna("").astype(str).str.strip()
+        common = [v for v in values[values != ""].value_counts().index[:top]]
+        index = {value: i for i, value in enumerate(common)}
+        labels[column] = np.array([-100 if v == "" else index.get(v, len(common)) for v in values])
+        classes[column] = len(common) + 1
+    return labels, classes
+
+
 # ---------------------------------------------------------------------------------------------- fitting
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 @torch.inference_mode()
-def predict_arrays(model: nn.Module, fronts: np.ndarray, backs: np.ndarray, batch_size: int = 64) -> np.ndarray:
-    model.eval()
-    out = []
+def infer_arrays(model: nn.Module, fronts: np.ndarray, backs: np.ndarray, batch_size: int = 64,
+                 device: torch.device | str | None = None, with_features: bool = False) -> dict[str, np.ndarray]:
+    """Years of uint8 image arrays; for an ensemble also the spread over rotations and (optionally) the
+    embeddings: {"year": [N], "spread": [N], "features": [N, D]}."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.eval().to(device)
+    years, spreads, features = [], [], []
     for start in range(0, len(fronts), batch_size):
-        front = torch.from_numpy(fronts[start:start + batch_size]).float() / 255
-        back = torch.from_numpy(backs[start:start + batch_size]).float() / 255
-        out.append(model(front, back).numpy())
-    return np.concatenate(out) if out else np.zeros(0)
+        front = torch.from_numpy(fronts[start:start + batch_size]).to(device).float() / 255
+        back = torch.from_numpy(backs[start:start + batch_size]).to(device).float() / 255
+        out = infer(model, front, back, with_features)
+        years.append(out["year"].cpu().numpy())
+        spreads.append(out["spread"].cpu().numpy())
+        if with_features:
+            features.append(out["features"].float().cpu().numpy())
+    out = {"year": np.concatenate(years) if years else np.zeros(0)}
+    out["spread"] = np.concatenate(spreads) if spreads else np.zeros_like(out["year"])
+    if with_features:
+        out["features"] = np.concatenate(features) if features else np.zeros((0, 0))
+    return out
+
+
+def predict_arrays(model: nn.Module, fronts: np.ndarray, backs: np.ndarray, batch_size: int = 64,
+                   device: torch.device | str | None = None) -> np.ndarray:
+    return infer_arrays(model, fronts, backs, batch_size, device)["year"]
 
 
 def fit(model: DualImageRegressor, train: CoinDataset, config: TrainConfig, val: CoinDataset | None = None,
@@ -121,11 +187,17 @@ def fit(model: DualImageRegressor, train: CoinDataset, config: TrainConfig, val:
     `on_epoch(record)` is called after every epoch (MLflow logging); returns the per-epoch history.
     """
     epochs = config.epochs if epochs is None else epochs
+    device = resolve_device(config.device)
+    model.to(device)
     generator = torch.Generator().manual_seed(config.seed)
-    loader = DataLoader(train, batch_size=config.batch_size, shuffle=True, generator=generator, drop_last=len(train) > config.batch_size)
+    # On a GPU the per-sample augmentation on one CPU core is the bottleneck: spread it over workers.
+    workers = min(8, (os.cpu_count() or 1) - 1) if device.type == "cuda" else 0
+    loader = DataLoader(train, batch_size=config.batch_size, shuffle=True, generator=generator,
+                        drop_last=len(train) > config.batch_size, num_workers=max(workers, 0),
+                        persistent_workers=workers > 0, pin_memory=device.type == "cuda")
     # A pretrained backbone needs gentler steps than the freshly initialised head.
     backbone_lr = config.lr * (0.3 if model.pretrained_loaded else 1.0)
-    head_params = list(model.fusion.parameters()) + list(model.head.parameters())
+    head_params = [*model.fusion.parameters(), *model.head.parameters(), *model.aux_heads.parameters()]
     head_ids = {id(p) for p in head_params}
     backbone_params = [p for p in model.parameters() if id(p) not in head_ids]
     optimizer = torch.optim.AdamW([{"params": backbone_params, "lr": backbone_lr},
@@ -139,9 +211,17 @@ def fit(model: DualImageRegressor, train: CoinDataset, config: TrainConfig, val:
     for epoch in bar:
         model.train()
         started, losses = time.perf_counter(), []
-        for front, back, year_from, year_to in loader:
+        for batch in loader:
+            front, back, year_from, year_to, *aux = (t.to(device, non_blocking=True) for t in batch)
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(front, back), year_from, year_to, config.loss, scale)
+            if aux and config.aux_weight > 0:
+                predicted, logits = model.forward_with_aux(front, back)
+                loss = loss_fn(predicted, year_from, year_to, config.loss, scale)
+                for labels, head in zip(aux, model.aux_heads):
+                    loss = loss + config.aux_weight * nn.functional.cross_entropy(logits[head], labels,
+                                                                                  ignore_index=-100)
+            else:
+                loss = loss_fn(model(front, back), year_from, year_to, config.loss, scale)
             loss.backward()
             optimizer.step()
             scheduler.step()
@@ -149,11 +229,13 @@ def fit(model: DualImageRegressor, train: CoinDataset, config: TrainConfig, val:
         record = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
                   "epoch_seconds": time.perf_counter() - started}
         if val is not None and len(val):
-            predicted = predict_arrays(model, val.fronts.numpy(), val.backs.numpy())
+            predicted = predict_arrays(model, val.fronts.numpy(), val.backs.numpy(), device=device)
             metrics = evaluate.regression_metrics(predicted, val.year_from.numpy(), val.year_to.numpy())
             record.update(val_mae=metrics["mae"], val_range_mae=metrics["range_mae"])
             if metrics["mae"] < best_mae:
-                best_mae, best_state, stale = metrics["mae"], copy.deepcopy(model.state_dict()), 0
+                best_mae, stale = metrics["mae"], 0
+                if config.early_stopping:
+                    best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
                 record["best"] = True
             else:
                 stale += 1
@@ -163,11 +245,12 @@ def fit(model: DualImageRegressor, train: CoinDataset, config: TrainConfig, val:
                  " ".join(f"{k}={v:.3f}" for k, v in record.items() if isinstance(v, float)))
         if on_epoch:
             on_epoch(record)
-        if val is not None and stale >= config.patience:
+        if val is not None and config.early_stopping and stale >= config.patience:
             log.info("%s: early stop after epoch %d (best val MAE %.2f)", name, epoch, best_mae)
             break
     if best_state is not None:
         model.load_state_dict(best_state)
+    model.cpu()
     return history
 
 
@@ -190,25 +273,56 @@ def new_model(config: TrainConfig, year_from, year_to) -> DualImageRegressor:
 # ----------------------------------------------------------------------------------------- experiments
 @dataclass
 class TrainingResult:
-    model: DualImageRegressor
+    model: DualImageRegressor | CoinEnsemble | None  # what is served; None when no final model was asked for
     metrics: dict[str, float]
     histories: dict[str, list[dict]]
-    predictions: pd.DataFrame  # coin_id, year_from, year_to, predicted, fold (out-of-fold or hold-out)
+    # coin_id, year_from, year_to, predicted, spread, fold (out-of-fold or hold-out); predicted_no_tta with TTA
+    predictions: pd.DataFrame
     seconds: float
     fold_models: list[DualImageRegressor] = field(default_factory=list)
+    quality: Quality | None = None
 
 
-def train_on_manifest(manifest: Manifest, config: TrainConfig, cache_dir: Path, on_metrics=None) -> TrainingResult:
+def serving_model(members: list[DualImageRegressor], tta_angles: tuple[float, ...]):
+    """One plain regressor when there is nothing to average, else the ensemble over members and rotations."""
+    if len(members) == 1 and tta_angles in ((), (0.0,)):
+        return members[0].eval()
+    return CoinEnsemble(members, tta_angles or (0.0,)).eval()
+
+
+def fit_quality(model, fronts, backs, groups, predictions: pd.DataFrame, config: TrainConfig,
+                device: torch.device) -> Quality:
+    """Interval calibration from the out-of-fold (or hold-out) predictions; the OOD reference and threshold
+    from the served model's embeddings of every coin."""
+    scaled = config.conformal_scaled and len(config.tta_angles) >= 2
+    conformal = Conformal.fit(predictions["predicted"], predictions["year_from"], predictions["year_to"],
+                              predictions["spread"] if scaled else None)
+    features = infer_arrays(model, fronts, backs, device=device, with_features=True)["features"]
+    ood = FeatureDistance.fit(features, groups, quantile=config.ood_quantile)
+    model.cpu()
+    return Quality(conformal, ood)
+
+
+def train_on_manifest(manifest: Manifest, config: TrainConfig, cache_dir: Path, on_metrics=None,
+                      final_model: bool = True) -> TrainingResult:
     """Cross-validate (folds >= 2) or hold out one grouped split, then produce the model to register.
 
     With K folds, the reported metrics are the out-of-fold ones and the final model is fit on all rows for
-    the median best epoch; with a hold-out, the final model is the one early-stopped on the hold-out.
-    `on_metrics(dict, step)` receives every metric as it is produced (MLflow logging).
+    the median best epoch (or, with `ensemble`, is the K fold models averaged); with a hold-out, the final
+    model is the one early-stopped on the hold-out. Predictions use the rotation TTA of the served model,
+    and the interval calibration and OOD detector are fitted for it. `final_model=False` stops after the
+    folds (benchmarks). `on_metrics(dict, step)` receives every metric as it is produced (MLflow logging).
     """
+    from coinyear.quality import cross_conformal, interval_metrics
+
     started = time.perf_counter()
     rows = manifest.rows
     if len(rows) < 4:
         raise ValueError(f"only {len(rows)} valid rows: too few to train")
+    device = resolve_device(config.device)
+    aux, classes = aux_labels(rows, config.aux_top) if config.aux_weight > 0 else ({}, {})
+    if classes:
+        config = replace(config, model=replace(config.model, aux_classes=classes))
     cache = ImageCache(cache_dir, config.model.image_size, config.model.grayscale)
     fronts, backs = load_arrays(rows, cache, progress=True)
     year_from, year_to = rows["year_from"].to_numpy(), rows["year_to"].to_numpy()
@@ -217,14 +331,14 @@ def train_on_manifest(manifest: Manifest, config: TrainConfig, cache_dir: Path, 
 
     def subset(index, with_augment):
         return CoinDataset(fronts[index], backs[index], year_from[index], year_to[index],
-                           augment if with_augment else None)
+                           augment if with_augment else None, {k: v[index] for k, v in aux.items()})
 
     if config.folds >= 2:
         splits = grouped_folds(rows, config.folds, config.seed)
     else:
         train_index, holdout_index = grouped_holdout(rows, config.holdout_fraction, config.seed)
         splits = [(train_index, holdout_index)]
-    predictions = np.full(len(rows), np.nan)
+    predictions, spread, plain = (np.full(len(rows), np.nan) for _ in range(3))
     fold_of = np.full(len(rows), -1)
     histories, fold_metrics, best_epochs, fold_models = {}, [], [], []
     for fold, (train_index, val_index) in enumerate(tqdm(splits, desc="folds", unit="fold", disable=len(splits) == 1)):
@@ -234,7 +348,12 @@ def train_on_manifest(manifest: Manifest, config: TrainConfig, cache_dir: Path, 
                       on_epoch=lambda r, n=name: emit({f"{n}/{k}": v for k, v in r.items()
                                                        if isinstance(v, float)}, r["epoch"]))
         histories[name], best_epochs = history, best_epochs + [best_epoch(history)]
-        predictions[val_index] = predict_arrays(model, fronts[val_index], backs[val_index])
+        served = serving_model([model], config.tta_angles)
+        inferred = infer_arrays(served, fronts[val_index], backs[val_index], device=device)
+        predictions[val_index], spread[val_index] = inferred["year"], inferred["spread"]
+        if config.tta_angles:
+            plain[val_index] = predict_arrays(model, fronts[val_index], backs[val_index], device=device)
+        model.cpu()
         fold_of[val_index] = fold + 1
         metrics = evaluate.regression_metrics(predictions[val_index], year_from[val_index], year_to[val_index])
         fold_metrics.append(metrics)
@@ -245,22 +364,42 @@ def train_on_manifest(manifest: Manifest, config: TrainConfig, cache_dir: Path, 
     evaluated = fold_of > 0
     overall = evaluate.regression_metrics(predictions[evaluated], year_from[evaluated], year_to[evaluated])
     metrics = {f"val_{k}": v for k, v in overall.items()}
+    if config.tta_angles:
+        metrics["val_mae_no_tta"] = evaluate.regression_metrics(
+            plain[evaluated], year_from[evaluated], year_to[evaluated])["mae"]
+    table = pd.DataFrame({"coin_id": rows["coin_id"], "year_from": year_from, "year_to": year_to,
+                          "predicted": predictions, "spread": spread, "fold": fold_of})
+    if config.tta_angles:
+        table["predicted_no_tta"] = plain
+    table = table[evaluated].reset_index(drop=True)
     if len(splits) > 1:
         metrics.update(evaluate.summarize_folds(fold_metrics))
-        final_epochs = int(np.median(best_epochs))
-        final = new_model(config, year_from, year_to)
-        histories["final"] = fit(final, subset(np.arange(len(rows)), True), config, None, name="final",
-                                 epochs=final_epochs,
-                                 on_epoch=lambda r: emit({f"final/{k}": v for k, v in r.items()
-                                                          if isinstance(v, float)}, r["epoch"]))
-        metrics["final_epochs"] = float(final_epochs)
-    else:
-        final = fold_models[0]
+        scaled = config.conformal_scaled and len(config.tta_angles) >= 2
+        low, high = cross_conformal(table["predicted"], table["year_from"], table["year_to"], table["fold"], 0.9,
+                                    table["spread"] if scaled else None)
+        metrics.update({f"val_interval90_{k}": v for k, v in
+                        interval_metrics(low, high, table["year_from"], table["year_to"]).items()})
+
+    final, quality = None, None
+    if final_model:
+        if len(splits) > 1 and not config.ensemble:
+            final_epochs = int(np.median(best_epochs))
+            refit = new_model(config, year_from, year_to)
+            histories["final"] = fit(refit, subset(np.arange(len(rows)), True), config, None, name="final",
+                                     epochs=final_epochs,
+                                     on_epoch=lambda r: emit({f"final/{k}": v for k, v in r.items()
+                                                              if isinstance(v, float)}, r["epoch"]))
+            metrics["final_epochs"] = float(final_epochs)
+            members = [refit]
+        else:
+            members = fold_models
+        final = serving_model(members, config.tta_angles)
+        quality = fit_quality(final, fronts, backs, rows["group"].to_numpy(), table, config, device)
+        metrics["conformal_q90"] = quality.conformal.quantile(0.9)
+        metrics["ood_threshold"] = quality.ood.threshold
     metrics["train_seconds"] = time.perf_counter() - started
     emit(metrics)
-    table = pd.DataFrame({"coin_id": rows["coin_id"], "year_from": year_from, "year_to": year_to,
-                          "predicted": predictions, "fold": fold_of})[evaluated].reset_index(drop=True)
-    return TrainingResult(final.eval(), metrics, histories, table, metrics["train_seconds"], fold_models)
+    return TrainingResult(final, metrics, histories, table, metrics["train_seconds"], fold_models, quality)
 
 
 # ------------------------------------------------------------------------------------------ tracked run
@@ -330,6 +469,7 @@ def run_training(settings, config: TrainConfig, manifest: Manifest | None = None
             checkpoint = Path(folder) / "model.pt"
             save_checkpoint(result.model, checkpoint)
             info = log_model(checkpoint, input_example(manifest.rows),
-                             registered_model_name=settings.model_name if register else None)
+                             registered_model_name=settings.model_name if register else None,
+                             quality=result.quality.save(Path(folder) / "quality"))
         version = str(info.registered_model_version) if register and info.registered_model_version else None
         return RunOutcome(run.info.run_id, version, result.metrics)

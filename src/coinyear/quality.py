@@ -1,0 +1,200 @@
+"""Quality stage: calibrated date ranges (conformal prediction) and the out-of-distribution flag.
+
+Both are fitted on coins the model did not train on (out-of-fold or hold-out predictions) and travel with
+the logged model as two small files, so every server answers with the same ranges and the same flag.
+
+* `Conformal` turns a predicted year into an interval with a stated coverage. Scores are the absolute
+  errors against the label midpoint, optionally divided by a per-coin spread (the disagreement of the
+  rotated copies and ensemble members), so hard coins get wider ranges. With K-fold out-of-fold
+  predictions this is CV+ in its simple form (Barber et al. 2021); with a hold-out it is split conformal.
+* `FeatureDistance` scores how far a coin's backbone features lie from the training coins' (mean cosine
+  distance to the k nearest, after centring on the training mean; Sun et al. 2022) and flags scores above a
+  quantile of the training coins' own scores with their coin type left out, or features far weaker than any
+  training coin's (a featureless photo).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+CONFORMAL_FILE = "conformal.json"
+OOD_FILE = "ood.npz"
+
+
+# ------------------------------------------------------------------------------------------- conformal
+@dataclass
+class Conformal:
+    """Sorted nonconformity scores of calibration coins; `scaled` when they are divided by a spread."""
+
+    scores: np.ndarray
+    scaled: bool = False
+    spread_floor: float = 1.0  # years: keeps a coin whose samples agree from getting a zero-width range
+
+    @classmethod
+    def fit(cls, predicted, year_from, year_to, spread=None, spread_floor: float | None = None) -> "Conformal":
+        midpoint = (np.asarray(year_from, float) + np.asarray(year_to, float)) / 2
+        residual = np.abs(np.asarray(predicted, float) - midpoint)
+        if spread is None:
+            return cls(np.sort(residual))
+        spread = np.asarray(spread, float)
+        floor = float(np.median(spread)) if spread_floor is None else float(spread_floor)
+        floor = max(floor, 1e-3)
+        return cls(np.sort(residual / np.maximum(spread, floor)), scaled=True, spread_floor=floor)
+
+    def quantile(self, level: float) -> float:
+        """The conformal quantile: the ceil((n+1)·level)-th smallest score (finite-sample valid)."""
+        if not 0 < level < 1:
+            raise ValueError(f"interval level must be between 0 and 1, got {level}")
+        n = len(self.scores)
+        rank = int(np.ceil((n + 1) * level))
+        return float(self.scores[-1] if rank > n else self.scores[rank - 1])
+
+    def interval(self, predicted, level: float, spread=None) -> tuple[np.ndarray, np.ndarray]:
+        predicted = np.asarray(predicted, float)
+        half = self.quantile(level) * self._scale(predicted, spread)
+        return predicted - half, predicted + half
+
+    def _scale(self, predicted: np.ndarray, spread) -> np.ndarray:
+        if not self.scaled:
+            return np.ones_like(predicted)
+        if spread is None:
+            raise ValueError("this calibration divides by the prediction spread: pass `spread`")
+        return np.maximum(np.asarray(spread, float), self.spread_floor)
+
+    def to_dict(self) -> dict:
+        return {"scores": [round(float(s), 4) for s in self.scores], "scaled": self.scaled,
+                "spread_floor": self.spread_floor}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Conformal":
+        return cls(np.asarray(data["scores"], float), bool(data["scaled"]), float(data["spread_floor"]))
+
+
+def cross_conformal(predicted, year_from, year_to, fold, level: float = 0.9, spread=None):
+    """Honest out-of-fold intervals: each fold's coins get the interval calibrated on the *other* folds.
+
+    Returns (low, high). Coverage measured on these is what a new coin type can expect, since folds are
+    grouped by coin type.
+    """
+    predicted, year_from, year_to, fold = (np.asarray(a) for a in (predicted, year_from, year_to, fold))
+    spread = None if spread is None else np.asarray(spread, float)
+    low, high = np.empty(len(predicted)), np.empty(len(predicted))
+    for k in np.unique(fold):
+        here, rest = fold == k, fold != k
+        calibration = Conformal.fit(predicted[rest], year_from[rest], year_to[rest],
+                                    None if spread is None else spread[rest])
+        low[here], high[here] = calibration.interval(predicted[here], level,
+                                                     None if spread is None else spread[here])
+    return low, high
+
+
+def interval_metrics(low, high, year_from, year_to) -> dict[str, float]:
+    """Coverage (label midpoint inside the interval) and width of intervals."""
+    midpoint = (np.asarray(year_from, float) + np.asarray(year_to, float)) / 2
+    low, high = np.asarray(low, float), np.asarray(high, float)
+    width = high - low
+    return {"coverage": float(np.mean((low <= midpoint) & (midpoint <= high))),
+            "median_width": float(np.median(width)), "mean_width": float(np.mean(width))}
+
+
+# ---------------------------------------------------------------------------------- out of distribution
+def _unit(features) -> np.ndarray:
+    features = np.asarray(features, np.float32)
+    return features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+
+
+def _split(features, sides: int) -> list[np.ndarray]:
+    return np.split(np.asarray(features, np.float32), sides, axis=1)
+
+
+@dataclass
+class FeatureDistance:
+    """Out-of-distribution test on a coin's backbone features (both sides side by side, [N, sides*D]).
+
+    Two signals, either one flags the coin:
+    * direction: the mean cosine distance to the k nearest training coins (each side's features unit-length,
+      then centred on the training mean; backbone features are non-negative after ReLU, so uncentred they all
+      point roughly the same way) above `threshold`;
+    * size: a side whose feature vector is far shorter than any training coin's (below `norm_floor`): a
+      featureless photo, such as a blank card, gives an almost-zero vector whose direction means nothing.
+    """
+
+    reference: np.ndarray  # [N, sides*D] unit-length, centred training features
+    center: np.ndarray  # [sides*D]
+    threshold: float = float("inf")
+    norm_floor: float = 0.0
+    k: int = 10
+    sides: int = 2
+
+    @classmethod
+    def fit(cls, features, groups, k: int = 10, quantile: float = 0.99, sides: int = 2) -> "FeatureDistance":
+        """Reference = the training coins. Threshold = the `quantile` of their scores with their own coin
+        type left out (an unseen type is what a genuine new coin looks like), so about 1 - quantile of
+        genuine coins are flagged; benchmarks/quality.py measures the real rate on unseen folds. Norm floor
+        = half the 1% quantile of the training coins' shorter side."""
+        directions = cls._directions(features, sides)
+        center = directions.mean(axis=0)
+        norms = np.stack([np.linalg.norm(side, axis=1) for side in _split(features, sides)], axis=1).min(axis=1)
+        detector = cls(_unit(directions - center), center, norm_floor=0.5 * float(np.quantile(norms, 0.01)),
+                       k=max(1, min(k, len(directions) - 1)), sides=sides)
+        detector.threshold = float(np.quantile(detector.score(features, exclude_groups=groups), quantile))
+        return detector
+
+    @staticmethod
+    def _directions(features, sides: int) -> np.ndarray:
+        return np.concatenate([_unit(side) for side in _split(features, sides)], axis=1) / sides ** 0.5
+
+    def score(self, features, chunk: int = 512, exclude_groups=None) -> np.ndarray:
+        """Direction scores of `features`; with `exclude_groups` (the reference rows' own groups, same order)
+        each row is scored against the reference without the rows of its group."""
+        features = _unit(self._directions(features, self.sides) - self.center)
+        groups = None if exclude_groups is None else np.unique(np.asarray(exclude_groups), return_inverse=True)[1]
+        out = []
+        for start in range(0, len(features), chunk):
+            distance = 1 - features[start:start + chunk] @ self.reference.T
+            if groups is not None:
+                distance[groups[start:start + chunk, None] == groups[None, :]] = np.inf
+            k = min(self.k, distance.shape[1])
+            nearest = np.partition(distance, k - 1, axis=1)[:, :k]
+            out.append(np.where(np.isfinite(nearest), nearest, 2.0).mean(axis=1))
+        return np.concatenate(out) if out else np.zeros(0)
+
+    def featureless(self, features) -> np.ndarray:
+        norms = np.stack([np.linalg.norm(side, axis=1) for side in _split(features, self.sides)], axis=1)
+        return norms.min(axis=1) < self.norm_floor
+
+    def flag(self, features) -> np.ndarray:
+        return (self.score(features) > self.threshold) | self.featureless(features)
+
+
+# ------------------------------------------------------------------------------------------ persistence
+@dataclass
+class Quality:
+    """What the logged model needs besides its weights: the interval calibration and the OOD detector."""
+
+    conformal: Conformal
+    ood: FeatureDistance
+
+    def save(self, folder: str | Path) -> dict[str, str]:
+        """Write both files; returns {"conformal": path, "ood": path} (the logged model's artifacts)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / CONFORMAL_FILE).write_text(json.dumps(self.conformal.to_dict()))
+        np.savez_compressed(folder / OOD_FILE, reference=self.ood.reference.astype(np.float16),
+                            center=self.ood.center.astype(np.float32), threshold=np.float64(self.ood.threshold),
+                            norm_floor=np.float64(self.ood.norm_floor), k=np.int64(self.ood.k),
+                            sides=np.int64(self.ood.sides))
+        return {"conformal": str(folder / CONFORMAL_FILE), "ood": str(folder / OOD_FILE)}
+
+    @classmethod
+    def load(cls, conformal_path: str | Path, ood_path: str | Path) -> "Quality":
+        conformal = Conformal.from_dict(json.loads(Path(conformal_path).read_text()))
+        with np.load(ood_path) as data:
+            ood = FeatureDistance(data["reference"].astype(np.float32), data["center"].astype(np.float32),
+                                  float(data["threshold"]), float(data["norm_floor"]), int(data["k"]),
+                                  int(data["sides"]))
+        return cls(conformal, ood)
