@@ -23,7 +23,8 @@ def _train_config(args, settings):
                        batch_size=args.batch_size or settings.batch_size, lr=args.lr or settings.lr,
                        loss=args.loss or settings.loss, folds=settings.folds if args.folds is None else args.folds,
                        seed=settings.seed if args.seed is None else args.seed, limit=args.limit,
-                       horizontal_flip=args.horizontal_flip)
+                       horizontal_flip=args.horizontal_flip, ensemble=args.ensemble, aux_weight=args.aux_weight,
+                       **({"tta_angles": ()} if args.no_tta else {}))
 
 
 def cmd_train(args) -> int:
@@ -198,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--limit", type=int, help="train on a random subset of N coins")
     train.add_argument("--seed", type=int)
     train.add_argument("--horizontal-flip", action="store_true", help="add flips (not advised: mirrors legends)")
+    train.add_argument("--no-tta", action="store_true", help="one pass per coin instead of 5 rotations (faster "
+                       "serving; constant-width intervals)")
+    train.add_argument("--ensemble", action="store_true", help="with --folds K: serve the K fold models averaged")
+    train.add_argument("--aux-weight", type=float, default=0.0, help="weight of mint/denomination auxiliary heads")
     train.add_argument("--no-pretrained", action="store_true", help="do not load ImageNet weights")
     train.add_argument("--no-register", action="store_true")
     train.add_argument("--promote", choices=["staging", "production"], help="set this alias on the new version")

@@ -255,3 +255,20 @@ def test_ood_flag_fires_on_noise_and_blank_photos_not_on_real_coins(interval_mod
     fronts, backs = _unseen_coins(ocre_dir, 10)
     real = model.predict(_frame(fronts, backs), params={"interval": 0.9})
     assert real["out_of_distribution"].mean() <= 0.2, real
+
+
+def test_fold_ensemble_serves_the_k_fold_models_with_a_calibration(ocre_dir, tmp_path):
+    from coinyear.data import read_manifest
+    from coinyear.train import train_on_manifest
+    from tests.conftest import small_train_config
+
+    config = small_train_config(folds=2, ensemble=True, tta_angles=(-10, 0, 10), limit=40)
+    manifest = read_manifest(ocre_dir, limit=40, seed=1)
+    result = train_on_manifest(manifest, config, tmp_path / "cache")
+    assert isinstance(result.model, CoinEnsemble) and len(result.model.members) == 2
+    assert result.model.members[0] is result.fold_models[0] and "final" not in result.histories
+    assert len(result.predictions) == len(manifest.rows) and result.predictions["predicted_no_tta"].notna().all()
+    assert 0 < result.metrics["val_interval90_coverage"] <= 1
+    assert result.quality.conformal.scaled and len(result.quality.conformal.scores) == len(manifest.rows)
+    with pytest.raises(ValueError, match="folds"):
+        small_train_config(ensemble=True)
