@@ -383,7 +383,7 @@ def train_on_manifest(manifest: Manifest, config: TrainConfig, cache_dir: Path, 
     final, quality = None, None
     if final_model:
         if len(splits) > 1 and not config.ensemble:
-            final_epochs = int(np.median(best_epochs))
+            final_epochs = int(np.median(best_epochs)) if config.early_stopping else config.epochs
             refit = new_model(config, year_from, year_to)
             histories["final"] = fit(refit, subset(np.arange(len(rows)), True), config, None, name="final",
                                      epochs=final_epochs,
