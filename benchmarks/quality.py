@@ -46,6 +46,13 @@ def recipes(epochs: int) -> dict[str, TrainConfig | None]:
     original = TrainConfig(model=ModelConfig(backbone="resnet18", mode="shared", grayscale=True, image_size=128,
                                              proj_dim=256, pretrained=False),
                            epochs=epochs, loss="mse", horizontal_flip=True, tta_angles=(), early_stopping=False)
+    # the seed design's four architectures (issue: model-quality table), same interval loss, no TTA; torchvision
+    # ImageNet weights are not available offline, so these train from scratch
+    architectures = {
+        f"{backbone} {mode}": TrainConfig(model=ModelConfig(backbone=backbone, mode=mode, image_size=128, proj_dim=256,
+                                                            pretrained=False),
+                                          epochs=epochs, loss="interval", tta_angles=(), early_stopping=False)
+        for backbone in ("resnet18", "mobilenet_v3_small") for mode in ("shared", "dual")}
     return {
         "median baseline": None,
         "ours": ours,
@@ -53,6 +60,7 @@ def recipes(epochs: int) -> dict[str, TrainConfig | None]:
         "ours, 2x epochs": replace(ours, epochs=2 * epochs),
         "ours + mint/denomination heads": replace(ours, aux_weight=0.2),
         "ours, MSE loss": replace(ours, loss="mse"),
+        **architectures,
     }
 
 
@@ -288,6 +296,7 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--limit", type=int, help="a random subset of N coins (smoke tests)")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--image-size", type=int, help="override every recipe's image size (e.g. 64 on a CPU)")
     parser.add_argument("--only", help="';'-separated recipe names to run (default: all)")
     parser.add_argument("--time-budget", type=float, default=float("inf"),
                         help="seconds; a recipe is skipped when it would not finish in what is left")
@@ -335,6 +344,8 @@ def main(argv=None) -> int:
                 entry = {"train_seconds": 0.0}
             else:
                 config = replace(config, folds=args.folds, seed=args.seed)
+                if args.image_size:
+                    config = replace(config, model=replace(config.model, image_size=args.image_size))
                 result = train_on_manifest(manifest, config, Path(args.cache), final_model=False)
                 table = result.predictions
                 train_seconds = sum(h["epoch_seconds"] for hist in result.histories.values() for h in hist)
