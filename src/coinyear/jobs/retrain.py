@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 WATERMARK_APP = "coinyear-retrain:feedback"
 TRAIN, HOLDOUT, FEEDBACK_EVAL = "train", "holdout", "feedback_eval"
 BASE, FEEDBACK_SOURCE = "base", "feedback"
-PROMOTED, REJECTED, SKIPPED = "promoted", "rejected", "skipped"
+PROMOTED, REJECTED, SKIPPED, FAILED = "promoted", "rejected", "skipped", "failed"
 LATENCY_PROBES = 20
 MAE = "mean_absolute_error"  # mlflow.models.evaluate's name for it
 
@@ -76,7 +76,7 @@ class RetrainBusy(RuntimeError):
 # ------------------------------------------------------------------------------------------------ result
 @dataclass
 class RetrainResult:
-    decision: str  # promoted | rejected | skipped | dry_run
+    decision: str  # promoted | rejected | skipped | dry_run | failed (the job itself broke)
     reason: str
     run_id: str | None = None
     candidate_version: str | None = None
@@ -176,7 +176,8 @@ class Retraining:
 
         self.parent = self.client.create_run(
             self.experiment_id, run_name="retrain", tags={"coinyear.job": "retrain"}).info.run_id
-        result = RetrainResult(REJECTED, "", run_id=self.parent, new_feedback_rows=len(new_feedback),
+        result = RetrainResult(FAILED, "the job stopped with an error (see the run's log)", run_id=self.parent,
+                               new_feedback_rows=len(new_feedback),
                                production_before=registry.version_by_alias(self.settings, registry.PRODUCTION))
         status = "FAILED"
         try:
@@ -245,7 +246,8 @@ class Retraining:
             self.record(result, feedback_version)
 
     def validate(self, result: RetrainResult, eval_rows: Manifest) -> tuple[str, str]:
-        """(decision, reason): gates first (errors, NaN, latency), then MLflow validation against production."""
+        """(decision, reason): an error or a NaN rejects at once; otherwise MLflow validation against production
+        and the latency budget, every failure named in the reason."""
         import mlflow
         from mlflow.models.evaluation.validation import ModelValidationFailedException
 
@@ -266,25 +268,30 @@ class Retraining:
             return REJECTED, f"candidate predicted NaN or infinity for {bad} of {len(rows)} coins"
         candidate_eval = evaluate_predictions(f"candidate-v{result.candidate_version}", truth, candidate, decades)
         result.candidate_metrics = candidate_eval.metrics
-        if candidate.median_ms > settings.retrain_latency_budget_ms:
-            return REJECTED, (f"candidate too slow: median {candidate.median_ms:.1f} ms per one-coin request, "
-                              f"budget {settings.retrain_latency_budget_ms:g} ms")
+        too_slow = [] if candidate.median_ms <= settings.retrain_latency_budget_ms else [
+            f"candidate too slow: median {candidate.median_ms:.1f} ms per one-coin request, "
+            f"budget {settings.retrain_latency_budget_ms:g} ms"]
         if result.production_before is None:
+            if too_slow:
+                return REJECTED, too_slow[0]
             return PROMOTED, (f"first valid model (no production yet): MAE {candidate_eval.metrics[MAE]:.2f} "
                               f"years on {len(rows)} evaluation coins")
         production = score(registry.model_uri(settings, result.production_before), frame)
         if production.error or not np.all(np.isfinite(production.predictions)):
+            if too_slow:
+                return REJECTED, too_slow[0]
             return PROMOTED, f"production v{result.production_before} cannot score the evaluation set " \
                              f"({production.error or 'NaN predictions'}); the valid candidate replaces it"
         production_eval = evaluate_predictions(f"production-v{result.production_before}", truth, production,
                                                decades)
         result.production_metrics = production_eval.metrics
         thresholds = validation_thresholds(settings, production_eval.metrics, decades)
+        comparison = explain(candidate_eval.metrics, production_eval.metrics, settings, decades)
         try:
             mlflow.validate_evaluation_results(thresholds, candidate_eval, production_eval)
         except ModelValidationFailedException:
-            return REJECTED, explain(candidate_eval.metrics, production_eval.metrics, settings, decades)
-        return PROMOTED, explain(candidate_eval.metrics, production_eval.metrics, settings, decades)
+            return REJECTED, "; ".join([comparison, *too_slow])
+        return (REJECTED, "; ".join([*too_slow, comparison])) if too_slow else (PROMOTED, comparison)
 
     def record(self, result: RetrainResult, feedback_version: int) -> None:
         """The decision row, committed together with the watermark (see `feedback_watermark`)."""
