@@ -278,10 +278,11 @@ class Retraining:
                               f"years on {len(rows)} evaluation coins")
         production = score(registry.model_uri(settings, result.production_before), frame)
         if production.error or not np.all(np.isfinite(production.predictions)):
+            broken = f"production v{result.production_before} cannot score the evaluation set " \
+                     f"({production.error or 'NaN predictions'})"
             if too_slow:
-                return REJECTED, too_slow[0]
-            return PROMOTED, f"production v{result.production_before} cannot score the evaluation set " \
-                             f"({production.error or 'NaN predictions'}); the valid candidate replaces it"
+                return REJECTED, "; ".join([*too_slow, broken])
+            return PROMOTED, f"{broken}; the valid candidate replaces it"
         production_eval = evaluate_predictions(f"production-v{result.production_before}", truth, production,
                                                decades)
         result.production_metrics = production_eval.metrics
