@@ -39,6 +39,12 @@ def test_per_decade_and_confusion():
     assert confusion.to_numpy().sum() == 2
 
 
+def test_confusion_of_a_diverged_model_stays_small():
+    confusion = decade_confusion([1e12, -1e12, float("nan")], [70, 80, 90], [70, 80, 90])
+    assert confusion.shape[0] <= 30 and confusion.to_numpy().sum() == 3
+    assert confusion.loc[70].sum() == 1
+
+
 @pytest.mark.parametrize("year,label", [(73, "AD 73"), (-27, "27 BC"), (1, "AD 1"), (-1, "1 BC"), (72.6, "AD 73")])
 def test_year_label(year, label):
     assert year_label(year) == label
