@@ -8,7 +8,7 @@ import logging
 import sys
 from typing import NoReturn
 
-from coinyear.config import get_settings
+from coinyear.config import configure_mlflow, get_settings
 
 
 def _train_config(args, settings):
@@ -57,6 +57,7 @@ def cmd_evaluate(args) -> int:
     from coinyear.evaluate import evaluate_model
 
     settings = get_settings()
+    configure_mlflow(settings)  # `models:/...` URIs resolve against our registry, not MLflow's default store
     manifest = read_manifest(args.data or settings.data_dir, settings.min_year, settings.max_year, limit=args.limit)
     if not args.json:
         print(manifest.report())

@@ -101,10 +101,11 @@ def test_promote_and_repeated_rollback(tmp_path):
 
 
 def run_cli(settings, *args):
-    env = {"COINYEAR_HOME": str(settings.home), "COINYEAR_DATA_DIR": str(settings.data_dir),
-           "MLFLOW_TRACKING_URI": settings.mlflow_tracking_uri, "PATH": "/usr/bin:/bin"}
+    # Only COINYEAR_HOME, as a user runs it: every command must find the tracking store and registry from it
+    # (no MLFLOW_TRACKING_URI, and a working directory with no store in it).
+    env = {"COINYEAR_HOME": str(settings.home), "COINYEAR_DATA_DIR": str(settings.data_dir), "PATH": "/usr/bin:/bin"}
     return subprocess.run([sys.executable, "-m", "coinyear.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, cwd=settings.home.parent)
 
 
 def test_cli_lists_models_and_evaluates_production(trained):
