@@ -52,7 +52,7 @@ def recipes(epochs: int) -> dict[str, TrainConfig | None]:
         f"{backbone} {mode}": TrainConfig(model=ModelConfig(backbone=backbone, mode=mode, image_size=128, proj_dim=256,
                                                             pretrained=False),
                                           epochs=epochs, loss="interval", tta_angles=(), early_stopping=False)
-        for backbone in ("resnet18", "mobilenet_v3_small") for mode in ("shared", "dual")}
+        for backbone in ("mobilenet_v3_small", "resnet18") for mode in ("shared", "dual")}
     return {
         "median baseline": None,
         "ours": ours,

@@ -57,8 +57,10 @@ def prepare_model(home: Path, backbone: str, image_size: int, limit: int, data_d
     if version:
         return version
     print(f"training {backbone} for 1 epoch on {limit} coins (once; reused by later runs)", flush=True)
+    # One pass per coin (no rotation TTA): the cheapest model makes the server's own costs (decoding, batching,
+    # logging) the largest share, and matches the FLOPs counted below.
     config = TrainConfig(model=ModelConfig(backbone=backbone, image_size=image_size), epochs=1, limit=limit,
-                         batch_size=16, seed=1)
+                         batch_size=16, seed=1, tta_angles=())
     outcome = run_training(settings, config)
     registry.promote(settings, outcome.version, registry.PRODUCTION)
     return outcome.version
