@@ -23,7 +23,8 @@
 # a walk through the pipeline, not the quality benchmark: the README's model-quality table comes from 5-fold
 # runs on all coins (`benchmarks/quality.py`). All state (MLflow store, registry, Delta tables, image cache)
 # goes to a temporary `COINYEAR_HOME` (printed below: browse it with `mlflow ui`, delete it when done), never
-# into the repository.
+# into the repository — unless `MLFLOW_TRACKING_URI` is set: then the runs and the model version go to that
+# tracking server and registry, as everywhere in coinyear. The full run took 629 s (10.5 minutes).
 
 # %%
 import os

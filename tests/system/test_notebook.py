@@ -36,6 +36,10 @@ def test_notebook_runs_in_small_mode(ocre_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("COINYEAR_NOTEBOOK_SMALL", "1")
     monkeypatch.setenv("COINYEAR_DATA_DIR", str(ocre_dir))
     monkeypatch.setenv("TMPDIR", str(tmp_path))
+    # mlflow.set_tracking_uri() in earlier tests exports MLFLOW_TRACKING_URI into this process; the notebook would
+    # honour it (as all of coinyear does) and register into another test's store instead of its own.
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(name, raising=False)
     client = NotebookClient(notebook, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(NOTEBOOK.parent)}})
     started = time.perf_counter()
