@@ -271,5 +271,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def run() -> NoReturn:
+    """The `coinyear` console command: `main`, then Python's exit handlers, then exit without the interpreter's
+    native teardown. Under CPU load a finished command sometimes aborted in that teardown ("terminate called
+    without an active exception", exit 134: a daemon thread stopped inside native code while the interpreter
+    shut down), which a scheduler would read as a failed job although its work was done and recorded."""
+    import atexit
+    import os
+
+    code = main()
+    atexit._run_exitfuncs()  # MLflow's and logging's handlers still run; only the native teardown is skipped
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

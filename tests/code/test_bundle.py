@@ -83,7 +83,7 @@ def test_jobs_run_our_commands_one_at_a_time_on_a_schedule(bundle, job, command)
     for task in spec["tasks"]:
         wheel_task = task["python_wheel_task"]
         assert wheel_task["package_name"] == "coinyear"
-        assert scripts[wheel_task["entry_point"]] == "coinyear.cli:main"
+        assert scripts[wheel_task["entry_point"]] == "coinyear.cli:run"
         args = cli.build_parser().parse_args(wheel_task["parameters"])
         assert args.func is command
         assert [lib["whl"] for lib in task["libraries"]] == ["../../dist/*.whl"]
