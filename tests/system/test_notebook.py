@@ -36,8 +36,9 @@ def test_notebook_runs_in_small_mode(ocre_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("COINYEAR_NOTEBOOK_SMALL", "1")
     monkeypatch.setenv("COINYEAR_DATA_DIR", str(ocre_dir))
     monkeypatch.setenv("TMPDIR", str(tmp_path))
-    # mlflow.set_tracking_uri() in earlier tests exports MLFLOW_TRACKING_URI into this process; the notebook would
-    # honour it (as all of coinyear does) and register into another test's store instead of its own.
+    # The notebook honours MLFLOW_TRACKING_URI (as all of coinyear does), so drop one from the caller's shell or
+    # exported into this process by mlflow.set_tracking_uri() in earlier tests (seen in CI): it would register
+    # into that store instead of its own, as test_serve.py and test_retrain_e2e.py also guard against.
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
         monkeypatch.delenv(name, raising=False)
     client = NotebookClient(notebook, timeout=600, kernel_name="python3",
