@@ -73,3 +73,22 @@ def trained(tmp_path_factory):
     outcome = run_training(settings, small_train_config())
     registry.promote(settings, outcome.version, registry.PRODUCTION)
     return settings, outcome
+
+
+@pytest.fixture(scope="session")
+def spark(tmp_path_factory):
+    """One local PySpark session (Java 17) for every Spark test of this pytest process.
+
+    A missing Java or pyspark fails under CI=true (the project's set-up installs both) and skips elsewhere."""
+    import shutil
+
+    if shutil.which("java") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("java is missing: .ci/run installs openjdk-17-jre-headless for the Spark tests")
+        pytest.skip("no java on this machine (the Spark tests need Java 17)")
+    from coinyear.spark import spark_session
+
+    session = spark_session("coinyear-tests", master="local[2]",
+                            warehouse_dir=tmp_path_factory.mktemp("spark") / "warehouse")
+    yield session
+    session.stop()
