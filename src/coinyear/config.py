@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -35,6 +35,11 @@ class Settings(BaseSettings):
         default=None, validation_alias=AliasChoices("MLFLOW_REGISTRY_URI", "COINYEAR_REGISTRY_URI")
     )
     lake_uri: str | None = Field(default=None, description="Root of the Delta tables; default HOME/lake.")
+    lake_backend: Literal["delta", "spark"] = Field(
+        default="delta", description="delta: delta-rs tables under the lake root; spark: tables written through "
+                                     "Spark (Unity Catalog tables on Databricks).")
+    lake_schema: str | None = Field(default=None, description="`catalog.schema` of the tables when the lake "
+                                                              "backend is spark.")
 
     # Training defaults: the recipe `coinyear train` and `make demo` use when no flag says otherwise.
     backbone: str = "efficientnet_lite0"
@@ -65,6 +70,15 @@ class Settings(BaseSettings):
     batch_max_wait_ms: float = 5.0
     inference_log: bool = Field(default=True, description="Append every request to the inference_log table.")
     log_flush_seconds: float = Field(default=1.0, description="How often the spool is committed to Delta.")
+
+    serving_backend: Literal["local", "databricks"] = Field(
+        default="local", description="local: the gateway scores with the pyfunc; databricks: it forwards scoring "
+                                     "to the Model Serving endpoint and still logs and takes feedback.")
+    payload_table: str | None = Field(default=None, description="The endpoint's AI Gateway inference table "
+                                                                "(`catalog.schema.table`).")
+
+    # Deployment: what `coinyear deploy` makes serve the production alias
+    deploy_target: Literal["local", "databricks"] = "local"
 
     # Client side (UI): where the gateway lives
     api_url: str = "http://127.0.0.1:8080"
