@@ -44,11 +44,27 @@ def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def _is_not_found(error: MlflowException) -> bool:
+    """True when the registry answered that the model or alias does not exist (and nothing else).
+
+    A missing model is RESOURCE_DOES_NOT_EXIST; a missing alias is INVALID_PARAMETER_VALUE "... not found" in
+    MLflow's stores and Unity Catalog alike. Anything else (an unreachable or failing registry) is no answer."""
+    if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+        return True
+    return error.error_code == "INVALID_PARAMETER_VALUE" and "not found" in error.message.lower()
+
+
 def version_by_alias(settings: Settings, alias: str) -> str | None:
+    """The version `alias` points to; None only when the registry says the model or the alias does not exist.
+
+    Any other registry error raises RegistryError: a transient failure must never read as "no production
+    model", or a job would promote a candidate without comparing it to the model it replaces."""
     try:
         return str(client(settings).get_model_version_by_alias(settings.model_name, alias).version)
-    except MlflowException:
-        return None
+    except MlflowException as error:
+        if _is_not_found(error):
+            return None
+        raise RegistryError(f"cannot read alias {alias} of {settings.model_name}: {error.message}") from error
 
 
 def list_versions(settings: Settings) -> list[VersionInfo]:
@@ -56,8 +72,10 @@ def list_versions(settings: Settings) -> list[VersionInfo]:
     mlflow_client = client(settings)
     try:
         versions = mlflow_client.search_model_versions(f"name='{settings.model_name}'")
-    except MlflowException:
-        return []
+    except MlflowException as error:
+        if _is_not_found(error):
+            return []
+        raise RegistryError(f"cannot list versions of {settings.model_name}: {error.message}") from error
     if not versions:  # also when the model is not registered at all
         return []
     # search results carry no aliases; the registered model has the alias -> version map
@@ -86,7 +104,9 @@ def promote(settings: Settings, version: str | int, to: str) -> str | None:
     try:
         mlflow_client.get_model_version(name, version)
     except MlflowException as error:
-        raise RegistryError(f"model {name} has no version {version}") from error
+        if _is_not_found(error):
+            raise RegistryError(f"model {name} has no version {version}") from error
+        raise RegistryError(f"cannot read version {version} of {name}: {error.message}") from error
     previous = version_by_alias(settings, to)
     if to == PRODUCTION and previous and previous != version:
         mlflow_client.set_model_version_tag(name, version, PREVIOUS_TAG, previous)
