@@ -109,17 +109,53 @@ Rows = list[dict] | pd.DataFrame | pa.Table
 
 
 class Lake:
-    """The Delta tables under one root (`settings.lake_root`, or a root URI/path given directly)."""
+    """The lake's tables behind one API; `Lake(settings)` gives the backend `settings.lake_backend` names.
 
-    def __init__(self, settings_or_root):
-        root = settings_or_root if isinstance(settings_or_root, (str, Path)) else settings_or_root.lake_root
-        self.root = str(root).rstrip("/")
+    `Lake(settings)` with `lake_backend=delta` (the default) or `Lake(root)` (a path or URI) is a `DeltaLake`;
+    `lake_backend=spark` gives a `coinyear.lake_spark.SparkLake` (tables `<lake_schema>.<table>` written through
+    the job's Spark session). Both keep the same contract, tested against both in tests/system/test_lake_spark.py:
+
+    - `append(table, rows, transaction=(app_id, version))` appends rows in one write; a `transaction` whose
+      version is not above `committed_version(table, app_id)` writes nothing and returns 0 (exactly once);
+    - `version(table)` names the table's state after each append (-1: no table), and
+      `read(table, version=v)` reads the rows of that state back (the tables are append-only);
+    - `read` of a table that does not exist yet is an empty frame with the table's columns.
+    """
+
+    def __new__(cls, settings_or_root=None, *args, **kwargs):
+        backend = cls
+        if cls is Lake:
+            if getattr(settings_or_root, "lake_backend", "delta") == "spark":
+                from coinyear.lake_spark import SparkLake
+
+                backend = SparkLake
+            else:
+                backend = DeltaLake
+        return super().__new__(backend)
 
     def uri(self, table: str) -> str:
-        return f"{self.root}/{table}"
+        """Where the table lives: a Delta table URI, or a Spark table name."""
+        raise NotImplementedError
 
     def exists(self, table: str) -> bool:
-        return DeltaTable.is_deltatable(self.uri(table))
+        raise NotImplementedError
+
+    def append(self, table: str, rows: Rows, *, transaction: tuple[str, int] | None = None,
+               metadata: dict[str, str] | None = None) -> int:
+        raise NotImplementedError
+
+    def committed_version(self, table: str, app_id: str) -> int | None:
+        raise NotImplementedError
+
+    def version(self, table: str) -> int:
+        raise NotImplementedError
+
+    def read(self, table: str, columns: list[str] | None = None, filters=None,
+             version: int | None = None) -> pd.DataFrame:
+        raise NotImplementedError
+
+    def count(self, table: str) -> int:
+        raise NotImplementedError
 
     def to_arrow(self, table: str, rows: Rows) -> pa.Table:
         """Rows as an Arrow table, cast to the table's schema when it has one."""
@@ -135,20 +171,58 @@ class Lake:
             return pa.Table.from_pylist(rows)
         return pa.Table.from_pylist(rows, schema=schema)
 
-    def append(self, table: str, rows: Rows, *, transaction: tuple[str, int] | None = None,
-               metadata: dict[str, str] | None = None) -> int:
-        """Append rows in one Delta commit; returns how many.
-
-        `transaction=(app_id, version)` records an idempotent-write marker in the same commit (Delta's
-        `txn` action): `committed_version(table, app_id)` then tells which writes already landed.
-        """
+    def storable(self, table: str, rows: Rows) -> pa.Table:
+        """`to_arrow`, with all-null columns of a table without a fixed schema typed as strings (neither Delta nor
+        Parquet can store Arrow's null type)."""
         data = self.to_arrow(table, rows)
-        if data.num_rows == 0:
-            return 0
         if table not in SCHEMAS:
-            for name in data.column_names:  # delta-rs cannot store all-null columns of type null
+            for name in data.column_names:
                 if pa.types.is_null(data.schema.field(name).type):
                     data = data.set_column(data.schema.get_field_index(name), name, data[name].cast(pa.string()))
+        return data
+
+    @staticmethod
+    def already_committed(done: int | None, transaction: tuple[str, int] | None) -> bool:
+        return transaction is not None and done is not None and transaction[1] <= done
+
+    def empty(self, table: str, columns: list[str] | None = None) -> pd.DataFrame:
+        """What reading a table that does not exist yet gives: no rows, the schema's columns (none when the
+        table has no fixed schema)."""
+        schema = SCHEMAS.get(table)
+        if schema is None:
+            return pd.DataFrame(columns=columns or [])
+        empty = schema.empty_table()
+        return (empty.select(columns) if columns else empty).to_pandas()
+
+
+class DeltaLake(Lake):
+    """The Delta tables under one root (`settings.lake_root`, or a root URI/path given directly), via delta-rs."""
+
+    def __init__(self, settings_or_root):
+        root = settings_or_root if isinstance(settings_or_root, (str, Path)) else settings_or_root.lake_root
+        self.root = str(root).rstrip("/")
+
+    def uri(self, table: str) -> str:
+        return f"{self.root}/{table}"
+
+    def exists(self, table: str) -> bool:
+        return DeltaTable.is_deltatable(self.uri(table))
+
+    def append(self, table: str, rows: Rows, *, transaction: tuple[str, int] | None = None,
+               metadata: dict[str, str] | None = None) -> int:
+        """Append rows in one Delta commit; returns how many (0 when `transaction` was already committed).
+
+        `transaction=(app_id, version)` records an idempotent-write marker in the same commit (Delta's
+        `txn` action): `committed_version(table, app_id)` then tells which writes already landed. The check
+        before the write assumes the table's one writer (see the module docstring).
+        """
+        data = self.storable(table, rows)
+        if data.num_rows == 0:
+            return 0
+        if transaction is not None and self.already_committed(self.committed_version(table, transaction[0]),
+                                                              transaction):
+            log.info("%s: transaction %s already committed, nothing appended", table, transaction)
+            return 0
         properties = CommitProperties(
             custom_metadata=metadata,
             app_transactions=[Transaction(*transaction)] if transaction else None,
@@ -163,19 +237,21 @@ class Lake:
             return None
         return DeltaTable(self.uri(table)).transaction_version(app_id)
 
-    def read(self, table: str, columns: list[str] | None = None, filters=None) -> pd.DataFrame:
-        """The whole table (or `columns`, rows matching pyarrow-style `filters`) as pandas.
+    def version(self, table: str) -> int:
+        """The table's current Delta version, -1 while it does not exist."""
+        return DeltaTable(self.uri(table)).version() if self.exists(table) else -1
+
+    def read(self, table: str, columns: list[str] | None = None, filters=None,
+             version: int | None = None) -> pd.DataFrame:
+        """The whole table (or `columns`, rows matching pyarrow-style `filters`) as pandas, at its latest
+        version or at Delta version `version` (time travel).
 
         A table that does not exist yet reads as an empty frame with its schema's columns (no columns when the
         table has no fixed schema).
         """
         if not self.exists(table):
-            schema = SCHEMAS.get(table)
-            if schema is None:
-                return pd.DataFrame(columns=columns or [])
-            empty = schema.empty_table()
-            return (empty.select(columns) if columns else empty).to_pandas()
-        return DeltaTable(self.uri(table)).to_pandas(columns=columns, filters=filters)
+            return self.empty(table, columns)
+        return DeltaTable(self.uri(table), version=version).to_pandas(columns=columns, filters=filters)
 
     def count(self, table: str) -> int:
         return DeltaTable(self.uri(table)).count() if self.exists(table) else 0

@@ -66,6 +66,8 @@ DECISIONS_SCHEMA = pa.schema([
     ("candidate_metrics", pa.string()), ("production_metrics", pa.string()),
     ("eval_rows", pa.int64()), ("new_feedback_rows", pa.int64()), ("ingested_rows", pa.int64()),
     ("dropped", pa.string()), ("training_data_version", pa.int64()), ("feedback_version", pa.int64()),
+    # which job decided (retrain | deploy) and, for a deployment, the serving endpoint it changed
+    ("kind", pa.string()), ("endpoint_name", pa.string()),
 ])
 
 
@@ -310,18 +312,20 @@ class Retraining:
             "eval_rows": int(result.candidate_metrics.get("example_count", 0)),
             "new_feedback_rows": result.new_feedback_rows, "ingested_rows": result.ingested_rows,
             "dropped": json.dumps(result.dropped), "training_data_version": result.training_data_version,
-            "feedback_version": feedback_version,
+            "feedback_version": feedback_version, "kind": "retrain",
         }
+        # a forced rerun reads no newer feedback: its decision carries no marker (an already committed marker
+        # would make the lake skip the append as a duplicate)
+        marker = feedback_version + 1
+        moves = marker > (self.lake.committed_version(MODEL_DECISIONS, WATERMARK_APP) or 0)
         self.lake.append(MODEL_DECISIONS, pa.Table.from_pylist([row], schema=DECISIONS_SCHEMA),
-                         transaction=(WATERMARK_APP, feedback_version + 1))
+                         transaction=(WATERMARK_APP, marker) if moves else None)
 
 
 # ------------------------------------------------------------------------------------------------ ingest
 def table_version(lake: Lake, table: str) -> int:
-    """The table's current Delta version, -1 while it does not exist."""
-    from deltalake import DeltaTable
-
-    return DeltaTable(lake.uri(table)).version() if lake.exists(table) else -1
+    """The table's current version (Delta's, or the Spark lake's logical one), -1 while it does not exist."""
+    return lake.version(table)
 
 
 def feedback_watermark(lake: Lake) -> int:
@@ -339,15 +343,13 @@ def read_new_feedback(lake: Lake, watermark: int) -> tuple[int, pd.DataFrame]:
 
     `feedback` is append-only, so the rows at the watermark version are exactly those already ingested.
     """
-    from deltalake import DeltaTable
-
     version = table_version(lake, FEEDBACK)
     if version < 0 or version <= watermark:
         return max(version, watermark), lake.read(FEEDBACK).iloc[0:0]
-    current = DeltaTable(lake.uri(FEEDBACK), version=version).to_pandas()
+    current = lake.read(FEEDBACK, version=version)
     if watermark < 0:
         return version, current
-    seen = DeltaTable(lake.uri(FEEDBACK), version=watermark).to_pandas(columns=["request_id", "timestamp"])
+    seen = lake.read(FEEDBACK, columns=["request_id", "timestamp"], version=watermark)
     key = ["request_id", "timestamp"]
     merged = current.merge(seen.drop_duplicates(key), on=key, how="left", indicator=True)
     return version, current[(merged["_merge"] == "left_only").to_numpy()].reset_index(drop=True)
@@ -528,9 +530,7 @@ def build(settings: Settings, lake: Lake, kept: pd.DataFrame, feedback_version: 
 
 def dataset(lake: Lake, settings: Settings, version: int) -> tuple[Manifest, Manifest]:
     """(train rows, evaluation rows) of `training_data` at `version`, as validated manifests."""
-    from deltalake import DeltaTable
-
-    table = DeltaTable(lake.uri(TRAINING_DATA), version=version).to_pandas()
+    table = lake.read(TRAINING_DATA, version=version)
     source = f"{lake.uri(TRAINING_DATA)}@v{version}"
 
     def manifest(rows: pd.DataFrame) -> Manifest:
