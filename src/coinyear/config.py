@@ -15,10 +15,7 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-# The OCRE reference data spans 32 BC .. AD 138; a coin dating system should still accept the whole span of
-# coinage (c. 700 BC to today), and nothing else: years outside it are typos, not coins.
-MIN_YEAR = -700
-MAX_YEAR = 2100
+from coinyear.years import MAX_YEAR, MIN_YEAR
 
 
 class Settings(BaseSettings):
@@ -54,6 +51,12 @@ class Settings(BaseSettings):
     loss: str = "interval"
     seed: int = 42
     num_threads: int = 0
+    model_torch_index: str | None = Field(default=None, description="PyTorch wheel index a logged model's "
+                                          "requirements name (e.g. https://download.pytorch.org/whl/cpu for a "
+                                          "CPU-only serving environment); none: torch from PyPI.")
+    tensor_cache_dir: Path | None = Field(
+        default=None, description="Local-disk folder of the memory-mapped training tensors (distributed "
+                                  "training); default HOME/cache/tensors.")
 
     # Serving
     host: str = "127.0.0.1"
@@ -76,9 +79,23 @@ class Settings(BaseSettings):
                                      "to the Model Serving endpoint and still logs and takes feedback.")
     payload_table: str | None = Field(default=None, description="The endpoint's AI Gateway inference table "
                                                                 "(`catalog.schema.table`).")
+    loop_volume: str | None = Field(default=None, description="Unity Catalog volume (`/Volumes/<catalog>/<schema>/"
+                                    "<volume>`) where the gateway with the databricks backend stores feedback files "
+                                    "and the photos of requests too large for the payload table; read by "
+                                    "`coinyear ingest-payloads`.")
 
     # Deployment: what `coinyear deploy` makes serve the production alias
     deploy_target: Literal["local", "databricks"] = "local"
+    deploy_workload_size: str = Field(default="Small", description="Model Serving workload size of a served "
+                                                                   "version (Small, Medium, Large).")
+    deploy_scale_to_zero: bool = Field(default=False, description="Let the endpoint scale to zero (off: "
+                                                                  "production must not cold-start).")
+    deploy_canary_percent: int = Field(default=10, ge=1, le=99, description="Traffic share of a new version "
+                                                                            "while it is watched.")
+    deploy_watch_seconds: float = Field(default=60.0, ge=0, description="How long a canary is watched "
+                                                                        "before it takes all traffic.")
+    deploy_timeout_seconds: float = Field(default=1800.0, gt=0, description="Longest wait for one endpoint "
+                                                                            "update to finish.")
 
     # Client side (UI): where the gateway lives
     api_url: str = "http://127.0.0.1:8080"
@@ -137,6 +154,17 @@ class Settings(BaseSettings):
     @property
     def cache_dir(self) -> Path:
         return self.home_dir / "cache"
+
+    @property
+    def tensor_dir(self) -> Path:
+        """Where distributed training memory-maps decoded images: must be the node's local disk."""
+        return Path(self.tensor_cache_dir).expanduser().resolve() if self.tensor_cache_dir else self.cache_dir / "tensors"
+
+    @property
+    def serving_endpoint_name(self) -> str:
+        """The Model Serving endpoint: COINYEAR_ENDPOINT_NAME, else the model name with the dots of a Unity
+        Catalog name (`catalog.schema.model`) made dashes, as endpoint names cannot hold dots."""
+        return self.endpoint_name or self.model_name.replace(".", "-")
 
     @property
     def state_dir(self) -> Path:

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from coinyear.years import MAX_YEAR, MIN_YEAR
+
 CONFORMAL_FILE = "conformal.json"
 OOD_FILE = "ood.npz"
 
@@ -46,17 +48,21 @@ class Conformal:
         return cls(np.sort(residual / np.maximum(spread, floor)), scaled=True, spread_floor=floor)
 
     def quantile(self, level: float) -> float:
-        """The conformal quantile: the ceil((n+1)·level)-th smallest score (finite-sample valid)."""
+        """The conformal quantile: the ceil((n+1)·level)-th smallest score (finite-sample valid).
+
+        Infinite when that rank exceeds the n calibration scores: so few coins cannot promise the level, and
+        the largest score would under-cover."""
         if not 0 < level < 1:
             raise ValueError(f"interval level must be between 0 and 1, got {level}")
         n = len(self.scores)
         rank = int(np.ceil((n + 1) * level))
-        return float(self.scores[-1] if rank > n else self.scores[rank - 1])
+        return float("inf") if rank > n else float(self.scores[rank - 1])
 
     def interval(self, predicted, level: float, spread=None) -> tuple[np.ndarray, np.ndarray]:
+        """(low, high) per coin, clipped to the span of coinage (an unbounded range reads as "any year")."""
         predicted = np.asarray(predicted, float)
         half = self.quantile(level) * self._scale(predicted, spread)
-        return predicted - half, predicted + half
+        return np.maximum(predicted - half, MIN_YEAR), np.minimum(predicted + half, MAX_YEAR)
 
     def _scale(self, predicted: np.ndarray, spread) -> np.ndarray:
         if not self.scaled:

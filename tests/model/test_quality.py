@@ -11,6 +11,7 @@ import torch
 
 from coinyear.model import CoinEnsemble, ModelConfig, build_model, infer, load_checkpoint, save_checkpoint
 from coinyear.quality import Conformal, FeatureDistance, Quality, cross_conformal, interval_metrics
+from coinyear.years import MAX_YEAR, MIN_YEAR
 
 
 # ------------------------------------------------------------------------------------------- conformal
@@ -47,6 +48,10 @@ def test_conformal_quantile_is_the_finite_sample_rank_and_rejects_bad_levels():
     calibration = Conformal.fit(np.arange(1.0, 10.0), np.zeros(9), np.zeros(9))  # scores 1..9
     assert calibration.quantile(0.5) == 5.0  # ceil(10 * 0.5) = 5th smallest
     assert calibration.quantile(0.9) == 9.0  # ceil(10 * 0.9) = 9th: the largest
+    # ceil(10 * 0.95) = 10th of 9 scores: nine coins cannot promise 95%; the largest score would under-cover
+    assert calibration.quantile(0.95) == float("inf")
+    low, high = calibration.interval([100.0], 0.95)
+    assert (low[0], high[0]) == (MIN_YEAR, MAX_YEAR)
     for level in (0.0, 1.0, 1.5, -0.1):
         with pytest.raises(ValueError):
             calibration.quantile(level)
