@@ -107,11 +107,13 @@ def cmd_retrain(args) -> int:
 
     from coinyear.config import set_torch_threads
     from coinyear.jobs.retrain import run_retrain
+    from coinyear.jobs.task_values import set_task_value
 
     settings = get_settings()
     set_torch_threads(settings)
     result = run_retrain(settings, dry_run=args.dry_run, force=args.force)
     print(json.dumps(asdict(result), indent=2) if args.json else result.report())
+    set_task_value("decision", result.decision)  # the bundle's retrain job deploys only on "promoted"
     return 0
 
 
@@ -284,6 +286,20 @@ def run() -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def job() -> None:
+    """The `coinyear-job` entry point that the Databricks bundle's python_wheel_tasks call: the same commands as
+    `coinyear`, but a wheel task calls its entry point inside the driver's Python process (sys.argv = the task's
+    parameters), so this returns on success and raises on failure. It never exits the interpreter: `run`'s
+    os._exit would take the driver's REPL down with it, and the run would be reported failed."""
+    try:
+        code = main(sys.argv[1:])
+    except SystemExit as stop:  # argparse: --help (0) or a usage error (2)
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 2)
+    sys.stdout.flush()
+    if code:
+        raise RuntimeError(f"coinyear {' '.join(sys.argv[1:])} failed with exit status {code}")
 
 
 if __name__ == "__main__":
