@@ -154,6 +154,52 @@ def cmd_data(args) -> int:
     return 0
 
 
+def cmd_predict(args) -> int:
+    from dataclasses import asdict
+
+    from coinyear import predict
+    from coinyear.config import set_torch_threads
+
+    settings = get_settings()
+    sources = sum(bool(x) for x in (args.photos, args.images, args.csv))
+    if sources != 1 or (args.photos and len(args.photos) != 2):
+        raise ValueError("give FRONT BACK, or --images DIR, or --csv FILE (one of them)")
+    if args.engine == "spark":
+        if not args.images or not args.out_table:
+            raise ValueError("--engine spark takes --images DIR and --out-table TABLE")
+        from coinyear.spark import spark_session
+
+        result = predict.predict_spark(settings, spark_session(), args.images, args.out_table, args.model,
+                                       args.interval)
+        print(json.dumps(result, indent=2) if args.json else
+              f"{result['scored']} coins ({result['errors']} with an error) -> table {result['table']}, "
+              f"{result['model_name']} version {result['model_version']}")
+        return 0
+    set_torch_threads(settings)
+    model = predict.load_scoring_model(settings, args.model)
+    if args.photos:
+        answer = predict.predict_pair(model, *args.photos, interval=args.interval)
+        if args.json:
+            print(json.dumps(answer, indent=2))
+        else:
+            from coinyear.evaluate import year_label
+
+            extra = (f" ({int(args.interval * 100)}% range {year_label(answer['low'])} .. "
+                     f"{year_label(answer['high'])}{', unlike the training coins' if answer['out_of_distribution'] else ''})"
+                     if args.interval else "")
+            print(f"{year_label(answer['year'])}{extra}  [{model.name} version {model.version}]")
+        return 0
+    if not args.out:
+        raise ValueError("--out FILE (.csv or .parquet) is needed with --images or --csv")
+    pairs = predict.pair_folder(args.images) if args.images else predict.pair_csv(args.csv)
+    result = predict.predict_collection(model, pairs, args.out, args.interval, args.chunk_size, args.batch_size,
+                                        progress=not args.json)
+    print(json.dumps(asdict(result), indent=2) if args.json else
+          f"{result.scored} coins dated ({result.errors} with an error, {result.skipped} already in the output) "
+          f"-> {result.out} with {result.model_name} version {result.model_version}")
+    return 0
+
+
 def cmd_ui(args) -> NoReturn:
     """Replace this process with `streamlit run` on the app, so a signal to it stops the UI itself."""
     import os
@@ -238,6 +284,34 @@ def build_parser() -> argparse.ArgumentParser:
     monitor = commands.add_parser("monitor", help="daily health and drift metrics -> the monitoring table")
     monitor.add_argument("--json", action="store_true")
     monitor.set_defaults(func=cmd_monitor)
+
+    predict = commands.add_parser(
+        "predict", formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="date one coin (FRONT BACK) or a whole collection (--images DIR | --csv FILE --out FILE)",
+        description="Date one coin, or every coin of a folder or CSV, with a registered model.\n\n"
+        "Folder naming rule (--images DIR; files directly in DIR, case-insensitive):\n"
+        "  <id>_front.<ext> + <id>_back.<ext>   separator _ - . or space; side word front|obverse|heads or\n"
+        "                                       back|reverse|tails (e.g. 17-obverse.jpg + 17-reverse.jpg)\n"
+        "  heads<id>.<ext> + tails<id>.<ext>    the OCRE form (heads00001.jpg + tails00001.jpg)\n"
+        "  <ext>: jpg jpeg png webp tif tiff bmp gif; other files are ignored.\n"
+        "CSV (--csv FILE): columns front and back (paths relative to the CSV's folder, or absolute); other\n"
+        "columns (e.g. coin_id, the restart key; default the row number) are copied to the output.\n"
+        "Output: one row per coin with year (+ low, high, out_of_distribution with --interval), error,\n"
+        "model_name, model_version, scored_at. A rerun skips the coin ids already in --out.")
+    predict.add_argument("photos", nargs="*", metavar="FRONT BACK", help="the two photos of one coin")
+    predict.add_argument("--images", help="folder of photo pairs (naming rule above)")
+    predict.add_argument("--csv", help="CSV with front and back columns")
+    predict.add_argument("--out", help="results .csv (appended) or .parquet (a folder of part files)")
+    predict.add_argument("--model", help="model URI (default models:/<COINYEAR_MODEL_NAME>@production)")
+    predict.add_argument("--interval", type=float, default=0.0, help="coverage level, e.g. 0.9: add the "
+                         "conformal range and the out-of-distribution flag")
+    predict.add_argument("--engine", choices=["local", "spark"], default="local",
+                         help="spark: score with mlflow.pyfunc.spark_udf and write --out-table")
+    predict.add_argument("--out-table", help="table for --engine spark (a Unity Catalog name on Databricks)")
+    predict.add_argument("--chunk-size", type=int, default=256, help="coins written per chunk (restart unit)")
+    predict.add_argument("--batch-size", type=int, default=32, help="coins per forward pass")
+    predict.add_argument("--json", action="store_true")
+    predict.set_defaults(func=cmd_predict)
 
     data = commands.add_parser("data", help="check a dataset or import your own collection")
     data_commands = data.add_subparsers(dest="data_command", required=True)
