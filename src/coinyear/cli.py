@@ -124,6 +124,16 @@ def cmd_scheduler(args) -> int:
     return 0
 
 
+def cmd_ingest_payloads(args) -> int:
+    from dataclasses import asdict
+
+    from coinyear.jobs.payloads import ingest_payloads
+
+    result = ingest_payloads(get_settings())
+    print(json.dumps(asdict(result), indent=2) if args.json else result.report())
+    return 0
+
+
 def cmd_monitor(args) -> int:
     from coinyear.jobs.monitor import run_monitor
 
@@ -284,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     monitor = commands.add_parser("monitor", help="daily health and drift metrics -> the monitoring table")
     monitor.add_argument("--json", action="store_true")
     monitor.set_defaults(func=cmd_monitor)
+    ingest = commands.add_parser("ingest-payloads", help="Databricks: the endpoint's payload table -> inference_log, "
+                                 "feedback files in the volume -> feedback (exactly once)")
+    ingest.add_argument("--json", action="store_true")
+    ingest.set_defaults(func=cmd_ingest_payloads)
 
     predict = commands.add_parser(
         "predict", formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -106,9 +106,15 @@ class Gateway:
 
     def __init__(self, settings: Settings, host: str):
         self.settings = settings
-        self.endpoint_name = settings.endpoint_name or settings.model_name
+        self.endpoint_name = settings.serving_endpoint_name
         self.auth = BearerAuth(settings, host)
         self.metrics = Metrics()
+        self.recent_ids: OrderedDict[str, None] = OrderedDict()
+        self._init_backend()
+
+    def _init_backend(self) -> None:
+        """The local backend: the model in this process, the lake writers (the databricks backend overrides)."""
+        settings = self.settings
         self.lake = Lake(settings)
         self.log_writer = SpooledAppender(self.lake, INFERENCE_LOG, settings.spool_dir / INFERENCE_LOG,
                                           settings.log_flush_seconds) if settings.inference_log else None
@@ -118,7 +124,6 @@ class Gateway:
         self.batcher = MicroBatcher(lambda model, fronts, backs: model.forward(fronts, backs),
                                     settings.batch_max_size, settings.batch_max_wait_ms,
                                     on_batch=self.metrics.batch_rows.observe)
-        self.recent_ids: OrderedDict[str, None] = OrderedDict()
         for table, writer in ((INFERENCE_LOG, self.log_writer), (FEEDBACK, self.feedback_writer)):
             if writer is not None:
                 self.metrics.log_backlog.labels(table).set_function(lambda w=writer: w.backlog)
@@ -299,18 +304,31 @@ class Gateway:
                 raise ApiError(400, INVALID_PARAMETER_VALUE, f"{name}={value} is outside {low}..{high}")
         if year_from > year_to:
             raise ApiError(400, INVALID_PARAMETER_VALUE, f"year_from {year_from} is after year_to {year_to}")
-        known = await asyncio.to_thread(self._logged, feedback.request_id)
-        if not known and self.log_writer is not None and self.log_writer.backlog:
-            await asyncio.to_thread(self.log_writer.flush, 10)  # it may still be on its way from the spool
-            known = await asyncio.to_thread(self._logged, feedback.request_id)
-        if not known:
+        if not await self._known(feedback.request_id):
             raise ApiError(404, RESOURCE_DOES_NOT_EXIST, f"no logged request with id {feedback.request_id!r}")
         record = {"request_id": feedback.request_id, "year_from": year_from, "year_to": year_to,
                   "timestamp": datetime.now(UTC), "source": feedback.source, "note": feedback.note}
-        await asyncio.wrap_future(self.feedback_writer.submit([record]))
+        await self._store_feedback(record)
         return {"request_id": feedback.request_id, "year_from": year_from, "year_to": year_to, "recorded": True}
 
+    async def _known(self, request_id: str) -> bool:
+        known = await asyncio.to_thread(self._logged, request_id)
+        if not known and self.log_writer is not None and self.log_writer.backlog:
+            await asyncio.to_thread(self.log_writer.flush, 10)  # it may still be on its way from the spool
+            known = await asyncio.to_thread(self._logged, request_id)
+        return known
+
+    async def _store_feedback(self, record: dict) -> None:
+        await asyncio.wrap_future(self.feedback_writer.submit([record]))
+
     # -------------------------------------------------------------------------------------------- ops
+    def ready(self) -> dict:
+        """Readiness: a production model is loaded; ApiError 503 until then."""
+        model = self.models.current
+        if model is None:
+            raise ApiError(503, TEMPORARILY_UNAVAILABLE, "no production model is loaded yet")
+        return {"ready": True, "model_name": model.name, "model_version": model.version}
+
     def version(self) -> dict:
         writers = {INFERENCE_LOG: self.log_writer, FEEDBACK: self.feedback_writer}
         return {
@@ -325,8 +343,17 @@ class Gateway:
 
 
 def create_app(settings: Settings, host: str | None = None) -> FastAPI:
-    """The ASGI app; `host` is where it will listen (auth may be off only on loopback)."""
-    gateway = Gateway(settings, host or settings.host)
+    """The ASGI app; `host` is where it will listen (auth may be off only on loopback).
+
+    COINYEAR_SERVING_BACKEND picks who scores: this process (`local`) or the Model Serving endpoint it forwards to
+    (`databricks`, coinyear.serve.forward); the routes and the wire format are the same.
+    """
+    if settings.serving_backend == "databricks":
+        from coinyear.serve.forward import DatabricksGateway
+
+        gateway: Gateway = DatabricksGateway(settings, host or settings.host)
+    else:
+        gateway = Gateway(settings, host or settings.host)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -365,10 +392,7 @@ def create_app(settings: Settings, host: str | None = None) -> FastAPI:
     @app.get("/ready", tags=["ops"])
     async def ready():
         """Readiness: a production model is loaded (503 until then)."""
-        model = gateway.models.current
-        if model is None:
-            raise ApiError(503, TEMPORARILY_UNAVAILABLE, "no production model is loaded yet")
-        return {"ready": True, "model_name": model.name, "model_version": model.version}
+        return gateway.ready()
 
     @app.get("/version", tags=["ops"])
     async def version():
