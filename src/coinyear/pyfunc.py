@@ -8,6 +8,13 @@ With the inference parameter `interval` (a coverage level such as 0.9, sent as `
 each row's answer is instead `{"year", "low", "high", "out_of_distribution"}`: the conformal range that holds
 the true year for that share of coins like the training coins, and whether the photos look unlike any
 training coin (then the range and year deserve little trust).
+
+The logged model is self-contained: it carries the coinyear package as MLflow `code_paths` (put first on
+`sys.path` when MLflow loads it) and lists as requirements exactly what the serving code imports, pinned to
+the training environment's versions, so any environment MLflow builds from it (`mlflow models serve`,
+`spark_udf`, Databricks Model Serving) scores without coinyear installed. Loading it imports only
+`coinyear.pyfunc`, `.data`, `.model`, `.quality` and `.years`: none may import a package missing from
+`pip_requirements` at module level (settings, lake, Spark, tqdm and scikit-learn stay lazy).
 """
 
 from __future__ import annotations
@@ -33,7 +40,12 @@ CONFORMAL, OOD = "conformal", "ood"
 
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", FRONT), ColSpec("string", BACK)]),
-    outputs=Schema([ColSpec("double")]),
+    # MLflow has one output schema for both answers: `year` always; low, high and out_of_distribution only
+    # with `params.interval` (then a row per coin). A plain call returns the bare years, which every scoring
+    # server sends as `{"predictions": [year, ...]}`, the wire format clients read today.
+    outputs=Schema([ColSpec("double", "year"), ColSpec("double", "low", required=False),
+                    ColSpec("double", "high", required=False),
+                    ColSpec("boolean", "out_of_distribution", required=False)]),
     params=ParamSchema([ParamSpec("batch_size", "long", 32),
                         # 0 = plain years; a level in (0, 1) = year, conformal range and OOD flag per row
                         ParamSpec("interval", "double", 0.0)]),
@@ -159,21 +171,69 @@ def input_example(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({FRONT: [encode_file(first["obverse_path"])], BACK: [encode_file(first["reverse_path"])]})
 
 
+# What loading and scoring the model imports (cloudpickle restores the python model; the rest is the import
+# closure of coinyear.pyfunc). timm only for the backbones built with it; the ImageNet weights package is not
+# needed: the checkpoint holds every weight.
+SERVING_PACKAGES = ("mlflow", "cloudpickle", "torch", "torchvision", "pillow", "numpy", "pandas")
+TIMM_BACKBONES = ("efficientnet_lite0",)
+TORCH_PACKAGES = ("torch", "torchvision")
+
+
+def pip_requirements(backbone: str, torch_index: str | None = None) -> list[str]:
+    """The model's pip requirements: the packages its serving code imports, pinned to the installed versions.
+
+    `mlflow` is the full package, not mlflow-skinny: an environment built from the model often resolves
+    `models:/` URIs itself, and the SQL registry (the default here) needs SQLAlchemy and Alembic, which only
+    `mlflow` brings. Local version labels (`2.14.1+cu130`) are dropped, so torch comes from PyPI, whose Linux
+    wheel is the CUDA build (several GB of nvidia-* wheels). `torch_index`, a PyTorch wheel index such as
+    https://download.pytorch.org/whl/cpu, instead adds `--extra-index-url <index>` and pins torch and
+    torchvision to the variant the index is named after (`torch==2.14.1+cpu`): a small CPU-only environment.
+    Such a line is a pip option: pip, uv and MLflow's virtualenv manager honour it, but the environment then
+    needs to reach that index, and no test here can (the machine is offline but for PyPI).
+    """
+    from importlib.metadata import version
+
+    names = [*SERVING_PACKAGES, *(["timm"] if backbone in TIMM_BACKBONES else [])]
+    pins = {name: version(name).split("+")[0] for name in names}
+    lines = []
+    if torch_index:
+        variant = torch_index.rstrip("/").rsplit("/", 1)[-1]
+        lines.append(f"--extra-index-url {torch_index}")
+        pins.update({name: f"{pins[name]}+{variant}" for name in TORCH_PACKAGES})
+    return lines + [f"{name}=={pin}" for name, pin in pins.items()]
+
+
+def package_dir() -> str:
+    """The folder of the coinyear package that is running: logged whole as the model's code."""
+    import coinyear
+
+    return str(Path(coinyear.__file__).resolve().parent)
+
+
 def log_model(checkpoint: Path, example: pd.DataFrame, registered_model_name: str | None = None,
-              quality: dict[str, str] | None = None):
+              quality: dict[str, str] | None = None, torch_index: str | None = None):
     """Log the pyfunc (signature + input example) in the active run; register it when a name is given.
 
     `quality` holds the interval calibration and OOD files (`Quality.save`), which enable `interval`.
+    The model carries its code and pinned requirements (see `pip_requirements`; `torch_index` defaults to
+    the setting `COINYEAR_MODEL_TORCH_INDEX`).
     """
-    import coinyear
+    if torch_index is None:
+        from coinyear.config import Settings
 
+        torch_index = Settings().model_torch_index
+    try:
+        backbone = torch.load(checkpoint, map_location="cpu", weights_only=True)["config"]["backbone"]
+    except Exception:  # noqa: BLE001 - torch.load raises anything on a bad file; such a model cannot serve
+        # either, and listing timm is the safe side
+        backbone = TIMM_BACKBONES[0]
     return mlflow.pyfunc.log_model(
         name="model",
         python_model=CoinYearModel(),
         artifacts={CHECKPOINT: str(checkpoint), **(quality or {})},
+        code_paths=[package_dir()],
         signature=SIGNATURE,
         input_example=example,
         registered_model_name=registered_model_name,
-        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "torchvision", "timm", "pillow",
-                          f"coinyear=={coinyear.__version__}"],
+        pip_requirements=pip_requirements(backbone, torch_index),
     )
