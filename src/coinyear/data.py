@@ -118,6 +118,75 @@ def load_arrays(rows: pd.DataFrame, cache: ImageCache, progress: bool = False) -
     return np.stack(fronts), np.stack(backs)
 
 
+# Tensor files kept per folder: each distinct set of rows (a new retraining set, another --limit) makes one pair.
+TENSOR_FILES_KEPT = 4
+
+
+def tensor_files(rows: pd.DataFrame, cache: ImageCache, folder: str | Path) -> tuple[Path, Path]:
+    """Where the memory-mapped front and back tensors of these rows live: named by every row's cache key
+    (path, file time, size, side, image size, colour mode), so a changed photo or row set gets new files."""
+    digest = hashlib.sha1(str(cache.root.name).encode())
+    for row in rows.itertuples():
+        digest.update(cache._key(Path(row.obverse_path), "front").name.encode())
+        digest.update(cache._key(Path(row.reverse_path), "back").name.encode())
+    stem = Path(folder) / f"{len(rows)}-{digest.hexdigest()[:20]}"
+    return stem.with_name(stem.name + "-front.npy"), stem.with_name(stem.name + "-back.npy")
+
+
+def build_tensor_files(rows: pd.DataFrame, cache: ImageCache, folder: str | Path,
+                       progress: bool = False) -> tuple[Path, Path]:
+    """Write the decoded images of every row into two `.npy` files, one image at a time (never all in memory);
+    a no-op when they exist. Concurrent builders each write a private temporary file and rename it into place."""
+    import os
+
+    from tqdm.auto import tqdm
+
+    paths = tensor_files(rows, cache, folder)
+    if all(path.exists() for path in paths):
+        return paths
+    if len(rows) == 0:
+        raise ValueError("no rows: nothing to put in a tensor file")
+    paths[0].parent.mkdir(parents=True, exist_ok=True)
+    first = cache.get(rows["obverse_path"].iloc[0], "front")
+    shape = (len(rows), *first.shape)
+    temporary = [path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy") for path in paths]
+    fronts, backs = (np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape) for path in temporary)
+    iterator = tqdm(enumerate(rows.itertuples()), total=len(rows), desc="tensors", unit="coin",
+                    disable=not progress, leave=False)
+    for position, row in iterator:
+        fronts[position] = cache.get(row.obverse_path, "front")
+        backs[position] = cache.get(row.reverse_path, "back")
+    for array in (fronts, backs):
+        array.flush()
+    del fronts, backs
+    for source, target in zip(temporary, paths):
+        os.replace(source, target)
+    _prune_tensor_files(Path(folder), keep=set(paths))
+    return paths
+
+
+def _prune_tensor_files(folder: Path, keep: set[Path]) -> None:
+    """Drop the oldest tensor files beyond TENSOR_FILES_KEPT pairs. A process that still maps a removed file
+    keeps reading it (POSIX), and a later run rebuilds it."""
+    files = sorted(folder.glob("*-front.npy"), key=lambda path: path.stat().st_mtime, reverse=True)
+    for front in files[TENSOR_FILES_KEPT:]:
+        back = front.with_name(front.name.replace("-front.npy", "-back.npy"))
+        for path in (front, back):
+            if path not in keep:
+                path.unlink(missing_ok=True)
+
+
+def open_tensor_files(paths: tuple[Path, Path]) -> tuple[np.ndarray, np.ndarray]:
+    """The front and back tensors, memory-mapped read-only: a process reads (and holds) only the rows it uses."""
+    return np.load(paths[0], mmap_mode="r"), np.load(paths[1], mmap_mode="r")
+
+
+def mapped_arrays(rows: pd.DataFrame, cache: ImageCache, folder: str | Path,
+                  progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """`load_arrays` without the memory: build the tensor files once (if missing) and map them."""
+    return open_tensor_files(build_tensor_files(rows, cache, folder, progress))
+
+
 # --------------------------------------------------------------------------------------------- manifest
 @dataclass
 class Manifest:

@@ -24,7 +24,7 @@ from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from coinyear import evaluate
-from coinyear.data import ImageCache, Manifest, grouped_folds, grouped_holdout, load_arrays
+from coinyear.data import ImageCache, Manifest, grouped_folds, grouped_holdout, load_arrays, mapped_arrays
 from coinyear.model import CoinEnsemble, DualImageRegressor, ModelConfig, build_model, infer
 from coinyear.quality import Conformal, FeatureDistance, Quality
 
@@ -84,24 +84,31 @@ class TrainConfig:
 
 # ---------------------------------------------------------------------------------------------- dataset
 class CoinDataset(Dataset):
-    """In-memory uint8 images of both sides; augmentation (when given) applied per sample.
+    """uint8 images of both sides, read one sample at a time; augmentation (when given) applied per sample.
 
-    `aux` holds integer class labels per auxiliary head ([N] each, -100 = unknown); they follow the years.
+    `fronts`/`backs` are [N, C, H, W] arrays in memory or memory-mapped tensor files (`data.mapped_arrays`);
+    `index` picks this dataset's rows among the N (default all), so a split is never copied and a process
+    reads only the samples it is asked for. Years and `aux` (integer class labels per auxiliary head, -100 =
+    unknown) are given for all N rows, like the images.
     """
 
     def __init__(self, fronts: np.ndarray, backs: np.ndarray, year_from, year_to, augment=None,
-                 aux: dict[str, np.ndarray] | None = None):
-        self.fronts, self.backs = torch.from_numpy(fronts), torch.from_numpy(backs)
-        self.year_from = torch.as_tensor(np.asarray(year_from, dtype=np.float32))
-        self.year_to = torch.as_tensor(np.asarray(year_to, dtype=np.float32))
+                 aux: dict[str, np.ndarray] | None = None, index: np.ndarray | None = None):
+        self.fronts, self.backs = fronts, backs
+        self.index = np.arange(len(fronts)) if index is None else np.asarray(index, dtype=np.int64)
+        self.year_from = torch.as_tensor(np.asarray(year_from, dtype=np.float32)[self.index])
+        self.year_to = torch.as_tensor(np.asarray(year_to, dtype=np.float32)[self.index])
         self.augment = augment
-        self.aux = {name: torch.as_tensor(np.asarray(labels, dtype=np.int64)) for name, labels in (aux or {}).items()}
+        self.aux = {name: torch.as_tensor(np.asarray(labels, dtype=np.int64)[self.index])
+                    for name, labels in (aux or {}).items()}
 
     def __len__(self) -> int:
-        return len(self.fronts)
+        return len(self.index)
 
     def __getitem__(self, index: int):
-        front, back = self.fronts[index], self.backs[index]
+        row = self.index[index]
+        # np.array copies the row out of a read-only memory map (torch wants writable memory)
+        front, back = torch.from_numpy(np.array(self.fronts[row])), torch.from_numpy(np.array(self.backs[row]))
         if self.augment is not None:
             front, back = self.augment(front), self.augment(back)
         labels = tuple(self.aux[name][index] for name in self.aux)
@@ -146,23 +153,88 @@ def aux_labels(rows: pd.DataFrame, top: int) -> tuple[dict[str, np.ndarray], dic
 
 
 # ---------------------------------------------------------------------------------------------- fitting
+def process_rank() -> tuple[int, int]:
+    """(rank, world size) of this process in an initialised torch.distributed group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def resolve_device(name: str = "auto") -> torch.device:
+    """The training device; under torchrun a CUDA device is this process's own GPU (LOCAL_RANK)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
+class _TrainStep(nn.Module):
+    """The training forward pass as one module call, so DistributedDataParallel (which only hooks `forward`)
+    sees the auxiliary heads too. Without DDP it is the same computation as calling the model directly."""
+
+    def __init__(self, model: DualImageRegressor):
+        super().__init__()
+        self.model = model
+
+    def forward(self, front: torch.Tensor, back: torch.Tensor, with_aux: bool):
+        if with_aux:
+            return self.model.forward_with_aux(front, back)
+        return self.model(front, back), None
+
+
+def shard_sampler(dataset: Dataset, rank: int, world: int, seed: int):
+    """This rank's share of the training rows: a fresh disjoint shuffle every epoch (`set_epoch`). The few rows
+    beyond a multiple of `world` are left out of that epoch, so shards never overlap."""
+    from torch.utils.data import DistributedSampler
+
+    return DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+
+
+def _all_sum(values: list[float], device: torch.device) -> list[float]:
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def validation_years(model: nn.Module, val: CoinDataset, device: torch.device) -> np.ndarray:
+    """Predicted years of every validation row. Under DDP each rank predicts every world-th row and the
+    shares are gathered, so all ranks hold the same predictions (and take the same early-stopping decision)."""
+    rank, world = process_rank()
+    positions = np.arange(rank, len(val), world)
+    years = infer_arrays(model, val.fronts, val.backs, device=device, index=val.index[positions])["year"]
+    if world == 1:
+        return years
+    import torch.distributed as dist
+
+    shares = [None] * world
+    dist.all_gather_object(shares, (positions, years))
+    predicted = np.empty(len(val))
+    for share_positions, share_years in shares:
+        predicted[share_positions] = share_years
+    return predicted
 
 
 @torch.inference_mode()
 def infer_arrays(model: nn.Module, fronts: np.ndarray, backs: np.ndarray, batch_size: int = 64,
-                 device: torch.device | str | None = None, with_features: bool = False) -> dict[str, np.ndarray]:
-    """Years of uint8 image arrays; for an ensemble also the spread over rotations and (optionally) the
-    embeddings: {"year": [N], "spread": [N], "features": [N, D]}."""
+                 device: torch.device | str | None = None, with_features: bool = False,
+                 index: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Years of uint8 image arrays (rows `index`, default all; memory-mapped arrays are read batch by batch);
+    for an ensemble also the spread over rotations and (optionally) the embeddings:
+    {"year": [N], "spread": [N], "features": [N, D]}."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval().to(device)
+    rows = np.arange(len(fronts)) if index is None else np.asarray(index, dtype=np.int64)
     years, spreads, features = [], [], []
-    for start in range(0, len(fronts), batch_size):
-        front = torch.from_numpy(fronts[start:start + batch_size]).to(device).float() / 255
-        back = torch.from_numpy(backs[start:start + batch_size]).to(device).float() / 255
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start:start + batch_size]
+        front = torch.from_numpy(np.asarray(fronts[batch])).to(device).float() / 255
+        back = torch.from_numpy(np.asarray(backs[batch])).to(device).float() / 255
         out = infer(model, front, back, with_features)
         years.append(out["year"].cpu().numpy())
         spreads.append(out["spread"].cpu().numpy())
@@ -181,20 +253,42 @@ def predict_arrays(model: nn.Module, fronts: np.ndarray, backs: np.ndarray, batc
 
 
 def fit(model: DualImageRegressor, train: CoinDataset, config: TrainConfig, val: CoinDataset | None = None,
-        name: str = "fit", on_epoch=None, epochs: int | None = None) -> list[dict]:
+        name: str = "fit", on_epoch=None, epochs: int | None = None, trace: list | None = None) -> list[dict]:
     """Train in place; with a validation set, stop early on validation MAE and keep the best weights.
 
-    `on_epoch(record)` is called after every epoch (MLflow logging); returns the per-epoch history.
+    The same loop runs in one process or, inside an initialised torch.distributed group (TorchDistributor,
+    torchrun), as one rank of DistributedDataParallel: each rank reads its own shard of `train` per epoch
+    (batch `batch_size // world`, so the global batch and the learning-rate schedule match one process),
+    the epoch loss and the validation predictions are combined over ranks, and every rank keeps the same
+    weights and takes the same early-stopping decision. `on_epoch(record)` is called after every epoch
+    (MLflow logging); returns the per-epoch history. `trace`, when given, receives per epoch the rows
+    (indices into the arrays) this rank trained on.
     """
     epochs = config.epochs if epochs is None else epochs
+    rank, world = process_rank()
     device = resolve_device(config.device)
     model.to(device)
-    generator = torch.Generator().manual_seed(config.seed)
-    # On a GPU the per-sample augmentation on one CPU core is the bottleneck: spread it over workers.
-    workers = min(8, (os.cpu_count() or 1) - 1) if device.type == "cuda" else 0
-    loader = DataLoader(train, batch_size=config.batch_size, shuffle=True, generator=generator,
-                        drop_last=len(train) > config.batch_size, num_workers=max(workers, 0),
-                        persistent_workers=workers > 0, pin_memory=device.type == "cuda")
+    # On a GPU the per-sample augmentation on one CPU core is the bottleneck: spread it over workers (the
+    # node's cores shared by the ranks on it).
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    workers = min(8, (os.cpu_count() or 1) // local_world - 1) if device.type == "cuda" else 0
+    batch_size = max(1, config.batch_size // world)
+    if world > 1:
+        sampler = shard_sampler(train, rank, world, config.seed)
+        loader = DataLoader(train, batch_size=batch_size, sampler=sampler, drop_last=len(sampler) > batch_size,
+                            num_workers=max(workers, 0), persistent_workers=workers > 0,
+                            pin_memory=device.type == "cuda")
+    else:
+        sampler = None
+        generator = torch.Generator().manual_seed(config.seed)
+        loader = DataLoader(train, batch_size=config.batch_size, shuffle=True, generator=generator,
+                            drop_last=len(train) > config.batch_size, num_workers=max(workers, 0),
+                            persistent_workers=workers > 0, pin_memory=device.type == "cuda")
+    step = _TrainStep(model)
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        step = DistributedDataParallel(step, device_ids=[device.index] if device.type == "cuda" else None)
     # A pretrained backbone needs gentler steps than the freshly initialised head.
     backbone_lr = config.lr * (0.3 if model.pretrained_loaded else 1.0)
     head_params = [*model.fusion.parameters(), *model.head.parameters(), *model.aux_heads.parameters()]
@@ -206,30 +300,44 @@ def fit(model: DualImageRegressor, train: CoinDataset, config: TrainConfig, val:
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=[backbone_lr, config.lr], total_steps=total_steps, pct_start=0.15)
     scale = float(model.year_scale)
+    with_aux = bool(model.aux_heads) and config.aux_weight > 0
     history, best_mae, best_state, stale = [], math.inf, None, 0
-    bar = tqdm(range(1, epochs + 1), desc=name, unit="epoch", leave=False)
-    for epoch in bar:
-        model.train()
+    for epoch in range(1, epochs + 1):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        if trace is not None:
+            rows = list(sampler) if sampler is not None else []
+            trace.append([int(train.index[i]) for i in rows[:len(loader) * batch_size]])
+        step.train()
         started, losses = time.perf_counter(), []
-        for batch in loader:
+        # The bar counts the batches of this epoch (rank 0 only: the other ranks run the same steps).
+        bar = tqdm(loader, desc=f"{name} epoch {epoch}/{epochs}", unit="batch", leave=False, disable=rank != 0)
+        for batch in bar:
             front, back, year_from, year_to, *aux = (t.to(device, non_blocking=True) for t in batch)
             optimizer.zero_grad(set_to_none=True)
-            if aux and config.aux_weight > 0:
-                predicted, logits = model.forward_with_aux(front, back)
-                loss = loss_fn(predicted, year_from, year_to, config.loss, scale)
+            predicted, logits = step(front, back, with_aux and bool(aux))
+            loss = loss_fn(predicted, year_from, year_to, config.loss, scale)
+            if logits is not None:
                 for labels, head in zip(aux, model.aux_heads):
                     loss = loss + config.aux_weight * nn.functional.cross_entropy(logits[head], labels,
                                                                                   ignore_index=-100)
-            else:
-                loss = loss_fn(model(front, back), year_from, year_to, config.loss, scale)
             loss.backward()
             optimizer.step()
             scheduler.step()
             losses.append(loss.item())
-        record = {"epoch": epoch, "train_loss": float(np.mean(losses)) if losses else float("nan"),
+            bar.set_postfix(loss=round(losses[-1], 3))
+        loss_sum, loss_count = float(np.sum(losses)), float(len(losses))
+        if world > 1:
+            loss_sum, loss_count = _all_sum([loss_sum, loss_count], device)
+            # BatchNorm statistics are updated per rank: take rank 0's, so all ranks validate and keep one model.
+            import torch.distributed as dist
+
+            for buffer in model.buffers():
+                dist.broadcast(buffer, 0)
+        record = {"epoch": epoch, "train_loss": loss_sum / loss_count if loss_count else float("nan"),
                   "epoch_seconds": time.perf_counter() - started}
         if val is not None and len(val):
-            predicted = predict_arrays(model, val.fronts.numpy(), val.backs.numpy(), device=device)
+            predicted = validation_years(model, val, device)
             metrics = evaluate.regression_metrics(predicted, val.year_from.numpy(), val.year_to.numpy())
             record.update(val_mae=metrics["mae"], val_range_mae=metrics["range_mae"])
             if metrics["mae"] < best_mae:
@@ -240,7 +348,6 @@ def fit(model: DualImageRegressor, train: CoinDataset, config: TrainConfig, val:
             else:
                 stale += 1
         history.append(record)
-        bar.set_postfix({k: round(v, 3) for k, v in record.items() if k in ("train_loss", "val_mae")})
         log.info("%s epoch %d/%d %s", name, epoch, epochs,
                  " ".join(f"{k}={v:.3f}" for k, v in record.items() if isinstance(v, float)))
         if on_epoch:
@@ -304,7 +411,8 @@ def fit_quality(model, fronts, backs, groups, predictions: pd.DataFrame, config:
 
 
 def train_on_manifest(manifest: Manifest, config: TrainConfig, cache_dir: Path, on_metrics=None,
-                      final_model: bool = True) -> TrainingResult:
+                      final_model: bool = True, tensor_dir: Path | None = None,
+                      trace: list | None = None) -> TrainingResult:
     """Cross-validate (folds >= 2) or hold out one grouped split, then produce the model to register.
 
     With K folds, the reported metrics are the out-of-fold ones and the final model is fit on all rows for
@@ -312,6 +420,12 @@ def train_on_manifest(manifest: Manifest, config: TrainConfig, cache_dir: Path, 
     model is the one early-stopped on the hold-out. Predictions use the rotation TTA of the served model,
     and the interval calibration and OOD detector are fitted for it. `final_model=False` stops after the
     folds (benchmarks). `on_metrics(dict, step)` receives every metric as it is produced (MLflow logging).
+
+    With `tensor_dir` the images are read from memory-mapped tensor files there (built once, see
+    `data.mapped_arrays`) instead of being loaded into memory. Inside a torch.distributed group every rank
+    calls this: the hold-out model is trained by all ranks (`fit`), and rank 0 alone goes on to predict,
+    calibrate and return the model (the other ranks return no model). K-fold is refused there: the folds
+    and the refit would be K+1 distributed fits in a row, which this path does not do.
     """
     from coinyear.quality import cross_conformal, interval_metrics
 
@@ -319,19 +433,25 @@ def train_on_manifest(manifest: Manifest, config: TrainConfig, cache_dir: Path, 
     rows = manifest.rows
     if len(rows) < 4:
         raise ValueError(f"only {len(rows)} valid rows: too few to train")
+    rank, world = process_rank()
+    if world > 1 and config.folds >= 2:
+        raise ValueError("distributed training runs one grouped hold-out; K-fold (folds >= 2) runs in one "
+                         "process: drop --folds or --distributed")
     device = resolve_device(config.device)
     aux, classes = aux_labels(rows, config.aux_top) if config.aux_weight > 0 else ({}, {})
     if classes:
         config = replace(config, model=replace(config.model, aux_classes=classes))
     cache = ImageCache(cache_dir, config.model.image_size, config.model.grayscale)
-    fronts, backs = load_arrays(rows, cache, progress=True)
+    if tensor_dir is not None:
+        fronts, backs = mapped_arrays(rows, cache, tensor_dir, progress=rank == 0)
+    else:
+        fronts, backs = load_arrays(rows, cache, progress=True)
     year_from, year_to = rows["year_from"].to_numpy(), rows["year_to"].to_numpy()
     augment = make_augmentation(config)
     emit = on_metrics or (lambda metrics, step=None: None)
 
     def subset(index, with_augment):
-        return CoinDataset(fronts[index], backs[index], year_from[index], year_to[index],
-                           augment if with_augment else None, {k: v[index] for k, v in aux.items()})
+        return CoinDataset(fronts, backs, year_from, year_to, augment if with_augment else None, aux, index=index)
 
     if config.folds >= 2:
         splits = grouped_folds(rows, config.folds, config.seed)
@@ -346,13 +466,15 @@ def train_on_manifest(manifest: Manifest, config: TrainConfig, cache_dir: Path, 
         model = new_model(config, year_from[train_index], year_to[train_index])
         history = fit(model, subset(train_index, True), config, subset(val_index, False), name=name,
                       on_epoch=lambda r, n=name: emit({f"{n}/{k}": v for k, v in r.items()
-                                                       if isinstance(v, float)}, r["epoch"]))
+                                                       if isinstance(v, float)}, r["epoch"]), trace=trace)
         histories[name], best_epochs = history, best_epochs + [best_epoch(history)]
+        if rank != 0:
+            continue
         served = serving_model([model], config.tta_angles)
-        inferred = infer_arrays(served, fronts[val_index], backs[val_index], device=device)
+        inferred = infer_arrays(served, fronts, backs, device=device, index=val_index)
         predictions[val_index], spread[val_index] = inferred["year"], inferred["spread"]
         if config.tta_angles:
-            plain[val_index] = predict_arrays(model, fronts[val_index], backs[val_index], device=device)
+            plain[val_index] = infer_arrays(model, fronts, backs, device=device, index=val_index)["year"]
         model.cpu()
         fold_of[val_index] = fold + 1
         metrics = evaluate.regression_metrics(predictions[val_index], year_from[val_index], year_to[val_index])
@@ -360,6 +482,8 @@ def train_on_manifest(manifest: Manifest, config: TrainConfig, cache_dir: Path, 
         emit({f"{name}/{k}": v for k, v in metrics.items()})
         log.info("%s: MAE %.2f, within 10y %.1f%%", name, metrics["mae"], 100 * metrics["within_10y"])
         fold_models.append(model)
+    if rank != 0:
+        return TrainingResult(None, {}, histories, pd.DataFrame(), time.perf_counter() - started)
 
     evaluated = fold_of > 0
     overall = evaluate.regression_metrics(predictions[evaluated], year_from[evaluated], year_to[evaluated])
@@ -433,8 +557,12 @@ def _log_plots(result: TrainingResult) -> None:
 
 
 def run_training(settings, config: TrainConfig, manifest: Manifest | None = None, register: bool = True,
-                 run_name: str | None = None, tags: dict | None = None) -> RunOutcome:
-    """Validate the data, train, and log the whole run to MLflow; register a new model version."""
+                 run_name: str | None = None, tags: dict | None = None, tensor_dir: Path | None = None,
+                 trace: list | None = None) -> RunOutcome:
+    """Validate the data, train, and log the whole run to MLflow; register a new model version.
+
+    Under TorchDistributor this is what rank 0 runs (`coinyear.distributed`), the other ranks running only
+    `train_on_manifest`; `tensor_dir` and `trace` are passed on to it."""
     import tempfile
 
     import mlflow
@@ -460,7 +588,8 @@ def run_training(settings, config: TrainConfig, manifest: Manifest | None = None
                                                  name="coins"), context="training")
 
         result = train_on_manifest(manifest, config, settings.cache_dir,
-                                   on_metrics=lambda metrics, step=None: mlflow.log_metrics(metrics, step=step))
+                                   on_metrics=lambda metrics, step=None: mlflow.log_metrics(metrics, step=step),
+                                   tensor_dir=tensor_dir, trace=trace)
         mlflow.set_tag("pretrained_weights", str(result.model.pretrained_loaded))
         _log_plots(result)
         with tempfile.TemporaryDirectory() as folder:
