@@ -117,6 +117,17 @@ def cmd_retrain(args) -> int:
     return 0
 
 
+def cmd_deploy(args) -> int:
+    from coinyear.deploy import as_json, run_deploy
+
+    def progress(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    result = run_deploy(get_settings(), version=args.version, dry_run=args.dry_run, progress=progress)
+    print(as_json(result) if args.json else result.report())
+    return 0 if result.ok else 1
+
+
 def cmd_scheduler(args) -> int:
     from coinyear.jobs.scheduler import run_scheduler
 
@@ -294,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     monitor = commands.add_parser("monitor", help="daily health and drift metrics -> the monitoring table")
     monitor.add_argument("--json", action="store_true")
     monitor.set_defaults(func=cmd_monitor)
+    deploy = commands.add_parser("deploy", help="make the serving target (COINYEAR_DEPLOY_TARGET) serve the "
+                                 "production version: canary, watch, promote or roll back")
+    deploy.add_argument("--version", help="deploy this version (it becomes production), e.g. after a rollback")
+    deploy.add_argument("--dry-run", action="store_true", help="say what would change, change nothing")
+    deploy.add_argument("--json", action="store_true")
+    deploy.set_defaults(func=cmd_deploy)
     ingest = commands.add_parser("ingest-payloads", help="Databricks: the endpoint's payload table -> inference_log, "
                                  "feedback files in the volume -> feedback (exactly once)")
     ingest.add_argument("--json", action="store_true")

@@ -1,0 +1,219 @@
+"""`coinyear deploy` against a local fake of the Databricks Model Serving API (tests/fake_workspace.py): the
+real databricks-sdk client, real MLflow registry, the real model versions scoring the smoke queries, the real
+`model_decisions` Delta table. No Databricks workspace is involved: what the fake leaves out is in its
+docstring."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from coinyear import cli, registry
+from coinyear.deploy import DEPLOYED, FAILED, LOCAL, LOCK_TAG, ROLLED_BACK, SKIPPED, run_deploy
+from coinyear.lake import MODEL_DECISIONS, Lake
+from tests.conftest import make_settings
+from tests.fake_workspace import FakeWorkspace
+
+PAYLOAD = "main.coinyear.coinyear_payload"
+
+
+@pytest.fixture(scope="module")
+def template(trained, tmp_path_factory):
+    """A copy of the `trained` registry with three versions: 1 (production), 2 (the same model registered
+    again), 3 (its pickle broken: the model server cannot load it)."""
+    import mlflow
+
+    settings, _ = trained
+    home = tmp_path_factory.mktemp("deploy-template") / "home"
+    home.mkdir(parents=True)
+    shutil.copy(settings.home_dir / "mlflow.db", home / "mlflow.db")
+    mine = make_settings(home)
+    client = registry.client(mine)
+    v1 = client.get_model_version(mine.model_name, "1")
+    again = client.create_model_version(mine.model_name, v1.source, v1.run_id, model_id=v1.model_id)
+    assert str(again.version) == "2"
+    broken = mlflow.artifacts.download_artifacts(registry.model_uri(mine, "1"), dst_path=str(home / "broken"))
+    with open(os.path.join(broken, "python_model.pkl"), "wb") as handle:
+        handle.write(b"not a pickle")
+    assert str(client.create_model_version(mine.model_name, broken).version) == "3"
+    assert registry.version_by_alias(mine, registry.PRODUCTION) == "1"
+    return home
+
+
+@pytest.fixture(scope="module")
+def models():
+    """Loaded versions shared by every fake of this module (loading one takes seconds)."""
+    return {}
+
+
+@pytest.fixture
+def deploy_settings(template, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(template / "mlflow.db", home / "mlflow.db")
+    return make_settings(home, deploy_target="databricks", payload_table=PAYLOAD, deploy_watch_seconds=1.0,
+                         deploy_timeout_seconds=60)
+
+
+@pytest.fixture
+def workspace(deploy_settings, models, monkeypatch):
+    """The fake, with DATABRICKS_HOST / DATABRICKS_TOKEN pointing at it (what `WorkspaceClient()` reads)."""
+    with FakeWorkspace(deploy_settings.mlflow_registry_uri, models=models) as fake:
+        for name in [k for k in os.environ if k.startswith("DATABRICKS_")]:
+            monkeypatch.delenv(name)
+        monkeypatch.setenv("DATABRICKS_HOST", fake.url)
+        monkeypatch.setenv("DATABRICKS_TOKEN", "x")
+        monkeypatch.setenv("DATABRICKS_CONFIG_FILE", os.devnull)
+        yield fake
+        assert fake.unhandled == [], f"the SDK made calls the fake does not implement: {fake.unhandled}"
+
+
+def deploy(settings, monkeypatch, capsys, *args) -> tuple[int, dict]:
+    """`coinyear deploy --json ARGS` in-process with these settings: (exit code, the JSON it printed)."""
+    monkeypatch.setattr(cli, "get_settings", lambda: settings)
+    code = cli.main(["deploy", "--json", *args])
+    return code, json.loads(capsys.readouterr().out)
+
+
+def decisions(settings):
+    rows = Lake(settings).read(MODEL_DECISIONS).sort_values("decided_at")
+    return rows[rows["kind"] == "deploy"]
+
+
+def changes(fake) -> list[tuple[str, str]]:
+    return [(m, p) for m, p in fake.calls if m in ("POST", "PUT", "DELETE") and "invocations" not in p]
+
+
+def test_local_mode_needs_nothing_and_version_moves_the_alias(template, tmp_path, monkeypatch, capsys):
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(template / "mlflow.db", home / "mlflow.db")
+    settings = make_settings(home)  # default target: local
+    code, out = deploy(settings, monkeypatch, capsys)
+    assert code == 0 and out["decision"] == LOCAL
+    assert "local gateway (`coinyear serve`) follows" in out["reason"] and out["served_after"] == "1"
+    assert not Lake(settings).exists(MODEL_DECISIONS)  # nothing was deployed, nothing to record
+
+    code, out = deploy(settings, monkeypatch, capsys, "--version", "2")
+    assert code == 0 and out["decision"] == DEPLOYED
+    assert registry.version_by_alias(settings, registry.PRODUCTION) == "2"
+    row = decisions(settings).iloc[-1]
+    assert (row["decision"], row["production_before"], row["production_after"]) == (DEPLOYED, "1", "2")
+
+    monkeypatch.setattr(cli, "get_settings", lambda: settings)
+    assert cli.main(["deploy", "--version", "99"]) == 2  # unknown version: a clear error, nothing moved
+    assert "no version 99" in capsys.readouterr().err
+    assert registry.version_by_alias(settings, registry.PRODUCTION) == "2"
+
+
+def test_create_then_canary_then_idempotent(deploy_settings, workspace, monkeypatch, capsys):
+    from databricks.sdk import WorkspaceClient
+
+    settings, fake, name = deploy_settings, workspace, deploy_settings.serving_endpoint_name
+    code, out = deploy(settings, monkeypatch, capsys, "--dry-run")
+    assert code == 0 and out["decision"] == "dry_run" and "would create" in out["reason"]
+    assert changes(fake) == []
+
+    # no endpoint yet: created with the production version, inference tables on, no scale to zero
+    code, out = deploy(settings, monkeypatch, capsys)
+    assert code == 0 and out["decision"] == DEPLOYED, out
+    endpoint = fake.endpoints[name]
+    (entity,) = endpoint["config"]["served_entities"]
+    assert (entity["name"], entity["entity_name"], entity["entity_version"]) == ("coinyear-1", "coinyear", "1")
+    assert entity["workload_size"] == "Small" and entity["scale_to_zero_enabled"] is False
+    assert endpoint["ai_gateway"]["inference_table_config"] == {
+        "enabled": True, "catalog_name": "main", "schema_name": "coinyear", "table_name_prefix": "coinyear"}
+    assert ("POST", f"/serving-endpoints/{name}/served-models/coinyear-1/invocations") in fake.calls
+    assert out["smoke"]["queries"] == 1 and out["smoke"]["failures"] == 0
+
+    # the endpoint answers real scoring requests with the real model
+    client = WorkspaceClient(host=fake.url, token="x")
+    with open(_example(settings, "1")) as handle:
+        example = json.load(handle)
+    answer = client.serving_endpoints.query(name, dataframe_records=[
+        dict(zip(example["dataframe_split"]["columns"], example["dataframe_split"]["data"][0], strict=True))])
+    assert len(answer.predictions) == 1 and -700 <= answer.predictions[0] <= 2100
+
+    # production moves to 2: canary at 10 %, watched, then all traffic, the old entity dropped
+    registry.promote(settings, "2", registry.PRODUCTION)
+    code, out = deploy(settings, monkeypatch, capsys)
+    assert code == 0 and out["decision"] == DEPLOYED, out
+    assert fake.history[name] == [{"coinyear-1": 100}, {"coinyear-1": 90, "coinyear-2": 10}, {"coinyear-2": 100}]
+    assert [e["name"] for e in fake.endpoints[name]["config"]["served_entities"]] == ["coinyear-2"]
+    smoke_calls = [c for c in fake.calls if c[1].endswith("served-models/coinyear-2/invocations")]
+    assert len(smoke_calls) == out["smoke"]["queries"] == 5
+    tags = registry.client(settings).get_model_version("coinyear", "2").tags
+    assert tags["deployment"] == DEPLOYED and tags["endpoint"] == name and tags["deployed_at"]
+
+    # again: the alias is what is served, nothing changes
+    before = len(changes(fake))
+    code, out = deploy(settings, monkeypatch, capsys)
+    assert code == 0 and out["decision"] == SKIPPED and "already serves version 2" in out["reason"]
+    assert len(changes(fake)) == before
+
+    rows = decisions(settings)
+    assert list(rows["decision"]) == [DEPLOYED, DEPLOYED, SKIPPED]
+    assert list(rows["production_after"]) == ["1", "2", "2"] and set(rows["endpoint_name"]) == {name}
+    assert registry.client(settings).get_registered_model("coinyear").tags.get(LOCK_TAG) is None  # released
+
+
+@pytest.mark.parametrize("failure", ["smoke", "update_failed"])
+def test_failing_version_is_rolled_back(deploy_settings, workspace, monkeypatch, capsys, failure):
+    settings, fake, name = deploy_settings, workspace, deploy_settings.serving_endpoint_name
+    assert deploy(settings, monkeypatch, capsys)[0] == 0  # version 1 serving
+    if failure == "smoke":
+        bad = "3"  # deploys, but its model server cannot load the broken pickle: the smoke query fails
+    else:
+        bad = "2"
+        fake.fail_update.add("2")  # the endpoint update itself fails (UPDATE_FAILED), as a failed build does
+    registry.promote(settings, bad, registry.PRODUCTION)
+
+    code, out = deploy(settings, monkeypatch, capsys)
+    assert code == 1 and out["decision"] == ROLLED_BACK, out
+    assert out["served_before"] == "1" and out["served_after"] == "1"
+    expected = "model failed to load" if failure == "smoke" else "UPDATE_FAILED"
+    assert expected in out["reason"]
+    # previous config restored (only version 1, all traffic), production alias back on version 1
+    config = fake.endpoints[name]["config"]
+    assert [(e["name"], e["entity_version"]) for e in config["served_entities"]] == [("coinyear-1", "1")]
+    assert config["traffic_config"]["routes"] == [{"served_model_name": "coinyear-1", "traffic_percentage": 100}]
+    if failure == "smoke":
+        assert fake.history[name] == [{"coinyear-1": 100}, {"coinyear-1": 90, f"coinyear-{bad}": 10},
+                                      {"coinyear-1": 100}]
+    else:
+        assert fake.history[name] == [{"coinyear-1": 100}, {"coinyear-1": 100}]
+    assert registry.version_by_alias(settings, registry.PRODUCTION) == "1"
+    assert registry.client(settings).get_model_version("coinyear", bad).tags["deployment"] == ROLLED_BACK
+    row = decisions(settings).iloc[-1]
+    assert (row["decision"], row["candidate_version"], row["production_after"]) == (ROLLED_BACK, bad, "1")
+    assert expected in row["reason"]
+
+
+def test_one_deploy_at_a_time(deploy_settings, workspace):
+    settings, fake = deploy_settings, workspace
+    client = registry.client(settings)
+    client.set_registered_model_tag("coinyear", LOCK_TAG, json.dumps(
+        {"owner": "other-host:1:abc", "endpoint": settings.serving_endpoint_name, "expires": 4102444800}))
+    result = run_deploy(settings)
+    assert result.decision == FAILED and "holds the deploy_lock tag" in result.reason and not result.ok
+    assert changes(fake) == [] and fake.endpoints == {}
+    assert decisions(settings).iloc[-1]["decision"] == FAILED
+    assert client.get_registered_model("coinyear").tags[LOCK_TAG].startswith('{"owner": "other-host')  # kept
+
+    client.set_registered_model_tag("coinyear", LOCK_TAG, json.dumps({"owner": "crashed", "expires": 1}))
+    assert run_deploy(settings).decision == DEPLOYED  # a stale lock (a killed run) is taken over
+
+
+def _example(settings, version: str) -> str:
+    import tempfile
+
+    import mlflow
+
+    from coinyear.config import configure_mlflow
+
+    configure_mlflow(settings)
+    return mlflow.artifacts.download_artifacts(f"{registry.model_uri(settings, version)}/serving_input_example.json",
+                                               dst_path=tempfile.mkdtemp())
