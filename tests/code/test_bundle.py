@@ -51,6 +51,7 @@ TARGET_KEYS = {"mode", "default", "variables", "workspace", "run_as", "presets",
                "artifacts", "sync", "git", "bundle", "cluster_id"}
 USER = "alice.smith@example.com"
 SHORT = "alice_smith"  # the CLI's workspace.current_user.short_name: the e-mail's local part, non-alphanumerics -> _
+FRIENDLY = "alice-smith"  # workspace.current_user.domain_friendly_name: the short name with dashes (app names)
 MLFLOW_ENV = {"MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"}
 SETTINGS_ENV = {f"COINYEAR_{name.upper()}" for name in Settings.model_fields}
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
@@ -90,7 +91,8 @@ def deployed(bundle: dict, target: str) -> dict:
     spec = bundle["targets"][target]
     development = spec.get("mode") == "development"
     context = {"workspace.current_user.short_name": SHORT, "workspace.current_user.userName": USER,
-               "bundle.name": bundle["bundle"]["name"], "bundle.target": target}
+               "workspace.current_user.domain_friendly_name": FRIENDLY, "bundle.name": bundle["bundle"]["name"],
+               "bundle.target": target}
     variables = {name: var["default"] for name, var in bundle["variables"].items()} | spec.get("variables", {})
     variables = substitute(variables, context.get)
     resources = substitute(bundle["resources"], lambda ref: variables.get(ref[4:]) if ref.startswith("var.")
@@ -184,8 +186,8 @@ def test_every_reference_resolves(bundle):
         assert variable.get("description") and "default" in variable
     for target in bundle["targets"].values():
         assert set(target.get("variables", {})) <= declared
-    allowed_context = {"workspace.current_user.short_name", "workspace.current_user.userName", "bundle.name",
-                       "bundle.target"}
+    allowed_context = {"workspace.current_user.short_name", "workspace.current_user.userName",
+                       "workspace.current_user.domain_friendly_name", "bundle.name", "bundle.target"}
     references = {ref for _, value in walk(bundle) if isinstance(value, str) for ref in REFERENCE.findall(value)}
     assert references, "the pattern found nothing: the check would pass vacuously"
     for reference in references:
@@ -247,8 +249,9 @@ def test_development_mode_every_unity_catalog_name_follows_the_prefixed_resource
     predict = resources["jobs"]["batch_predict"]["tasks"][0]["python_wheel_task"]["parameters"]
     assert predict[predict.index("--out-table") + 1] == f"{schema}.predictions"
     assert predict[predict.index("--images") + 1] == f"/Volumes/main/dev_{SHORT}_coinyear/photos"
+    assert {app["name"] for app in resources["apps"].values()} == {f"coinyear-ui-{FRIENDLY}",
+                                                                   f"coinyear-gateway-{FRIENDLY}"}
     for app in resources["apps"].values():
-        assert app["name"].endswith("-dev")
         environment = app_env(app)
         assert environment["COINYEAR_MODEL_NAME"] == expected["COINYEAR_MODEL_NAME"]
         assert environment["COINYEAR_LOOP_VOLUME"] == expected["COINYEAR_LOOP_VOLUME"]
@@ -267,6 +270,12 @@ def test_production_names_are_unprefixed_and_schedules_run(bundle):
         assert not job["name"].startswith("[dev")
         assert "pause_status" not in job.get("schedule", {})  # the API default: UNPAUSED
     assert {app["name"] for app in resources["apps"].values()} == {"coinyear-ui", "coinyear-gateway"}
+
+
+@pytest.mark.parametrize("target", ["dev", "prod"])
+def test_app_names_are_valid(bundle, target):
+    for app in deployed(bundle, target)["apps"].values():
+        assert re.fullmatch(r"[a-z0-9-]{2,30}", app["name"]), app["name"]  # Databricks Apps' naming rule
 
 
 def test_uc_names_are_never_built_from_the_raw_variables(bundle):
