@@ -1,6 +1,11 @@
-"""Lake stage: the Delta Lake tables every later stage reads and writes (delta-rs, no Spark).
+"""Lake stage: the Delta Lake tables every later stage reads and writes.
 
-Tables live under `settings.lake_root`: a local folder by default (COINYEAR_HOME/lake), or any delta-rs URI
+`Lake(settings)` is the one API; `settings.lake_backend` picks the engine behind it. `delta` (the default,
+`DeltaLake`, this module) uses delta-rs, no Spark. `spark` (`coinyear.lake_spark.SparkLake`) writes catalog
+tables `<lake_schema>.<table>` through the job's Spark session: Unity Catalog tables on Databricks, where
+delta-rs cannot commit to a volume. The contract both keep is in `Lake`'s docstring.
+
+With delta-rs, tables live under `settings.lake_root`: a local folder by default (COINYEAR_HOME/lake), or any delta-rs URI
 (`s3://...`, `abfss://...`, `dbfs:/...` mounted) at scale; credentials come from the usual environment
 variables delta-rs reads. delta-rs appends from several concurrent writers can fail under contention, so each
 table has one writer process: the gateway writes `inference_log` and `feedback`, the retraining job writes
