@@ -10,6 +10,7 @@ with a cold cache and 5 s with a warm one (it hard-links from its cache).
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -26,8 +27,8 @@ import pytest
 import requests
 
 from coinyear.pyfunc import BACK, FRONT, encode_file
+from tests.conftest import coin_image
 
-pytestmark = pytest.mark.slow
 # All the package a served model may import: a module added here must import only what pyfunc.pip_requirements lists.
 SERVING_MODULES = {"coinyear", "coinyear.pyfunc", "coinyear.data", "coinyear.model", "coinyear.quality",
                    "coinyear.years"}
@@ -137,6 +138,7 @@ def _our_year(settings, front: Path, back: Path) -> float:
     return float(model.predict(pd.DataFrame({FRONT: [front.read_text()], BACK: [back.read_text()]}))[0])
 
 
+@pytest.mark.slow
 def test_requirements_pin_what_serving_imports_and_not_coinyear(model_files):
     from importlib.metadata import version
 
@@ -152,6 +154,7 @@ def test_requirements_pin_what_serving_imports_and_not_coinyear(model_files):
     assert not list((model_files / "code").rglob("__pycache__"))
 
 
+@pytest.mark.slow
 def test_fresh_environment_scores_a_real_coin_like_ours(trained, model_env, ocre_dir, tmp_path):
     settings, _ = trained
     front, back = _real_coin(ocre_dir, tmp_path, 7)
@@ -174,12 +177,48 @@ def test_fresh_environment_scores_a_real_coin_like_ours(trained, model_env, ocre
     assert answer["pydantic_settings"] is False
 
 
+def test_torch_index_pins_that_build_and_survives_mlflow(tmp_path):
+    """COINYEAR_MODEL_TORCH_INDEX: the requirements name the index and the build it serves (CPU here), and MLflow
+    keeps the pip option line in the logged requirements.txt. Installing from that index is not tested: this
+    machine reaches PyPI only."""
+    from importlib.metadata import version
+
+    import mlflow
+
+    from coinyear.model import ModelConfig, build_model, save_checkpoint
+    from coinyear.pyfunc import log_model, pip_requirements
+
+    index = "https://download.pytorch.org/whl/cpu"
+    torch_version, vision_version = (version(name).split("+")[0] for name in ("torch", "torchvision"))
+    lines = pip_requirements("mobilenet_v3_small", index)
+    assert lines[0] == f"--extra-index-url {index}"
+    assert f"torch=={torch_version}+cpu" in lines and f"torchvision=={vision_version}+cpu" in lines
+    assert not any(line.startswith("timm") for line in lines)
+    assert f"timm=={version('timm')}" in pip_requirements("efficientnet_lite0")
+    assert f"torch=={torch_version}" in pip_requirements("efficientnet_lite0")
+
+    checkpoint = tmp_path / "model.pt"
+    config = ModelConfig(backbone="mobilenet_v3_small", image_size=64, proj_dim=32, pretrained=False)
+    save_checkpoint(build_model(config, year_center=50.0), checkpoint)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        with mlflow.start_run():
+            photo = base64.b64encode(coin_image(3)).decode("ascii")
+            info = log_model(checkpoint, pd.DataFrame({FRONT: [photo], BACK: [photo]}), torch_index=index)
+        files = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / "model")))
+    finally:
+        mlflow.set_tracking_uri(None)
+    written = (files / "requirements.txt").read_text().splitlines()
+    assert written == lines, written
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_mlflow_models_serve_builds_the_environment_and_answers(trained, ocre_dir, tmp_path):
     """`mlflow models serve --env-manager uv`: MLflow builds the environment from the model alone (new env root,
     so nothing is reused), and its scoring server answers a real coin in the wire format clients read."""
