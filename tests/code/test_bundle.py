@@ -509,7 +509,8 @@ def test_apps_requirements_install_the_vendored_wheel(wheel, tmp_path):
     target = tmp_path / "site"
     # run from elsewhere: --find-links ./wheels is relative to the requirements file, not to pip's directory
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(target),
-                    "-r", str(apps / "gateway" / "requirements.txt")], check=True, cwd=tmp_path, timeout=120)
+                    "-r", str(apps / "gateway" / "requirements.txt")], check=True, cwd=tmp_path, timeout=120,
+                   env={key: value for key, value in os.environ.items() if key != "PYTHONPATH"})
     (info,) = target.glob("coinyear-*.dist-info")
     assert info.name == f"coinyear-{PROJECT['version']}.dist-info"
     assert "coinyear-job = coinyear.cli:job" in (info / "entry_points.txt").read_text()
@@ -537,12 +538,14 @@ def test_wheel_installs_and_runs_its_cli_under_python_312(wheel, tmp_path):
             pytest.fail("python3.12 not found: CI must check the wheel under the runtime's Python")
         pytest.skip("python3.12 not found")
     venv = tmp_path / "venv"
-    subprocess.run([interpreter, "-m", "venv", str(venv)], check=True, timeout=120)
+    # a clean environment: a PYTHONPATH with the source tree would make pip think coinyear is installed already
+    env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", str(tmp_path))}
+    subprocess.run([interpreter, "-m", "venv", str(venv)], check=True, timeout=120, env=env)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    subprocess.run(pip + ["--no-deps", str(wheel)], check=True, timeout=120)
+    subprocess.run(pip + ["--no-deps", str(wheel)], check=True, timeout=120, env=env)
     requirements = [r for r in PROJECT["dependencies"] if r.split(">")[0].split("=")[0] in ("pydantic",
                                                                                           "pydantic-settings")]
-    subprocess.run(pip + requirements, check=True, timeout=300)
+    subprocess.run(pip + requirements, check=True, timeout=300, env=env)
     probe = ("import sys, importlib.metadata as md; from coinyear import cli; from coinyear.config import Settings; "
              "from coinyear.jobs.task_values import set_task_value; "
              "assert sys.version_info[:2] == (3, 12); "
