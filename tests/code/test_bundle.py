@@ -342,6 +342,7 @@ def test_retrain_job_deploys_only_when_the_retrain_task_promoted(bundle):
     assert bundle["resources"]["jobs"]["rollback"]["tasks"][1]["depends_on"] == [{"task_key": "rollback"}]
     monitor = bundle["resources"]["jobs"]["monitor"]["tasks"]
     assert [task["python_wheel_task"]["parameters"] for task in monitor] == [["ingest-payloads"], ["monitor"]]
+    assert monitor[1]["run_if"] == "ALL_DONE" and monitor[1]["depends_on"] == [{"task_key": "ingest_payloads"}]
 
 
 def test_grants_and_permissions(bundle):
