@@ -218,6 +218,26 @@ def test_api_errors_are_shown_as_messages_not_tracebacks(api, status, body, expe
     assert not at.metric  # no stale or made-up prediction
 
 
+@pytest.mark.parametrize("endpoint_name, path", [
+    ("coinyear-prod", "/serving-endpoints/coinyear-prod/invocations"),
+    (None, "/serving-endpoints/main-coinyear-coinyear/invocations"),  # what `coinyear deploy` names it
+])
+def test_predict_calls_the_endpoint_name_not_the_unity_catalog_model_name(api, monkeypatch, endpoint_name, path):
+    monkeypatch.setenv("COINYEAR_MODEL_NAME", "main.coinyear.coinyear")
+    if endpoint_name:
+        monkeypatch.setenv("COINYEAR_ENDPOINT_NAME", endpoint_name)
+    get_settings.cache_clear()
+    api.routes[("POST", path)] = (200, {"predictions": [-27.0]}, ANSWER_HEADERS)
+    at = press(upload_pair(app(), coin_image(1), coin_image(2)), "Predict")
+    assert [call["path"] for call in api.received if call["method"] == "POST"] == [path]
+    assert at.metric[0].value == "27 BC" and not at.error
+
+
+def test_a_wrong_endpoint_name_says_which_setting_to_fix(api):
+    at = press(upload_pair(app(), coin_image(1), coin_image(2)), "Predict")  # no route: ENDPOINT_NOT_FOUND
+    assert "no serving endpoint of that name" in texts(at.error) and "COINYEAR_ENDPOINT_NAME" in texts(at.error)
+
+
 def test_a_file_that_is_not_an_image_is_flagged_and_left_to_the_api(api):
     api.routes[INVOCATIONS] = (400, {"error_code": "INVALID_PARAMETER_VALUE",
                                      "message": "row 0: front image: cannot identify image file"}, {})

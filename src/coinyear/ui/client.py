@@ -50,6 +50,9 @@ def _explain(response: httpx.Response, url: str) -> ApiError:
     if status in (401, 403):
         message = (f"The API refused the request ({status} {code or 'unauthorized'}): {detail}. "
                    "Check the token (COINYEAR_API_TOKEN).")
+    elif status == 404 and code == "ENDPOINT_NOT_FOUND":
+        message = (f"The API has no serving endpoint of that name ({detail}). Set COINYEAR_ENDPOINT_NAME to the "
+                   "endpoint's name (a Unity Catalog model name is not an endpoint name).")
     elif status == 413:
         message = f"The photos are too large for the API ({detail}). Try smaller images."
     elif status == 503:
@@ -79,11 +82,12 @@ class ApiClient:
             raise _explain(response, self.url)
         return response
 
-    def predict(self, model_name: str, front: bytes, back: bytes, interval: float | None = None) -> Prediction:
-        """Date one coin from its two photos (raw file bytes), sent as base64 JSON exactly as the API schema says."""
+    def predict(self, endpoint_name: str, front: bytes, back: bytes, interval: float | None = None) -> Prediction:
+        """Date one coin from its two photos (raw file bytes), sent as base64 JSON exactly as the API schema says,
+        to `/serving-endpoints/{endpoint_name}/invocations` (the endpoint's name, not the model's)."""
         body: dict = {"inputs": [{"front_image_base64": base64.b64encode(front).decode("ascii"),
                                   "back_image_base64": base64.b64encode(back).decode("ascii")}]}
-        path = f"/serving-endpoints/{model_name}/invocations"
+        path = f"/serving-endpoints/{endpoint_name}/invocations"
         started = time.perf_counter()
         try:
             response = self._send("POST", path, json={**body, "params": {"interval": interval}} if interval else body)

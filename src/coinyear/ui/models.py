@@ -19,7 +19,7 @@ def versions_table(versions: list[registry.VersionInfo]) -> pd.DataFrame:
     return pd.DataFrame([{
         "version": int(v.version),
         "aliases": ", ".join(v.aliases),
-        "registered": dt.datetime.fromtimestamp(v.created, dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "registered": dt.datetime.fromtimestamp(v.created, dt.UTC).strftime("%Y-%m-%d %H:%M"),
         "val MAE (years)": v.metrics.get("val_mae"),
         "within ±10y": v.metrics.get("val_within_10y"),
         "decision": v.tags.get("decision", ""),

@@ -86,7 +86,7 @@ def predict(front: bytes, back: bytes, source: str, catalogue_date: str | None, 
     interval = settings().ui_interval or None
     with st.spinner("Asking the model..."):
         try:
-            answer = api_client().predict(settings().model_name, front, back, interval=interval)
+            answer = api_client().predict(settings().serving_endpoint_name, front, back, interval=interval)
         except ApiError as error:
             st.session_state.pop("prediction", None)
             st.error(error.message, icon=":material/error:")
@@ -101,8 +101,8 @@ def show_prediction(result: dict) -> None:
     st.subheader("Predicted date")
     headline, details = st.columns([1, 2])
     headline.metric("Predicted year", year_label(answer.year))
-    lines = [f"Model **{answer.model_name or '?'}** version **{answer.model_version or '?'}** answered "
-             f"in **{answer.latency_ms:.0f} ms**."]
+    lines = [(f"Model **{answer.model_name or '?'}** version **{answer.model_version or '?'}** answered "
+              f"in **{answer.latency_ms:.0f} ms**.")]
     if answer.low is not None and answer.high is not None:
         share = f"{100 * result['interval']:.0f}% " if result["interval"] else ""
         lines.append(f"{share}interval: **{year_label(answer.low)} – {year_label(answer.high)}**.")
