@@ -41,7 +41,17 @@ def cmd_train(args) -> int:
     manifest = read_manifest(settings.data_dir, settings.min_year, settings.max_year, limit=config.limit,
                              seed=config.seed)
     print(manifest.report())
-    outcome = run_training(settings, config, manifest, register=not args.no_register)
+    if args.distributed is not None:
+        from coinyear.distributed import run_distributed_training
+
+        outcome = run_distributed_training(settings, config, manifest, args.distributed, gpu=args.gpu,
+                                           cluster=args.cluster, register=not args.no_register)
+        print(f"trained on {args.distributed} processes; peak memory per process (MiB): "
+              + ", ".join(f"{mb:.0f}" for mb in outcome.peak_rss_mb))
+    elif args.gpu or args.cluster:
+        raise ValueError("--gpu and --cluster go with --distributed N")
+    else:
+        outcome = run_training(settings, config, manifest, register=not args.no_register)
     print(f"run {outcome.run_id}: MAE {outcome.metrics['val_mae']:.2f} years, "
           f"within ±10y {100 * outcome.metrics['val_within_10y']:.1f}%")
     if outcome.version:
@@ -276,6 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-pretrained", action="store_true", help="do not load ImageNet weights")
     train.add_argument("--no-register", action="store_true")
     train.add_argument("--promote", choices=["staging", "production"], help="set this alias on the new version")
+    train.add_argument("--distributed", type=int, metavar="N", help="train with N DDP processes under Spark's "
+                       "TorchDistributor (one grouped hold-out; not with --folds)")
+    train.add_argument("--gpu", action="store_true", help="with --distributed: one GPU per process (NCCL)")
+    train.add_argument("--cluster", action="store_true", help="with --distributed: run the processes as Spark "
+                       "tasks on the cluster's executors (Databricks), not on this machine")
     train.set_defaults(func=cmd_train)
 
     evaluate = commands.add_parser("evaluate", help="score a manifest with a registered model")

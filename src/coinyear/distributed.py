@@ -18,12 +18,17 @@ Spark barrier tasks on the executors, one per GPU (`spark.task.resource.gpu.amou
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from coinyear.train import RunOutcome, TrainConfig
 
 log = logging.getLogger(__name__)
+
+# How MLflow reaches a Databricks workspace: on a cluster, rank 0 runs on an executor, whose environment has
+# none of the job's variables, so these are handed to the workers when the launching process has them.
+WORKSPACE_VARIABLES = ("DATABRICKS_HOST", "DATABRICKS_TOKEN", "DATABRICKS_CLIENT_ID", "DATABRICKS_CLIENT_SECRET")
 
 
 @dataclass
@@ -52,7 +57,7 @@ def memory_mb() -> dict[str, float]:
 
 
 def train_worker(settings, config: TrainConfig, manifest, register: bool, run_name, tags, tensor_dir: str,
-                 log_level: int = logging.WARNING) -> dict:
+                 log_level: int = logging.WARNING, environment: dict | None = None) -> dict:
     """What each of the N processes runs (TorchDistributor pickles it and calls it in fresh interpreters).
 
     Imports inside: nothing of the launching process is there. Returns rank 0's outcome on every rank (the
@@ -68,6 +73,8 @@ def train_worker(settings, config: TrainConfig, manifest, register: bool, run_na
     from coinyear.distributed import memory_mb
     from coinyear.train import run_training, train_on_manifest
 
+    for name, value in (environment or {}).items():
+        os.environ.setdefault(name, value)
     logging.basicConfig(level=log_level, format=f"%(asctime)s rank{os.environ.get('RANK', '?')} "
                                                 "%(levelname)s %(name)s: %(message)s")
     gpu = config.device == "cuda"
@@ -145,7 +152,8 @@ def run_distributed_training(settings, config: TrainConfig, manifest, processes:
                                            f"TorchDistributor local_mode={not cluster}"}
     distributor = TorchDistributor(num_processes=processes, local_mode=not cluster, use_gpu=gpu)
     output = distributor.run(train_worker, settings, config, manifest, register, run_name, tags, str(tensor_dir),
-                             logging.getLogger().getEffectiveLevel())
+                             logging.getLogger().getEffectiveLevel(),
+                             {name: os.environ[name] for name in WORKSPACE_VARIABLES if name in os.environ})
     if not output:
         raise RuntimeError("TorchDistributor returned no result from rank 0")
     return DistributedOutcome(**output)

@@ -1,0 +1,213 @@
+"""Distributed training benchmark: `coinyear train --distributed 2` against one process, same slice and recipe.
+
+Two measurements, on this machine, in one run:
+
+  * time: a one-process training run (`coinyear.train.run_training`, in a fresh interpreter) and a distributed
+    run (`coinyear.distributed.run_distributed_training`, 2 gloo processes under TorchDistributor local_mode)
+    on the same slice, recipe and seed, each logging and registering into its own MLflow store. Reported: wall
+    time (interpreter start to registered model), the training time rank 0 logged (`train_seconds`), hold-out
+    MAE, peak resident memory of each process (VmHWM).
+  * data memory on a larger slice, without a model (so it fits in minutes on 2 cores): what one epoch of data
+    loading keeps in a process. "before" = the loading before distributed training existed (`load_arrays`
+    stacks every image in memory, then each split was copied out of it); "rank r" = one of 2 ranks mapping the
+    tensor files and reading its DistributedSampler shard for one epoch. Reported per process: VmHWM (counts
+    the mapped file pages it read: they are shared page cache, reclaimable) and RssAnon (private memory).
+
+    PYTHONPATH=src python benchmarks/distributed_bench.py
+    PYTHONPATH=src python benchmarks/distributed_bench.py --limit 80 --memory-limit 200 --out /tmp/d.json  # smoke
+
+Writes benchmarks/results/distributed_bench.json (machine: lscpu model name, cores; date; load average).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+
+def machine() -> dict:
+    """lscpu model name, logical cores, torch version."""
+    import torch
+
+    model = ""
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return {"cpu_model": model, "cores": os.cpu_count(), "torch": torch.__version__}
+
+
+def recipe(args):
+    from coinyear.model import ModelConfig
+    from coinyear.train import TrainConfig
+
+    model = ModelConfig(backbone=args.backbone, mode="shared", image_size=args.image_size, proj_dim=32)
+    return TrainConfig(model=model, epochs=args.epochs, batch_size=args.batch_size, limit=args.limit, seed=1,
+                       early_stopping=False)
+
+
+def settings_for(home: Path, data: Path):
+    from coinyear.config import Settings
+
+    db = f"sqlite:///{home / 'mlflow.db'}"
+    return Settings(home=home, data_dir=data, tracking_uri=db, registry_uri=db)
+
+
+# ------------------------------------------------------------------------------------------------ children
+def child_one_process(args) -> None:
+    """A one-process training run in this fresh interpreter; prints its result as JSON."""
+    from coinyear.config import set_torch_threads
+    from coinyear.data import read_manifest
+    from coinyear.distributed import memory_mb
+    from coinyear.train import run_training
+
+    settings = settings_for(Path(args.home), Path(args.data))
+    set_torch_threads(settings)
+    config = recipe(args)
+    manifest = read_manifest(settings.data_dir, settings.min_year, settings.max_year, limit=config.limit,
+                             seed=config.seed)
+    outcome = run_training(settings, config, manifest)
+    print(json.dumps({"metrics": outcome.metrics, "version": outcome.version, "memory_mb": memory_mb()}))
+
+
+def child_data_epoch(args) -> None:
+    """One epoch of data loading, as before (`--rank -1`) or as one of `--world` ranks; prints memory as JSON."""
+    import numpy as np
+    from torch.utils.data import DataLoader
+
+    from coinyear.data import ImageCache, grouped_holdout, load_arrays, mapped_arrays, read_manifest
+    from coinyear.distributed import memory_mb
+    from coinyear.train import CoinDataset, make_augmentation, shard_sampler
+
+    config = recipe(args)
+    rows = read_manifest(args.data, limit=args.limit, seed=config.seed).rows
+    cache = ImageCache(Path(args.cache), config.model.image_size, grayscale=False)
+    train, holdout = grouped_holdout(rows, config.holdout_fraction, config.seed)
+    year_from, year_to = rows["year_from"].to_numpy(), rows["year_to"].to_numpy()
+    augment = make_augmentation(config)
+    if args.rank < 0:
+        fronts, backs = load_arrays(rows, cache)
+        # the code before this change copied each split out of the stacked arrays
+        data = CoinDataset(fronts[train], backs[train], year_from[train], year_to[train], augment)
+        held = (fronts[holdout], backs[holdout])
+        loader = DataLoader(data, batch_size=config.batch_size, shuffle=True)
+    else:
+        fronts, backs = mapped_arrays(rows, cache, args.tensors)
+        data = CoinDataset(fronts, backs, year_from, year_to, augment, index=train)
+        held = None
+        loader = DataLoader(data, batch_size=config.batch_size // args.world,
+                            sampler=shard_sampler(data, args.rank, args.world, config.seed))
+    seen = 0
+    for front, *_ in loader:
+        seen += len(front)
+    if held is not None:
+        seen += 0 * int(np.sum(held[0][:1]))  # keep the hold-out copy alive like the training run did
+    print(json.dumps({"rows": len(rows), "samples": seen, "memory_mb": memory_mb()}))
+
+
+def run_child(mode: str, args, **extra) -> tuple[dict, float]:
+    command = [sys.executable, __file__, "--child", mode, "--data", str(args.data), "--limit", str(extra.get(
+        "limit", args.limit)), "--image-size", str(extra.get("image_size", args.image_size)), "--epochs",
+        str(args.epochs), "--batch-size", str(args.batch_size), "--backbone", args.backbone]
+    for key in ("home", "cache", "tensors", "rank", "world"):
+        if key in extra:
+            command += [f"--{key}", str(extra[key])]
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, check=False,
+                          env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    if done.returncode:
+        raise RuntimeError(f"{mode} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1]), time.perf_counter() - started
+
+
+# ---------------------------------------------------------------------------------------------- benchmarks
+def time_runs(args, work: Path) -> dict:
+    from coinyear.data import read_manifest
+    from coinyear.distributed import run_distributed_training
+    from coinyear.spark import spark_session
+
+    one, one_wall = run_child("one-process", args, home=work / "one")
+    spark_session("coinyear-bench", master=f"local[{os.cpu_count() or 1}]")
+    settings = settings_for(work / "dist", args.data)
+    config = recipe(args)
+    manifest = read_manifest(settings.data_dir, settings.min_year, settings.max_year, limit=config.limit,
+                             seed=config.seed)
+    started = time.perf_counter()
+    outcome = run_distributed_training(settings, config, manifest, processes=args.processes)
+    dist_wall = time.perf_counter() - started
+    return {
+        "one_process": {"wall_seconds": one_wall, "train_seconds": one["metrics"]["train_seconds"],
+                        "val_mae": one["metrics"]["val_mae"], "peak_rss_mb": one["memory_mb"].get("VmHWM")},
+        "distributed": {"processes": outcome.processes, "wall_seconds": dist_wall,
+                        "train_seconds": outcome.metrics["train_seconds"], "val_mae": outcome.metrics["val_mae"],
+                        "peak_rss_mb": outcome.peak_rss_mb, "version": outcome.version},
+    }
+
+
+def memory_runs(args, work: Path) -> dict:
+    extra = {"limit": args.memory_limit, "image_size": args.memory_image_size, "cache": work / "cache"}
+    before, _ = run_child("data-epoch", args, rank=-1, **extra)  # also fills the image cache for the ranks
+    ranks = [run_child("data-epoch", args, rank=r, world=args.processes, tensors=work / "tensors", **extra)[0]
+             for r in range(args.processes)]
+    row_mb = 2 * 3 * args.memory_image_size ** 2 / 2 ** 20
+    return {"rows": before["rows"], "image_size": args.memory_image_size,
+            "decoded_images_mb": round(before["rows"] * row_mb, 1),
+            "before": before["memory_mb"], "ranks": [r["memory_mb"] for r in ranks],
+            "samples": {"before": before["samples"], "ranks": [r["samples"] for r in ranks]}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "ocre")
+    parser.add_argument("--limit", type=int, default=400, help="coins of the timing slice")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--backbone", default="mobilenet_v3_small")
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--memory-limit", type=int, default=2000, help="coins of the data-memory slice")
+    parser.add_argument("--memory-image-size", type=int, default=128)
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "distributed_bench.json")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    for hidden in ("home", "cache", "tensors"):
+        parser.add_argument(f"--{hidden}", help=argparse.SUPPRESS)
+    parser.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--world", type=int, default=1, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child == "one-process":
+        return child_one_process(args)
+    if args.child == "data-epoch":
+        return child_data_epoch(args)
+
+    result = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+              "machine": machine(), "load_average_before": os.getloadavg(),
+              "recipe": {"backbone": args.backbone, "image_size": args.image_size, "epochs": args.epochs,
+                         "batch_size": args.batch_size, "limit": args.limit, "early_stopping": False}}
+    with tempfile.TemporaryDirectory(prefix="distributed-bench-") as folder:
+        work = Path(folder)
+        print("timing: one process, then distributed ...", flush=True)
+        result["time"] = time_runs(args, work)
+        print(json.dumps(result["time"], indent=2), flush=True)
+        print("data memory ...", flush=True)
+        result["data_memory"] = memory_runs(args, work)
+    result["load_average_after"] = os.getloadavg()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["data_memory"], indent=2))
+    print(f"written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
