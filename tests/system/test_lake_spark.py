@@ -8,8 +8,10 @@ Spark is slow per action (about a second on 2 cores), so each test does few appe
 from __future__ import annotations
 
 import itertools
+import shutil
 import uuid
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -127,23 +129,31 @@ def test_a_table_without_a_fixed_schema_takes_new_columns(lake):
     assert list(got["window"]) == ["7d", None] and list(got["value"]) == [0.1, 3.0]
 
 
-def test_the_retrain_watermark_on_both_backends(lake, tmp_path):
-    """retrain's watermark and new-feedback reads (table versions and time travel) through the lake API only."""
+def test_the_retrain_watermark_and_training_data_on_both_backends(lake, tmp_path):
+    """retrain's watermark, new-feedback reads (table versions and time travel) and training set through the lake
+    API only; the feedback photo copies, lost with a job cluster's local disk, come back from the inference log."""
     settings = make_settings(tmp_path / "home")
     assert retrain.feedback_watermark(lake) == -1
+    front, back = coin_image(1), coin_image(2)
+    lake.append(INFERENCE_LOG, [log_row("a", front_image=front, back_image=back)])
     lake.append(FEEDBACK, [feedback_row("a"), feedback_row("b")])
     version, new = retrain.read_new_feedback(lake, retrain.feedback_watermark(lake))
     assert sorted(new["request_id"]) == ["a", "b"]
-    kept = pd.DataFrame({"coin_id": ["c"], "source": ["base"], "obverse": ["/x"], "reverse": ["/y"],
-                         "year_from": [1], "year_to": [2], "date_text": [""], "denomination": [""], "mint": [""],
-                         "content_hash": ["h"], "request_id": [None], "feedback_timestamp": [None],
-                         "group": ["g"], "front": [b""], "back": [b""]})
+    kept = pd.DataFrame({"coin_id": ["feedback:a"], "source": ["feedback"], "obverse": [None], "reverse": [None],
+                         "year_from": [60], "year_to": [65], "date_text": ["60..65"], "denomination": [""],
+                         "mint": [""], "content_hash": [retrain.content_hash(front, back)], "request_id": ["a"],
+                         "feedback_timestamp": [str(NOW)], "group": ["60..65"], "front": [front], "back": [back]})
     assert retrain.build(settings, lake, kept, version, "run") == 1
     assert retrain.build(settings, lake, kept, version, "run") == 0  # the same watermark twice: one copy
     assert retrain.feedback_watermark(lake) == version
     lake.append(FEEDBACK, [feedback_row("c", when=NOW + timedelta(minutes=1))])
     later, new = retrain.read_new_feedback(lake, retrain.feedback_watermark(lake))
     assert later == version + 1 and list(new["request_id"]) == ["c"]
+
+    shutil.rmtree(retrain.image_store(settings))  # the next run, on a fresh cluster
+    train, evaluation = retrain.dataset(lake, settings, retrain.table_version(lake, TRAINING_DATA))
+    rows = pd.concat([train.rows, evaluation.rows])
+    assert list(rows["coin_id"]) == ["feedback:a"] and Path(rows["obverse_path"].iloc[0]).read_bytes() == front
 
 
 def test_the_monitoring_job_runs_unchanged_on_the_spark_lake(tmp_path, request):

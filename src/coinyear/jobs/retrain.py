@@ -530,7 +530,7 @@ def build(settings: Settings, lake: Lake, kept: pd.DataFrame, feedback_version: 
 
 def dataset(lake: Lake, settings: Settings, version: int) -> tuple[Manifest, Manifest]:
     """(train rows, evaluation rows) of `training_data` at `version`, as validated manifests."""
-    table = lake.read(TRAINING_DATA, version=version)
+    table = restore_feedback_photos(settings, lake, lake.read(TRAINING_DATA, version=version))
     source = f"{lake.uri(TRAINING_DATA)}@v{version}"
 
     def manifest(rows: pd.DataFrame) -> Manifest:
@@ -539,6 +539,35 @@ def dataset(lake: Lake, settings: Settings, version: int) -> tuple[Manifest, Man
         return out
 
     return manifest(table[table["split"] == TRAIN]), manifest(table[table["split"] != TRAIN])
+
+
+def restore_feedback_photos(settings: Settings, lake: Lake, table: pd.DataFrame) -> pd.DataFrame:
+    """`table` with the photo copies of its feedback rows present again, copied back from `inference_log`.
+
+    A job cluster's COINYEAR_HOME is a local disk (deploy/databricks), so the copies `build` made under
+    `state/images` are gone by the next run; the logged photos they came from are still in the lake.
+    """
+    feedback = table["source"] == FEEDBACK_SOURCE
+    present = table["obverse"].map(lambda p: isinstance(p, str) and Path(p).is_file()) \
+        & table["reverse"].map(lambda p: isinstance(p, str) and Path(p).is_file())
+    missing = feedback & ~present
+    if not missing.any():
+        return table
+    ids = sorted(set(table.loc[missing, "request_id"].dropna()))
+    logged = lake.read(INFERENCE_LOG, columns=["request_id", "front_image", "back_image"],
+                       filters=[("request_id", "in", ids)]).drop_duplicates("request_id").set_index("request_id")
+    table, restored = table.copy(), 0
+    for index in table.index[missing]:
+        request_id = table.at[index, "request_id"]
+        if request_id not in logged.index:
+            continue  # left missing: validation drops the row and names it
+        front, back = logged.at[request_id, "front_image"], logged.at[request_id, "back_image"]
+        if isinstance(front, (bytes, bytearray)) and isinstance(back, (bytes, bytearray)):
+            table.at[index, "obverse"] = store_image(settings, bytes(front))
+            table.at[index, "reverse"] = store_image(settings, bytes(back))
+            restored += 1
+    log.info("restored the photos of %d of %d feedback rows from %s", restored, int(missing.sum()), INFERENCE_LOG)
+    return table
 
 
 # ------------------------------------------------------------------------------------------------- train
