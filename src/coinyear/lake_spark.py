@@ -32,6 +32,9 @@ every append writes next to the rows, in the same write as the rows:
 Rows written to these tables by anything but this class lack `_coinyear_commit`: they are read by `read()` but
 not by `read(version=...)`, so the retraining job would never ingest such feedback: write through `Lake`.
 Nothing here caches or spills to a volume: Spark's own temporary files stay on the cluster's local disks.
+Needs Spark 4 (Arrow tables in and out: `createDataFrame(pyarrow.Table)`, `DataFrame.toArrow()`): Databricks
+Runtime 17.3 LTS, as deploy/databricks pins. Only local Spark with Parquet is tested here; the Delta-only parts
+(idempotent-write options, `userMetadata`, one-commit atomicity) are Delta's documented behaviour, untested.
 """
 
 from __future__ import annotations
