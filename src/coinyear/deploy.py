@@ -312,6 +312,11 @@ class Deployment:
             self.say(result, f"endpoint {self.endpoint} is updating: waiting for it to finish")
             current = self._settle()
         result.served_before = result.served_after = served_version(current, settings.model_name)
+        if current is not None and current.config and current.config.served_entities and \
+                result.served_before is None:
+            raise DeployError(f"endpoint {self.endpoint} serves another model "
+                              f"({', '.join(str(e.entity_name) for e in current.config.served_entities)}), not "
+                              f"{settings.model_name}: set COINYEAR_ENDPOINT_NAME to this model's endpoint")
         if current is not None and serves_only(current, settings.model_name, target):
             if alias_before != target:
                 registry.promote(settings, target, registry.PRODUCTION)
@@ -435,6 +440,9 @@ class Deployment:
         result.served_after = served_version(current, settings.model_name)
         if problems:
             return FAILED, f"version {result.version} failed ({why}); " + "; ".join(problems)
+        if previous is None:  # nothing was serving before and nothing serves now: not a rollback
+            return FAILED, (f"version {result.version} failed ({why}); endpoint {self.endpoint} deleted, "
+                            f"production alias on version {registry.version_by_alias(settings, registry.PRODUCTION)}")
         return ROLLED_BACK, (f"version {result.version} failed ({why}); endpoint and production alias restored "
                              f"to version {back_to or '-'}")
 

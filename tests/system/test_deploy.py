@@ -192,6 +192,28 @@ def test_failing_version_is_rolled_back(deploy_settings, workspace, monkeypatch,
     assert expected in row["reason"]
 
 
+def test_failing_first_version_leaves_no_endpoint(deploy_settings, workspace, monkeypatch, capsys):
+    settings, fake = deploy_settings, workspace
+    code, out = deploy(settings, monkeypatch, capsys, "--version", "3")  # broken; production was 1
+    assert code == 1 and out["decision"] == FAILED and "model failed to load" in out["reason"]
+    assert fake.endpoints == {} and ("DELETE", f"/api/2.0/serving-endpoints/{out['endpoint']}") in fake.calls
+    assert registry.version_by_alias(settings, registry.PRODUCTION) == "1"  # --version moved it; moved back
+    assert decisions(settings).iloc[-1]["decision"] == FAILED
+
+
+def test_endpoint_of_another_model_is_left_alone(deploy_settings, workspace, monkeypatch, capsys):
+    settings, fake, name = deploy_settings, workspace, deploy_settings.serving_endpoint_name
+    fake.create({"name": name, "config": {"served_entities": [
+        {"name": "other-1", "entity_name": "main.other.model", "entity_version": "1"}]}})
+    fake.get(name), fake.get(name)  # settled: serving the other model
+    monkeypatch.setattr(cli, "get_settings", lambda: settings)
+    assert cli.main(["deploy"]) == 2
+    assert "serves another model (main.other.model)" in capsys.readouterr().err
+    assert [e["name"] for e in fake.endpoints[name]["config"]["served_entities"]] == ["other-1"]
+    assert fake.history[name] == [{"other-1": 100}]
+    assert registry.client(settings).get_registered_model("coinyear").tags.get(LOCK_TAG) is None
+
+
 def test_one_deploy_at_a_time(deploy_settings, workspace):
     settings, fake = deploy_settings, workspace
     client = registry.client(settings)
