@@ -154,9 +154,15 @@ def test_create_then_canary_then_idempotent(deploy_settings, workspace, monkeypa
     assert code == 0 and out["decision"] == SKIPPED and "already serves version 2" in out["reason"]
     assert len(changes(fake)) == before
 
+    # `coinyear models rollback` moves the alias back to 1; `coinyear deploy` moves the endpoint after it
+    assert cli.main(["models", "rollback"]) == 0 and "version 2 -> 1" in capsys.readouterr().out
+    code, out = deploy(settings, monkeypatch, capsys)
+    assert code == 0 and out["decision"] == DEPLOYED and (out["served_before"], out["served_after"]) == ("2", "1")
+    assert fake.history[name][-2:] == [{"coinyear-2": 90, "coinyear-1": 10}, {"coinyear-1": 100}]
+
     rows = decisions(settings)
-    assert list(rows["decision"]) == [DEPLOYED, DEPLOYED, SKIPPED]
-    assert list(rows["production_after"]) == ["1", "2", "2"] and set(rows["endpoint_name"]) == {name}
+    assert list(rows["decision"]) == [DEPLOYED, DEPLOYED, SKIPPED, DEPLOYED]
+    assert list(rows["production_after"]) == ["1", "2", "2", "1"] and set(rows["endpoint_name"]) == {name}
     assert registry.client(settings).get_registered_model("coinyear").tags.get(LOCK_TAG) is None  # released
 
 
