@@ -140,8 +140,14 @@ def test_payload_rows_map_onto_inference_log_exactly_once_with_photos(spark, loo
     assert monitoring["requests"].sum() == 8
 
 
-def test_feedback_files_wait_for_their_request_and_land_once(spark, loop):
+@pytest.mark.parametrize("backend", ["delta", "spark"])
+def test_feedback_files_wait_for_their_request_and_land_once(spark, loop, backend):
+    """With either lake backend: `spark` is the Databricks job's (Unity Catalog tables through Spark)."""
     settings, table, entities, volume = loop
+    if backend == "spark":
+        schema = f"lake_{uuid.uuid4().hex[:8]}"
+        spark.sql(f"CREATE SCHEMA {schema}")
+        settings = settings.model_copy(update={"lake_backend": "spark", "lake_schema": schema})
     now = T0 + timedelta(hours=1)
     row = {"dataframe_records": [{FRONT: b64(coin_image(1)), BACK: b64(coin_image(2))}], "client_request_id": "r-1"}
     write_table(spark, table, [payload("r-1", row, {"predictions": [50.0]})], mode="overwrite")
