@@ -42,7 +42,8 @@ SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", FRONT), ColSpec("string", BACK)]),
     # MLflow has one output schema for both answers: `year` always; low, high and out_of_distribution only
     # with `params.interval` (then a row per coin). A plain call returns the bare years, which every scoring
-    # server sends as `{"predictions": [year, ...]}`, the wire format clients read today.
+    # server sends as `{"predictions": [year, ...]}`, the wire format clients read today. spark_udf would infer a
+    # struct of all four from this schema: callers name result_type ("double" plain, the struct with interval).
     outputs=Schema([ColSpec("double", "year"), ColSpec("double", "low", required=False),
                     ColSpec("double", "high", required=False),
                     ColSpec("boolean", "out_of_distribution", required=False)]),

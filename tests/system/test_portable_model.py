@@ -210,6 +210,10 @@ def test_torch_index_pins_that_build_and_survives_mlflow(tmp_path):
         mlflow.set_tracking_uri(None)
     written = (files / "requirements.txt").read_text().splitlines()
     assert written == lines, written
+    # one output schema for both answers: the year always, the interval columns only with params.interval
+    outputs = info.signature.outputs
+    assert outputs.input_names() == ["year", "low", "high", "out_of_distribution"]
+    assert outputs.required_input_names() == ["year"]
 
 
 def _free_port() -> int:
