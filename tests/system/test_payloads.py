@@ -88,7 +88,7 @@ def test_payload_rows_map_onto_inference_log_exactly_once_with_photos(spark, loo
         payload("req-big", None, {"predictions": [120.0]}, errors=["MAX_REQUEST_SIZE_EXCEEDED"],
                 at=T0 + timedelta(minutes=2)),
         payload("req-lost", None, {"predictions": [5.0]}, errors=["MAX_REQUEST_SIZE_EXCEEDED"],
-                at=T0 + timedelta(minutes=3)),
+                at=T0 - timedelta(hours=11)),  # the day before: the first run appends two days, in order
         payload("req-e", bad_photo, {"error_code": "INVALID_PARAMETER_VALUE", "message": "row 0: not base64"},
                 status=400, at=T0 + timedelta(minutes=4)),
         payload(None, '{"dataframe_records": [', {"error_code": "BAD_REQUEST", "message": "Invalid input"},
@@ -126,7 +126,7 @@ def test_payload_rows_map_onto_inference_log_exactly_once_with_photos(spark, loo
 
     # a row delivered late (older than the watermark, inside the window) is mapped on the next run, once
     write_table(spark, table, [payload("req-late", records | {"client_request_id": "req-late"},
-                                       {"predictions": [1.0]}, at=T0 - timedelta(hours=2))])
+                                       {"predictions": [1.0]}, at=T0 - timedelta(hours=12))])
     late = ingest_payloads(settings, spark, served_entities=entities)
     assert (late.requests_mapped, late.rows_appended) == (1, 1)
     assert late.watermark == (T0 + timedelta(minutes=5, microseconds=1)).isoformat()  # never back; rises by 1 us
@@ -136,8 +136,8 @@ def test_payload_rows_map_onto_inference_log_exactly_once_with_photos(spark, loo
     from coinyear.jobs.monitor import run_monitor
 
     monitoring = run_monitor(settings)  # the mapped rows are what monitoring reads on Databricks
-    assert list(monitoring["model_version"]) == ["3"]  # one day, one version
-    assert monitoring["requests"].sum() == 8
+    assert list(monitoring["model_version"]) == ["3", "3"]  # two days, one version
+    assert list(monitoring["requests"]) == [2, 6]
 
 
 @pytest.mark.parametrize("backend", ["delta", "spark"])

@@ -151,31 +151,41 @@ def map_payloads(spark, settings: Settings, lake: Lake, result: IngestResult,
                                  f"served_entity_id in request_metadata)")
         payloads = payloads.withColumn("entity_name", F.lit(None).cast("string")) \
                            .withColumn("entity_version", F.lit(None).cast("string"))
-    # Epoch microseconds, not timestamps: no trip through the session time zone. The rows are expanded here,
-    # on the driver, where Lake.append needs them anyway (no Python workers to start on the executors).
+    # Epoch microseconds, not timestamps: no trip through the session time zone. The rows are expanded on the
+    # driver, where Lake.append needs them anyway (no Python workers to start), one request_date at a time so
+    # that a first run over a long history holds one day in memory; each day is one append with its watermark.
     new = payloads.withColumn("request_time_us", F.unix_micros("request_time")) \
                   .withColumn("logging_error_codes", F.to_json("logging_error_codes")).drop("request_time") \
-                  .toPandas()
-    result.requests_mapped = len(new)
+                  .withColumn("day", F.coalesce("request_date", F.to_date(F.timestamp_micros("request_time_us"))))
+    days = [row["day"] for row in new.select("day").distinct().orderBy("day").collect()]
+    for day in days:
+        chunk = new.where(F.col("day") == F.lit(day)).drop("day").toPandas()
+        watermark = _append_requests(chunk, settings, lake, result, watermark)
+    result.watermark = _iso(watermark)
+
+
+def _append_requests(new: pd.DataFrame, settings: Settings, lake: Lake, result: IngestResult,
+                     watermark: int | None) -> int | None:
+    """Map and append one batch of payload rows; returns the watermark committed with them."""
     rows = [row for record in new.to_dict("records")
             for row in map_payload(record, settings.loop_volume, settings.serving_endpoint_name)]
     if not rows:
-        result.watermark = _iso(watermark)
-        return
+        return watermark
     frame = pd.DataFrame(rows)
-    metadata = frame["request_metadata"].map(json.loads)
-    photos = metadata.map(lambda m: m.get("photos"))
-    result.photos_from_volume = int((photos == "volume").sum())
-    result.photos_missing = int((photos == "missing").sum())
-    result.unreadable_requests = int((photos == "unreadable").sum())
+    photos = frame["request_metadata"].map(lambda text: json.loads(text).get("photos"))
     frame["timestamp"] = pd.to_datetime(frame.pop("timestamp_us"), unit="us", utc=True)
     frame["date"] = frame["timestamp"].dt.date
     # the marker's version must rise with every append (the Lake's exactly-once rule): a batch of late rows only
     # moves it one microsecond
     new_watermark = max(int(frame["timestamp"].max().value // 1000), (watermark or 0) + 1)
-    result.rows_appended = lake.append(INFERENCE_LOG, frame, transaction=(WATERMARK_APP, new_watermark),
-                                       metadata={"source": f"payload table {settings.payload_table}"})
-    result.watermark = _iso(new_watermark)
+    appended = lake.append(INFERENCE_LOG, frame, transaction=(WATERMARK_APP, new_watermark),
+                           metadata={"source": f"payload table {settings.payload_table}"})
+    result.requests_mapped += len(new)
+    result.rows_appended += appended
+    result.photos_from_volume += int((photos == "volume").sum())
+    result.photos_missing += int((photos == "missing").sum())
+    result.unreadable_requests += int((photos == "unreadable").sum())
+    return new_watermark
 
 
 def _iso(micros: int | None) -> str | None:
