@@ -11,7 +11,7 @@ import pytest
 
 from coinyear.config import Settings
 from coinyear.jobs.payloads import feedback_record, map_payload
-from coinyear.serve.forward import photo_path, served_model
+from coinyear.serve.volume import photo_path, served_model
 from tests.conftest import coin_image
 
 FRONT, BACK = "front_image_base64", "back_image_base64"
@@ -68,9 +68,9 @@ def test_the_gateway_reports_the_entity_with_most_traffic():
         {"name": "new", "entity_name": "cat.s.coinyear", "entity_version": "5"}],
         "traffic_config": {"routes": [{"served_model_name": "old", "traffic_percentage": 90},
                                       {"served_model_name": "new", "traffic_percentage": 10}]}}}
-    assert served_model(endpoint).version == "4"
+    assert served_model(endpoint) == ("cat.s.coinyear", "4")
     endpoint["config"]["traffic_config"]["routes"][0]["traffic_percentage"] = 0
-    assert served_model(endpoint).version == "5"
+    assert served_model(endpoint) == ("cat.s.coinyear", "5")
     assert served_model({"config": {}}) is None
 
 

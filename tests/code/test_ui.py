@@ -50,10 +50,15 @@ class Handler(BaseHTTPRequestHandler):
     def _answer(self, method: str) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
+        try:
+            decoded = json.loads(body) if body else None
+        except ValueError:  # a photo uploaded to the Files API
+            decoded = None
         self.server.received.append({"method": method, "path": self.path, "headers": dict(self.headers),
-                                     "json": json.loads(body) if body else None})
-        route = self.server.routes.get(
-            (method, self.path), (404, {"error_code": "ENDPOINT_NOT_FOUND", "message": "no such route"}, {}))
+                                     "json": decoded, "body": body})
+        route = self.server.routes.get((method, self.path)) or next(  # a key ending in * matches a path prefix
+            (r for (m, p), r in self.server.routes.items() if m == method and p.endswith("*")
+             and self.path.startswith(p[:-1])), (404, {"error_code": "ENDPOINT_NOT_FOUND", "message": "no such route"}, {}))
         if callable(route):
             route = route(self.server.received[-1]["json"])
         status, payload, headers, *delay = route
@@ -75,6 +80,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         self._answer("POST")
+
+    def do_PUT(self):
+        self._answer("PUT")
 
     def log_message(self, *args):
         pass
@@ -236,6 +244,59 @@ def test_predict_calls_the_endpoint_name_not_the_unity_catalog_model_name(api, m
 def test_a_wrong_endpoint_name_says_which_setting_to_fix(api):
     at = press(upload_pair(app(), coin_image(1), coin_image(2)), "Predict")  # no route: ENDPOINT_NOT_FOUND
     assert "no serving endpoint of that name" in texts(at.error) and "COINYEAR_ENDPOINT_NAME" in texts(at.error)
+
+
+def noise_photo(seed: int, size: int = 640) -> bytes:
+    """A PNG that does not compress: two make a request over Model Serving's logging limit."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_with_the_databricks_backend_the_ui_talks_to_the_workspace_itself(api, monkeypatch):
+    """As a Databricks App: scoring by the Model Serving endpoint with a client_request_id of its own, what it serves
+    from the endpoint's config, the correction as a file in the volume (the calls a workspace answers, here by the
+    contract server)."""
+    for key, value in {"COINYEAR_SERVING_BACKEND": "databricks", "COINYEAR_MODEL_NAME": "main.coinyear.coinyear",
+                       "COINYEAR_ENDPOINT_NAME": "coinyear-prod", "COINYEAR_LOOP_VOLUME": "/Volumes/main/coinyear/loop",
+                       "DATABRICKS_HOST": api.url, "DATABRICKS_TOKEN": "workspace-token"}.items():
+        monkeypatch.setenv(key, value)
+    get_settings.cache_clear()
+    invocations = "/serving-endpoints/coinyear-prod/invocations"
+    api.routes[("POST", invocations)] = (200, {"predictions": [-27.0]}, {})  # Model Serving sends no version
+    api.routes[("GET", "/api/2.0/serving-endpoints/coinyear-prod")] = (200, {
+        "state": {"ready": "READY"}, "config": {"served_entities": [
+            {"name": "v7", "entity_name": "main.coinyear.coinyear", "entity_version": "7"}]}}, {})
+    at = app()
+    assert "Serving **main.coinyear.coinyear** version **7**" in texts(at.sidebar.success)
+    at = press(upload_pair(at, coin_image(1), coin_image(2)), "Predict")
+    (call,) = api.calls(invocations)
+    request_id = call["json"]["client_request_id"]
+    assert call["headers"]["Authorization"] == "Bearer workspace-token"
+    assert f"`{request_id}`" in texts(at.markdown) and "version **7**" in texts(at.markdown)
+    folder = "/api/2.0/fs/files/Volumes/main/coinyear/loop/feedback/"
+    api.routes[("PUT", folder + "*")] = (204, {}, {})
+    at.text_input(key="year_from").input("27 BC")
+    at = press(at, "Submit correction")
+    (upload,) = [r for r in api.received if r["method"] == "PUT"]
+    assert upload["path"].startswith(folder) and upload["path"].endswith(".json?overwrite=false")
+    assert upload["json"]["request_id"] == request_id and upload["json"]["year_from"] == -27
+    assert not at.error
+
+    # photos over the payload table's limit are in the volume before the request leaves
+    api.routes[("PUT", "/api/2.0/fs/files/Volumes/main/coinyear/loop/photos/*")] = (204, {}, {})
+    big_front, big_back = noise_photo(1), noise_photo(2)
+    at = press(upload_pair(at, big_front, big_back), "Predict")
+    big_id = api.calls(invocations)[-1]["json"]["client_request_id"]
+    photos = {r["path"].split("?")[0].rsplit("/", 1)[1]: r["body"] for r in api.received
+              if r["method"] == "PUT" and f"/photos/{big_id}/0/" in r["path"]}
+    assert photos == {"front": big_front, "back": big_back}
+    assert not at.error
 
 
 def test_a_file_that_is_not_an_image_is_flagged_and_left_to_the_api(api):

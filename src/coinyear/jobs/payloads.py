@@ -54,7 +54,7 @@ from coinyear.config import Settings
 from coinyear.lake import FEEDBACK, INFERENCE_LOG, Lake
 from coinyear.pyfunc import InvalidCoinInput, decode_base64
 from coinyear.serve.errors import ApiError
-from coinyear.serve.forward import FEEDBACK_FILES, photo_path
+from coinyear.serve.volume import FEEDBACK_FILES, photo_path
 from coinyear.serve.wire import parse_body
 
 log = logging.getLogger(__name__)

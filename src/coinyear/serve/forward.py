@@ -29,7 +29,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from urllib.parse import quote
@@ -42,19 +41,10 @@ from coinyear.config import Settings
 from coinyear.pyfunc import InvalidCoinInput, decode_base64
 from coinyear.serve.app import Gateway, Outcome
 from coinyear.serve.errors import BAD_REQUEST, HTTP_CODES, INTERNAL_ERROR, TEMPORARILY_UNAVAILABLE, ApiError
+from coinyear.serve.volume import PAYLOAD_LOG_LIMIT, feedback_file, files_api_path, photo_path, served_model
 from coinyear.serve.wire import FORMATS, PreparedRow, parse_body
 
 log = logging.getLogger(__name__)
-
-# Model Serving leaves `request` null in the payload table above 1 MiB; a little below it, to stay on the safe side.
-PAYLOAD_LOG_LIMIT = 1_000_000
-PHOTOS, FEEDBACK_FILES = "photos", "feedback"
-
-
-def photo_path(volume: str, request_id: str, row: int, side: str) -> str:
-    """Where the photo `side` ("front" / "back") of row `row` of a request too big to be logged is kept."""
-    return f"{volume.rstrip('/')}/{PHOTOS}/{request_id}/{row}/{side}"
-
 
 @dataclass(frozen=True)
 class RemoteModel:
@@ -101,23 +91,9 @@ class Workspace:
     async def upload(self, path: str, data: bytes, overwrite: bool) -> None:
         """Files API: store `data` at `path` (a /Volumes/... path); raises unless the workspace stored it."""
         headers = {**await self._headers(), "Content-Type": "application/octet-stream"}
-        response = await self.http.put(f"/api/2.0/fs/files{quote(path, safe='/')}", content=data, headers=headers,
+        response = await self.http.put(files_api_path(path), content=data, headers=headers,
                                        params={"overwrite": "true" if overwrite else "false"})
         response.raise_for_status()
-
-
-def served_model(endpoint: dict) -> RemoteModel | None:
-    """The served entity taking the most traffic (the new version during a canary only once it has the most)."""
-    config = endpoint.get("config") or {}
-    entities = config.get("served_entities") or config.get("served_models") or []
-    if not entities:
-        return None
-    share = {route.get("served_entity_name") or route.get("served_model_name"): route.get("traffic_percentage", 0)
-             for route in (config.get("traffic_config") or {}).get("routes") or []}
-    main = max(entities, key=lambda entity: share.get(entity.get("name"), 0))
-    name = main.get("entity_name") or main.get("model_name")
-    version = main.get("entity_version") or main.get("model_version")
-    return RemoteModel(str(name), str(version)) if name and version else None
 
 
 def _upstream_error(response: httpx.Response) -> ApiError:
@@ -169,7 +145,8 @@ class DatabricksGateway(Gateway):
             return
         self.last_check = datetime.now(UTC)
         self.endpoint_state = endpoint.get("state") or {}
-        self.served = served_model(endpoint)
+        served = served_model(endpoint)
+        self.served = RemoteModel(*served) if served else None
         if self.served is not None:
             self.metrics.model_version.set(float(self.served.version) if self.served.version.isdigit() else -1)
         self.last_error = None
@@ -238,9 +215,7 @@ class DatabricksGateway(Gateway):
         return True
 
     async def _store_feedback(self, record: dict) -> None:
-        stamp = record["timestamp"]
-        data = json.dumps({**record, "timestamp": stamp.isoformat()}).encode()
-        path = f"{self.volume}/{FEEDBACK_FILES}/{stamp:%Y%m%dT%H%M%S%fZ}-{uuid.uuid4().hex}.json"
+        path, data = feedback_file(self.volume, record)
         try:
             await self.workspace.upload(path, data, False)
         except httpx.HTTPError as error:

@@ -90,13 +90,13 @@ class ApiClient:
         path = f"/serving-endpoints/{endpoint_name}/invocations"
         started = time.perf_counter()
         try:
-            response = self._send("POST", path, json={**body, "params": {"interval": interval}} if interval else body)
+            response, request_id = self._invoke(path, {**body, "params": {"interval": interval}} if interval else body)
         except ApiError as error:
             # a model version without intervals refuses the parameter: the year alone is still worth showing
             if not (interval and error.status == 400 and "interval" in error.detail):
                 raise
             started = time.perf_counter()
-            response = self._send("POST", path, json=body)
+            response, request_id = self._invoke(path, body)
         latency_ms = (time.perf_counter() - started) * 1000
         try:
             answer = response.json()["predictions"][0]
@@ -104,16 +104,25 @@ class ApiClient:
             raise ApiError(f"The API answered with something that is not a prediction: {response.text[:200]}",
                            response.status_code) from error
         fields = answer if isinstance(answer, dict) else {"year": answer}
+        model_name, model_version = self._served(response)
         return Prediction(
             year=float(fields["year"]),
-            request_id=response.headers.get(REQUEST_ID_HEADER),
-            model_name=response.headers.get(MODEL_NAME_HEADER),
-            model_version=response.headers.get(MODEL_VERSION_HEADER),
+            request_id=request_id,
+            model_name=model_name,
+            model_version=model_version,
             latency_ms=latency_ms,
             low=fields.get("low"),
             high=fields.get("high"),
             out_of_distribution=bool(fields.get("out_of_distribution", False)),
         )
+
+    def _invoke(self, path: str, body: dict) -> tuple[httpx.Response, str | None]:
+        """Send a scoring request; (the answer, the request id that feedback refers to)."""
+        response = self._send("POST", path, json=body)
+        return response, response.headers.get(REQUEST_ID_HEADER)
+
+    def _served(self, response: httpx.Response) -> tuple[str | None, str | None]:
+        return response.headers.get(MODEL_NAME_HEADER), response.headers.get(MODEL_VERSION_HEADER)
 
     def feedback(self, request_id: str, year_from: int, year_to: int) -> dict:
         """Record an expert's true date (a year or a range) against a logged request."""
@@ -123,3 +132,87 @@ class ApiClient:
     def version(self) -> dict:
         """What the API serves now: model name, version, alias, loaded-at."""
         return self._send("GET", "/version", timeout=5.0).json()
+
+
+class _DatabricksAuth(httpx.Auth):
+    """databricks-sdk's unified auth on every request (a PAT, or the OAuth token of a Databricks App's principal,
+    refreshed when it expires)."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def auth_flow(self, request):
+        request.headers.update(self.config.authenticate())
+        yield request
+
+
+class WorkspaceClient(ApiClient):
+    """The UI talking to Databricks itself (`COINYEAR_SERVING_BACKEND=databricks`, e.g. as a Databricks App): scoring
+    by the Model Serving endpoint, feedback as a file in the volume, with the contracts of the gateway's databricks
+    backend (coinyear.serve.volume): a `client_request_id` per request (the request id feedback refers to), the
+    photos of a request over the payload table's limit stored in the volume first. The workspace comes from
+    DATABRICKS_HOST and databricks-sdk's auth."""
+
+    def __init__(self, endpoint_name: str, volume: str | None, timeout: float = 30.0):
+        from databricks.sdk.core import Config
+
+        if not volume:
+            raise ApiError("COINYEAR_LOOP_VOLUME is not set: with COINYEAR_SERVING_BACKEND=databricks the UI keeps "
+                           "corrections in that Unity Catalog volume (/Volumes/<catalog>/<schema>/<volume>).")
+        try:
+            config = Config()
+        except ValueError as error:
+            raise ApiError(f"No Databricks workspace configured for the UI ({error}).") from error
+        super().__init__(config.host, None, timeout)
+        self.http.auth = _DatabricksAuth(config)
+        self.endpoint_name, self.volume = endpoint_name, volume.rstrip("/")
+
+    def _invoke(self, path: str, body: dict) -> tuple[httpx.Response, str | None]:
+        import json
+        import uuid
+
+        from coinyear.serve.volume import PAYLOAD_LOG_LIMIT, photo_path
+
+        request_id = uuid.uuid4().hex
+        body = {**body, "client_request_id": request_id}
+        if len(json.dumps(body)) > PAYLOAD_LOG_LIMIT:  # Model Serving will not log it: keep the photos first
+            for row, record in enumerate(body["inputs"]):
+                for side, column in (("front", "front_image_base64"), ("back", "back_image_base64")):
+                    self._upload(photo_path(self.volume, request_id, row, side), base64.b64decode(record[column]))
+        return self._send("POST", path, json=body), request_id
+
+    def _served(self, response: httpx.Response) -> tuple[str | None, str | None]:
+        name, version = super()._served(response)
+        if name and version:
+            return name, version
+        served = self.version()
+        return served.get("model_name"), served.get("model_version")
+
+    def _upload(self, path: str, data: bytes, overwrite: bool = True) -> None:
+        from coinyear.serve.volume import files_api_path
+
+        self._send("PUT", files_api_path(path), content=data, params={"overwrite": str(overwrite).lower()},
+                   headers={"Content-Type": "application/octet-stream"})
+
+    def feedback(self, request_id: str, year_from: int, year_to: int) -> dict:
+        """The correction as a file in the volume; `coinyear ingest-payloads` appends it to `feedback`."""
+        from datetime import UTC, datetime
+
+        from coinyear.serve.volume import feedback_file
+
+        record = {"request_id": request_id, "year_from": year_from, "year_to": year_to,
+                  "timestamp": datetime.now(UTC), "source": "ui", "note": None}
+        path, data = feedback_file(self.volume, record)
+        self._upload(path, data, overwrite=False)
+        return {"request_id": request_id, "year_from": year_from, "year_to": year_to, "recorded": True}
+
+    def version(self) -> dict:
+        """What the endpoint serves (the entity with the most traffic) and whether it is ready."""
+        from coinyear.serve.volume import served_model
+
+        endpoint = self._send("GET", f"/api/2.0/serving-endpoints/{self.endpoint_name}", timeout=5.0).json()
+        served = served_model(endpoint) or (None, None)
+        state = endpoint.get("state") or {}
+        ready = state.get("ready") == "READY"
+        return {"model_name": served[0], "model_version": served[1] if ready else None,
+                "last_error": None if ready else f"endpoint {self.endpoint_name} is {state.get('ready', 'not ready')}"}

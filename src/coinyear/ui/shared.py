@@ -7,7 +7,7 @@ import re
 import streamlit as st
 
 from coinyear.config import Settings, get_settings
-from coinyear.ui.client import ApiClient
+from coinyear.ui.client import ApiClient, WorkspaceClient
 
 YEAR_PATTERN = re.compile(r"^\s*(?:(AD|BC|BCE|CE)\s*)?(-?\d{1,4})\s*(AD|BC|BCE|CE)?\s*$", re.IGNORECASE)
 
@@ -21,8 +21,17 @@ def _client(url: str, token: str | None, timeout: float) -> ApiClient:
     return ApiClient(url, token, timeout)
 
 
+@st.cache_resource
+def _workspace_client(endpoint_name: str, volume: str | None, timeout: float) -> ApiClient:
+    return WorkspaceClient(endpoint_name, volume, timeout)
+
+
 def api_client() -> ApiClient:
+    """The gateway at COINYEAR_API_URL, or with COINYEAR_SERVING_BACKEND=databricks the workspace itself (the
+    Model Serving endpoint and the loop volume: no gateway needed, as in a Databricks App)."""
     current = settings()
+    if current.serving_backend == "databricks":
+        return _workspace_client(current.serving_endpoint_name, current.loop_volume, current.api_timeout)
     return _client(current.api_url, current.api_token, current.api_timeout)
 
 
