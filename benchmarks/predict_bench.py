@@ -123,7 +123,7 @@ def main() -> int:
 
     import pandas as pd
 
-    manifest = pd.read_csv(args.data / "manifest.csv").iloc[:args.coins]
+    manifest = pd.read_csv(args.data / "manifest.csv").dropna(subset=["obverse", "reverse"]).iloc[:args.coins]
     work = Path(tempfile.mkdtemp(prefix="predict-bench-"))
     photos = work / "photos"
     photos.mkdir()

@@ -150,6 +150,15 @@ def load_scoring_model(settings: Settings, model_uri: str | None = None) -> Scor
     return ScoringModel(pinned, name, version, python_model)
 
 
+def check_interval(model: ScoringModel, interval: float) -> float:
+    """0 (years only) or a coverage level in (0, 1) that this model version can give ranges for."""
+    if not 0 <= interval < 1:
+        raise ValueError(f"--interval must be between 0 and 1 (e.g. 0.9), got {interval}")
+    if interval and getattr(model.python_model, "quality", None) is None:
+        raise ValueError(f"{model.uri} was logged without interval calibration: run without --interval")
+    return float(interval)
+
+
 def decode_pair_files(model: ScoringModel, front: str, back: str):
     """(front tensor, back tensor, None) or (None, None, error) for one coin, decoded by the pyfunc itself."""
     from coinyear.pyfunc import BACK, FRONT, InvalidCoinInput, encode_file
@@ -201,9 +210,10 @@ def score_rows(model: ScoringModel, rows: pd.DataFrame, interval: float = 0.0, b
 
 def predict_pair(model: ScoringModel, front: str | Path, back: str | Path, interval: float = 0.0) -> dict:
     """One coin: {year[, low, high, out_of_distribution], model_name, model_version}; ValueError if unusable."""
+    interval = check_interval(model, interval)
     rows = pd.DataFrame({"front": [str(front)], "back": [str(back)], "error": [None]})
     scored = score_rows(model, rows, interval)
-    if scored["error"].iat[0] is not pd.NA and scored["error"].iat[0]:
+    if pd.notna(scored["error"].iat[0]):
         raise ValueError(str(scored["error"].iat[0]))
     answer = {"year": float(scored["year"].iat[0])}
     if interval:
@@ -297,10 +307,14 @@ def predict_collection(model: ScoringModel, pairs: pd.DataFrame, out: str | Path
     """Score `pairs` (from `pair_folder` / `pair_csv`) into `out`, chunk by chunk, skipping coins already there."""
     from tqdm.auto import tqdm
 
+    interval = check_interval(model, interval)
     output = open_output(out)
+    scored_columns = ["year", *(INTERVAL_COLUMNS if interval else []), *META_COLUMNS]
+    # an input column named like an output column (a museum's own `year`) is kept as `input_<name>`
+    pairs = pairs.rename(columns={c: f"input_{c}" for c in pairs.columns if c in scored_columns and c != "error"})
     pairs = pairs.assign(coin_id=pairs["coin_id"].astype(str))
     carried = [c for c in pairs.columns if c not in ("coin_id", "front", "back", "error")]
-    columns = ["coin_id", "front", "back", *carried, "year", *(INTERVAL_COLUMNS if interval else []), *META_COLUMNS]
+    columns = ["coin_id", "front", "back", *carried, *scored_columns]
     existing = output.done()
     done: set[str] = set()
     if existing is not None:
@@ -355,6 +369,7 @@ def predict_spark(settings: Settings, spark, images: str | Path, table: str, mod
     from coinyear.pyfunc import BACK, FRONT
 
     model = load_scoring_model(settings, model_uri)
+    interval = check_interval(model, interval)
     size, grayscale = model.python_model.size, model.python_model.grayscale
     parsed = StructType([StructField("coin_id", StringType()), StructField("side", StringType())])
 
@@ -381,7 +396,9 @@ def predict_spark(settings: Settings, spark, images: str | Path, table: str, mod
         return {FRONT: base64.b64encode(front).decode("ascii"), BACK: base64.b64encode(back).decode("ascii"),
                 "error": None}
 
-    files = (spark.read.format("binaryFile").load(str(Path(images).resolve()))
+    # a URI (dbfs:/, s3://, abfss://...) goes to Spark as given; a local path (or a /Volumes/... path) absolute
+    source = str(images) if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", str(images)) else str(Path(images).resolve())
+    files = (spark.read.format("binaryFile").load(source)
              .withColumn("parsed", parse("path")).where(F.col("parsed").isNotNull())
              .select(F.col("parsed.coin_id").alias("coin_id"), F.col("parsed.side").alias("side"), "path",
                      "content"))

@@ -120,17 +120,18 @@ def test_csv_input_keeps_its_columns(trained, coins, pyfunc, tmp_path):
     for coin in coins.iloc[:5].itertuples():
         shutil.copy(coin.obverse, tmp_path / "photos" / f"o{coin.coin_id}.jpg")
         rows.append({"museum_no": f"INV-{coin.coin_id}", "front": f"photos/o{coin.coin_id}.jpg",
-                     "back": coin.reverse, "mint": coin.mint})  # relative to the CSV's folder, and absolute
+                     "back": coin.reverse, "mint": coin.mint, "year": "?"})  # relative to the CSV, and absolute
     rows.append({"museum_no": "INV-missing", "front": "photos/nowhere.jpg", "back": coins["reverse"][0],
-                 "mint": "Rome"})
+                 "mint": "Rome", "year": "AD 70"})
     pd.DataFrame(rows).to_csv(tmp_path / "list.csv", index=False)
 
     result = predict_collection(load_scoring_model(settings), pair_csv(tmp_path / "list.csv"),
                                 tmp_path / "out.csv", progress=False)
     assert (result.scored, result.errors) == (6, 1)
     out = pd.read_csv(tmp_path / "out.csv", dtype={"coin_id": str})
-    assert list(out.columns) == ["coin_id", "front", "back", "museum_no", "mint", "year", "error", "model_name",
-                                 "model_version", "scored_at"]
+    assert list(out.columns) == ["coin_id", "front", "back", "museum_no", "mint", "input_year", "year", "error",
+                                 "model_name", "model_version", "scored_at"]
+    assert list(out["input_year"]) == [r["year"] for r in rows]  # the museum's own `year` is kept, renamed
     assert list(out["coin_id"]) == ["1", "2", "3", "4", "5", "6"]
     assert list(out["museum_no"]) == [r["museum_no"] for r in rows] and list(out["mint"]) == [r["mint"] for r in rows]
     assert "cannot read photo" in out["error"].iat[5] and out["error"].iloc[:5].isna().all()
