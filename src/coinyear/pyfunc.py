@@ -189,8 +189,8 @@ def pip_requirements(backbone: str, torch_index: str | None = None) -> list[str]
     wheel is the CUDA build (several GB of nvidia-* wheels). `torch_index`, a PyTorch wheel index such as
     https://download.pytorch.org/whl/cpu, instead adds `--extra-index-url <index>` and pins torch and
     torchvision to the variant the index is named after (`torch==2.14.1+cpu`): a small CPU-only environment.
-    Such a line is a pip option: pip, uv and MLflow's virtualenv manager honour it, but the environment then
-    needs to reach that index, and no test here can (the machine is offline but for PyPI).
+    MLflow keeps that pip option line in the logged requirements.txt; the environment that installs it must
+    reach the index, which no test here can (this machine reaches PyPI only).
     """
     from importlib.metadata import version
 
