@@ -91,3 +91,26 @@ def test_a_valid_feedback_file_is_a_feedback_row():
                            "timestamp": "2026-11-20T11:00:00+01:00", "source": "ui"}, Settings())
     assert row == {"request_id": "r-1", "year_from": -27, "year_to": -20, "source": "ui", "note": None,
                    "timestamp": datetime(2026, 11, 20, 10, 0, tzinfo=UTC)}
+
+
+def test_the_cli_reports_what_it_did_and_needs_one_of_its_settings(tmp_path, monkeypatch, capsys):
+    from coinyear.cli import main
+    from coinyear.config import get_settings
+
+    monkeypatch.setenv("COINYEAR_HOME", str(tmp_path / "home"))
+    for name in ("COINYEAR_PAYLOAD_TABLE", "COINYEAR_LOOP_VOLUME"):
+        monkeypatch.delenv(name, raising=False)
+    get_settings.cache_clear()
+    assert main(["ingest-payloads"]) == 2
+    assert "COINYEAR_PAYLOAD_TABLE" in capsys.readouterr().err
+    (tmp_path / "volume" / "feedback").mkdir(parents=True)
+    (tmp_path / "volume" / "feedback" / "bad.json").write_text("[1, 2]")
+    monkeypatch.setenv("COINYEAR_LOOP_VOLUME", str(tmp_path / "volume"))
+    get_settings.cache_clear()
+    try:
+        assert main(["ingest-payloads", "--json"]) == 0
+    finally:
+        get_settings.cache_clear()
+    report = json.loads(capsys.readouterr().out)
+    assert report["feedback_rejected"] == {"bad.json": "not a feedback row: not a JSON object"}
+    assert (tmp_path / "volume" / "feedback" / "rejected" / "bad.json").is_file()

@@ -70,6 +70,8 @@ MAX_ROWS = 10_000  # rows of one logged request the mapping will expand (Model S
 
 @dataclass
 class IngestResult:
+    payload_table: str | None = None  # what was read (None: not configured, step skipped)
+    loop_volume: str | None = None
     requests_mapped: int = 0
     rows_appended: int = 0
     photos_from_volume: int = 0
@@ -83,14 +85,18 @@ class IngestResult:
     feedback_rejected: dict[str, str] = field(default_factory=dict)  # file -> reason
 
     def report(self) -> str:
-        lines = [(f"new requests mapped from the payload table: {self.requests_mapped} "
-                  f"({self.rows_appended} inference_log rows)")]
+        lines = [(f"new requests mapped from {self.payload_table}: {self.requests_mapped} "
+                  f"({self.rows_appended} inference_log rows)") if self.payload_table else
+                 "no payload table (COINYEAR_PAYLOAD_TABLE): inference_log not updated"]
         if self.photos_from_volume or self.photos_missing or self.unreadable_requests:
             lines.append(f"  photos from the volume: {self.photos_from_volume} rows; photos missing: "
                          f"{self.photos_missing} rows; unreadable request JSON: {self.unreadable_requests}")
         if self.model_versions:
             lines.append(f"  {self.model_versions}")
-        lines.append(f"watermark (newest request_time mapped): {self.watermark or '-'}")
+        if self.payload_table:
+            lines.append(f"watermark (newest request_time mapped): {self.watermark or '-'}")
+        if not self.loop_volume:
+            return "\n".join([*lines, "no volume (COINYEAR_LOOP_VOLUME): no feedback files read"])
         lines.append(f"feedback files: {self.feedback_appended} appended, {self.feedback_already_in} already in "
                      f"the table, {self.feedback_waiting} waiting for their request, "
                      f"{len(self.feedback_rejected)} rejected")
@@ -108,7 +114,7 @@ def ingest_payloads(settings: Settings, spark=None, now: datetime | None = None,
     if not settings.payload_table and not settings.loop_volume:
         raise ValueError("nothing to ingest: set COINYEAR_PAYLOAD_TABLE (the endpoint's payload table) and/or "
                          "COINYEAR_LOOP_VOLUME (where the gateway keeps feedback and big requests' photos)")
-    lake, result = Lake(settings), IngestResult()
+    lake, result = Lake(settings), IngestResult(settings.payload_table, settings.loop_volume)
     if settings.payload_table:
         if spark is None:
             from coinyear.spark import spark_session
@@ -302,7 +308,7 @@ def ingest_feedback(settings: Settings, lake: Lake, result: IngestResult, now: d
             records[path] = feedback_record(json.loads(path.read_text()), settings)
         except (ValueError, TypeError, KeyError, UnicodeDecodeError) as error:
             _move(path, folder / "rejected")
-            result.feedback_rejected[path.name] = f"unreadable: {error}"
+            result.feedback_rejected[path.name] = f"not a feedback row: {error}"
     if not records:
         return
     ids = sorted({record["request_id"] for record in records.values()})
