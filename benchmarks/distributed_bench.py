@@ -2,7 +2,8 @@
 
 Two measurements, on this machine, in one run:
 
-  * time: a one-process training run (`coinyear.train.run_training`, in a fresh interpreter) and a distributed
+  * time: a one-process training run (`coinyear.train.run_training`, in a fresh interpreter; once with torch's
+    default threads, once with 1 thread like each worker) and a distributed
     run (`coinyear.distributed.run_distributed_training`, 2 gloo processes under TorchDistributor local_mode)
     on the same slice, recipe and seed, each logging and registering into its own MLflow store. Reported: wall
     time (interpreter start to registered model), the training time rank 0 logged (`train_seconds`), hold-out
@@ -15,6 +16,9 @@ Two measurements, on this machine, in one run:
 
     PYTHONPATH=src python benchmarks/distributed_bench.py
     PYTHONPATH=src python benchmarks/distributed_bench.py --limit 80 --memory-limit 200 --out /tmp/d.json  # smoke
+
+Wall times on a machine shared with other jobs measure the load as much as the code: the CPU seconds (user +
+system of the training processes, from getrusage) are the steadier number.
 
 Writes benchmarks/results/distributed_bench.json (machine: lscpu model name, cores; date; load average).
 """
@@ -117,7 +121,15 @@ def child_data_epoch(args) -> None:
     print(json.dumps({"rows": len(rows), "samples": seen, "memory_mb": memory_mb()}))
 
 
-def run_child(mode: str, args, **extra) -> tuple[dict, float]:
+def cpu_seconds_of_children() -> float:
+    """User + system CPU time of every finished descendant (the TorchDistributor workers included)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_child(mode: str, args, env: dict | None = None, **extra) -> tuple[dict, float]:
     command = [sys.executable, __file__, "--child", mode, "--data", str(args.data), "--limit", str(extra.get(
         "limit", args.limit)), "--image-size", str(extra.get("image_size", args.image_size)), "--epochs",
         str(args.epochs), "--batch-size", str(args.batch_size), "--backbone", args.backbone]
@@ -126,7 +138,7 @@ def run_child(mode: str, args, **extra) -> tuple[dict, float]:
             command += [f"--{key}", str(extra[key])]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, check=False,
-                          env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+                          env={**os.environ, "PYTHONPATH": str(REPO / "src"), **(env or {})})
     if done.returncode:
         raise RuntimeError(f"{mode} failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1]), time.perf_counter() - started
@@ -138,7 +150,13 @@ def time_runs(args, work: Path) -> dict:
     from coinyear.distributed import run_distributed_training
     from coinyear.spark import spark_session
 
+    cpu = cpu_seconds_of_children()
     one, one_wall = run_child("one-process", args, home=work / "one")
+    one_cpu, cpu = cpu_seconds_of_children() - cpu, cpu_seconds_of_children()
+    # The same run with one torch thread, as each distributed worker has: separates the effect of splitting
+    # the work from that of fewer OpenMP threads contending for the cores.
+    single, single_wall = run_child("one-process", args, env={"COINYEAR_NUM_THREADS": "1"}, home=work / "single")
+    single_cpu, cpu = cpu_seconds_of_children() - cpu, cpu_seconds_of_children()
     spark_session("coinyear-bench", master=f"local[{os.cpu_count() or 1}]")
     settings = settings_for(work / "dist", args.data)
     config = recipe(args)
@@ -147,10 +165,15 @@ def time_runs(args, work: Path) -> dict:
     started = time.perf_counter()
     outcome = run_distributed_training(settings, config, manifest, processes=args.processes)
     dist_wall = time.perf_counter() - started
+    dist_cpu = cpu_seconds_of_children() - cpu  # the workers (reaped by torchrun), not this process
     return {
-        "one_process": {"wall_seconds": one_wall, "train_seconds": one["metrics"]["train_seconds"],
+        "one_process": {"wall_seconds": one_wall, "cpu_seconds": one_cpu, "train_seconds": one["metrics"]["train_seconds"],
                         "val_mae": one["metrics"]["val_mae"], "peak_rss_mb": one["memory_mb"].get("VmHWM")},
-        "distributed": {"processes": outcome.processes, "wall_seconds": dist_wall,
+        "one_process_1_thread": {"wall_seconds": single_wall, "cpu_seconds": single_cpu,
+                                 "train_seconds": single["metrics"]["train_seconds"],
+                                 "val_mae": single["metrics"]["val_mae"],
+                                 "peak_rss_mb": single["memory_mb"].get("VmHWM")},
+        "distributed": {"processes": outcome.processes, "wall_seconds": dist_wall, "cpu_seconds": dist_cpu,
                         "train_seconds": outcome.metrics["train_seconds"], "val_mae": outcome.metrics["val_mae"],
                         "peak_rss_mb": outcome.peak_rss_mb, "version": outcome.version},
     }
@@ -171,13 +194,13 @@ def memory_runs(args, work: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "ocre")
-    parser.add_argument("--limit", type=int, default=400, help="coins of the timing slice")
+    parser.add_argument("--limit", type=int, default=240, help="coins of the timing slice")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--backbone", default="mobilenet_v3_small")
     parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--memory-limit", type=int, default=2000, help="coins of the data-memory slice")
+    parser.add_argument("--memory-limit", type=int, default=1500, help="coins of the data-memory slice")
     parser.add_argument("--memory-image-size", type=int, default=128)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "distributed_bench.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
