@@ -186,8 +186,12 @@ def cmd_data(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    import os
     from dataclasses import asdict
 
+    # as in `coinyear serve`: idle OpenMP workers would spin on the cores the photo decoders need between
+    # forward passes (set before torch loads OpenMP)
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from coinyear import predict
     from coinyear.config import set_torch_threads
 
