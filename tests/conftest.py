@@ -30,6 +30,16 @@ def coin_image(seed: int = 0, size: tuple[int, int] = (96, 96), fmt: str = "JPEG
     return buffer.getvalue()
 
 
+def require_tool(found, message: str):
+    """`found` (a tool's path), or the test stops: it fails under CI=true (.ci/run installs every tool the tests
+    need, so a missing one is a broken set-up) and skips elsewhere."""
+    if not found:
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
+
+
 @pytest.fixture(scope="session")
 def ocre_dir() -> Path:
     if not (OCRE / "manifest.csv").is_file():
@@ -82,10 +92,7 @@ def spark(tmp_path_factory):
     A missing Java or pyspark fails under CI=true (the project's set-up installs both) and skips elsewhere."""
     import shutil
 
-    if shutil.which("java") is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("java is missing: .ci/run installs openjdk-17-jre-headless for the Spark tests")
-        pytest.skip("no java on this machine (the Spark tests need Java 17)")
+    require_tool(shutil.which("java"), "java is missing: .ci/run installs openjdk-17-jre-headless for the Spark tests")
     from coinyear.spark import spark_session
 
     session = spark_session("coinyear-tests", master="local[2]",

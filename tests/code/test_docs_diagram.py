@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, require_tool
 
 DOCS = REPO / "docs"
 PACKAGE = REPO / "src" / "coinyear"
@@ -42,9 +42,8 @@ def test_png_is_drawn_from_the_current_source():
 
 
 def test_source_is_valid_graphviz(tmp_path):
-    dot = shutil.which("dot")
-    if dot is None:
-        pytest.skip("Graphviz `dot` is not installed (.ci/run installs it): cannot re-render the diagram")
+    dot = require_tool(shutil.which("dot"),
+                       "Graphviz `dot` is not installed (.ci/run installs it): cannot re-render the diagram")
     out = tmp_path / "diagram.png"
     subprocess.run([dot, "-Tpng", str(DOCS / "architecture.dot"), "-o", str(out)], check=True, capture_output=True)
     assert out.stat().st_size > 10_000

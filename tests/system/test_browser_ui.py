@@ -25,7 +25,7 @@ from coinyear.config import get_settings
 from coinyear.evaluate import year_label
 from coinyear.lake import FEEDBACK, INFERENCE_LOG, Lake
 from coinyear.pyfunc import encode_file
-from tests.conftest import REPO, coin_image
+from tests.conftest import REPO, coin_image, require_tool
 
 pytestmark = pytest.mark.browser
 
@@ -42,8 +42,7 @@ def chromium_path() -> str:
         message = ("NO BROWSER: Debian's chromium is not installed (`apt-get install -y chromium`, which .ci/run "
                    "does); the browser end-to-end test of the UI did NOT run")
         print(f"\n{'!' * 100}\n{message}\n{'!' * 100}", file=sys.stderr)
-        pytest.skip(message)
-    return found
+    return require_tool(found, message)
 
 
 def free_port() -> int:
