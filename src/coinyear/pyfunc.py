@@ -216,13 +216,9 @@ def log_model(checkpoint: Path, example: pd.DataFrame, registered_model_name: st
     """Log the pyfunc (signature + input example) in the active run; register it when a name is given.
 
     `quality` holds the interval calibration and OOD files (`Quality.save`), which enable `interval`.
-    The model carries its code and pinned requirements (see `pip_requirements`; `torch_index` defaults to
-    the setting `COINYEAR_MODEL_TORCH_INDEX`).
+    The model carries its code and pinned requirements (see `pip_requirements`; training passes the setting
+    `COINYEAR_MODEL_TORCH_INDEX` as `torch_index`).
     """
-    if torch_index is None:
-        from coinyear.config import Settings
-
-        torch_index = Settings().model_torch_index
     try:
         backbone = torch.load(checkpoint, map_location="cpu", weights_only=True)["config"]["backbone"]
     except Exception:  # noqa: BLE001 - torch.load raises anything on a bad file; such a model cannot serve

@@ -599,6 +599,7 @@ def run_training(settings, config: TrainConfig, manifest: Manifest | None = None
             save_checkpoint(result.model, checkpoint)
             info = log_model(checkpoint, input_example(manifest.rows),
                              registered_model_name=settings.model_name if register else None,
-                             quality=result.quality.save(Path(folder) / "quality"))
+                             quality=result.quality.save(Path(folder) / "quality"),
+                             torch_index=settings.model_torch_index)
         version = str(info.registered_model_version) if register and info.registered_model_version else None
         return RunOutcome(run.info.run_id, version, result.metrics)
