@@ -184,3 +184,13 @@ def test_feedback_files_wait_for_their_request_and_land_once(spark, loop, backen
     # the retraining job finds each correction's photos through the mapped inference_log
     candidates = feedback_candidates(Lake(settings), feedback).set_index("coin_id")
     assert candidates.loc["feedback:r-1", "front"] == coin_image(1) and candidates["problem"].isna().all()
+
+
+def test_a_payload_table_not_created_yet_is_nothing_to_map(spark, loop):
+    """Before the endpoint's first deployment its payload table does not exist: the step reports it and maps
+    nothing, instead of failing the monitoring and retraining jobs that run it first."""
+    settings, table, entities, _ = loop
+    result = ingest_payloads(settings, spark=spark, served_entities=entities)  # `table` was never written
+    assert result.payload_table_missing and result.rows_appended == 0
+    assert "does not exist yet" in result.report()
+    assert Lake(settings).read(INFERENCE_LOG).empty

@@ -71,6 +71,7 @@ MAX_ROWS = 10_000  # rows of one logged request the mapping will expand (Model S
 @dataclass
 class IngestResult:
     payload_table: str | None = None  # what was read (None: not configured, step skipped)
+    payload_table_missing: bool = False  # configured, but the endpoint has not created it yet
     loop_volume: str | None = None
     requests_mapped: int = 0
     rows_appended: int = 0
@@ -88,12 +89,15 @@ class IngestResult:
         lines = [(f"new requests mapped from {self.payload_table}: {self.requests_mapped} "
                   f"({self.rows_appended} inference_log rows)") if self.payload_table else
                  "no payload table (COINYEAR_PAYLOAD_TABLE): inference_log not updated"]
+        if self.payload_table_missing:
+            lines[0] = (f"payload table {self.payload_table} does not exist yet (the endpoint creates it on its "
+                        f"first deployment): inference_log not updated")
         if self.photos_from_volume or self.photos_missing or self.unreadable_requests:
             lines.append(f"  photos from the volume: {self.photos_from_volume} rows; photos missing: "
                          f"{self.photos_missing} rows; unreadable request JSON: {self.unreadable_requests}")
         if self.model_versions:
             lines.append(f"  {self.model_versions}")
-        if self.payload_table:
+        if self.payload_table and not self.payload_table_missing:
             lines.append(f"watermark (newest request_time mapped): {self.watermark or '-'}")
         if not self.loop_volume:
             return "\n".join([*lines, "no volume (COINYEAR_LOOP_VOLUME): no feedback files read"])
@@ -132,6 +136,9 @@ def map_payloads(spark, settings: Settings, lake: Lake, result: IngestResult,
     """The payload table's new rows as `inference_log` rows, appended in one commit with the new watermark."""
     from pyspark.sql import functions as F
 
+    if not spark.catalog.tableExists(settings.payload_table):
+        result.payload_table_missing = True  # before the first deployment: nothing to map yet, not a failure
+        return
     payloads = spark.table(settings.payload_table)
     missing = [column for column in PAYLOAD_COLUMNS if column not in payloads.columns]
     if missing:
