@@ -4,6 +4,7 @@ images, and one small trained + registered model that system tests reuse."""
 from __future__ import annotations
 
 import io
+import json
 import os
 from pathlib import Path
 
@@ -28,6 +29,18 @@ def coin_image(seed: int = 0, size: tuple[int, int] = (96, 96), fmt: str = "JPEG
     buffer = io.BytesIO()
     image.save(buffer, fmt)
     return buffer.getvalue()
+
+
+def send_json(handler, status: int, payload, headers: dict | None = None) -> None:
+    """Answer a request of an `http.server` handler (the tests' stand-ins for remote services) with JSON."""
+    data = json.dumps(payload).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(data)))
+    for key, value in (headers or {}).items():
+        handler.send_header(key, value)
+    handler.end_headers()
+    handler.wfile.write(data)
 
 
 def require_tool(found, message: str):

@@ -37,6 +37,8 @@ from typing import Self
 
 import pandas as pd
 
+from tests.conftest import send_json
+
 NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
@@ -243,14 +245,7 @@ class FakeWorkspace:
                 except ApiError as error:
                     status, answer, headers = error.status, {"error_code": error.code,
                                                              "message": error.message}, {}
-                data = json.dumps(answer).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for key, value in headers.items():
-                    self.send_header(key, value)
-                self.end_headers()
-                self.wfile.write(data)
+                send_json(self, status, answer, headers)
 
             def do_GET(self):
                 self._serve("GET")

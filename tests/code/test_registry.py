@@ -9,19 +9,14 @@ import mlflow
 import pytest
 
 from coinyear import registry
-from tests.conftest import make_settings
+from tests.conftest import make_settings, send_json
 
 
 class FailingRegistry(BaseHTTPRequestHandler):
     """An MLflow REST server that is up but fails every call (as during an outage or an overload)."""
 
     def do_GET(self):  # noqa: N802 (http.server's naming)
-        body = b'{"error_code": "INTERNAL_ERROR", "message": "database is locked"}'
-        self.send_response(500)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        send_json(self, 500, {"error_code": "INTERNAL_ERROR", "message": "database is locked"})
 
     do_POST = do_GET
 

@@ -23,7 +23,7 @@ from coinyear import registry
 from coinyear.config import ensure_experiment, get_settings
 from coinyear.lake import FEEDBACK, INFERENCE_LOG, MODEL_DECISIONS, MONITORING, Lake
 from coinyear.ui.shared import parse_year
-from tests.conftest import coin_image
+from tests.conftest import coin_image, send_json
 
 APP = Path(__file__).resolve().parents[2] / "src" / "coinyear" / "ui" / "app.py"
 TOKEN = "ui-test-token"
@@ -63,15 +63,8 @@ class Handler(BaseHTTPRequestHandler):
             route = route(self.server.received[-1]["json"])
         status, payload, headers, *delay = route
         time.sleep(delay[0] if delay else 0)
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        for key, value in headers.items():
-            self.send_header(key, value)
-        self.end_headers()
         try:
-            self.wfile.write(data)
+            send_json(self, status, payload, headers)
         except BrokenPipeError:  # the client gave up first (the timeout test)
             pass
 
