@@ -38,9 +38,9 @@ PHOTO_MASK = "#c8b68e"
 
 def chromium_path() -> str:
     found = shutil.which("chromium") or shutil.which("chromium-browser")
+    message = ("NO BROWSER: Debian's chromium is not installed (`apt-get install -y chromium`, which .ci/run "
+               "does); the browser end-to-end test of the UI did NOT run")
     if not found:
-        message = ("NO BROWSER: Debian's chromium is not installed (`apt-get install -y chromium`, which .ci/run "
-                   "does); the browser end-to-end test of the UI did NOT run")
         print(f"\n{'!' * 100}\n{message}\n{'!' * 100}", file=sys.stderr)
     return require_tool(found, message)
 
