@@ -132,7 +132,11 @@ def rows_of(lake: Lake, table: str, request_id: str) -> pd.DataFrame | None:
 
 
 def screenshot(page, name: str) -> None:
-    """The whole page: Streamlit scrolls inside its main block, so grow the window to the content first."""
+    """The whole page: Streamlit scrolls inside its main block, so grow the window to the content first.
+
+    Into docs/img only when asked (UPDATE_SCREENSHOTS=1): a test run must not rewrite tracked files."""
+    if os.environ.get("UPDATE_SCREENSHOTS") != "1":
+        return
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.wait_for_timeout(1000)  # let charts finish drawing
     height = page.evaluate("document.querySelector('[data-testid=\"stMainBlockContainer\"]').scrollHeight")
