@@ -122,16 +122,20 @@ class ScoringModel:
     python_model: object
 
 
-def resolve_model_uri(uri: str) -> tuple[str, str | None, str | None]:
-    """(pinned URI, model name, version) for `models:/name@alias` or `models:/name/N`; other URIs as given."""
-    from mlflow import MlflowClient
+def resolve_model_uri(settings: Settings, uri: str) -> tuple[str, str | None, str | None]:
+    """(pinned URI, model name, version) for `models:/name@alias` or `models:/name/N`; other URIs as given.
+
+    An alias that is not set is a clear error (ValueError), a failing registry a RegistryError."""
+    from coinyear import registry
 
     match = re.fullmatch(r"models:/(?P<name>[^@/]+(?:\.[^@/]+)*)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))", uri)
     if match is None:
         return uri, None, None
     name, version = match["name"], match["version"]
     if match["alias"]:
-        version = str(MlflowClient().get_model_version_by_alias(name, match["alias"]).version)
+        version = registry.version_by_alias(settings.model_copy(update={"model_name": name}), match["alias"])
+        if version is None:
+            raise ValueError(f"model {name} has no version with the alias {match['alias']}")
     return f"models:/{name}/{version}", name, version
 
 
@@ -142,7 +146,7 @@ def load_scoring_model(settings: Settings, model_uri: str | None = None) -> Scor
     from coinyear.pyfunc import CoinYearModel
 
     configure_mlflow(settings)  # `models:/...` resolves against our registry, not MLflow's default store
-    pinned, name, version = resolve_model_uri(model_uri or f"models:/{settings.model_name}@production")
+    pinned, name, version = resolve_model_uri(settings, model_uri or f"models:/{settings.model_name}@production")
     python_model = mlflow.pyfunc.load_model(pinned).unwrap_python_model()
     if not isinstance(python_model, CoinYearModel):
         # a ValueError: the CLI reports it as a clear error (a wrong --model), not as a crash
