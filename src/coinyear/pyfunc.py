@@ -112,28 +112,42 @@ class CoinYearModel(mlflow.pyfunc.PythonModel):
             backs.append(back_array)
         return (torch.from_numpy(np.stack(fronts)).float() / 255, torch.from_numpy(np.stack(backs)).float() / 255)
 
+    def score_tensors(self, fronts: torch.Tensor, backs: torch.Tensor, with_features: bool = False,
+                      batch_size: int = 32) -> dict[str, np.ndarray]:
+        """The one scoring path: per coin `year`, `spread` (how much the year moves over the TTA rotations; zero
+        without TTA) and, with `with_features`, the out-of-distribution `features` [B, D].
+
+        Callers that batch across requests (the gateway's micro-batcher) call this once per batch and slice the
+        arrays per request; `answers` then turns a slice into intervals at each request's own level.
+        """
+        from coinyear.model import infer
+
+        parts = [infer(self.model, fronts[start:start + batch_size], backs[start:start + batch_size], with_features)
+                 for start in range(0, len(fronts), max(batch_size, 1))]
+        keys = ("year", "spread", "features") if with_features else ("year", "spread")
+        return {key: torch.cat([part[key] for part in parts]).numpy().astype(float) for key in keys}
+
+    def answers(self, scored: dict[str, np.ndarray], level: float) -> pd.DataFrame:
+        """Year, conformal range at `level` and out-of-distribution flag per coin, from `score_tensors` output
+        computed `with_features`."""
+        if self.quality is None:
+            raise InvalidCoinInput("this model version was logged without interval calibration; "
+                                   "call it without the `interval` parameter")
+        low, high = self.quality.conformal.interval(scored["year"], level, scored["spread"])
+        return pd.DataFrame({"year": scored["year"], "low": low, "high": high,
+                             "out_of_distribution": self.quality.ood.flag(scored["features"])})
+
     def predict_tensors(self, fronts: torch.Tensor, backs: torch.Tensor, batch_size: int = 32) -> np.ndarray:
-        out = []
-        with torch.inference_mode():
-            for start in range(0, len(fronts), batch_size):
-                out.append(self.model(fronts[start:start + batch_size], backs[start:start + batch_size]).numpy())
-        return np.concatenate(out).astype(float)
+        """The year per coin."""
+        return self.score_tensors(fronts, backs, False, batch_size)["year"]
 
     def predict_intervals(self, fronts: torch.Tensor, backs: torch.Tensor, level: float,
                           batch_size: int = 32) -> pd.DataFrame:
         """Year, conformal range at `level` and out-of-distribution flag per coin."""
-        from coinyear.model import infer
-
         if self.quality is None:
             raise InvalidCoinInput("this model version was logged without interval calibration; "
                                    "call it without the `interval` parameter")
-        parts = [infer(self.model, fronts[start:start + batch_size], backs[start:start + batch_size], True)
-                 for start in range(0, len(fronts), batch_size)]
-        year, spread, features = (torch.cat([p[key] for p in parts]).numpy().astype(float)
-                                  for key in ("year", "spread", "features"))
-        low, high = self.quality.conformal.interval(year, level, spread)
-        return pd.DataFrame({"year": year, "low": low, "high": high,
-                             "out_of_distribution": self.quality.ood.flag(features)})
+        return self.answers(self.score_tensors(fronts, backs, True, batch_size), level)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
         if not isinstance(model_input, pd.DataFrame):
