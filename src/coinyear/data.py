@@ -235,6 +235,11 @@ def _check_image(path: Path) -> tuple[str, str] | tuple[None, bool]:
         return "missing_file", str(path)
     try:
         with Image.open(path) as image:
+            # the cap decoding applies (PIL alone only refuses twice its limit): a photo that would fail to decode
+            # in training is skipped here, with its reason, instead
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                return "image_too_large", (f"{path.name}: {image.width}x{image.height} pixels, over the "
+                                           f"{MAX_IMAGE_PIXELS:,} allowed")
             image.load()
             return None, image.width / max(image.height, 1) > COMPOSITE_ASPECT
     except Image.DecompressionBombError as error:
@@ -390,7 +395,21 @@ def import_collection(images_dir: str | Path, csv_path: str | Path, out_dir: str
     for column in table.columns:
         if column not in (front, back) and column.lower() not in ("coin_id", "year", "year_from", "year_to"):
             out[column] = table[column]
+    # a repeated coin_id: the first row wins and each later one is reported with the CSV line it came from
+    repeated = out["coin_id"].duplicated(keep="first") & out["coin_id"].notna()
+    first_line: dict = {}
+    for line, coin_id in zip(out.index + 2, out["coin_id"]):  # line 1 is the header
+        first_line.setdefault(coin_id, line)
+    duplicates = pd.DataFrame({
+        "coin_id": out.loc[repeated, "coin_id"].to_list(), "reason": "duplicate_coin_id",
+        "detail": [f"CSV line {line}: coin_id {coin_id} already on line {first_line[coin_id]}, which is kept"
+                   for line, coin_id in zip(out.index[repeated] + 2, out.loc[repeated, "coin_id"])]},
+        columns=["coin_id", "reason", "detail"])
+    out = out[~repeated]
     manifest = validate_rows(out, out_dir, min_year, max_year)
+    if len(duplicates):
+        log.warning("dropped %d rows: duplicate_coin_id", len(duplicates))
+        manifest.dropped = pd.concat([manifest.dropped, duplicates], ignore_index=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     keep_ids = set(manifest.rows["coin_id"]) if len(manifest.rows) else set()
     out[out["coin_id"].isin(keep_ids)].to_csv(out_dir / "manifest.csv", index=False)

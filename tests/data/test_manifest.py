@@ -149,3 +149,43 @@ def test_import_collection_builds_a_valid_manifest(tmp_path):
     assert list(manifest.dropped["reason"]) == ["missing_file"]
     again = read_manifest(tmp_path / "out")
     assert len(again.rows) == 2 and "mint" in again.rows.columns
+
+
+def test_a_photo_over_the_decoding_pixel_cap_is_skipped_with_its_reason(tmp_path):
+    """41 MP: under PIL's own refusal (twice its limit) but over the cap `decode_side` applies, so it would pass
+    validation and then fail in training."""
+    from coinyear.data import MAX_IMAGE_PIXELS
+
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "f.jpg").write_bytes(coin_image(1))
+    (images / "b.jpg").write_bytes(coin_image(2))
+    side = 6400  # 40.96 MP
+    assert MAX_IMAGE_PIXELS < side * side < 2 * MAX_IMAGE_PIXELS
+    Image.new("L", (side, side)).save(images / "huge.png")
+    good = {"obverse": "images/f.jpg", "reverse": "images/b.jpg", "year_from": 70, "year_to": 79}
+    manifest = read_manifest(write_manifest(tmp_path, [{"coin_id": 1, **good},
+                                                       {"coin_id": 2, **good, "reverse": "images/huge.png"}]))
+    assert list(manifest.rows["coin_id"]) == [1]
+    (dropped,) = manifest.dropped.to_dict("records")
+    assert dropped["coin_id"] == 2 and dropped["reason"] == "image_too_large"
+    assert "6400x6400 pixels" in dropped["detail"] and dropped["detail"].startswith("reverse: huge.png")
+
+
+def test_import_collection_keeps_the_first_of_a_repeated_coin_id_and_reports_the_rest(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        (photos / f"f{i}.png").write_bytes(coin_image(i, fmt="PNG"))
+        (photos / f"b{i}.png").write_bytes(coin_image(10 + i, fmt="PNG"))
+    pd.DataFrame({"coin_id": ["a", "b", "a"], "front": ["f0.png", "f1.png", "f2.png"],
+                  "back": ["b0.png", "b1.png", "b2.png"], "year": [-27, 73, 100]}).to_csv(tmp_path / "mine.csv",
+                                                                                        index=False)
+    manifest = import_collection(photos, tmp_path / "mine.csv", tmp_path / "out")
+    assert list(manifest.rows["coin_id"]) == ["a", "b"] and list(manifest.rows["year"]) == [-27.0, 73.0]
+    (dropped,) = manifest.dropped.to_dict("records")
+    assert dropped["reason"] == "duplicate_coin_id"
+    assert dropped["detail"] == "CSV line 4: coin_id a already on line 2, which is kept"
+    written = pd.read_csv(tmp_path / "out" / "manifest.csv")
+    assert list(written["coin_id"]) == ["a", "b"] and written.loc[0, "obverse"].endswith("f0.png")
+    assert len(read_manifest(tmp_path / "out").rows) == 2
