@@ -183,8 +183,19 @@ def configure_mlflow(settings: Settings) -> None:
 
     if settings.tracking_uri is None:
         settings.home_dir.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
-    mlflow.set_registry_uri(settings.mlflow_registry_uri)
+    # MLflow also writes both URIs into os.environ, where a Settings built later in this process would read them
+    # as its own (MLFLOW_*_URI are aliases of its fields) and use another home's store: keep the environment as
+    # it was. Each Settings configures MLflow itself, and child processes are handed their settings.
+    saved = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    try:
+        mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+        mlflow.set_registry_uri(settings.mlflow_registry_uri)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def ensure_experiment(settings: Settings) -> str:
