@@ -54,17 +54,21 @@ import fcntl
 import logging
 import os
 import pickle
+import re
 import struct
 import threading
 import time
 import uuid
 import zlib
 from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
+from deltalake.exceptions import CommitFailedError, DeltaError, SchemaMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -264,25 +268,66 @@ class DeltaLake(Lake):
 
 # ------------------------------------------------------------------------------------------------ spool
 FRAME_HEADER = struct.Struct("<II")  # payload length, crc32 of the payload
+PICKLED = b"\x80"  # first byte of a pickle: the frames of older versions (a list of dicts); Arrow IPC starts 0xFF
+SCHEMA_MESSAGE = re.compile(r"cast error|cannot cast|schema", re.IGNORECASE)
 
 
-def _frame(records: list[dict]) -> bytes:
-    payload = pickle.dumps(records, protocol=pickle.HIGHEST_PROTOCOL)
+class SpoolClosedError(RuntimeError):
+    """The spool is closing or closed: it takes no more writes."""
+
+
+class SpoolRecordError(ValueError):
+    """Records that do not fit the table: refused at `submit`, nothing of them was spooled."""
+
+
+def _frame(data: pa.Table | list[dict]) -> bytes:
+    """One spool record: an Arrow IPC stream (a list of dicts is pickled, the format of older versions)."""
+    if isinstance(data, pa.Table):
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, data.schema) as writer:
+            writer.write_table(data)
+        payload = sink.getvalue().to_pybytes()
+    else:
+        payload = pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL)
     return FRAME_HEADER.pack(len(payload), zlib.crc32(payload)) + payload
 
 
-def read_segment(path: Path) -> list[dict]:
-    """Every complete record of a spool segment; a torn tail (never acknowledged) is ignored."""
-    data, records, offset = path.read_bytes(), [], 0
+def _read_frames(path: Path) -> list[pa.Table | list[dict]]:
+    """Every complete frame of a spool segment; a torn tail (never acknowledged) is ignored."""
+    data, frames, offset = path.read_bytes(), [], 0
     while offset + FRAME_HEADER.size <= len(data):
         length, crc = FRAME_HEADER.unpack_from(data, offset)
         payload = data[offset + FRAME_HEADER.size:offset + FRAME_HEADER.size + length]
         if len(payload) < length or zlib.crc32(payload) != crc:
             log.warning("spool segment %s: torn record at byte %d ignored", path.name, offset)
             break
-        records.extend(pickle.loads(payload))
+        frames.append(pickle.loads(payload) if payload[:1] == PICKLED else pa.ipc.open_stream(payload).read_all())
         offset += FRAME_HEADER.size + length
+    return frames
+
+
+def read_segment(path: Path) -> list[dict]:
+    """Every complete record of a spool segment (or a quarantined one) as dicts; a torn tail is ignored."""
+    records = []
+    for frame in _read_frames(path):
+        records.extend(frame.to_pylist() if isinstance(frame, pa.Table) else frame)
     return records
+
+
+def permanent_failure(error: BaseException) -> bool:
+    """Whether writing the same rows again can never work: they do not convert to, or do not fit, the table.
+
+    Everything else (I/O errors, a full disk, a lock, a commit conflict, a lake that is down) is transient.
+    """
+    if isinstance(error, (OSError, ConnectionError, TimeoutError, CommitFailedError)):
+        return False
+    if isinstance(error, (SchemaMismatchError, pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError,
+                          TypeError, ValueError, KeyError, pickle.UnpicklingError)):
+        return True
+    if any(cls.__name__ == "AnalysisException" for cls in type(error).__mro__):
+        return True  # Spark refused the write itself (schema, types); a lake that is down fails otherwise
+    # delta-rs raises cast and schema-merge errors as plain exceptions, and I/O errors as DeltaError
+    return type(error) in (Exception, DeltaError) and bool(SCHEMA_MESSAGE.search(str(error)))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -293,14 +338,32 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+@dataclass
+class _Segment:
+    seq: int
+    path: Path
+    frames: list
+    rows: int
+    size: int
+
+
 class SpooledAppender:
     """Durable, batched appends to one Delta table: the table's single writer.
 
-    `write(records)` returns once the records are fsync'ed in a local spool segment, so whatever a caller
-    acknowledged after `write` survives `kill -9`; `submit(records)` does the same through a future (for event
-    loops). One syncer thread writes everything queued since its last fsync with one write + fsync (group
-    commit). One committer thread seals the current segment every `flush_seconds`, appends the sealed segments
-    to Delta in one commit and then deletes them; a failed commit is retried with backoff and nothing is dropped.
+    `write(records)` converts the records to the table's schema (a record that does not fit fails its caller with
+    `SpoolRecordError`, nothing spooled) and returns once they are fsync'ed in a local spool segment, so whatever
+    a caller acknowledged after `write` survives `kill -9`; `submit(records)` does the same through a future (for
+    event loops). Once `close()` has begun both raise `SpoolClosedError` at once. One syncer thread writes
+    everything queued since its last fsync with one write + fsync (group commit) and starts a new segment past
+    `max_commit_bytes`. One committer thread seals the current segment every `flush_seconds`, appends sealed
+    segments to Delta in commits of at most `max_commit_bytes` (rows carry photos: a row count bounds nothing)
+    and then deletes them.
+
+    A failed commit keeps the segments. A transient failure (I/O, full disk, lock, conflict, lake down) is
+    retried with backoff, without limit. A permanent one (rows that do not convert to or fit the table, e.g. its
+    schema changed) is retried segment by segment; a segment that failed alone `max_attempts` times is moved to
+    `quarantine/` in the spool folder (kept, with a `.error` note, never deleted) and the segments behind it
+    commit. `health()` reports all of it.
 
     Replay is idempotent: each commit carries a Delta transaction marker (app id of this spool folder, version =
     the last segment number in the commit), so after a crash between the commit and the deletion of the
@@ -310,18 +373,23 @@ class SpooledAppender:
     SUFFIX = ".seg"
 
     def __init__(self, lake: Lake, table: str, spool_dir: str | Path, flush_seconds: float = 1.0,
-                 max_commit_rows: int = 5000):
+                 max_commit_bytes: int = 64 * 1024 * 1024, max_attempts: int = 3):
         self.lake, self.table = lake, table
         self.dir = Path(spool_dir)
-        self.flush_seconds, self.max_commit_rows = flush_seconds, max_commit_rows
+        self.quarantine_dir = self.dir / "quarantine"
+        self.flush_seconds, self.max_commit_bytes, self.max_attempts = flush_seconds, max_commit_bytes, max_attempts
         self.dir.mkdir(parents=True, exist_ok=True)
         id_file = self.dir / "spool_id"
         if not id_file.exists():
             id_file.write_text(uuid.uuid4().hex)
         self.app_id = f"coinyear-spool:{table}:{id_file.read_text().strip()}"
         self.backlog = 0  # records spooled, not yet in Delta
+        self.backlog_bytes = 0  # their size in the spool
         self.committed_rows = 0
-        self.last_error: str | None = None
+        self.last_error: str | None = None  # of the last commit round; None once one succeeds
+        self.write_error: str | None = None  # of the last spool write; None once one succeeds
+        self.last_quarantine_error: str | None = None
+        self.last_commit_at: datetime | None = None
         self._lock = threading.Lock()  # guards the pending queue and counters
         self._file_lock = threading.Lock()  # the syncer's writes vs the committer's sealing
         self._pending: list[tuple[bytes, int, Future]] = []
@@ -336,6 +404,7 @@ class SpooledAppender:
         self._segment_rows = 0
         self._lock_file = None
         self._committed: int | None = None  # last segment known committed (the committer is the only writer)
+        self._failures: dict[int, int] = {}  # segment -> permanent failures so far
 
     # ---------------------------------------------------------------------------------------- segments
     def _segments(self) -> list[tuple[int, Path]]:
@@ -348,13 +417,17 @@ class SpooledAppender:
         return sorted(found)
 
     def _open_segment(self, seq: int) -> None:
+        """Continue in segment `seq` (file lock held, or no threads yet); on failure the current one stays open."""
         # segment numbers never repeat, even after the folder was emptied: a reused number would look committed
         high_water = self.dir / "last_segment"
         high_water.with_suffix(".tmp").write_text(str(seq))
         high_water.with_suffix(".tmp").replace(high_water)
-        self._segment_seq, self._segment_rows = seq, 0
-        self._file = open(self.dir / f"{seq:012d}{self.SUFFIX}", "ab")
+        new = open(self.dir / f"{seq:012d}{self.SUFFIX}", "ab")  # noqa: SIM115 - open for the life of the segment
         _fsync_dir(self.dir)
+        old, self._file = self._file, new
+        self._segment_seq, self._segment_rows = seq, 0
+        if old is not None:
+            old.close()
 
     def _next_seq(self) -> int:
         candidates = [seq for seq, _ in self._segments()]
@@ -363,7 +436,7 @@ class SpooledAppender:
             candidates.append(int(high_water.read_text().strip() or 0))
         try:
             candidates.append(self.lake.committed_version(self.table, self.app_id) or 0)
-        except Exception as error:  # an unreachable lake must not stop the spool from taking writes
+        except Exception as error:  # noqa: BLE001 - an unreachable lake must not stop the spool from taking writes
             log.warning("cannot read %s's commit markers at start: %s", self.table, error)
         return max(candidates, default=0) + 1
 
@@ -372,9 +445,13 @@ class SpooledAppender:
         with self._file_lock:
             if self._file is None or self._segment_rows == 0:
                 return False
-            self._file.close()
             self._open_segment(self._segment_seq + 1)
             return True
+
+    def _load(self, seq: int, path: Path) -> _Segment:
+        frames = _read_frames(path)
+        rows = sum(frame.num_rows if isinstance(frame, pa.Table) else len(frame) for frame in frames)
+        return _Segment(seq, path, frames, rows, path.stat().st_size)
 
     # -------------------------------------------------------------------------------------- lifecycle
     def start(self) -> SpooledAppender:
@@ -383,14 +460,14 @@ class SpooledAppender:
         The spool folder is locked for the life of this appender (released by the OS even on kill -9): a second
         process on the same folder would commit and delete segments the first one is still writing.
         """
-        self._lock_file = open(self.dir / "lock", "a")
+        self._lock_file = open(self.dir / "lock", "a")  # noqa: SIM115 - held (flock) until close()
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as error:
             self._lock_file.close()
             raise RuntimeError(f"spool {self.dir} is in use by another process (one writer per table)") from error
-        segments = self._segments()
-        self.backlog = sum(len(read_segment(path)) for _, path in segments)
+        left = [self._load(seq, path) for seq, path in self._segments()]
+        self.backlog, self.backlog_bytes = sum(s.rows for s in left), sum(s.size for s in left)
         self._open_segment(self._next_seq())
         self._syncer = threading.Thread(target=self._sync, name=f"spool-sync-{self.table}", daemon=True)
         self._syncer.start()
@@ -399,7 +476,8 @@ class SpooledAppender:
         return self
 
     def close(self, timeout: float = 30.0) -> bool:
-        """Commit everything spooled (waiting up to `timeout`) and stop; True when nothing is left behind."""
+        """Refuse new writes, commit everything spooled (waiting up to `timeout`) and stop; True when nothing is
+        left behind (what is left stays in the spool for the next start)."""
         with self._has_pending:
             self._closing = True
             self._has_pending.notify()
@@ -422,28 +500,72 @@ class SpooledAppender:
         return done
 
     def flush(self, timeout: float = 30.0) -> bool:
-        """Seal and commit everything written so far; True when the backlog reached zero in time."""
+        """Seal and commit everything written so far; True when the backlog reached zero in time.
+
+        It wakes the committer once (cutting a retry's backoff short once): waiting callers never hammer a lake
+        that is down.
+        """
         deadline = time.monotonic() + timeout
         self._wake.set()
-        while time.monotonic() < deadline:
-            if self.backlog == 0:
-                return True
-            self._wake.set()
+        while self.backlog and time.monotonic() < deadline:
             time.sleep(0.02)
         return self.backlog == 0
 
+    def health(self) -> dict:
+        """The spool's state for /ready and /metrics.
+
+        `accepting`: writes can be spooled (started, not closing, the spool's disk takes a write); `ok`: accepting,
+        nothing quarantined and no error in the last commit round or spool write. `pending_rows`/`pending_bytes`:
+        spooled, not yet in Delta (quarantined segments not counted); `last_commit_at`: ISO time or None.
+        """
+        accepting = self._accepting()
+        with self._lock:
+            rows, size = self.backlog, self.backlog_bytes
+        quarantined = len(list(self.quarantine_dir.glob(f"*{self.SUFFIX}")))
+        last_error = self.write_error or self.last_error
+        return {"ok": accepting and not quarantined and last_error is None, "accepting": accepting,
+                "quarantined_segments": quarantined, "pending_rows": rows, "pending_bytes": size,
+                "last_error": last_error, "last_quarantine_error": self.last_quarantine_error,
+                "last_commit_at": self.last_commit_at.isoformat() if self.last_commit_at else None}
+
+    def _accepting(self) -> bool:
+        if self._file is None or self._closing or self._syncer is None or not self._syncer.is_alive():
+            return False
+        if self.write_error is None:
+            return True
+        try:  # the last write failed (e.g. a full disk): whether a write works now
+            probe = self.dir / "probe"
+            with open(probe, "wb") as file:
+                file.write(bytes(4096))
+                file.flush()
+                os.fsync(file.fileno())
+            probe.unlink()
+        except OSError:
+            return False
+        self.write_error = None
+        return True
+
     # ------------------------------------------------------------------------------------------ write
     def submit(self, records: list[dict]) -> Future:
-        """Queue records for the spool; the future completes once they are fsync'ed (or fails)."""
+        """Queue records for the spool; the future completes once they are fsync'ed (or fails).
+
+        Raises `SpoolRecordError` at once for records that do not fit the table, `SpoolClosedError` once
+        `close()` has begun.
+        """
         future: Future = Future()
         if not records:
             future.set_result(None)
             return future
-        frame = _frame(records)
+        try:
+            data = self.lake.storable(self.table, records)
+        except (pa.ArrowException, TypeError, ValueError, KeyError) as error:
+            raise SpoolRecordError(f"records do not fit {self.table}: {error}") from error
+        frame = _frame(data)
         with self._has_pending:
-            if self._file is None:
-                raise RuntimeError(f"spool for {self.table} is not open")
-            self._pending.append((frame, len(records), future))
+            if self._closing or self._file is None:
+                raise SpoolClosedError(f"spool for {self.table} is {'closing' if self._file else 'not open'}: "
+                                       "it takes no more writes")
+            self._pending.append((frame, data.num_rows, future))
             self._has_pending.notify()
         return future
 
@@ -460,26 +582,39 @@ class SpooledAppender:
                 if not self._pending:
                     return
                 batch, self._pending = self._pending, []
-            rows = sum(count for _, count, _ in batch)
+            rows, data = sum(count for _, count, _ in batch), b"".join(frame for frame, _, _ in batch)
             try:
                 with self._file_lock:
                     good = self._file.tell()
                     try:
-                        self._file.write(b"".join(frame for frame, _, _ in batch))
+                        self._file.write(data)
                         self._file.flush()
                         os.fsync(self._file.fileno())
                     except OSError:
                         self._file.truncate(good)  # no torn frame may hide the records written after it
                         raise
                     self._segment_rows += rows
-                with self._lock:
-                    self.backlog += rows
-            except Exception as error:
+                    with self._lock:
+                        self.backlog += rows
+                        self.backlog_bytes += len(data)
+                    self.write_error = None
+                    if self._file.tell() >= self.max_commit_bytes:
+                        self._roll()
+            except Exception as error:  # noqa: BLE001 - whatever it is, each waiting writer must hear of it
+                self.write_error = f"{type(error).__name__}: {error}"
+                log.error("spool write to %s failed: %s", self.dir, self.write_error)
                 for _, _, future in batch:
                     future.set_exception(error)
                 continue
             for _, _, future in batch:
                 future.set_result(None)
+
+    def _roll(self) -> None:
+        """A full segment is sealed here, so that one segment fits one commit (file lock held)."""
+        try:
+            self._open_segment(self._segment_seq + 1)
+        except OSError as error:  # the records are safe in the current segment, which simply grows on
+            log.warning("spool %s: cannot start a new segment (%s)", self.dir, error)
 
     # ----------------------------------------------------------------------------------------- commit
     def _run(self) -> None:
@@ -487,57 +622,80 @@ class SpooledAppender:
         while not self._stop.is_set():
             self._wake.wait(timeout=backoff or self.flush_seconds)
             self._wake.clear()
-            self._seal()
             try:
+                self._seal()
                 self._commit_sealed()
                 backoff, self.last_error = 0.0, None
-            except Exception as error:  # the lake may be briefly unavailable: keep the spool, retry later
+            except Exception as error:  # noqa: BLE001 - kept in the spool, retried: see the class docstring
                 self._committed = None  # the failed commit may have landed: read the markers again
                 self.last_error = f"{type(error).__name__}: {error}"
-                backoff = min(max(backoff * 2, 0.5), 30.0)
+                backoff = min(max(backoff * 2, self.flush_seconds), 30.0)
                 log.warning("commit to %s failed (retrying in %.1fs): %s", self.table, backoff, self.last_error)
 
     def _commit_sealed(self) -> None:
-        sealed = [(seq, path) for seq, path in self._segments() if seq != self._segment_seq]
-        if not sealed:
-            return
-        if self._committed is None:  # at start, and after a failure whose outcome is unknown
-            self._committed = self.lake.committed_version(self.table, self.app_id) or 0
-        committed = self._committed
+        """Commit the sealed segments, oldest first, in commits of at most `max_commit_bytes` (one segment per
+        commit while one of them is suspected of a permanent failure)."""
+        with self._file_lock:  # no segment the syncer may still write to
+            current = self._segment_seq
+        sealed = [(seq, path) for seq, path in self._segments() if seq < current]
         while sealed:
-            batch, parts, rows = [], [], 0
-            while sealed and rows < self.max_commit_rows:
-                seq, path = sealed.pop(0)
-                segment_records = read_segment(path)
-                if seq <= committed:  # landed before a crash; only the deletion was lost
-                    self._forget(path, len(segment_records))
+            if self._committed is None:  # at start, and after a failure whose outcome is unknown
+                self._committed = self.lake.committed_version(self.table, self.app_id) or 0
+            batch, size = [], 0
+            while sealed:
+                segment = self._load(*sealed[0])
+                if segment.seq <= self._committed or not segment.rows:  # landed before a crash, or empty
+                    sealed.pop(0)
+                    self._forget(segment)
                     continue
-                try:
-                    parts.append(self.lake.to_arrow(self.table, segment_records))
-                except (pa.ArrowException, TypeError, ValueError, KeyError) as error:
-                    # a segment that can never fit the table must not block the ones behind it
-                    rejected = self.dir / "rejected"
-                    rejected.mkdir(exist_ok=True)
-                    path.replace(rejected / path.name)
-                    self._forget(None, len(segment_records))
-                    log.error("spool segment %s does not fit %s, moved to %s: %s", path.name, self.table,
-                              rejected, error)
-                    continue
-                batch.append((seq, path, len(segment_records)))
-                rows += len(segment_records)
-            if not batch:
-                continue
-            last_seq = batch[-1][0]
-            self.lake.append(self.table, pa.concat_tables(parts, promote_options="default"),
-                             transaction=(self.app_id, last_seq),
-                             metadata={"spool_segments": f"{batch[0][0]}-{last_seq}", "spool_id": self.app_id})
-            committed = self._committed = last_seq
-            for _, path, count in batch:
-                self._forget(path, count)
-                self.committed_rows += count
+                if batch and (size + segment.size > self.max_commit_bytes or self._failures):
+                    break
+                sealed.pop(0)
+                batch.append(segment)
+                size += segment.size
+            if batch:
+                self._commit(batch)
 
-    def _forget(self, path: Path | None, rows: int) -> None:
-        if path is not None:
-            path.unlink()
+    def _commit(self, batch: list[_Segment]) -> None:
+        try:
+            data = pa.concat_tables([self.lake.storable(self.table, frame) for s in batch for frame in s.frames],
+                                    promote_options="default")
+            last = batch[-1].seq
+            self.lake.append(self.table, data, transaction=(self.app_id, last),
+                             metadata={"spool_segments": f"{batch[0].seq}-{last}", "spool_id": self.app_id})
+        except Exception as error:
+            self._committed = None
+            if not permanent_failure(error):
+                raise
+            for segment in batch:
+                self._failures[segment.seq] = self._failures.get(segment.seq, 0) + 1
+            if len(batch) > 1 or self._failures[batch[0].seq] < self.max_attempts:
+                raise
+            self._quarantine(batch[0], error)
+            return
+        self._committed = last
+        self.last_commit_at = datetime.now(UTC)
+        for segment in batch:
+            self._forget(segment)
+            self.committed_rows += segment.rows
+
+    def _quarantine(self, segment: _Segment, error: Exception) -> None:
+        self.quarantine_dir.mkdir(exist_ok=True)
+        segment.path.replace(self.quarantine_dir / segment.path.name)
+        _fsync_dir(self.dir)
+        reason = f"{type(error).__name__}: {error}"
+        (self.quarantine_dir / f"{segment.path.name}.error").write_text(reason + "\n")
+        self.last_quarantine_error = f"{segment.path.name}: {reason}"
+        log.error("spool segment %s (%d rows) cannot be committed to %s after %d attempts, moved to %s: %s",
+                  segment.path.name, segment.rows, self.table, self.max_attempts, self.quarantine_dir, reason)
+        self._failures.pop(segment.seq, None)
+        self._forget(segment, delete=False)
+
+    def _forget(self, segment: _Segment, delete: bool = True) -> None:
+        """The segment is in Delta (or quarantined): off the spool and the backlog."""
+        if delete:
+            segment.path.unlink()
+        self._failures.pop(segment.seq, None)
         with self._lock:
-            self.backlog -= rows
+            self.backlog -= segment.rows
+            self.backlog_bytes -= segment.size

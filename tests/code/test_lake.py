@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 import threading
+import time
 
+import pyarrow as pa
 import pytest
 
-from coinyear.lake import (FEEDBACK, INFERENCE_LOG, MONITORING, SCHEMAS, Lake, SpooledAppender, _frame,
-                           read_segment)
+from coinyear.lake import FEEDBACK, INFERENCE_LOG, MONITORING, SCHEMAS, Lake, SpooledAppender, _frame, read_segment
 
 NOW = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.UTC)
 
@@ -34,8 +35,9 @@ def test_append_and_read_keep_types_and_fill_missing_columns(tmp_path):
     assert str(rows["timestamp"].dtype) == "datetime64[us, UTC]"
     only_b = lake.read(INFERENCE_LOG, columns=["request_id"], filters=[("request_id", "=", "b")])
     assert list(only_b["request_id"]) == ["b"]
-    with pytest.raises(Exception):
+    with pytest.raises(pa.ArrowInvalid, match="not a number"):
         lake.append(INFERENCE_LOG, [{"request_id": "c", "status_code": "not a number"}])
+    assert lake.count(INFERENCE_LOG) == 2  # nothing of the refused write landed
     # a table without a fixed schema takes new columns as they come
     lake.append(MONITORING, [{"metric": "mae", "value": 3.0}])
     lake.append(MONITORING, [{"metric": "drift", "value": 0.1, "window": "7d"}])
@@ -75,20 +77,20 @@ def test_replay_after_a_crash_is_idempotent(tmp_path):
     lake, folder = Lake(tmp_path / "lake"), tmp_path / "spool"
     first = SpooledAppender(lake, INFERENCE_LOG, folder, flush_seconds=0.1).start()
     first.write([log_row("r1"), log_row("r2")])
-    assert first.flush(timeout=30)
-    first.write([log_row("r3")])
-    first._seal()
-    committed_segment = [path for path in sorted(folder.glob("*.seg")) if path.stat().st_size][-1]  # sealed
-    saved = committed_segment.read_bytes()
-    assert first.flush(timeout=30)
-    first._stop.set()  # a crash: no close(), the lock dies with the "process"
-    first._lock_file.close()
-    committed_segment.write_bytes(saved)  # ...and the segment's deletion after the commit was lost
+    assert first.close(timeout=30)  # its threads are gone: nothing below races them
+    committed = lake.committed_version(INFERENCE_LOG, first.app_id)
+    assert committed is not None and lake.count(INFERENCE_LOG) == 2
+    # the crash, as files on disk: the committed segment's deletion was lost, and a later segment (fsync'ed and
+    # acknowledged) never reached Delta
+    (folder / f"{committed:012d}.seg").write_bytes(_frame([log_row("r1"), log_row("r2")]))
+    (folder / f"{committed + 1:012d}.seg").write_bytes(_frame([log_row("r3")]))
     second = SpooledAppender(lake, INFERENCE_LOG, folder, flush_seconds=0.1).start()
+    assert second.backlog == 3
     second.write([log_row("r4")])
     assert second.close(timeout=30)
     ids = sorted(lake.read(INFERENCE_LOG)["request_id"])
     assert ids == ["r1", "r2", "r3", "r4"]
+    assert not list(folder.glob("*.seg"))
 
 
 def test_segment_numbers_are_never_reused(tmp_path):
@@ -110,12 +112,99 @@ def test_one_spool_folder_has_one_writer(tmp_path):
     SpooledAppender(lake, FEEDBACK, tmp_path / "spool").start().close()
 
 
-def test_a_record_that_does_not_fit_the_table_is_set_aside(tmp_path):
+def test_a_record_that_does_not_fit_the_table_fails_its_caller_at_once(tmp_path):
     lake, folder = Lake(tmp_path / "lake"), tmp_path / "spool"
     spool = SpooledAppender(lake, FEEDBACK, folder, flush_seconds=0.1).start()
-    spool.write([{"request_id": "x", "year_from": "not a year", "year_to": 5, "timestamp": NOW}])
-    spool.flush(timeout=5)
+    with pytest.raises(ValueError, match="year_from|not a year"):
+        spool.write([{"request_id": "x", "year_from": "not a year", "year_to": 5, "timestamp": NOW}])
     spool.write([{"request_id": "y", "year_from": 5, "year_to": 5, "timestamp": NOW}])
     assert spool.close(timeout=30)
     assert list(lake.read(FEEDBACK)["request_id"]) == ["y"]
-    assert len(list((folder / "rejected").glob("*.seg"))) == 1
+    assert spool.health()["quarantined_segments"] == 0  # the bad record never reached a segment
+
+
+def test_submit_during_close_fails_at_once(tmp_path):
+    (tmp_path / "not_a_folder").write_text("")  # every commit fails: close() waits out its timeout
+    lake = Lake(tmp_path / "not_a_folder")
+    spool = SpooledAppender(lake, FEEDBACK, tmp_path / "spool", flush_seconds=0.05).start()
+    spool.write([{"request_id": "a", "year_from": 5, "year_to": 5, "timestamp": NOW}])
+    closing = threading.Thread(target=spool.close, kwargs={"timeout": 1.5})
+    closing.start()
+    time.sleep(0.3)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="clos"):
+        spool.submit([{"request_id": "b", "year_from": 5, "year_to": 5, "timestamp": NOW}]).result(timeout=2)
+    assert time.monotonic() - started < 1
+    closing.join()
+    # what was acknowledged before close() is still in the spool for the next start
+    assert [r["request_id"] for _, path in spool._segments() for r in read_segment(path)] == ["a"]
+
+
+def test_commits_are_bounded_by_bytes(tmp_path):
+    lake = Lake(tmp_path / "lake")
+    spool = SpooledAppender(lake, INFERENCE_LOG, tmp_path / "spool", flush_seconds=60,
+                            max_commit_bytes=300_000).start()
+    photo = bytes(100_000)
+    for i in range(12):  # all before the first commit round: only the byte bound splits them
+        spool.write([log_row(f"r{i}", front_image=photo)])
+    assert spool.health()["pending_bytes"] >= 12 * 100_000
+    assert spool.close(timeout=30)
+    from deltalake import DeltaTable
+
+    added = [h["operationMetrics"]["num_added_rows"] for h in DeltaTable(lake.uri(INFERENCE_LOG)).history()]
+    assert sum(added) == 12 and len(added) >= 4 and max(added) <= 3
+
+
+def test_a_segment_delta_refuses_is_quarantined_and_later_ones_commit(tmp_path):
+    lake, folder = Lake(tmp_path / "lake"), tmp_path / "spool"
+    lake.append(MONITORING, [{"metric": "mae", "value": 3.0}])
+    spool = SpooledAppender(lake, MONITORING, folder, flush_seconds=0.05).start()
+    spool.write([{"metric": "drift", "value": "high"}])  # converts, but the table's `value` is a double
+    started = time.monotonic()
+    while not spool.health()["quarantined_segments"] and time.monotonic() - started < 20:
+        time.sleep(0.05)
+    health = spool.health()
+    assert health["quarantined_segments"] == 1 and not health["ok"] and health["accepting"]
+    assert "value" in health["last_quarantine_error"] or "cast" in health["last_quarantine_error"].lower()
+    spool.write([{"metric": "mae", "value": 2.5}])
+    assert spool.close(timeout=30)
+    assert sorted(lake.read(MONITORING)["value"]) == [2.5, 3.0]
+    kept = list((folder / "quarantine").glob("*.seg"))
+    assert [r["value"] for path in kept for r in read_segment(path)] == ["high"]  # kept, never deleted
+
+
+def test_an_unconvertible_segment_left_by_an_older_version_is_quarantined(tmp_path):
+    lake, folder = Lake(tmp_path / "lake"), tmp_path / "spool"
+    folder.mkdir()
+    (folder / "000000000001.seg").write_bytes(_frame([{"request_id": "x", "year_from": "not a year",
+                                                       "year_to": 5, "timestamp": NOW}]))
+    (folder / "000000000002.seg").write_bytes(_frame([{"request_id": "y", "year_from": 5, "year_to": 5,
+                                                       "timestamp": NOW}]))
+    spool = SpooledAppender(lake, FEEDBACK, folder, flush_seconds=0.05).start()
+    assert spool.close(timeout=30)
+    assert list(lake.read(FEEDBACK)["request_id"]) == ["y"]
+    assert [p.name for p in (folder / "quarantine").glob("*.seg")] == ["000000000001.seg"]
+    assert spool.health()["quarantined_segments"] == 1
+
+
+def test_health_reports_a_lake_that_is_down_and_its_recovery(tmp_path):
+    (tmp_path / "lake").write_text("")  # a file where the lake's folder should be: every commit fails
+    lake = Lake(tmp_path / "lake")
+    spool = SpooledAppender(lake, FEEDBACK, tmp_path / "spool", flush_seconds=0.05).start()
+    spool.write([{"request_id": "a", "year_from": 5, "year_to": 5, "timestamp": NOW}])
+    started = time.monotonic()
+    while spool.health()["last_error"] is None and time.monotonic() - started < 10:
+        time.sleep(0.05)
+    health = spool.health()
+    assert set(health) >= {"ok", "accepting", "quarantined_segments", "pending_rows", "pending_bytes",
+                           "last_error", "last_commit_at"}
+    assert not health["ok"] and health["accepting"] and health["pending_rows"] == 1 and health["pending_bytes"] > 0
+    assert health["quarantined_segments"] == 0 and health["last_commit_at"] is None
+    (tmp_path / "lake").unlink()  # the lake is back
+    assert spool.flush(timeout=30)
+    health = spool.health()
+    assert health["ok"] and health["last_error"] is None and health["pending_rows"] == 0
+    assert health["pending_bytes"] == 0 and health["last_commit_at"] is not None
+    assert spool.close(timeout=30)
+    assert not spool.health()["accepting"]
+    assert list(lake.read(FEEDBACK)["request_id"]) == ["a"]
