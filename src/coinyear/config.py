@@ -73,6 +73,8 @@ class Settings(BaseSettings):
     batch_max_wait_ms: float = 5.0
     inference_log: bool = Field(default=True, description="Append every request to the inference_log table.")
     log_flush_seconds: float = Field(default=1.0, description="How often the spool is committed to Delta.")
+    spool_max_commit_bytes: int = Field(default=64 * 1024 * 1024, gt=0, description="Most spooled bytes in one "
+                                        "Delta commit (rows carry photos: a row count bounds nothing).")
 
     serving_backend: Literal["local", "databricks"] = Field(
         default="local", description="local: the gateway scores with the pyfunc; databricks: it forwards scoring "

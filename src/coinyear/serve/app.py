@@ -63,6 +63,33 @@ class Metrics:
                                      registry=self.registry)
         self.log_backlog = Gauge("coinyear_inference_log_backlog", "Rows spooled but not yet in Delta",
                                  ["table"], registry=self.registry)
+        self.spools: dict[str, SpooledAppender] = {}  # table -> its spool, whose health() is read at each scrape
+        self.registry.register(self)
+
+    SPOOL_GAUGES = (
+        ("quarantined_segments", "Spool segments Delta refused for good, kept in quarantine/ for an operator"),
+        ("pending_bytes", "Bytes spooled but not yet in Delta"),
+        ("pending_rows", "Rows spooled but not yet in Delta"),
+        ("accepting", "1 while the spool takes writes (0: closed, or its disk refuses them)"),
+        ("ok", "1 while the spool takes writes, commits and has nothing quarantined"),
+    )
+
+    def watch_spool(self, table: str, spool: SpooledAppender) -> None:
+        """Report `spool` under `table`: its backlog and its health() gauges (`coinyear_spool_*`)."""
+        self.spools[table] = spool
+        self.log_backlog.labels(table).set_function(lambda: spool.backlog)
+
+    def collect(self):
+        """The `coinyear_spool_*` gauges, from each spool's health() at scrape time (a prometheus collector)."""
+        from prometheus_client.core import GaugeMetricFamily
+
+        families = {key: GaugeMetricFamily(f"coinyear_spool_{key}", text, labels=["table"])
+                    for key, text in self.SPOOL_GAUGES}
+        for table, spool in self.spools.items():
+            health = spool.health()
+            for key, family in families.items():
+                family.add_metric([table], float(health[key]))
+        return list(families.values())
 
 
 class FeedbackIn(BaseModel):
@@ -117,16 +144,17 @@ class Gateway:
         settings = self.settings
         self.lake = Lake(settings)
         self.log_writer = SpooledAppender(self.lake, INFERENCE_LOG, settings.spool_dir / INFERENCE_LOG,
-                                          settings.log_flush_seconds) if settings.inference_log else None
+                                          settings.log_flush_seconds, settings.spool_max_commit_bytes
+                                          ) if settings.inference_log else None
         self.feedback_writer = SpooledAppender(self.lake, FEEDBACK, settings.spool_dir / FEEDBACK,
-                                               settings.log_flush_seconds)
+                                               settings.log_flush_seconds, settings.spool_max_commit_bytes)
         self.models = ModelManager(settings, on_swap=self._swapped, on_failure=self._load_failed)
         self.batcher = MicroBatcher(lambda model, fronts, backs: model.forward(fronts, backs),
                                     settings.batch_max_size, settings.batch_max_wait_ms,
                                     on_batch=self.metrics.batch_rows.observe)
         for table, writer in ((INFERENCE_LOG, self.log_writer), (FEEDBACK, self.feedback_writer)):
             if writer is not None:
-                self.metrics.log_backlog.labels(table).set_function(lambda w=writer: w.backlog)
+                self.metrics.watch_spool(table, writer)
 
     def _swapped(self, model: ServedModel) -> None:
         self.metrics.swaps.inc()
@@ -323,11 +351,23 @@ class Gateway:
 
     # -------------------------------------------------------------------------------------------- ops
     def ready(self) -> dict:
-        """Readiness: a production model is loaded; ApiError 503 until then."""
+        """Readiness: a production model is loaded and the inference log's spool takes writes (ApiError 503
+        otherwise: no answer could be logged, so none may leave).
+
+        Each spool's health() is reported under its table; `degraded` is true while one is not ok (a lake that
+        is down, a quarantined segment, a failed spool write) but the inference log still takes writes.
+        """
         model = self.models.current
         if model is None:
             raise ApiError(503, TEMPORARILY_UNAVAILABLE, "no production model is loaded yet")
-        return {"ready": True, "model_name": model.name, "model_version": model.version}
+        spools = {table: writer.health() for table, writer in ((INFERENCE_LOG, self.log_writer),
+                                                               (FEEDBACK, self.feedback_writer)) if writer is not None}
+        log_health = spools.get(INFERENCE_LOG)
+        if log_health is not None and not log_health["accepting"]:
+            raise ApiError(503, TEMPORARILY_UNAVAILABLE, "the inference log spool cannot take writes "
+                                                         f"({log_health['last_error'] or 'closed'})")
+        return {"ready": True, "model_name": model.name, "model_version": model.version,
+                "degraded": not all(health["ok"] for health in spools.values()), **spools}
 
     def version(self) -> dict:
         writers = {INFERENCE_LOG: self.log_writer, FEEDBACK: self.feedback_writer}
