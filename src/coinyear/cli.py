@@ -12,19 +12,19 @@ from coinyear.config import configure_mlflow, get_settings
 
 
 def _train_config(args, settings):
-    from coinyear.model import ModelConfig
-    from coinyear.train import TrainConfig
+    """The recipe from settings with the flags given on the command line (`coinyear.recipe`, shared with
+    `coinyear retrain`); a flag left out keeps the setting."""
+    from coinyear.recipe import recipe_from_settings
 
-    model = ModelConfig(backbone=args.backbone or settings.backbone, mode=args.mode or settings.mode,
-                        proj_dim=settings.proj_dim if args.proj_dim is None else args.proj_dim,
-                        grayscale=args.grayscale or settings.grayscale,
-                        image_size=args.image_size or settings.image_size, pretrained=not args.no_pretrained)
-    return TrainConfig(model=model, epochs=settings.epochs if args.epochs is None else args.epochs,
-                       batch_size=args.batch_size or settings.batch_size, lr=args.lr or settings.lr,
-                       loss=args.loss or settings.loss, folds=settings.folds if args.folds is None else args.folds,
-                       seed=settings.seed if args.seed is None else args.seed, limit=args.limit,
-                       horizontal_flip=args.horizontal_flip, ensemble=args.ensemble, aux_weight=args.aux_weight,
-                       **({"tta_angles": ()} if args.no_tta else {}))
+    _, config = recipe_from_settings(
+        settings, backbone=args.backbone, mode=args.mode, proj_dim=args.proj_dim, image_size=args.image_size,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, loss=args.loss, folds=args.folds,
+        seed=args.seed, limit=args.limit, aux_weight=args.aux_weight,
+        # store_true flags: absent means "as configured", present turns the setting on (or off)
+        grayscale=args.grayscale or None, horizontal_flip=args.horizontal_flip or None,
+        ensemble=args.ensemble or None, tta=False if args.no_tta else None,
+        pretrained=False if args.no_pretrained else None)
+    return config
 
 
 def cmd_train(args) -> int:
@@ -124,7 +124,7 @@ def cmd_retrain(args) -> int:
     result = run_retrain(settings, dry_run=args.dry_run, force=args.force)
     print(json.dumps(asdict(result), indent=2) if args.json else result.report())
     set_task_value("decision", result.decision)  # the bundle's retrain job deploys only on "promoted"
-    return 0
+    return 1 if result.decision == "failed" else 0  # recorded and reported, but a failed job run all the same
 
 
 def cmd_deploy(args) -> int:
@@ -286,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-tta", action="store_true", help="one pass per coin instead of 5 rotations (faster "
                        "serving; constant-width intervals)")
     train.add_argument("--ensemble", action="store_true", help="with --folds K: serve the K fold models averaged")
-    train.add_argument("--aux-weight", type=float, default=0.0, help="weight of mint/denomination auxiliary heads")
+    train.add_argument("--aux-weight", type=float, help="weight of mint/denomination auxiliary heads "
+                       "(default COINYEAR_AUX_WEIGHT, 0)")
     train.add_argument("--no-pretrained", action="store_true", help="do not load ImageNet weights")
     train.add_argument("--no-register", action="store_true")
     train.add_argument("--promote", choices=["staging", "production"], help="set this alias on the new version")

@@ -50,6 +50,11 @@ class Settings(BaseSettings):
     lr: float = 1e-3
     loss: str = "interval"
     seed: int = 42
+    pretrained: bool = Field(default=True, description="Start from ImageNet weights (when on disk).")
+    horizontal_flip: bool = Field(default=False, description="Flip augmentation (mirrors legends: off).")
+    tta: bool = Field(default=True, description="Serve the mean over 5 rotations (off: one pass per coin).")
+    ensemble: bool = Field(default=False, description="With folds >= 2: serve the K fold models averaged.")
+    aux_weight: float = Field(default=0.0, description="Weight of the mint/denomination auxiliary heads.")
     num_threads: int = 0
     model_torch_index: str | None = Field(default=None, description="PyTorch wheel index a logged model's "
                                           "requirements name (e.g. https://download.pytorch.org/whl/cpu for a "

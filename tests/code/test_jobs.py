@@ -1,32 +1,36 @@
-"""The jobs' parts without training: cleaning rules, the watermark, MLflow validation thresholds, the scheduler's
-cron, lock and failure handling, and the monitoring metrics on a hand-made inference log."""
+"""The jobs' parts without training: cleaning and label rules, the consumed-feedback ledger, MLflow validation
+thresholds, the scheduler's cron, lock and failure handling, and the monitoring metrics on a hand-made inference
+log."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 
 import numpy as np
 import pandas as pd
 import pytest
+import pyarrow as pa
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from coinyear.jobs import monitor, retrain, scheduler
-from coinyear.lake import FEEDBACK, INFERENCE_LOG, MONITORING, SCHEMAS, TRAINING_DATA, Lake
+from coinyear.jobs import clean, gate, ingest, monitor, retrain, scheduler
+from coinyear.lake import FEEDBACK, INFERENCE_LOG, MODEL_DECISIONS, MONITORING, SCHEMAS, Lake
 from tests.conftest import coin_image
 
 
 # ------------------------------------------------------------------------------------------------ clean
-def candidate(coin_id: str, front: bytes | None, back: bytes | None, year_from, year_to, problem=None) -> dict:
+def candidate(coin_id: str, front: bytes | None, back: bytes | None, year_from, year_to, problem=None,
+              when: datetime | None = None) -> dict:
     return {"coin_id": coin_id, "source": "feedback", "front": front, "back": back, "year_from": year_from,
-            "year_to": year_to, "problem": problem}
+            "year_to": year_to, "problem": problem, "feedback_timestamp": when.isoformat() if when else None}
 
 
 def test_clean_drops_each_bad_row_with_its_reason(settings):
     a, b, c, d = coin_image(1), coin_image(2), coin_image(3), coin_image(4)
-    existing = pd.DataFrame({"content_hash": [retrain.content_hash(c, c), retrain.content_hash(d, d)],
+    existing = pd.DataFrame({"content_hash": [clean.content_hash(c, c), clean.content_hash(d, d)],
                              "year_from": [50, 50], "year_to": [60, 60]})
     rows = pd.DataFrame([
         candidate("good", a, b, 10, 20),
@@ -41,10 +45,10 @@ def test_clean_drops_each_bad_row_with_its_reason(settings):
         candidate("the future", a, c, 2500, 2500),
         candidate("not a number", a, c, "ten", 20),
         candidate("flagged upstream", a, b, 10, 20, problem="unknown_request: no such request"),
-    ]).reindex(columns=retrain.CANDIDATE_COLUMNS)
-    kept, dropped = retrain.clean(rows, existing, settings)
+    ]).reindex(columns=ingest.CANDIDATE_COLUMNS)
+    kept, dropped = clean.clean(rows, existing, settings)
     assert list(kept["coin_id"]) == ["good"]
-    reasons = dict(zip(dropped["coin_id"], dropped["reason"]))
+    reasons = dict(zip(dropped["coin_id"], dropped["reason"], strict=True))
     assert reasons == {
         "same photos, same years": "duplicate_image", "twin 1": "contradictory_label",
         "twin 2": "contradictory_label", "already in the data, other years": "contradictory_label",
@@ -54,52 +58,99 @@ def test_clean_drops_each_bad_row_with_its_reason(settings):
     }
 
 
-def test_feedback_splits_are_fixed_by_photo_hash(settings):
-    hashes = [retrain.content_hash(coin_image(i), coin_image(i + 100)) for i in range(200)]
-    rows = pd.DataFrame({"source": "feedback", "content_hash": hashes, "group": "x"})
-    split = retrain.assign_splits(settings, rows)
-    assert set(split) == {retrain.TRAIN, retrain.FEEDBACK_EVAL}
-    assert 0.1 < (split == retrain.FEEDBACK_EVAL).mean() < 0.3  # about retrain_feedback_eval_percent = 20
-    assert split.equals(retrain.assign_splits(settings, rows.iloc[::-1]).sort_index())
+def test_the_latest_expert_correction_wins_in_a_batch_and_across_runs(settings):
+    """Before: a later correction of photos already in the data was dropped as contradictory_label, for good."""
+    a, b, c = coin_image(1), coin_image(2), coin_image(3)
+    t0 = datetime(2026, 5, 1, tzinfo=UTC)
+    base_row = candidate("base:1", a, b, 10, 20) | {"source": "base"}
+    first = pd.DataFrame([base_row, candidate("feedback:r1", c, c, 40, 40, when=t0)]
+                         ).reindex(columns=ingest.CANDIDATE_COLUMNS)
+    kept, dropped = clean.clean(first, pd.DataFrame(), settings)
+    assert len(kept) == 2 and dropped.empty
+    stored = kept.assign(split="train", retrain_run_id="run-1", added_at=t0)
+
+    later = pd.DataFrame([
+        candidate("feedback:r2", a, b, 30, 35, when=t0 + timedelta(days=1)),  # corrects the base label
+        candidate("feedback:r3", c, c, 41, 41, when=t0 + timedelta(days=1)),  # corrected again on the same day...
+        candidate("feedback:r4", c, c, 42, 42, when=t0 + timedelta(days=2)),  # ...and once more: this one wins
+        candidate("feedback:r5", c, c, 40, 40, when=t0 + timedelta(days=3)),  # back to the stored years? later, so
+    ]).reindex(columns=ingest.CANDIDATE_COLUMNS)
+    kept, dropped = clean.clean(later.iloc[:3], ingest.current_rows(stored), settings)
+    assert list(kept["coin_id"]) == ["feedback:r2", "feedback:r4"]
+    assert dict(zip(dropped["coin_id"], dropped["reason"], strict=True)) == {"feedback:r3": "superseded"}
+    stored = pd.concat([stored, kept.assign(split="train", retrain_run_id="run-2", added_at=t0 + timedelta(days=4))])
+    current = ingest.current_rows(stored).set_index("coin_id")
+    assert sorted(current.index) == ["feedback:r2", "feedback:r4"]  # the base label and r1 are replaced
+    assert (current.loc["feedback:r2", "year_from"], current.loc["feedback:r4", "year_to"]) == (30, 42)
+    # only the decided runs count: without run-2's decision the old labels are the current ones
+    assert sorted(ingest.current_rows(stored, {"run-1"})["coin_id"]) == ["base:1", "feedback:r1"]
+
+    # an older correction arriving late does not replace a newer one already in the data
+    stale = candidate("feedback:r0", c, c, 39, 39, when=t0 + timedelta(hours=1))
+    kept, dropped = clean.clean(pd.DataFrame([stale, later.iloc[3].to_dict()]).reindex(
+        columns=ingest.CANDIDATE_COLUMNS), ingest.current_rows(stored), settings)
+    assert list(kept["coin_id"]) == ["feedback:r5"]  # the latest correction, even back to earlier years
+    assert list(dropped["reason"]) == ["superseded"]
 
 
-# ------------------------------------------------------------------------------------------- watermark
+def test_feedback_is_kept_for_evaluation_by_coin_type_in_every_run(settings):
+    """Before: by photo hash, so one coin type had coins on both sides of the frozen hold-out over time."""
+    rows = pd.DataFrame({"source": "feedback", "date_text": [f"{60 + i % 50}..{61 + i % 50}" for i in range(400)],
+                         "denomination": "", "mint": ""})
+    split = ingest.assign_splits(settings, rows)
+    assert set(split) == {ingest.TRAIN, ingest.FEEDBACK_EVAL}
+    types = rows["date_text"]
+    assert split.groupby(types).nunique().max() == 1  # a coin type is on one side only
+    assert 0.05 < (split.groupby(types).first() == ingest.FEEDBACK_EVAL).mean() < 0.4  # about 20 % of types
+    # a later batch: the same types land on the same side, whatever else is in the batch
+    later = rows.iloc[::7].reset_index(drop=True)
+    assert ingest.assign_splits(settings, later).tolist() == split.iloc[::7].tolist()
+
+
+# -------------------------------------------------------------------------------------- consumed feedback
 def feedback_rows(count: int, start: datetime) -> list[dict]:
     return [{"request_id": uuid.uuid4().hex, "year_from": 70, "year_to": 70, "timestamp": start + timedelta(seconds=i),
              "source": "test", "note": None} for i in range(count)]
 
 
-def test_new_feedback_is_what_came_after_the_watermark(settings):
+def decide(lake: Lake, run: str, decision: str, keys) -> None:
+    row = {"decided_at": datetime.now(UTC), "retrain_run_id": run, "decision": decision, "kind": "retrain",
+           "consumed_feedback": None if keys is None else json.dumps(sorted(keys))}
+    lake.append(MODEL_DECISIONS, pa.Table.from_pylist([row], schema=retrain.DECISIONS_SCHEMA))
+
+
+def test_feedback_is_new_until_a_decision_consumes_it(settings):
+    """An anti-join on the feedback ids decisions consumed (no time travel: old versions may be vacuumed)."""
     lake = Lake(settings)
-    assert retrain.feedback_watermark(lake) == -1
-    assert retrain.read_new_feedback(lake, -1)[1].empty
-    now = datetime.now(timezone.utc)
+    assert ingest.read_new_feedback(lake, set())[1].empty
+    now = datetime.now(UTC)
     first = feedback_rows(3, now)
     lake.append(FEEDBACK, first)
-    version, new = retrain.read_new_feedback(lake, retrain.feedback_watermark(lake))
-    assert version == 0 and set(new["request_id"]) == {r["request_id"] for r in first}
+    _, new = ingest.read_new_feedback(lake, retrain.consumed_keys(retrain.retrain_decisions(lake)))
+    assert set(new["request_id"]) == {r["request_id"] for r in first}
 
-    # the watermark commits atomically with the rows it produced
-    kept = pd.DataFrame({"coin_id": ["c"], "source": ["base"], "obverse": ["/x"], "reverse": ["/y"],
-                         "year_from": [1], "year_to": [2], "date_text": [""], "denomination": [""], "mint": [""],
-                         "content_hash": ["h"], "request_id": [None], "feedback_timestamp": [None],
-                         "group": ["g"], "front": [b""], "back": [b""]})
-    retrain.build(settings, lake, kept, version, "run")
-    assert retrain.feedback_watermark(lake) == 0
-    assert retrain.read_new_feedback(lake, 0)[1].empty
+    decide(lake, "failed-run", retrain.FAILED, None)  # a failed run consumes nothing
+    decide(lake, "deploy", retrain.PROMOTED, ["x@1"])  # another job's row: ignored
+    lake.append(MODEL_DECISIONS, [{"kind": "deploy", "decision": "promoted", "retrain_run_id": "deploy"}])
+    history = retrain.retrain_decisions(lake)
+    assert len(ingest.read_new_feedback(lake, retrain.consumed_keys(history))[1]) == 3
 
     second = feedback_rows(2, now + timedelta(minutes=1))
+    decide(lake, "run-1", retrain.REJECTED, ingest.feedback_key(new))
     lake.append(FEEDBACK, second)
-    version, new = retrain.read_new_feedback(lake, retrain.feedback_watermark(lake))
-    assert version == 1 and set(new["request_id"]) == {r["request_id"] for r in second}
-    assert lake.count(TRAINING_DATA) == 1
+    history = retrain.retrain_decisions(lake)
+    _, new = ingest.read_new_feedback(lake, retrain.consumed_keys(history))
+    assert set(new["request_id"]) == {r["request_id"] for r in second}
+    assert retrain.decided_runs(history) == {"run-1", "deploy"}
+    # a second correction of an already used request is a new row (its own timestamp)
+    lake.append(FEEDBACK, [{**first[0], "timestamp": now + timedelta(hours=1), "year_from": 71, "year_to": 71}])
+    _, new = ingest.read_new_feedback(lake, retrain.consumed_keys(history))
+    assert len(new) == 3 and first[0]["request_id"] in set(new["request_id"])
 
 
 def test_the_job_lock_admits_one_run_at_a_time(settings):
-    with retrain.retrain_lock(settings):
-        with pytest.raises(retrain.RetrainBusy):
-            with retrain.retrain_lock(settings):
-                pass
+    with retrain.retrain_lock(settings), pytest.raises(retrain.RetrainBusy), retrain.retrain_lock(settings):
+        pass
     with retrain.retrain_lock(settings):  # released
         pass
 
@@ -117,7 +168,7 @@ def tracked(settings):
 
 
 def evaluation(truth: pd.DataFrame, predictions, decades):
-    return retrain.evaluate_predictions("test", truth, retrain.Scored(np.asarray(predictions, float), 5.0, 9.0),
+    return gate.evaluate_predictions("test", truth, gate.Scored(np.asarray(predictions, float), 5.0, 9.0),
                                         decades)
 
 
@@ -129,11 +180,11 @@ def test_candidate_must_beat_production_overall_and_per_decade(tracked):
     rng = np.random.default_rng(0)
     years = np.repeat([55.0, 75.0], 30)
     truth = pd.DataFrame({"year": years, "year_from": years - 2, "year_to": years + 2, "source": "base"})
-    decades = retrain.qualifying_decades(truth["year"], settings.retrain_decade_min_coins)
+    decades = gate.qualifying_decades(truth["year"], settings.retrain_decade_min_coins)
     assert decades == [50, 70]
     signs = rng.choice([-1, 1], len(years))
     production = evaluation(truth, years + 10 * signs, decades)
-    assert production.metrics[retrain.MAE] == pytest.approx(10)
+    assert production.metrics[gate.MAE] == pytest.approx(10)
     assert production.metrics["decade_70_mae"] == pytest.approx(10)
     assert production.metrics["latency_median_ms"] == 5.0
 
@@ -141,7 +192,7 @@ def test_candidate_must_beat_production_overall_and_per_decade(tracked):
         candidate = evaluation(truth, years + errors * signs, decades)
         try:
             mlflow.validate_evaluation_results(
-                retrain.validation_thresholds(settings, production.metrics, decades), candidate, production)
+                gate.validation_thresholds(settings, production.metrics, decades), candidate, production)
         except ModelValidationFailedException:
             return False
         return True

@@ -1,6 +1,6 @@
 """The lake's contract, run against both backends: delta-rs tables (the default) and tables written through local
 PySpark (`COINYEAR_LAKE_BACKEND=spark`; Parquet here, Unity Catalog Delta tables on Databricks). Then the jobs
-on the Spark backend: the retraining watermark and the monitoring job, unchanged.
+on the Spark backend: the retraining job's feedback ledger and the monitoring job, unchanged.
 
 Spark is slow per action (about a second on 2 cores), so each test does few appends and reads.
 """
@@ -8,6 +8,7 @@ Spark is slow per action (about a second on 2 cores), so each test does few appe
 from __future__ import annotations
 
 import itertools
+import json
 import shutil
 import uuid
 from datetime import UTC, date, datetime, timedelta
@@ -18,7 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from coinyear.jobs import monitor, retrain
+from coinyear.jobs import ingest, monitor, retrain
 from coinyear.lake import FEEDBACK, INFERENCE_LOG, MODEL_DECISIONS, MONITORING, SCHEMAS, TRAINING_DATA, DeltaLake, Lake
 from tests.conftest import coin_image, make_settings
 
@@ -129,31 +130,38 @@ def test_a_table_without_a_fixed_schema_takes_new_columns(lake):
     assert list(got["window"]) == ["7d", None] and list(got["value"]) == [0.1, 3.0]
 
 
-def test_the_retrain_watermark_and_training_data_on_both_backends(lake, tmp_path):
-    """retrain's watermark, new-feedback reads (table versions and time travel) and training set through the lake
-    API only; the feedback photo copies, lost with a job cluster's local disk, come back from the inference log."""
+def test_the_retrain_feedback_ledger_and_training_data_on_both_backends(lake, tmp_path):
+    """retrain's new-feedback read (an anti-join on the feedback ids that decisions consumed, no time travel),
+    the decided runs whose training rows count, and the training set, through the lake API only; the feedback
+    photo copies, lost with a job cluster's local disk, come back from the inference log."""
     settings = make_settings(tmp_path / "home")
-    assert retrain.feedback_watermark(lake) == -1
+    assert retrain.consumed_keys(retrain.retrain_decisions(lake)) == set()
     front, back = coin_image(1), coin_image(2)
     lake.append(INFERENCE_LOG, [log_row("a", front_image=front, back_image=back)])
     lake.append(FEEDBACK, [feedback_row("a"), feedback_row("b")])
-    version, new = retrain.read_new_feedback(lake, retrain.feedback_watermark(lake))
+    version, new = ingest.read_new_feedback(lake, set())
     assert sorted(new["request_id"]) == ["a", "b"]
     kept = pd.DataFrame({"coin_id": ["feedback:a"], "source": ["feedback"], "obverse": [None], "reverse": [None],
                          "year_from": [60], "year_to": [65], "date_text": ["60..65"], "denomination": [""],
                          "mint": [""], "content_hash": [retrain.content_hash(front, back)], "request_id": ["a"],
-                         "feedback_timestamp": [str(NOW)], "group": ["60..65"], "front": [front], "back": [back]})
-    assert retrain.build(settings, lake, kept, version, "run") == 1
-    assert retrain.build(settings, lake, kept, version, "run") == 0  # the same watermark twice: one copy
-    assert retrain.feedback_watermark(lake) == version
+                         "feedback_timestamp": [NOW.isoformat()], "group": ["60..65"], "front": [front],
+                         "back": [back]})
+    assert ingest.build(settings, lake, kept, version, "run-1") == 1
+    decision = {"decided_at": NOW, "retrain_run_id": "run-1", "decision": "rejected", "kind": "retrain",
+                "consumed_feedback": json.dumps(sorted(ingest.feedback_key(new)))}
+    lake.append(MODEL_DECISIONS, pa.Table.from_pylist([decision], schema=retrain.DECISIONS_SCHEMA))
     lake.append(FEEDBACK, [feedback_row("c", when=NOW + timedelta(minutes=1))])
-    later, new = retrain.read_new_feedback(lake, retrain.feedback_watermark(lake))
-    assert later == version + 1 and list(new["request_id"]) == ["c"]
+    history = retrain.retrain_decisions(lake)
+    assert retrain.decided_runs(history) == {"run-1"}
+    _, new = ingest.read_new_feedback(lake, retrain.consumed_keys(history))
+    assert list(new["request_id"]) == ["c"]
 
-    shutil.rmtree(retrain.image_store(settings))  # the next run, on a fresh cluster
-    train, evaluation = retrain.dataset(lake, settings, retrain.table_version(lake, TRAINING_DATA))
+    shutil.rmtree(ingest.image_store(settings))  # the next run, on a fresh cluster
+    train, evaluation = ingest.dataset(lake, settings, ingest.table_version(lake, TRAINING_DATA), {"run-1"})
     rows = pd.concat([train.rows, evaluation.rows])
     assert list(rows["coin_id"]) == ["feedback:a"] and Path(rows["obverse_path"].iloc[0]).read_bytes() == front
+    train, evaluation = ingest.dataset(lake, settings, ingest.table_version(lake, TRAINING_DATA), {"run-2"})
+    assert train.rows.empty and evaluation.rows.empty  # an undecided run's rows do not count
 
 
 def test_the_monitoring_job_runs_unchanged_on_the_spark_lake(tmp_path, request):

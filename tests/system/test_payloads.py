@@ -179,7 +179,7 @@ def test_feedback_files_wait_for_their_request_and_land_once(spark, loop, backen
     feedback = Lake(settings).read(FEEDBACK).sort_values("request_id")
     assert list(feedback["request_id"]) == ["r-1", "r-2"] and list(feedback["year_to"]) == [41, -27]
 
-    from coinyear.jobs.retrain import feedback_candidates
+    from coinyear.jobs.ingest import feedback_candidates
 
     # the retraining job finds each correction's photos through the mapped inference_log
     candidates = feedback_candidates(Lake(settings), feedback).set_index("coin_id")

@@ -1,19 +1,20 @@
 """The retraining job on real OCRE coins, with the inference log and feedback written through the lake (as the
-gateway writes them): first promotion, cleaning counts, the frozen hold-out, exactly-once ingestion, rejection."""
+gateway writes them): first promotion, cleaning counts, the frozen hold-out, exactly-once ingestion, a later
+correction replacing an earlier label, rejection."""
 
 from __future__ import annotations
 
 import json
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from coinyear import registry
-from coinyear.jobs.retrain import (FEEDBACK_EVAL, HOLDOUT, PROMOTED, REJECTED, SKIPPED, TRAIN, feedback_watermark,
-                                   run_retrain)
+from coinyear.jobs.ingest import FEEDBACK_EVAL, HOLDOUT, TRAIN, current_rows
+from coinyear.jobs.retrain import PROMOTED, REJECTED, SKIPPED, run_retrain
 from coinyear.lake import FEEDBACK, INFERENCE_LOG, MODEL_DECISIONS, SCHEMAS, TRAINING_DATA, Lake
 from tests.conftest import OCRE, make_settings
 
@@ -42,7 +43,7 @@ def held_back_coins(settings, count: int, skip: int = 0) -> pd.DataFrame:
 
 
 def log_request(front: bytes | None, back: bytes | None, prediction: float = 60.0) -> dict:
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     return {"request_id": uuid.uuid4().hex, "timestamp": now, "date": now.date(), "status_code": 200,
             "execution_time_ms": 15.0, "model_name": "coinyear", "model_version": "1", "prediction": prediction,
             "front_image": front, "back_image": back}
@@ -50,7 +51,7 @@ def log_request(front: bytes | None, back: bytes | None, prediction: float = 60.
 
 def correction(request_id: str, year_from: int, year_to: int, seconds: float = 0.0) -> dict:
     return {"request_id": request_id, "year_from": year_from, "year_to": year_to, "source": "test",
-            "timestamp": datetime.now(timezone.utc) + timedelta(seconds=seconds)}
+            "timestamp": datetime.now(UTC) + timedelta(seconds=seconds)}
 
 
 def write(lake: Lake, table: str, rows: list[dict]) -> None:
@@ -86,7 +87,7 @@ def test_retrain_cleans_promotes_and_ingests_each_feedback_row_once(tmp_path):
     dirty_feedback = [
         correction(duplicate["request_id"], good_year["year_from"], good_year["year_to"]),
         correction(twin_a["request_id"], 60, 60),
-        correction(twin_b["request_id"], 90, 90),  # ...with other years: contradictory, both dropped
+        correction(twin_b["request_id"], 90, 90),  # ...with other years, later: it wins, the first is superseded
         correction(garbage["request_id"], 70, 70),
         correction(out_of_span["request_id"], 2500, 2500),
         correction(backwards["request_id"], 80, 70),
@@ -105,14 +106,15 @@ def test_retrain_cleans_promotes_and_ingests_each_feedback_row_once(tmp_path):
     print(first_run.report())
     assert first_run.decision == PROMOTED, first_run.reason
     assert "first valid model" in first_run.reason
-    assert first_run.dropped == {"contradictory_label": 2, "duplicate_image": 1, "impossible_label": 1,
-                                 "missing_image": 1, "superseded": 1, "undecodable_image": 1,
-                                 "unknown_request": 1, "year_out_of_span": 1}
+    assert first_run.dropped == {"duplicate_image": 1, "impossible_label": 1, "missing_image": 1, "superseded": 2,
+                                 "undecodable_image": 1, "unknown_request": 1, "year_out_of_span": 1}
     assert preview.dropped == first_run.dropped and preview.ingested_rows == first_run.ingested_rows
     assert registry.version_by_alias(settings, registry.PRODUCTION) == first_run.candidate_version
 
     data = lake.read(TRAINING_DATA)
-    assert first_run.ingested_rows == len(data) == BASE_LIMIT + 12
+    assert first_run.ingested_rows == len(data) == BASE_LIMIT + 13
+    twin = data.set_index("request_id").loc[twin_b["request_id"]]
+    assert (twin["year_from"], twin["year_to"]) == (90, 90)
     assert set(data["split"]) >= {TRAIN, HOLDOUT}
     assert (data.loc[data["source"] == "feedback", "split"].isin([TRAIN, FEEDBACK_EVAL])).all()
     assert data["content_hash"].is_unique
@@ -134,20 +136,24 @@ def test_retrain_cleans_promotes_and_ingests_each_feedback_row_once(tmp_path):
     # nothing new: the job says so and ingests nothing
     again = run_retrain(settings)
     assert again.decision == SKIPPED and "no new feedback" in again.reason
-    assert lake.count(TRAINING_DATA) == BASE_LIMIT + 12
+    assert lake.count(TRAINING_DATA) == BASE_LIMIT + 13
 
-    # three new corrections: exactly those are ingested, the hold-out does not move
-    watermark = feedback_watermark(lake)
+    # three new coins and a correction of one already used: exactly those are ingested, the correction replaces
+    # the earlier label, the hold-out does not move
     new_logs, new_feedback = coin_requests(held_back_coins(settings, 3, skip=12))
+    fixed = good_feedback[4]
+    new_feedback.append(correction(fixed["request_id"], fixed["year_from"] + 5, fixed["year_to"] + 5, seconds=1))
     write(lake, INFERENCE_LOG, new_logs)
     write(lake, FEEDBACK, new_feedback)
     slow = small_settings(settings.home, retrain_latency_budget_ms=0.001)  # no model answers in a microsecond
     second_run = run_retrain(slow)
     print(second_run.report())
-    assert second_run.new_feedback_rows == 3 and second_run.ingested_rows == 3 and not second_run.dropped
-    assert feedback_watermark(lake) > watermark
+    assert second_run.new_feedback_rows == 4 and second_run.ingested_rows == 4 and not second_run.dropped
     data = lake.read(TRAINING_DATA)
-    assert len(data) == BASE_LIMIT + 15
+    assert len(data) == BASE_LIMIT + 17
+    current = current_rows(data).set_index("request_id")
+    assert len(current) == BASE_LIMIT + 16
+    assert current.loc[fixed["request_id"], "year_from"] == fixed["year_from"] + 5
     assert set(data.loc[data["split"] == HOLDOUT, "coin_id"]) == holdout
     assert second_run.decision == REJECTED and "too slow" in second_run.reason
     assert registry.version_by_alias(settings, registry.PRODUCTION) == first_run.candidate_version

@@ -1,0 +1,238 @@
+"""Retraining, ingest side: feedback + inference log (+ the base dataset) -> candidate rows, and the
+`training_data` table they become.
+
+Which feedback is new is an anti-join on the feedback ids (`feedback_key`) that earlier decisions consumed
+(`consumed` comes from the `model_decisions` table, see `coinyear.jobs.retrain`), never a Delta time-travel
+read: old table versions disappear with VACUUM. The `training_data` table is append-only; its current rows are
+those of decided runs (`current_rows`), the latest label of each photo pair winning.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+
+from coinyear.config import Settings
+from coinyear.data import Manifest, group_keys, grouped_holdout, read_manifest, validate_rows
+from coinyear.lake import FEEDBACK, INFERENCE_LOG, TRAINING_DATA, Lake
+
+log = logging.getLogger(__name__)
+
+TRAIN, HOLDOUT, FEEDBACK_EVAL = "train", "holdout", "feedback_eval"
+BASE, FEEDBACK_SOURCE = "base", "feedback"
+
+TRAINING_DATA_SCHEMA = pa.schema([
+    ("coin_id", pa.string()), ("source", pa.string()), ("split", pa.string()),
+    ("obverse", pa.string()), ("reverse", pa.string()),
+    ("year_from", pa.int32()), ("year_to", pa.int32()),
+    ("date_text", pa.string()), ("denomination", pa.string()), ("mint", pa.string()),
+    ("content_hash", pa.string()), ("request_id", pa.string()), ("feedback_timestamp", pa.string()),
+    ("feedback_version", pa.int64()), ("retrain_run_id", pa.string()), ("added_at", pa.timestamp("us", tz="UTC")),
+])
+CANDIDATE_COLUMNS = ["coin_id", "source", "front", "back", "obverse", "reverse", "year_from", "year_to",
+                     "date_text", "denomination", "mint", "request_id", "feedback_timestamp", "group", "problem"]
+
+
+def table_version(lake: Lake, table: str) -> int:
+    """The table's current version (Delta's, or the Spark lake's logical one), -1 while it does not exist."""
+    return lake.version(table)
+
+
+# ---------------------------------------------------------------------------------------------- feedback
+def feedback_key(feedback: pd.DataFrame) -> pd.Series:
+    """One id per feedback row: its request id and its timestamp in microseconds (the feedback table has no id
+    column; an expert who corrects a request twice makes two rows with two timestamps)."""
+    if len(feedback) == 0:
+        return pd.Series([], dtype=str, index=feedback.index)
+    stamps = pd.to_datetime(feedback["timestamp"], utc=True)
+    micros = (stamps - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(microseconds=1)
+    return feedback["request_id"].astype(str) + "@" + micros.astype("int64").astype(str)
+
+
+def read_new_feedback(lake: Lake, consumed: set[str]) -> tuple[int, pd.DataFrame]:
+    """(feedback table version read, its rows whose `feedback_key` is not in `consumed`)."""
+    version = table_version(lake, FEEDBACK)
+    rows = lake.read(FEEDBACK) if version >= 0 else lake.empty(FEEDBACK)
+    if len(rows) == 0:
+        return version, rows
+    return version, rows[~feedback_key(rows).isin(consumed).to_numpy()].reset_index(drop=True)
+
+
+# ------------------------------------------------------------------------------------------- candidates
+def ingest(settings: Settings, lake: Lake, new_feedback: pd.DataFrame, first_build: bool) -> pd.DataFrame:
+    """Candidate rows (photos as bytes) from the new feedback and, on the first build, the base dataset."""
+    parts = [feedback_candidates(lake, new_feedback)]
+    if first_build:
+        parts.insert(0, base_candidates(settings))
+    parts = [part for part in parts if len(part)]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=CANDIDATE_COLUMNS)
+
+
+def base_candidates(settings: Settings) -> pd.DataFrame:
+    """The base manifest's rows; rows it rejects (missing file, bad year...) come along with their reason."""
+    manifest = read_manifest(settings.data_dir, settings.min_year, settings.max_year,
+                             limit=settings.retrain_base_limit, seed=settings.retrain_holdout_seed)
+    log.info(manifest.report())
+    rows = manifest.rows
+    valid = pd.DataFrame({
+        "coin_id": "base:" + rows["coin_id"].astype(str), "source": BASE,
+        "front": [Path(p).read_bytes() for p in rows["obverse_path"]],
+        "back": [Path(p).read_bytes() for p in rows["reverse_path"]],
+        # absolute, so the rows stay valid whatever the working directory of a later run
+        "obverse": [str(Path(p).resolve()) for p in rows["obverse_path"]],
+        "reverse": [str(Path(p).resolve()) for p in rows["reverse_path"]],
+        "year_from": rows["year_from"], "year_to": rows["year_to"],
+        **{c: rows[c].fillna("").astype(str) if c in rows else "" for c in ("date_text", "denomination", "mint")},
+        "request_id": None, "feedback_timestamp": None, "group": rows["group"], "problem": None,
+    })
+    invalid = pd.DataFrame({"coin_id": "base:" + manifest.dropped["coin_id"].astype(str), "source": BASE,
+                            "problem": manifest.dropped["reason"] + ": " + manifest.dropped["detail"].astype(str)})
+    return pd.concat([valid, invalid], ignore_index=True).reindex(columns=CANDIDATE_COLUMNS)
+
+
+def feedback_candidates(lake: Lake, feedback: pd.DataFrame) -> pd.DataFrame:
+    """New feedback joined to its inference-log row: the expert's years with the photos that were scored.
+
+    Of several corrections of one request in this batch the latest counts, the others are `superseded`;
+    `feedback_timestamp` (ISO 8601, UTC) lets a later run's correction of the same photos replace this one."""
+    if len(feedback) == 0:
+        return pd.DataFrame(columns=CANDIDATE_COLUMNS)
+    ids = sorted(set(feedback["request_id"]))
+    logged = lake.read(INFERENCE_LOG, columns=["request_id", "front_image", "back_image"],
+                       filters=[("request_id", "in", ids)]).drop_duplicates("request_id")
+    rows = feedback.merge(logged, on="request_id", how="left")
+    latest = rows.sort_values("timestamp").duplicated("request_id", keep="last")
+    year_text = rows["year_from"].astype(str) + ".." + rows["year_to"].astype(str)
+    out = pd.DataFrame({
+        "coin_id": "feedback:" + rows["request_id"].astype(str), "source": FEEDBACK_SOURCE,
+        "front": rows["front_image"], "back": rows["back_image"], "obverse": None, "reverse": None,
+        "year_from": rows["year_from"], "year_to": rows["year_to"],
+        "date_text": year_text, "denomination": "", "mint": "",
+        "request_id": rows["request_id"],
+        "feedback_timestamp": pd.to_datetime(rows["timestamp"], utc=True).map(lambda t: t.isoformat()),
+        "group": None, "problem": None,
+    })
+    out["group"] = group_keys(out)  # the coin type as the grouped folds see it (a feedback row's type is its years)
+    out.loc[~rows["request_id"].isin(logged["request_id"]), "problem"] = \
+        "unknown_request: no inference-log row with this request_id"
+    out.loc[latest.reindex(out.index).to_numpy(), "problem"] = "superseded: a later correction of this request"
+    return out.reindex(columns=CANDIDATE_COLUMNS)
+
+
+# ------------------------------------------------------------------------------------------ training data
+def current_rows(table: pd.DataFrame, runs: set[str] | None = None) -> pd.DataFrame:
+    """The rows of `training_data` that count: those written by `runs` (the decided runs; None: all), and of
+    each photo pair only its latest label (a later expert correction replaces an earlier one or the base
+    label; rows are never rewritten, the newer row wins)."""
+    if len(table) and runs is not None:
+        table = table[table["retrain_run_id"].isin(runs)]
+    if len(table) == 0:  # also a table not written yet, which has no columns
+        return table.reset_index(drop=True)
+    order = pd.to_datetime(table["feedback_timestamp"], utc=True, errors="coerce", format="ISO8601")
+    ranked = table.assign(_when=order).sort_values(["_when", "added_at"], na_position="first", kind="stable")
+    return ranked.drop_duplicates("content_hash", keep="last").drop(columns="_when").reset_index(drop=True)
+
+
+def image_store(settings: Settings) -> Path:
+    """Content-addressed copies of feedback photos, so a manifest row can point at a file."""
+    return settings.state_dir / "images"
+
+
+def store_image(settings: Settings, data: bytes) -> str:
+    digest = hashlib.sha256(data).hexdigest()
+    path = image_store(settings) / digest[:2] / digest
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    return str(path)
+
+
+def group_bucket(group: str) -> int:
+    """0..99 from the coin type alone, so a type's feedback is kept for evaluation in every run or in none."""
+    return int(hashlib.sha256(str(group).encode()).hexdigest()[:8], 16) % 100
+
+
+def assign_splits(settings: Settings, rows: pd.DataFrame) -> pd.Series:
+    """Base rows: the frozen grouped hold-out (fixed seed; base rows are built once). Feedback rows: whole
+    coin types (`data.group_keys`, the grouped folds' grouping) kept for evaluation by a fixed hash of the
+    type, so a type is on the evaluation side in every run or in none and the hold-out never leaks."""
+    split = pd.Series(TRAIN, index=rows.index)
+    base = rows[rows["source"] == BASE]
+    if len(base) >= 2 and base["group"].nunique() >= 2:
+        _, holdout = grouped_holdout(base.reset_index(drop=True), settings.retrain_holdout_fraction,
+                                     settings.retrain_holdout_seed)
+        split[base.index[holdout]] = HOLDOUT
+    feedback = rows["source"] == FEEDBACK_SOURCE
+    groups = group_keys(rows.loc[feedback])
+    bucket = groups.map(group_bucket)
+    split[bucket[bucket < settings.retrain_feedback_eval_percent].index] = FEEDBACK_EVAL
+    return split
+
+
+def build(settings: Settings, lake: Lake, kept: pd.DataFrame, feedback_version: int, run_id: str | None) -> int:
+    """Append the clean rows to `training_data`, tagged with `run_id`; returns rows added.
+
+    The rows count for later runs only once `run_id` has a decision (`current_rows`): a run that fails after
+    this leaves rows no later run trains on, and its feedback is ingested again."""
+    if len(kept) == 0:
+        return 0
+    rows = kept.copy()
+    rows["split"] = assign_splits(settings, rows)
+    feedback = rows["source"] == FEEDBACK_SOURCE
+    rows.loc[feedback, "obverse"] = [store_image(settings, b) for b in rows.loc[feedback, "front"]]
+    rows.loc[feedback, "reverse"] = [store_image(settings, b) for b in rows.loc[feedback, "back"]]
+    rows["feedback_version"], rows["retrain_run_id"] = feedback_version, run_id
+    rows["added_at"] = datetime.now(UTC)
+    table = pa.Table.from_pandas(rows[TRAINING_DATA_SCHEMA.names].astype({"year_from": int, "year_to": int}),
+                                 schema=TRAINING_DATA_SCHEMA, preserve_index=False)
+    return lake.append(TRAINING_DATA, table, metadata={"retrain_run_id": str(run_id)})
+
+
+def dataset(lake: Lake, settings: Settings, version: int, runs: set[str] | None = None) -> tuple[Manifest, Manifest]:
+    """(train rows, evaluation rows) of `training_data` at `version`: the current rows of `runs` (None: all)."""
+    table = current_rows(lake.read(TRAINING_DATA, version=version), runs)
+    table = restore_feedback_photos(settings, lake, table)
+    source = f"{lake.uri(TRAINING_DATA)}@v{version}"
+
+    def manifest(rows: pd.DataFrame) -> Manifest:
+        out = validate_rows(rows.reset_index(drop=True), Path("/"), settings.min_year, settings.max_year)
+        out.source = source
+        return out
+
+    return manifest(table[table["split"] == TRAIN]), manifest(table[table["split"] != TRAIN])
+
+
+def restore_feedback_photos(settings: Settings, lake: Lake, table: pd.DataFrame) -> pd.DataFrame:
+    """`table` with the photo copies of its feedback rows present again, copied back from `inference_log`.
+
+    A job cluster's COINYEAR_HOME is a local disk (deploy/databricks), so the copies `build` made under
+    `state/images` are gone by the next run; the logged photos they came from are still in the lake.
+    """
+    feedback = table["source"] == FEEDBACK_SOURCE
+    present = table["obverse"].map(lambda p: isinstance(p, str) and Path(p).is_file()) \
+        & table["reverse"].map(lambda p: isinstance(p, str) and Path(p).is_file())
+    missing = feedback & ~present
+    if not missing.any():
+        return table
+    ids = sorted(set(table.loc[missing, "request_id"].dropna()))
+    logged = lake.read(INFERENCE_LOG, columns=["request_id", "front_image", "back_image"],
+                       filters=[("request_id", "in", ids)]).drop_duplicates("request_id").set_index("request_id")
+    table, restored = table.copy(), 0
+    for index in table.index[missing]:
+        request_id = table.at[index, "request_id"]
+        if request_id not in logged.index:
+            continue  # left missing: validation drops the row and names it
+        front, back = logged.at[request_id, "front_image"], logged.at[request_id, "back_image"]
+        if isinstance(front, (bytes, bytearray)) and isinstance(back, (bytes, bytearray)):
+            table.at[index, "obverse"] = store_image(settings, bytes(front))
+            table.at[index, "reverse"] = store_image(settings, bytes(back))
+            restored += 1
+    log.info("restored the photos of %d of %d feedback rows from %s", restored, int(missing.sum()), INFERENCE_LOG)
+    return table
