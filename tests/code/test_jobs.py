@@ -12,8 +12,8 @@ from datetime import UTC, date, datetime, timedelta, timezone
 
 import numpy as np
 import pandas as pd
-import pytest
 import pyarrow as pa
+import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from coinyear.jobs import clean, gate, ingest, monitor, retrain, scheduler
@@ -135,8 +135,8 @@ def test_feedback_is_new_until_a_decision_consumes_it(settings):
     history = retrain.retrain_decisions(lake)
     assert len(ingest.read_new_feedback(lake, retrain.consumed_keys(history))[1]) == 3
 
-    second = feedback_rows(2, now + timedelta(minutes=1))
     decide(lake, "run-1", retrain.REJECTED, ingest.feedback_key(new))
+    second = feedback_rows(2, now + timedelta(minutes=1))
     lake.append(FEEDBACK, second)
     history = retrain.retrain_decisions(lake)
     _, new = ingest.read_new_feedback(lake, retrain.consumed_keys(history))
