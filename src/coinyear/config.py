@@ -76,6 +76,8 @@ class Settings(BaseSettings):
     alias_poll_seconds: float = 5.0
     batch_max_size: int = 32
     batch_max_wait_ms: float = 5.0
+    request_timeout_seconds: float = Field(default=30.0, gt=0, description="Deadline of one scoring request: "
+                                           "past it the client gets a 504 DEADLINE_EXCEEDED.")
     inference_log: bool = Field(default=True, description="Append every request to the inference_log table.")
     log_flush_seconds: float = Field(default=1.0, description="How often the spool is committed to Delta.")
     spool_max_commit_bytes: int = Field(default=64 * 1024 * 1024, gt=0, description="Most spooled bytes in one "

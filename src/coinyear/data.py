@@ -34,25 +34,54 @@ class ImageError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------- images
+def _heif_support() -> bool:
+    """Let Pillow read HEIC/HEIF (what phones send) when pillow-heif is installed; a logged model's own
+    environment may lack it, and then such photos get a clear refusal instead (see `decode_side`)."""
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return False
+    register_heif_opener()
+    return True
+
+
+HEIF_SUPPORTED = _heif_support()
+HEIF_BRANDS = (b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1")
+
+
+def _is_heif(head: bytes) -> bool:
+    return head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS
+
+
 def decode_side(source: bytes | str | Path, side: str) -> Image.Image:
     """Decode one side's photo into RGB; a composite scan is cut to the half that shows this side.
 
-    Composites show the obverse on the left and the reverse on the right (checked by eye on the OCRE
-    scans), so the front keeps the left half and the back the right half.
+    Any format Pillow reads (JPEG, PNG with alpha, 16-bit PNG, CMYK JPEG, WebP, TIFF, BMP, and HEIC with
+    pillow-heif), EXIF orientation applied. Composites show the obverse on the left and the reverse on the right
+    (checked by eye on the OCRE scans), so the front keeps the left half and the back the right half.
     """
     try:
         handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
-        with handle, Image.open(handle) as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise ImageError(f"image of {image.width}x{image.height} pixels is larger than allowed")
-            image.load()
-            image = ImageOps.exif_transpose(image).convert("RGB")
+        with handle:
+            if not HEIF_SUPPORTED and _is_heif(handle.read(12)):
+                raise ImageError("HEIC photos are not supported; send JPEG or PNG")
+            handle.seek(0)
+            with Image.open(handle) as image:
+                if image.width * image.height > MAX_IMAGE_PIXELS:
+                    raise ImageError(f"image of {image.width}x{image.height} pixels is larger than allowed")
+                image.load()
+                image = ImageOps.exif_transpose(image)
+                if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: Pillow's RGB would clip at 255
+                    image = image.point(lambda value: value / 256).convert("L")
+                image = image.convert("RGB")
     except ImageError:
         raise
     except Image.DecompressionBombError as error:
         raise ImageError(f"image rejected as a decompression bomb: {error}") from error
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
         raise ImageError(f"not a readable image: {error}") from error
+    except Exception as error:  # a crafted file makes decoders raise anything: it is still a bad photo
+        raise ImageError(f"not a readable image ({type(error).__name__}: {error})") from error
     if image.width / max(image.height, 1) > COMPOSITE_ASPECT:
         half = image.width // 2
         box = (0, 0, half, image.height) if side == "front" else (image.width - half, 0, image.width, image.height)

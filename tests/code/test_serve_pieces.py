@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import base64
 import io
+import json as json_module
 
+import hypothesis
+import hypothesis.strategies as st
 import pytest
 from PIL import Image
 
@@ -70,3 +73,277 @@ def test_rows_are_decoded_as_in_training_and_bad_sides_are_dropped_from_the_log(
     assert rows[0].error is None and rows[0].arrays[0].shape == (1, 32, 32) and rows[0].front == good
     assert rows[1].error.startswith("row 1: front_image_base64 is not valid base64")
     assert rows[1].front is None and rows[1].back is None and rows[1].back_size == len(b"plain text")
+
+
+# ------------------------------------------------------------------------------- the app, in this process
+# The gateway app on an in-process ASGI client with a stand-in scorer: the real routes, auth, parsing, photo
+# decoding, batcher and inference log; only the network is swapped for a few array operations, so deadlines,
+# dispatcher failures and batching can be forced in milliseconds. tests/system/test_serve.py runs the same app
+# as `coinyear serve` with a trained model.
+TOKEN = "piece-token"
+HEADERS = {"Authorization": f"Bearer {TOKEN}"}
+PATH = "/serving-endpoints/coinyear/invocations"
+
+
+class StandInScorer:
+    """What the gateway needs of a CoinYearModel: `score_tensors`, `answers`, `size`, `grayscale`, `quality`."""
+
+    size, grayscale = 32, False
+
+    def __init__(self, quality: bool = True):
+        self.quality = object() if quality else None
+        self.batches: list[int] = []
+        self.delay = 0.0
+        self.fail_next: Exception | None = None
+
+    def score_tensors(self, fronts, backs, with_features=False, batch_size=32):
+        import time
+
+        import numpy as np
+
+        self.batches.append(len(fronts))
+        time.sleep(self.delay)
+        if self.fail_next is not None:
+            error, self.fail_next = self.fail_next, None
+            raise error
+        year = (fronts.mean(dim=(1, 2, 3)) * 1000 - backs.mean(dim=(1, 2, 3)) * 100).numpy().astype(float)
+        scored = {"year": year, "spread": np.zeros(len(year))}
+        if with_features:
+            scored["features"] = np.zeros((len(year), 4))
+        return scored
+
+    def answers(self, scored, level):
+        import pandas as pd
+
+        year = scored["year"]
+        return pd.DataFrame({"year": year, "low": year - 100 * level, "high": year + 100 * level,
+                             "out_of_distribution": year > 1e9})
+
+
+@pytest.fixture
+def app_client(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from coinyear.serve.app import create_app
+    from coinyear.serve.lifecycle import ServedModel
+    from tests.conftest import make_settings
+
+    settings = make_settings(tmp_path / "home", api_tokens=[TOKEN], request_timeout_seconds=1.0,
+                             log_flush_seconds=0.2, batch_max_wait_ms=50)
+    app = create_app(settings, "127.0.0.1")
+    gateway = app.state.gateway
+    gateway.models.start = lambda: None  # no registry here: the stand-in is put in place below
+    scorer = StandInScorer()
+    with TestClient(app, raise_server_exceptions=False) as client:
+        gateway.models.current = ServedModel("coinyear", "7", "models:/coinyear/7", scorer)
+        client.gateway, client.scorer = gateway, scorer
+        yield client
+
+
+def coin_body(*seeds: int, **extra) -> dict:
+    rows = [{"front_image_base64": base64.b64encode(coin_image(s)).decode(),
+             "back_image_base64": base64.b64encode(coin_image(s + 500)).decode()} for s in seeds]
+    return {"inputs": rows, **extra}
+
+
+def test_plain_and_interval_requests_share_a_batch_each_at_its_own_level(app_client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    alone = {seed: app_client.post(PATH, json=coin_body(seed), headers=HEADERS).json()["predictions"][0]
+             for seed in (1, 2, 3)}
+    app_client.scorer.batches.clear()
+    app_client.scorer.delay = 0.3  # the first batch runs while the others queue behind it
+    bodies = [coin_body(9), coin_body(1), coin_body(2, params={"interval": 0.5}), coin_body(3, params={"interval": 0.9})]
+    with ThreadPoolExecutor(4) as pool:
+        first = pool.submit(app_client.post, PATH, json=bodies[0], headers=HEADERS)
+        import time
+
+        time.sleep(0.1)
+        rest = [pool.submit(app_client.post, PATH, json=body, headers=HEADERS) for body in bodies[1:]]
+        answers = [future.result().json()["predictions"][0] for future in [first, *rest]]
+    assert app_client.scorer.batches[0] == 1 and sum(app_client.scorer.batches) == 4
+    assert max(app_client.scorer.batches[1:]) >= 2, f"queued requests were not batched: {app_client.scorer.batches}"
+    assert answers[1] == pytest.approx(alone[1])
+    for answer, seed, level in ((answers[2], 2, 0.5), (answers[3], 3, 0.9)):
+        assert answer["year"] == pytest.approx(alone[seed])
+        assert (answer["low"], answer["high"]) == pytest.approx((alone[seed] - 100 * level, alone[seed] + 100 * level))
+        assert answer["out_of_distribution"] is False
+
+
+def test_interval_on_a_version_without_calibration_is_a_400(app_client):
+    app_client.scorer.quality = None
+    response = app_client.post(PATH, json=coin_body(1, params={"interval": 0.9}), headers=HEADERS)
+    assert response.status_code == 400 and response.json()["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert "interval" in response.json()["message"]
+
+
+def test_a_failing_batch_fails_its_requests_and_the_dispatcher_goes_on(app_client):
+    app_client.scorer.fail_next = RuntimeError("boom in the forward pass")
+    failed = app_client.post(PATH, json=coin_body(1), headers=HEADERS)
+    assert failed.status_code == 500 and failed.json()["error_code"] == "INTERNAL_ERROR"
+    assert app_client.post(PATH, json=coin_body(1), headers=HEADERS).status_code == 200
+    assert app_client.get("/ready").status_code == 200
+    assert app_client.get("/version").json()["dispatcher"] == {"alive": True, "failure": None, "failed_batches": 1}
+
+
+def test_a_dead_dispatcher_shows_in_ready_and_requests_fail_fast(app_client):
+    import time
+
+    app_client.gateway.batcher._task.cancel()
+    time.sleep(0.2)
+    ready = app_client.get("/ready")
+    assert ready.status_code == 503 and "dispatcher" in ready.json()["message"]
+    started = time.monotonic()
+    response = app_client.post(PATH, json=coin_body(1), headers=HEADERS)
+    assert time.monotonic() - started < 0.9  # well inside the 1 s deadline: no waiting for a batch that never comes
+    assert response.status_code == 503 and response.json()["error_code"] == "TEMPORARILY_UNAVAILABLE"
+    assert app_client.get("/version").json()["dispatcher"]["alive"] is False
+
+
+def test_a_slow_model_gets_a_504_at_the_deadline_and_is_logged(app_client):
+    import time
+
+    app_client.scorer.delay = 2.5
+    started = time.monotonic()
+    response = app_client.post(PATH, json=coin_body(1), headers=HEADERS)
+    took = time.monotonic() - started
+    assert response.status_code == 504 and response.json()["error_code"] == "DEADLINE_EXCEEDED", response.text
+    assert 0.9 <= took < 2.0, took
+    app_client.scorer.delay = 0.0
+    time.sleep(2.5 - took + 0.2)  # the abandoned pass still holds the one inference thread until it ends
+    assert app_client.post(PATH, json=coin_body(2), headers=HEADERS).status_code == 200
+    request_id = response.headers["x-request-id"]
+    assert app_client.gateway.log_writer.flush(10) is not False
+    logged = app_client.gateway.lake.read("inference_log")
+    assert logged.set_index("request_id").loc[request_id, "status_code"] == 504
+
+
+def test_a_request_whose_log_write_failed_takes_no_feedback(app_client):
+    from concurrent.futures import Future
+
+    def failing_submit(rows):
+        future = Future()
+        future.set_exception(OSError("disk full"))
+        return future
+
+    writer = app_client.gateway.log_writer
+    real_submit, writer.submit = writer.submit, failing_submit
+    try:
+        response = app_client.post(PATH, json=coin_body(1), headers=HEADERS)
+    finally:
+        writer.submit = real_submit
+    assert response.status_code == 503 and "inference log" in response.json()["message"]
+    feedback = app_client.post("/feedback", json={"request_id": response.headers["x-request-id"], "year": 100},
+                               headers=HEADERS)
+    assert feedback.status_code == 404 and feedback.json()["error_code"] == "RESOURCE_DOES_NOT_EXIST"
+    logged = app_client.post(PATH, json=coin_body(1), headers=HEADERS)
+    assert app_client.post("/feedback", json={"request_id": logged.headers["x-request-id"], "year": 100},
+                           headers=HEADERS).status_code == 200
+
+
+def test_feedback_checks_the_token_before_looking_at_the_body(app_client):
+    for body in ({"nonsense": True}, {"request_id": "x", "year": "ninety"}):
+        anonymous = app_client.post("/feedback", json=body)
+        assert anonymous.status_code == 401 and "request_id" not in anonymous.text and "year" not in anonymous.text
+    raw = app_client.post("/feedback", content=b"{not json", headers={**HEADERS, "Content-Type": "application/json"})
+    assert raw.status_code == 400 and raw.json()["error_code"] == "INVALID_PARAMETER_VALUE"
+    schema = app_client.get("/openapi.json").json()["paths"]["/feedback"]["post"]["requestBody"]
+    assert "request_id" in str(schema)
+
+
+@pytest.mark.parametrize("content_type, status", [
+    ("application/json", 200), ("application/json; charset=utf-8", 200), ("Application/JSON; charset=UTF-8", 200),
+    (None, 200), ("text/plain", 415), ("application/x-www-form-urlencoded", 415), ("text/csv", 415),
+    ("application/json; charset=latin-1", 415), ("application/json; format=pandas-split", 415),
+])
+def test_only_json_bodies_are_accepted(app_client, content_type, status):
+    import json
+
+    headers = {**HEADERS, **({"Content-Type": content_type} if content_type else {})}
+    response = app_client.post(PATH, content=json.dumps(coin_body(1)).encode(), headers=headers)
+    assert response.status_code == status, response.text
+    if status != 200:
+        assert response.json()["error_code"] == "BAD_REQUEST" and content_type in response.json()["message"]
+
+
+# ------------------------------------------------------------------------- no body may produce a 5xx
+def _nested(depth: int) -> bytes:
+    return b'{"inputs": ' + b"[" * depth + b"]" * depth + b"}"
+
+
+GOOD_ROW = {"front_image_base64": base64.b64encode(coin_image(3)).decode(),
+            "back_image_base64": base64.b64encode(coin_image(4)).decode()}
+NASTY_BODIES = {
+    "deep nesting": _nested(100_000),
+    "deep nesting in a photo": b'{"inputs": [{"front_image_base64": ' + b"[" * 50_000 + b"]" * 50_000 + b"}]}",
+    "huge integer": b'{"inputs": [], "params": {"batch_size": ' + b"9" * 5000 + b"}}",
+    "huge float": b'{"inputs": [{"front_image_base64": "a", "back_image_base64": "b"}], "params": {"interval": 1e999}}',
+    "NaN interval": b'{"inputs": [], "params": {"interval": NaN}}',
+    "NaN photo": b'{"dataframe_records": [{"front_image_base64": NaN, "back_image_base64": -Infinity}]}',
+    "invalid UTF-8": b'{"inputs": [{"front_image_base64": "\xff\xfe", "back_image_base64": "\xc3\x28"}]}',
+    "lone surrogate id": b'{"inputs": [{"front_image_base64": "a", "back_image_base64": "b"}], '
+                         b'"client_request_id": "\\ud800"}',
+    "lone surrogate photo": b'{"inputs": [{"front_image_base64": "\\udfff", "back_image_base64": "b"}]}',
+    "truncated": json_module.dumps({"inputs": [GOOD_ROW]}).encode()[:-40],
+    "empty": b"",
+    "null": b"null",
+    "split mismatched columns": json_module.dumps({"dataframe_split": {
+        "columns": ["front_image_base64", "back_image_base64", "x"], "data": [[GOOD_ROW["front_image_base64"]]]}})
+    .encode(),
+    "split columns not strings": b'{"dataframe_split": {"columns": [[1], {"a": 2}], "data": [[1, 2]]}}',
+    "split duplicated columns": json_module.dumps({"dataframe_split": {
+        "columns": ["front_image_base64", "front_image_base64"], "data": [["a", "b"]]}}).encode(),
+    "columns of different lengths": b'{"inputs": {"front_image_base64": ["a", "b"], "back_image_base64": ["c"]}}',
+    "photo a list": b'{"inputs": [{"front_image_base64": ["x"], "back_image_base64": {"y": 1}}]}',
+    "params a number": b'{"inputs": [{"front_image_base64": "a", "back_image_base64": "b"}], "params": 3}',
+    "interval a string": b'{"inputs": [{"front_image_base64": "a", "back_image_base64": "b"}], '
+                         b'"params": {"interval": "0.9"}}',
+    "interval true": b'{"inputs": [{"front_image_base64": "a", "back_image_base64": "b"}], "params": {"interval": true}}',
+    "data URL without data": b'{"inputs": [{"front_image_base64": "data:image/jpeg;base64,", "back_image_base64": "b"}]}',
+    "base64 of random bytes": json_module.dumps({"inputs": [{"front_image_base64": base64.b64encode(bytes(range(256)))
+                                                             .decode(), "back_image_base64": "AAAA"}]}).encode(),
+    "utf-16 body": json_module.dumps({"inputs": [GOOD_ROW]}).encode("utf-16"),
+}
+
+
+def _assert_client_error(response, case) -> None:
+    assert response.status_code < 500, (case, response.status_code, response.text[:300])
+    if response.status_code != 200:
+        answer = response.json()
+        assert 400 <= response.status_code < 500 and answer["error_code"] and answer["message"], (case, answer)
+
+
+def test_malformed_bodies_get_a_4xx_json_answer(app_client):
+    for case, body in NASTY_BODIES.items():
+        response = app_client.post(PATH, content=body, headers={**HEADERS, "Content-Type": "application/json"})
+        _assert_client_error(response, case)
+        assert response.status_code != 200, case
+    assert app_client.post(PATH, json={"inputs": [GOOD_ROW]}, headers=HEADERS).status_code == 200
+
+
+JSON_LEAVES = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True)
+               | st.text(max_size=20) | st.sampled_from([GOOD_ROW["front_image_base64"], "data:image/png;base64,AA=="]))
+JSON_VALUES = st.recursive(JSON_LEAVES, lambda inner: st.lists(inner, max_size=4)
+                           | st.dictionaries(st.sampled_from(["front_image_base64", "back_image_base64", "columns",
+                                                              "data", "index", "interval", "batch_size"])
+                                             | st.text(max_size=8), inner, max_size=4), max_leaves=12)
+BODIES = st.one_of(
+    st.binary(max_size=200),
+    JSON_VALUES.map(lambda value: json_module.dumps(value).encode()),
+    st.fixed_dictionaries({}, optional={"inputs": JSON_VALUES, "instances": JSON_VALUES,
+                                        "dataframe_records": JSON_VALUES, "dataframe_split": JSON_VALUES,
+                                        "params": JSON_VALUES, "client_request_id": JSON_VALUES})
+    .map(lambda value: json_module.dumps(value).encode()),
+    st.tuples(st.integers(0, 400), st.binary(max_size=8)).map(
+        lambda cut: json_module.dumps({"dataframe_split": {"columns": list(GOOD_ROW), "data": [list(GOOD_ROW.values())]},
+                                       "params": {"interval": 0.9}}).encode()[:cut[0]] + cut[1]),
+)
+
+
+@hypothesis.settings(max_examples=150, deadline=None, derandomize=True,
+                     suppress_health_check=[hypothesis.HealthCheck.function_scoped_fixture,
+                                            hypothesis.HealthCheck.too_slow])
+@hypothesis.given(body=BODIES)
+def test_generated_bodies_never_get_a_5xx(app_client, body):
+    response = app_client.post(PATH, content=body, headers={**HEADERS, "Content-Type": "application/json"})
+    _assert_client_error(response, body[:200])

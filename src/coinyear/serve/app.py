@@ -4,6 +4,8 @@ Scoring (`POST /serving-endpoints/{name}/invocations`, `POST /invocations`) answ
 `{"predictions": [year, ...]}` in input order with the headers `served-model-name`, `served-model-version` and
 `x-request-id`. Every answered request is spooled durably (see coinyear.lake.SpooledAppender) before the
 answer leaves, so the inference log never misses an acknowledged request; rows that failed are logged too.
+Every scoring request goes through the micro-batcher and has a deadline (`COINYEAR_REQUEST_TIMEOUT_SECONDS`):
+past it the client gets a 504 `DEADLINE_EXCEEDED`, never a hang.
 """
 
 from __future__ import annotations
@@ -23,16 +25,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from mlflow.exceptions import MlflowException
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import coinyear
 from coinyear.config import Settings
 from coinyear.lake import FEEDBACK, INFERENCE_LOG, Lake, SpooledAppender
 from coinyear.serve.auth import BearerAuth
-from coinyear.serve.batching import MicroBatcher
-from coinyear.serve.errors import (ENDPOINT_NOT_FOUND, INTERNAL_ERROR, INVALID_PARAMETER_VALUE,
-                                   RESOURCE_DOES_NOT_EXIST, RESOURCE_LIMIT_EXCEEDED, TEMPORARILY_UNAVAILABLE,
-                                   ApiError, install_handlers)
+from coinyear.serve.batching import DispatcherDown, MicroBatcher
+from coinyear.serve.errors import (BAD_REQUEST, DEADLINE_EXCEEDED, ENDPOINT_NOT_FOUND, INTERNAL_ERROR,
+                                   INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST, RESOURCE_LIMIT_EXCEEDED,
+                                   TEMPORARILY_UNAVAILABLE, ApiError, install_handlers)
 from coinyear.serve.lifecycle import ModelManager, ServedModel, to_tensors
 from coinyear.serve.wire import ParsedRequest, PreparedRow, parse_body, prepare_rows
 
@@ -149,7 +151,7 @@ class Gateway:
         self.feedback_writer = SpooledAppender(self.lake, FEEDBACK, settings.spool_dir / FEEDBACK,
                                                settings.log_flush_seconds, settings.spool_max_commit_bytes)
         self.models = ModelManager(settings, on_swap=self._swapped, on_failure=self._load_failed)
-        self.batcher = MicroBatcher(lambda model, fronts, backs: model.forward(fronts, backs),
+        self.batcher = MicroBatcher(lambda model, fronts, backs: model.score(fronts, backs),
                                     settings.batch_max_size, settings.batch_max_wait_ms,
                                     on_batch=self.metrics.batch_rows.observe)
         for table, writer in ((INFERENCE_LOG, self.log_writer), (FEEDBACK, self.feedback_writer)):
@@ -202,21 +204,26 @@ class Gateway:
         if endpoint_name is not None and endpoint_name != self.endpoint_name:
             raise ApiError(404, ENDPOINT_NOT_FOUND, f"no serving endpoint named {endpoint_name!r}; "
                                                    f"this server serves {self.endpoint_name!r}")
+        check_content_type(request)
+        timeout = self.settings.request_timeout_seconds
         try:
-            await self._score(request, outcome)
+            async with asyncio.timeout(timeout) as deadline:
+                await self._score(request, outcome)
         except ApiError as error:
             outcome.error = error
+        except TimeoutError as error:
+            if not deadline.expired():
+                outcome.error = self._internal_error(outcome, error)
+            else:  # its batch may still run; its rows then go to nobody
+                outcome.error = ApiError(504, DEADLINE_EXCEEDED, f"no answer within the {timeout:g} s deadline "
+                                                                 f"(COINYEAR_REQUEST_TIMEOUT_SECONDS); not scored")
+        except DispatcherDown as error:
+            outcome.error = ApiError(503, TEMPORARILY_UNAVAILABLE, f"this gateway cannot score: {error}")
         except Exception as error:  # a bug must cost one answer, never the worker
-            log.exception("scoring request %s failed", outcome.http_id)
-            outcome.error = ApiError(500, INTERNAL_ERROR, f"internal error ({type(error).__name__})")
+            outcome.error = self._internal_error(outcome, error)
         elapsed = time.perf_counter() - outcome.started
-        if self.log_writer is not None:
-            try:
-                await asyncio.wrap_future(self.log_writer.submit(self._log_rows(outcome, request, elapsed)))
-            except Exception as error:  # not durably logged means not answered: the client retries
-                log.exception("inference log spool write failed")
-                outcome.error = ApiError(503, TEMPORARILY_UNAVAILABLE, f"inference log unavailable ({error})")
-        self._remember(outcome.row_ids())
+        if await self._log(outcome, request, elapsed):
+            self._remember(outcome.row_ids())  # feedback is taken only for requests the log holds
         self.metrics.requests.labels(str(outcome.status), outcome.error.error_code if outcome.error else "").inc()
         self.metrics.latency.observe(elapsed)
         headers = {"x-request-id": outcome.http_id}
@@ -226,6 +233,25 @@ class Gateway:
             return outcome.error.response(headers)
         self.metrics.rows.inc(len(outcome.rows))
         return JSONResponse({"predictions": outcome.answers}, headers=headers)
+
+    def _internal_error(self, outcome: Outcome, error: Exception) -> ApiError:
+        log.error("scoring request %s failed", outcome.http_id, exc_info=error)
+        return ApiError(500, INTERNAL_ERROR, f"internal error ({type(error).__name__})")
+
+    async def _log(self, outcome: Outcome, request: Request, elapsed: float) -> bool:
+        """Spool the request's rows (fsync'ed) before its answer leaves; True once they are durably logged.
+        A failed or stuck write turns the answer into a 503: not logged means not answered, the client retries."""
+        if self.log_writer is None:
+            return False
+        try:
+            async with asyncio.timeout(self.settings.request_timeout_seconds):
+                await asyncio.wrap_future(self.log_writer.submit(self._log_rows(outcome, request, elapsed)))
+        except Exception as error:
+            log.error("inference log spool write failed", exc_info=error)
+            reason = "timed out" if isinstance(error, TimeoutError) else str(error)
+            outcome.error = ApiError(503, TEMPORARILY_UNAVAILABLE, f"inference log unavailable ({reason})")
+            return False
+        return True
 
     async def _score(self, request: Request, outcome: Outcome) -> None:
         body = await self.read_body(request)
@@ -240,13 +266,14 @@ class Gateway:
             raise ApiError(400, INVALID_PARAMETER_VALUE, first_error)
         if model is None:
             raise ApiError(503, TEMPORARILY_UNAVAILABLE, "no production model is loaded yet; see GET /version")
+        level = outcome.parsed.interval
+        if level and not model.has_intervals:
+            raise ApiError(400, INVALID_PARAMETER_VALUE, f"model version {model.version} was logged without "
+                                                         "interval calibration; call it without `interval`")
         fronts, backs = to_tensors([row.arrays for row in outcome.rows])
-        if outcome.parsed.interval:
-            outcome.answers = await self._intervals(model, fronts, backs, outcome.parsed.interval)
-            outcome.years = np.array([answer["year"] for answer in outcome.answers])
-        else:
-            outcome.years = await self.batcher.submit(model, fronts, backs)
-            outcome.answers = [float(year) for year in outcome.years]
+        scored = await self.batcher.submit(model, fronts, backs)  # plain and interval requests share batches
+        outcome.years = scored["year"]
+        outcome.answers = self._intervals(model, scored, level) if level else [float(y) for y in outcome.years]
 
     def _decode(self, body: bytes, model: ServedModel | None, outcome: Outcome) -> None:
         """JSON, base64 and photo decoding, off the event loop (one thread hop per request)."""
@@ -254,13 +281,12 @@ class Gateway:
         outcome.rows = prepare_rows(outcome.parsed.rows, model.image_size if model else None,
                                     model.grayscale if model else False)
 
-    async def _intervals(self, model: ServedModel, fronts, backs, level: float) -> list[dict]:
-        """Year, conformal range and out-of-distribution flag per row (not micro-batched: a rarer, richer call)."""
-        predict_intervals = getattr(model.python_model, "predict_intervals", None)
-        if predict_intervals is None:
-            raise ApiError(400, INVALID_PARAMETER_VALUE, f"model version {model.version} cannot give intervals")
+    @staticmethod
+    def _intervals(model: ServedModel, scored: dict, level: float) -> list[dict]:
+        """Year, conformal range at this request's level and out-of-distribution flag per row (a few rows of
+        arithmetic on the batch's output: on the event loop)."""
         try:
-            frame = await asyncio.to_thread(predict_intervals, fronts, backs, level, max(len(fronts), 1))
+            frame = model.python_model.answers(scored, level)
         except MlflowException as error:
             raise ApiError(400, INVALID_PARAMETER_VALUE, error.message) from error
         return [{"year": float(row.year), "low": float(row.low), "high": float(row.high),
@@ -314,8 +340,18 @@ class Gateway:
         found = self.lake.read(INFERENCE_LOG, columns=["request_id"], filters=[("request_id", "=", request_id)])
         return len(found) > 0
 
-    async def feedback(self, request: Request, feedback: FeedbackIn) -> dict:
+    async def feedback(self, request: Request) -> dict:
+        """Record an expert's date: the token is checked before the body is read (an anonymous caller learns
+        nothing about the schema)."""
         self.auth.check(request)
+        check_content_type(request)
+        body = await self.read_body(request)
+        try:
+            feedback = FeedbackIn.model_validate_json(body)
+        except ValidationError as error:
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}"
+                                 for e in error.errors())
+            raise ApiError(400, INVALID_PARAMETER_VALUE, problems or "invalid feedback") from error
         low, high = self.settings.min_year, self.settings.max_year
         if feedback.year is not None:
             if feedback.year_from is not None or feedback.year_to is not None:
@@ -369,6 +405,11 @@ class Gateway:
         return {"ready": True, "model_name": model.name, "model_version": model.version,
                 "degraded": not all(health["ok"] for health in spools.values()), **spools}
 
+    def check_dispatcher(self) -> None:
+        """ApiError 503 when the batch dispatcher has stopped: this process can no longer score anything."""
+        if self.batcher is not None and not self.batcher.alive:
+            raise ApiError(503, TEMPORARILY_UNAVAILABLE, f"cannot score: {self.batcher.failure or 'not started'}")
+
     def version(self) -> dict:
         writers = {INFERENCE_LOG: self.log_writer, FEEDBACK: self.feedback_writer}
         return {
@@ -376,10 +417,27 @@ class Gateway:
             "service_version": coinyear.__version__,
             "endpoint_name": self.endpoint_name,
             **self.models.status(),
+            "dispatcher": {"alive": self.batcher.alive, "failure": self.batcher.failure,
+                           "failed_batches": self.batcher.failed_batches},
             "lake": {table: None if w is None else {"backlog": w.backlog, "committed_rows": w.committed_rows,
                                                      "last_error": w.last_error}
                      for table, w in writers.items()},
         }
+
+
+def check_content_type(request: Request) -> None:
+    """415 unless the body is declared JSON in UTF-8, as MLflow's scoring server and Databricks Model Serving
+    answer; a request with no Content-Type at all is read as JSON."""
+    declared = request.headers.get("content-type")
+    if declared is None:
+        return
+    mime, *parameters = (part.strip() for part in declared.split(";"))
+    options = {key.strip().lower(): value.strip().strip('"').lower()
+               for key, _, value in (item.partition("=") for item in parameters if item)}
+    if mime.lower() != "application/json" or options.get("charset", "utf-8") != "utf-8" \
+            or set(options) - {"charset"}:
+        raise ApiError(415, BAD_REQUEST, f"unsupported Content-Type {declared[:100]!r}: send application/json "
+                                         "(UTF-8)")
 
 
 def create_app(settings: Settings, host: str | None = None) -> FastAPI:
@@ -419,10 +477,13 @@ def create_app(settings: Settings, host: str | None = None) -> FastAPI:
         """Same as /serving-endpoints/{name}/invocations (the MLflow scoring server's path)."""
         return await gateway.score(request, None)
 
-    @app.post("/feedback", tags=["feedback"])
-    async def feedback(body: FeedbackIn, request: Request):
+    feedback_body = {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": FeedbackIn.model_json_schema(ref_template="#/components/schemas/{model}")}}}}
+
+    @app.post("/feedback", tags=["feedback"], openapi_extra=feedback_body)
+    async def feedback(request: Request):
         """Record an expert's date for a logged request (`x-request-id`, or `<id>-<row>` for several rows)."""
-        return await gateway.feedback(request, body)
+        return await gateway.feedback(request)
 
     @app.get("/health", tags=["ops"])
     async def health():
@@ -431,7 +492,8 @@ def create_app(settings: Settings, host: str | None = None) -> FastAPI:
 
     @app.get("/ready", tags=["ops"])
     async def ready():
-        """Readiness: a production model is loaded (503 until then)."""
+        """Readiness: a production model is loaded and the batch dispatcher runs (503 otherwise)."""
+        gateway.check_dispatcher()
         return gateway.ready()
 
     @app.get("/version", tags=["ops"])

@@ -1,15 +1,22 @@
-"""Micro-batching: concurrent requests share one forward pass.
+"""Micro-batching: concurrent requests share one forward pass, whatever they ask for.
 
 Each request decodes its own photos (in a worker thread), then `submit`s its tensors. One dispatcher
 coroutine takes whatever is queued, waits at most `max_wait_ms` for more while other requests are still
 decoding (and not at all when none are, so a lone client pays no wait), concatenates up to `max_size` rows
-that target the same model object and runs one forward pass on a single inference thread. Requests that
-started on a model before a hot swap are batched with their own model, so they finish on it.
+that target the same model object and runs one scoring pass on a single inference thread. The pass returns
+named per-row arrays (`year`, `spread`, `features`: see `CoinYearModel.score_tensors`); each request gets its
+own rows of every array, so plain and interval requests share batches. Requests that started on a model
+before a hot swap are batched with their own model, so they finish on it.
+
+The dispatcher survives any exception: a failing pass, concatenation or metrics callback fails that batch's
+requests and the loop goes on. Should the dispatcher task end anyway, `failure` says why and every queued
+and later request fails at once with `DispatcherDown` instead of waiting for an answer that cannot come.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +24,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
+
+Scored = dict[str, np.ndarray]
+
+
+class DispatcherDown(RuntimeError):
+    """The batch dispatcher is not running: no request can be scored by this process."""
 
 
 @dataclass
@@ -31,22 +46,41 @@ class _Item:
         return len(self.fronts)
 
 
+def split_rows(scored: Scored, sizes: list[int]) -> list[Scored]:
+    """One batch's arrays cut into consecutive slices of `sizes` rows; ValueError unless every array has one
+    row per input row."""
+    total = sum(sizes)
+    for key, values in scored.items():
+        if len(values) != total:
+            raise ValueError(f"scoring returned {len(values)} {key!r} rows for {total} input rows")
+    slices, start = [], 0
+    for size in sizes:
+        slices.append({key: values[start:start + size] for key, values in scored.items()})
+        start += size
+    return slices
+
+
 class MicroBatcher:
-    def __init__(self, run: Callable[[object, torch.Tensor, torch.Tensor], np.ndarray], max_size: int,
+    def __init__(self, run: Callable[[object, torch.Tensor, torch.Tensor], Scored], max_size: int,
                  max_wait_ms: float, on_batch: Callable[[int], None] | None = None):
         self.run, self.max_size, self.max_wait = run, max(1, max_size), max(0.0, max_wait_ms) / 1000
         self.on_batch = on_batch
         self.preparing = 0  # requests decoding photos right now: the only ones worth waiting for
+        self.failure: str | None = None  # why the dispatcher stopped, when it did
+        self.failed_batches = 0
         self._queue: list[_Item] = []
         self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
+        self._stopping = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
 
     def start(self) -> None:
         self._arrived = asyncio.Event()
-        self._task = asyncio.get_running_loop().create_task(self._dispatch())
+        self._task = asyncio.get_running_loop().create_task(self._dispatch(), name="batch-dispatcher")
+        self._task.add_done_callback(self._ended)
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             try:
@@ -55,54 +89,83 @@ class MicroBatcher:
                 pass
         self._executor.shutdown(wait=True)
 
-    async def submit(self, model, fronts: torch.Tensor, backs: torch.Tensor) -> np.ndarray:
+    @property
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def submit(self, model, fronts: torch.Tensor, backs: torch.Tensor) -> Scored:
+        """This request's rows of one scoring pass; raises DispatcherDown when the dispatcher is not running."""
+        if not self.alive:
+            raise DispatcherDown(self.failure or "the batch dispatcher is not running")
         future = asyncio.get_running_loop().create_future()
         self._queue.append(_Item(model, fronts, backs, future))
         self._arrived.set()
         return await future
 
+    def _ended(self, task: asyncio.Task) -> None:
+        """The dispatcher task finished: record why and fail whatever still waits for it."""
+        if self._stopping:
+            self.failure = "stopped"
+        elif task.cancelled():
+            self.failure = "the batch dispatcher was cancelled"
+        else:
+            error = task.exception()
+            self.failure = f"the batch dispatcher died: {type(error).__name__}: {error}"
+        if not self._stopping:
+            log.critical("%s; every scoring request now fails with 503 until the gateway restarts", self.failure)
+        for item in self._queue:
+            if not item.future.done():
+                item.future.set_exception(DispatcherDown(self.failure))
+        self._queue.clear()
+
     def _queued_rows(self, model) -> int:
         return sum(item.rows for item in self._queue if item.model is model)
 
     async def _dispatch(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             if not self._queue:
                 self._arrived.clear()
                 await self._arrived.wait()
-            model = self._queue[0].model
-            deadline = time.monotonic() + self.max_wait
-            while self.preparing > 0 and self._queued_rows(model) < self.max_size:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._arrived.clear()
-                try:
-                    await asyncio.wait_for(self._arrived.wait(), timeout=left)
-                except TimeoutError:
-                    break
-            batch, rows = [], 0
-            for item in list(self._queue):
-                if item.model is model and (not batch or rows + item.rows <= self.max_size):
-                    batch.append(item)
-                    rows += item.rows
-                    self._queue.remove(item)
-            batch = [item for item in batch if not item.future.cancelled()]
+            batch = await self._take_batch()
             if not batch:
                 continue
-            fronts = torch.cat([item.fronts for item in batch])
-            backs = torch.cat([item.backs for item in batch])
             try:
-                years = await loop.run_in_executor(self._executor, self.run, model, fronts, backs)
-            except Exception as error:  # a failed forward pass fails its requests, never the dispatcher
+                await self._score(batch)
+            except Exception as error:  # any failure costs this batch's answers, never the dispatcher
+                self.failed_batches += 1
+                log.exception("scoring a batch of %d request(s) failed", len(batch))
                 for item in batch:
                     if not item.future.done():
                         item.future.set_exception(error)
-                continue
-            if self.on_batch:
-                self.on_batch(rows)
-            start = 0
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_result(years[start:start + item.rows])
-                start += item.rows
+
+    async def _take_batch(self) -> list[_Item]:
+        model = self._queue[0].model
+        deadline = time.monotonic() + self.max_wait
+        while self.preparing > 0 and self._queued_rows(model) < self.max_size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), timeout=left)
+            except TimeoutError:
+                break
+        batch, rows = [], 0
+        for item in list(self._queue):
+            if item.model is model and (not batch or rows + item.rows <= self.max_size):
+                batch.append(item)
+                rows += item.rows
+                self._queue.remove(item)
+        return [item for item in batch if not item.future.done()]  # requests past their deadline are gone
+
+    async def _score(self, batch: list[_Item]) -> None:
+        model = batch[0].model
+        fronts = torch.cat([item.fronts for item in batch])
+        backs = torch.cat([item.backs for item in batch])
+        scored = await asyncio.get_running_loop().run_in_executor(self._executor, self.run, model, fronts, backs)
+        slices = split_rows(scored, [item.rows for item in batch])
+        for item, rows in zip(batch, slices):
+            if not item.future.done():
+                item.future.set_result(rows)
+        if self.on_batch:
+            self.on_batch(len(fronts))

@@ -118,6 +118,7 @@ class DatabricksGateway(Gateway):
                                "<schema>/<volume>): feedback and the photos of big requests are kept there")
         self.volume = self.settings.loop_volume.rstrip("/")
         self.log_writer = self.feedback_writer = None
+        self.batcher = None  # the endpoint batches; nothing is scored in this process
         self.workspace = Workspace(self.settings)
         self.served: RemoteModel | None = None
         self.endpoint_state: dict = {}

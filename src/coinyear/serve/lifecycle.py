@@ -7,6 +7,11 @@ reference assignment; requests hold the model they started with, so in-flight re
 version that fails to load or to answer is not swapped in: the old one keeps serving, the failure is reported
 in /version and /metrics, and that version is tried again only after `RETRY_SECONDS` (a failure may be
 passing: an artifact store briefly down), or at once when the alias moves to another version.
+
+A registry that errors or hangs never stops serving: the current model keeps answering and /version's `watch`
+says the alias watch is degraded (failing polls in a row, or a poll that has not come back for a while).
+Each version is downloaded into a folder of this process under COINYEAR_HOME/serving, deleted when that
+version stops being served or fails to load (and left-overs of dead processes at start).
 """
 
 from __future__ import annotations
@@ -15,11 +20,14 @@ import base64
 import io
 import logging
 import math
+import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -43,6 +51,7 @@ class ServedModel:
     uri: str
     python_model: CoinYearModel = field(repr=False)
     loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    model_dir: Path | None = None  # the downloaded artifacts, deleted once this version is no longer served
 
     @property
     def image_size(self) -> int:
@@ -52,8 +61,17 @@ class ServedModel:
     def grayscale(self) -> bool:
         return self.python_model.grayscale
 
+    @property
+    def has_intervals(self) -> bool:
+        return getattr(self.python_model, "quality", None) is not None
+
+    def score(self, fronts: torch.Tensor, backs: torch.Tensor) -> dict[str, np.ndarray]:
+        """One scoring pass (`CoinYearModel.score_tensors`): with the OOD features whenever the version can give
+        intervals, so plain and interval requests share a batch."""
+        return self.python_model.score_tensors(fronts, backs, self.has_intervals, max(len(fronts), 1))
+
     def forward(self, fronts: torch.Tensor, backs: torch.Tensor) -> np.ndarray:
-        return self.python_model.predict_tensors(fronts, backs, batch_size=max(len(fronts), 1))
+        return self.score(fronts, backs)["year"]
 
 
 def to_tensors(arrays: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,26 +103,66 @@ def smoke_row(model_dir: str) -> tuple[str, str]:
         return photo, photo
 
 
+def downloads_dir(settings: Settings) -> Path:
+    """This process's folder of downloaded versions (per process: two gateways may share a home)."""
+    return settings.home_dir / "serving" / str(os.getpid())
+
+
+def clear_stale_downloads(settings: Settings) -> None:
+    """Delete the download folders of gateway processes that no longer run (a kill -9 leaves them behind)."""
+    root = settings.home_dir / "serving"
+    for folder in root.glob("*") if root.is_dir() else []:
+        if folder.name.isdigit() and int(folder.name) != os.getpid() and not _running(int(folder.name)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def load_version(settings: Settings, version: str, warm_batch: int) -> ServedModel:
-    """Download, load, smoke-test and warm one registered version; raises when it cannot serve."""
+    """Download, load, smoke-test and warm one registered version; raises when it cannot serve (and then
+    deletes what it downloaded)."""
     import mlflow
 
     configure_mlflow(settings)
     uri = registry.model_uri(settings, version)
-    model_dir = mlflow.artifacts.download_artifacts(artifact_uri=uri)
-    python_model = mlflow.pyfunc.load_model(model_dir).unwrap_python_model()
+    target = downloads_dir(settings) / f"v{version}-{time.monotonic_ns()}"
+    target.mkdir(parents=True)
+    try:
+        return _load(settings, version, uri, Path(mlflow.artifacts.download_artifacts(artifact_uri=uri,
+                                                                                      dst_path=str(target))),
+                     target, warm_batch)
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+
+
+def _load(settings: Settings, version: str, uri: str, model_dir: Path, target: Path, warm_batch: int) -> ServedModel:
+    import mlflow
+
+    python_model = mlflow.pyfunc.load_model(str(model_dir)).unwrap_python_model()
     if not isinstance(python_model, CoinYearModel):
         raise TypeError(f"{uri} is a {type(python_model).__name__}, not a CoinYearModel")
-    served = ServedModel(settings.model_name, str(version), uri, python_model)
-    row = prepare_rows([smoke_row(model_dir)], served.image_size, served.grayscale)[0]
+    served = ServedModel(settings.model_name, str(version), uri, python_model, model_dir=target)
+    row = prepare_rows([smoke_row(str(model_dir))], served.image_size, served.grayscale)[0]
     if row.arrays is None:
         raise ValueError(f"smoke request rejected: {row.error}")
     fronts, backs = to_tensors([row.arrays])
-    years = served.forward(fronts, backs)
+    scored = served.score(fronts, backs)  # the pass live requests take, features and all
+    years = scored["year"]
     if years.shape != (1,) or not math.isfinite(float(years[0])):
         raise ValueError(f"smoke request answered {years!r}, not one finite year")
+    if served.has_intervals:
+        served.python_model.answers(scored, 0.9)
     # warm the allocator and kernels at the largest batch the batcher will send
-    served.forward(fronts.expand(warm_batch, -1, -1, -1), backs.expand(warm_batch, -1, -1, -1))
+    served.score(fronts.expand(warm_batch, -1, -1, -1), backs.expand(warm_batch, -1, -1, -1))
     served.loaded_at = datetime.now(UTC)
     return served
 
@@ -122,10 +180,13 @@ class ModelManager:
         self.failed: dict[str, tuple[str, float]] = {}  # version -> (why it was not swapped in, when)
         self.last_error: str | None = None
         self.last_check: datetime | None = None
+        self.poll_failures = 0  # alias reads that failed in a row
+        self.poll_started: float | None = None  # monotonic start of the alias read under way
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        clear_stale_downloads(self.settings)
         self._thread = threading.Thread(target=self._watch, name="alias-watch", daemon=True)
         self._thread.start()
 
@@ -133,19 +194,33 @@ class ModelManager:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        current = self.current
+        if current is not None and current.model_dir is not None:
+            shutil.rmtree(current.model_dir, ignore_errors=True)
+
+    def _read_alias(self) -> str | None:
+        self.poll_started = time.monotonic()
+        try:
+            return registry.version_by_alias(self.settings, self.alias)
+        finally:
+            self.poll_started = None
 
     def check(self) -> None:
         """One poll: load and swap in the alias's version when it changed (and did not fail before)."""
         try:
-            version = registry.version_by_alias(self.settings, self.alias)
-        except Exception as error:  # registry briefly unreachable: keep serving, try again next poll
+            version = self._read_alias()
+        except Exception as error:  # registry unreachable: keep serving, try again next poll
+            self.poll_failures += 1
             self.last_error = f"cannot read alias {self.alias}: {error}"
             log.warning(self.last_error)
             return
+        self.poll_failures = 0
         self.last_check = datetime.now(UTC)
         self.target_version = version
         current = self.current
         if version is None or (current is not None and current.version == version):
+            if self.last_error and self.last_error.startswith("cannot read alias"):
+                self.last_error = None
             return
         if version in self.failed and time.monotonic() - self.failed[version][1] < RETRY_SECONDS:
             return
@@ -165,13 +240,28 @@ class ModelManager:
         self.failed.pop(version, None)
         self.last_error = None
         log.info("now serving %s version %s (loaded in %.1fs)", candidate.name, version, time.monotonic() - started)
+        if current is not None and current.model_dir is not None:
+            # in-flight requests on the old version hold it in memory; its files are no longer read
+            shutil.rmtree(current.model_dir, ignore_errors=True)
         if self.on_swap:
             self.on_swap(candidate)
 
     def _watch(self) -> None:
         while not self._stop.is_set():
-            self.check()
+            try:
+                self.check()
+            except Exception:  # a bug in one poll must not end the watch: the next poll tries again
+                log.exception("alias watch poll failed")
             self._stop.wait(self.settings.alias_poll_seconds)
+
+    def watch_status(self) -> dict:
+        """Is the alias watch keeping up? Degraded when polls fail in a row or one has not come back for
+        longer than a few poll periods (a hanging registry)."""
+        started = self.poll_started
+        hanging = time.monotonic() - started if started is not None else 0.0
+        stalled = hanging > max(3 * self.settings.alias_poll_seconds, 5.0)
+        return {"healthy": self.poll_failures == 0 and not stalled, "failed_polls_in_a_row": self.poll_failures,
+                "poll_running_seconds": round(hanging, 1)}
 
     def status(self) -> dict:
         current = self.current
@@ -185,4 +275,5 @@ class ModelManager:
             "last_check": self.last_check.isoformat() if self.last_check else None,
             "last_error": self.last_error,
             "rejected_versions": {version: reason for version, (reason, _) in self.failed.items()},
+            "watch": self.watch_status(),
         }

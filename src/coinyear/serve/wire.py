@@ -87,12 +87,22 @@ def _split(value) -> list[tuple[object, object]]:
     return rows
 
 
+def _encodable(text: str) -> bool:
+    """False for JSON strings with lone surrogates (`"\\ud800"`): valid JSON, but no UTF-8 column can hold them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def parse_body(body: bytes, max_rows: int) -> ParsedRequest:
     """Body bytes to rows; ApiError (400) for anything that is not a well-formed scoring request."""
     try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise bad(f"Invalid input. Ensure that input is a valid JSON formatted string: {error}") from error
+        payload = json.loads(body.decode("utf-8"))  # what the Content-Type says (json.loads would guess UTF-16)
+    except (ValueError, RecursionError) as error:  # also numbers of over 4300 digits and nesting past the stack
+        raise bad(f"Invalid input. Ensure that input is a valid JSON formatted string: "
+                  f"{type(error).__name__}: {str(error)[:200]}") from error
     if not isinstance(payload, dict):
         raise bad(f"The input must be a JSON object with exactly one of the fields {list(FORMATS)}, "
                   f"not a {type(payload).__name__}")
@@ -118,7 +128,8 @@ def parse_body(body: bytes, max_rows: int) -> ParsedRequest:
         raise bad("params.interval must be a coverage level between 0 and 1 (e.g. 0.9)", INVALID_PARAMETER_VALUE)
     client_request_id = payload.get("client_request_id")
     if client_request_id is not None and (not isinstance(client_request_id, str)
-                                          or len(client_request_id) > MAX_CLIENT_REQUEST_ID):
+                                          or len(client_request_id) > MAX_CLIENT_REQUEST_ID
+                                          or not _encodable(client_request_id)):
         raise bad(f"client_request_id must be a string of at most {MAX_CLIENT_REQUEST_ID} characters",
                   INVALID_PARAMETER_VALUE)
     return ParsedRequest(rows, input_format, params, client_request_id, float(interval))
