@@ -324,6 +324,9 @@ def permanent_failure(error: BaseException) -> bool:
     if isinstance(error, (SchemaMismatchError, pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError,
                           TypeError, ValueError, KeyError, pickle.UnpicklingError)):
         return True
+    state = error.getSqlState() if callable(getattr(error, "getSqlState", None)) else None
+    if state:  # Spark's errors: SQLSTATE class 22 (data: a value that does not cast) or 42 (schema, analysis)
+        return state[:2] in ("22", "42")
     if any(cls.__name__ == "AnalysisException" for cls in type(error).__mro__):
         return True  # Spark refused the write itself (schema, types); a lake that is down fails otherwise
     # delta-rs raises cast and schema-merge errors as plain exceptions, and I/O errors as DeltaError

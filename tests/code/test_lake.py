@@ -208,3 +208,22 @@ def test_health_reports_a_lake_that_is_down_and_its_recovery(tmp_path):
     assert spool.close(timeout=30)
     assert not spool.health()["accepting"]
     assert list(lake.read(FEEDBACK)["request_id"]) == ["a"]
+
+
+def test_a_segment_the_spark_lake_refuses_is_quarantined(spark, tmp_path):
+    from tests.conftest import make_settings
+
+    spark.sql("CREATE SCHEMA IF NOT EXISTS spool_quarantine")
+    lake = Lake(make_settings(tmp_path / "home", lake_backend="spark", lake_schema="spool_quarantine"))
+    lake.append(MONITORING, [{"metric": "mae", "value": 3.0}])
+    # one attempt: each Spark write takes seconds, and the bounded retries are tested on delta-rs above
+    spool = SpooledAppender(lake, MONITORING, tmp_path / "spool", flush_seconds=0.05, max_attempts=1).start()
+    spool.write([{"metric": "drift", "value": "high"}])  # converts, but the table's `value` is a double
+    started = time.monotonic()
+    while not spool.health()["quarantined_segments"] and time.monotonic() - started < 60:
+        time.sleep(0.05)
+    assert spool.health()["quarantined_segments"] == 1
+    assert "CAST_INVALID_INPUT" in spool.health()["last_quarantine_error"]
+    spool.write([{"metric": "mae", "value": 2.5}])
+    assert spool.close(timeout=60)
+    assert sorted(lake.read(MONITORING)["value"]) == [2.5, 3.0]
