@@ -477,8 +477,9 @@ def create_app(settings: Settings, host: str | None = None) -> FastAPI:
         """Same as /serving-endpoints/{name}/invocations (the MLflow scoring server's path)."""
         return await gateway.score(request, None)
 
+    # the handler reads the raw body itself (after the token check), so the schema is declared here
     feedback_body = {"requestBody": {"required": True, "content": {"application/json": {
-        "schema": FeedbackIn.model_json_schema(ref_template="#/components/schemas/{model}")}}}}
+        "schema": {"$ref": "#/components/schemas/FeedbackIn"}}}}}
 
     @app.post("/feedback", tags=["feedback"], openapi_extra=feedback_body)
     async def feedback(request: Request):
@@ -506,6 +507,15 @@ def create_app(settings: Settings, host: str | None = None) -> FastAPI:
         """Prometheus metrics."""
         return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    generated_openapi = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schemas = generated_openapi().setdefault("components", {}).setdefault("schemas", {})
+            schemas["FeedbackIn"] = FeedbackIn.model_json_schema(ref_template="#/components/schemas/{model}")
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
 
 
