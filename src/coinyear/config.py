@@ -127,6 +127,8 @@ class Settings(BaseSettings):
     retrain_feedback_eval_percent: int = Field(default=20, ge=0, le=100, description="Feedback kept for evaluation.")
     retrain_base_limit: int | None = Field(default=None, description="Use N base coins (quick runs and tests).")
     monitor_psi_bins: int = Field(default=10, ge=2)
+    monitor_psi_alert: float = Field(default=0.25, gt=0, description="PSI above which `coinyear monitor` lists a "
+                                     "drift alert and the UI warns (> 0.25: no longer looks like the reference).")
 
     @field_validator("api_tokens", mode="before")
     @classmethod

@@ -5,6 +5,7 @@ log."""
 from __future__ import annotations
 
 import json
+import tempfile
 import threading
 import time
 import uuid
@@ -293,6 +294,70 @@ def test_monitoring_metrics_per_day_and_version(settings):
     assert first["prediction_p50"] == pytest.approx(71.5)
     assert first["feedback_rows"] == 2 and first["feedback_mae"] == pytest.approx((10 + 10) / 2)
     assert by_key[(date(2026, 3, 1), monitor.NO_MODEL)]["error_rate"] == 1.0
-    for column in ("prediction_psi", "brightness_psi", "contrast_psi"):
-        assert np.isfinite(first[column]) and first[column] >= 0
+    # versions 1 and 2 are not registered: no predictions of their own to compare with, so no prediction PSI
+    # (never a comparison with the training labels)
+    assert np.isnan(first["prediction_psi"])
+    # the photo PSIs compare the day's answered photos with the training photos' statistics
+    photos = monitor.stats_of(coin_image(i) for i in range(4))
+    reference = monitor.training_photo_stats(settings, lake)
+    assert first["brightness_psi"] == pytest.approx(monitor.psi(reference[:, 0], photos[:, 0]))
+    assert first["contrast_psi"] == pytest.approx(monitor.psi(reference[:, 1], photos[:, 1]))
+    assert first["drift_alerts"] == ",".join(c for c in monitor.PSI_COLUMNS if first[c] > settings.monitor_psi_alert)
     assert lake.count(MONITORING) == 3
+
+
+def register_with_predictions(settings, predicted) -> str:
+    """A registered version whose run logged `predicted` where training logs its hold-out predictions (real MLflow
+    store; no training, so the reference is a realistic spread rather than a 1-epoch model's near-constant)."""
+    import mlflow
+
+    from coinyear import registry
+    from coinyear.config import ensure_experiment
+
+    client = registry.client(settings)
+    client.create_registered_model(settings.model_name)
+    with mlflow.start_run(experiment_id=ensure_experiment(settings)) as run:
+        mlflow.log_text(pd.DataFrame({"predicted": predicted}).to_csv(index=False), monitor.REFERENCE_PREDICTIONS)
+    return str(client.create_model_version(settings.model_name, f"{run.info.artifact_uri}/model",
+                                           run.info.run_id).version)
+
+
+def test_prediction_psi_is_measured_against_the_versions_own_predictions(settings):
+    """Traffic whose predictions look like the model's own on its reference coins reads as stable; the same
+    traffic 30 years later reads as drift. The reference predictions are narrower than the labels (as a
+    regressor's are): measured against the training labels, the first day would already read as drift."""
+    from coinyear.data import read_manifest
+
+    settings = settings.model_copy(update={"retrain_base_limit": 40})
+    labels = read_manifest(settings.data_dir, check_images=False).rows["year"].to_numpy(float)
+    rng = np.random.default_rng(0)
+    own = labels.mean() + 0.4 * (labels - labels.mean()) + rng.normal(0, 3, len(labels))  # regression to the mean
+    version = register_with_predictions(settings, own)
+    np.testing.assert_allclose(monitor.reference_predictions(settings, version), own)
+
+    days = {date(2026, 3, 1): rng.choice(own, 400), date(2026, 3, 2): rng.choice(own, 400) + 30}
+    Lake(settings).append(INFERENCE_LOG, [
+        {"request_id": f"{day}-{i}", "timestamp": datetime(day.year, day.month, day.day, 12, tzinfo=timezone.utc),
+         "date": day, "status_code": 200, "execution_time_ms": 5.0, "model_name": settings.model_name,
+         "model_version": version, "prediction": float(value), "front_image": None, "back_image": None}
+        for day, values in days.items() for i, value in enumerate(values)])
+    table = monitor.compute_monitoring(settings).set_index("date")
+    stable, shifted = table.loc[date(2026, 3, 1)], table.loc[date(2026, 3, 2)]
+    assert stable["prediction_psi"] < 0.1 < settings.monitor_psi_alert < shifted["prediction_psi"]
+    assert "prediction_psi" not in stable["drift_alerts"] and "prediction_psi" in shifted["drift_alerts"]
+    assert monitor.psi(labels, days[date(2026, 3, 1)]) > settings.monitor_psi_alert  # what the labels would say
+
+
+def test_the_reference_predictions_are_those_training_logged(trained):
+    """The contract with `coinyear.train`: a trained version's reference is the `predicted` column of the
+    hold-out predictions its run logged."""
+    import mlflow
+
+    settings, outcome = trained
+    with tempfile.TemporaryDirectory() as folder:
+        logged = pd.read_csv(mlflow.MlflowClient(settings.mlflow_tracking_uri).download_artifacts(
+            outcome.run_id, monitor.REFERENCE_PREDICTIONS, folder))
+    reference = monitor.reference_predictions(settings, str(outcome.version))
+    assert len(reference) == len(logged) > 0
+    np.testing.assert_array_equal(reference, logged["predicted"].to_numpy(float))
+    assert len(monitor.reference_predictions(settings, "999")) == 0  # an unknown version: no reference, no error

@@ -402,10 +402,10 @@ def test_monitor_has_empty_states_before_any_traffic(api):
 def test_monitor_summarises_the_log_feedback_and_drift(api):
     lake = Lake(get_settings())
     lake.append(INFERENCE_LOG, log_rows("2026-11-20", 10, 2, "1", 50.0) + log_rows("2026-11-21", 10, 0, "2", 90.0))
-    lake.append(FEEDBACK, [  # version 1 predicted 52 and 53: 12 and 13 years off a range ending AD 40
+    lake.append(FEEDBACK, [  # version 1 predicted 52 and 53: 17 and 18 years off the range's midpoint, AD 35
         {"request_id": "2026-11-20-1-2", "year_from": 30, "year_to": 40, "timestamp": pd.Timestamp.now(tz="UTC")},
         {"request_id": "2026-11-20-1-3", "year_from": 30, "year_to": 40, "timestamp": pd.Timestamp.now(tz="UTC")},
-        # version 2 predicted 90, inside the expert's range: no error
+        # version 2 predicted 90, the midpoint of the expert's range: no error
         {"request_id": "2026-11-21-2-0", "year_from": 85, "year_to": 95, "timestamp": pd.Timestamp.now(tz="UTC")},
     ])
     lake.append(MONITORING, pd.DataFrame({  # two runs of `coinyear monitor`: the later one counts
@@ -416,9 +416,40 @@ def test_monitor_summarises_the_log_feedback_and_drift(api):
     kpis = {m.label: m.value for m in at.metric}
     assert kpis["Requests"] == "20" and kpis["Error rate"] == "10.0%"
     by_version = at.dataframe[0].value.set_index("version")
-    assert by_version.loc["1", "MAE (years)"] == pytest.approx(12.5)
+    assert by_version.loc["1", "MAE (years)"] == pytest.approx(17.5)
     assert by_version.loc["2", "MAE (years)"] == 0
-    assert "Drift on 2026-11-21: prediction_psi above 0.2." in texts(at.warning)
+    assert "Drift on 2026-11-21: prediction_psi above 0.25." in texts(at.warning)
+
+
+def test_the_page_and_the_monitoring_job_agree_on_feedback_mae_and_the_drift_threshold(api, monkeypatch):
+    """One feedback error and one PSI threshold (COINYEAR_MONITOR_PSI_ALERT) for the page and `coinyear monitor`."""
+    from coinyear.jobs.monitor import compute_monitoring
+
+    monkeypatch.setenv("COINYEAR_MONITOR_PSI_ALERT", "0.4")
+    monkeypatch.setenv("COINYEAR_RETRAIN_BASE_LIMIT", "20")
+    get_settings.cache_clear()
+    lake = Lake(get_settings())
+    lake.append(INFERENCE_LOG, log_rows("2026-11-20", 6, 0, "1", 50.0) + log_rows("2026-11-21", 6, 0, "2", 90.0))
+    lake.append(FEEDBACK, [  # a range, a single year, and a request corrected twice (the later one counts)
+        {"request_id": "2026-11-20-1-0", "year_from": 30, "year_to": 60, "timestamp": pd.Timestamp("2026-11-22T00:00Z")},
+        {"request_id": "2026-11-20-1-1", "year_from": 80, "year_to": 80, "timestamp": pd.Timestamp("2026-11-22T00:00Z")},
+        {"request_id": "2026-11-21-2-2", "year_from": 10, "year_to": 10, "timestamp": pd.Timestamp("2026-11-22T00:00Z")},
+        {"request_id": "2026-11-21-2-2", "year_from": 70, "year_to": 100, "timestamp": pd.Timestamp("2026-11-23T00:00Z")},
+    ])
+    job = compute_monitoring(get_settings()).set_index("model_version")
+    # the job's alert list follows the same setting: none of these PSIs is above 0.4 unless listed
+    for _, row in job.iterrows():
+        listed = set(filter(None, row["drift_alerts"].split(",")))
+        assert listed == {c for c in ("prediction_psi", "brightness_psi", "contrast_psi") if row[c] > 0.4}
+    lake.append(MONITORING, pd.DataFrame({
+        "date": ["2026-11-21"], "model_version": ["2"], "computed_at": pd.to_datetime(["2026-11-22T01:00Z"]),
+        "prediction_psi": [0.3], "brightness_psi": [0.45]}))
+    at = app("monitor.py")
+    page = at.dataframe[0].value.set_index("version")["MAE (years)"]
+    # version 1: |50 - 45| and |51 - 80|; version 2: |92 - 85|
+    assert job.loc["1", "feedback_mae"] == pytest.approx(17.0) and job.loc["2", "feedback_mae"] == pytest.approx(7.0)
+    assert page.to_dict() == pytest.approx(job["feedback_mae"].to_dict())
+    assert "Drift on 2026-11-21: brightness_psi above 0.4." in texts(at.warning)  # 0.3 is not above 0.4
 
 
 # ------------------------------------------------------------------------------------------------- models

@@ -1,24 +1,31 @@
 """Monitoring job: `coinyear monitor` turns the inference log into daily health metrics per model version.
 
 For each (date, model_version) of the `inference_log` table: request volume, error rate, latency percentiles,
-the distribution of predicted years, drift against the training set measured as the population stability
-index (PSI) of the predictions (against the training labels) and of two simple photo statistics (brightness
-and contrast), and the MAE on the rows experts corrected (`feedback`). The rows are appended to the
-`monitoring` Delta table with `computed_at`; readers keep the latest `computed_at` per (date, model_version).
+the distribution of predicted years, drift measured as the population stability index (PSI) of the predictions
+against the version's own predictions on its reference coins (the out-of-fold or hold-out predictions its
+training run logged as `evaluation/predictions.csv`) and of two simple photo statistics (brightness and contrast)
+against the training photos, and the MAE on the rows experts corrected (`feedback`). The rows are appended to
+the `monitoring` Delta table with `computed_at`; readers keep the latest `computed_at` per (date, model_version).
 
-PSI reads: < 0.1 stable, 0.1-0.25 moderate shift, > 0.25 the inputs or outputs no longer look like training.
+The predictions are compared with the model's own predictions, not with the labels: a regressor's predictions
+are narrower than the labels, so against the labels every day would read as drift, the first one included.
+PSI reads: < 0.1 stable, 0.1-0.25 moderate shift, > 0.25 the inputs or outputs no longer look like training;
+`drift_alerts` names the PSI columns above COINYEAR_MONITOR_PSI_ALERT (the threshold the UI warns at too).
 """
 
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
+import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 from PIL import ImageOps
 
+from coinyear import registry
 from coinyear.config import Settings
 from coinyear.data import ImageError, decode_side, read_manifest
 from coinyear.lake import FEEDBACK, INFERENCE_LOG, MONITORING, TRAINING_DATA, Lake
@@ -30,6 +37,9 @@ IMAGE_SAMPLE = 300
 STAT_SIZE = 64
 PSI_EPSILON = 1e-4
 NO_MODEL = "none"
+# what training logs with each run: the predictions on the coins it held out (or out-of-fold), column `predicted`
+REFERENCE_PREDICTIONS = "evaluation/predictions.csv"
+PSI_COLUMNS = ("prediction_psi", "brightness_psi", "contrast_psi")
 
 
 # ------------------------------------------------------------------------------------------- statistics
@@ -68,21 +78,59 @@ def stats_of(sources) -> np.ndarray:
     return np.asarray(out, dtype=float).reshape(-1, 2)
 
 
+def correction_error(predicted, year_from, year_to) -> np.ndarray:
+    """Absolute error of each corrected prediction against the midpoint of the expert's range: the definition of
+    `val_mae` (`evaluate.regression_metrics`), so the feedback MAE and a version's validation MAE compare."""
+    predicted, year_from, year_to = (np.asarray(a, dtype=float) for a in (predicted, year_from, year_to))
+    return np.abs(predicted - (year_from + year_to) / 2)
+
+
+def corrected_predictions(log: pd.DataFrame, feedback: pd.DataFrame) -> pd.DataFrame:
+    """The logged predictions an expert corrected (the latest correction of a request counts), with `error`
+    (`correction_error`): the one feedback MAE of the monitoring table and the UI."""
+    latest = feedback.sort_values("timestamp").drop_duplicates("request_id", keep="last")
+    joined = log.dropna(subset=["prediction"]).merge(latest[["request_id", "year_from", "year_to"]],
+                                                     on="request_id")
+    joined = joined.dropna(subset=["year_from", "year_to"])
+    return joined.assign(error=correction_error(joined["prediction"], joined["year_from"], joined["year_to"]))
+
+
+def drift_alerts(row, threshold: float) -> str:
+    """The PSI columns of a monitoring row above `threshold`, comma-separated ('' when none)."""
+    return ",".join(name for name in PSI_COLUMNS if name in row and np.isfinite(row[name]) and row[name] > threshold)
+
+
 # ------------------------------------------------------------------------------------------- reference
-def training_reference(settings: Settings, lake: Lake) -> tuple[np.ndarray, np.ndarray]:
-    """(label midpoints, photo statistics) of the training set: the retraining job's `train` rows, or the base
-    dataset before the first retrain."""
+def training_photo_stats(settings: Settings, lake: Lake) -> np.ndarray:
+    """Photo statistics of the training set: the retraining job's `train` rows, or the base dataset before the
+    first retrain."""
     if lake.exists(TRAINING_DATA):
-        rows = lake.read(TRAINING_DATA, columns=["split", "obverse", "year_from", "year_to"])
-        rows = rows[rows["split"] == "train"]
-        paths = rows["obverse"]
+        rows = lake.read(TRAINING_DATA, columns=["split", "obverse"])
+        paths = rows.loc[rows["split"] == "train", "obverse"]
     else:
-        rows = read_manifest(settings.data_dir, settings.min_year, settings.max_year, check_images=False,
-                             limit=settings.retrain_base_limit, seed=settings.retrain_holdout_seed).rows
-        paths = rows["obverse_path"]
-    years = (rows["year_from"].to_numpy(float) + rows["year_to"].to_numpy(float)) / 2
+        base = read_manifest(settings.data_dir, settings.min_year, settings.max_year, check_images=False,
+                             limit=settings.retrain_base_limit, seed=settings.retrain_holdout_seed)
+        paths = base.rows["obverse_path"]
     sample = paths.sample(min(IMAGE_SAMPLE, len(paths)), random_state=0) if len(paths) else paths
-    return years, stats_of(sample)
+    return stats_of(sample)
+
+
+def reference_predictions(settings: Settings, version: str) -> np.ndarray:
+    """The version's own predictions on its reference coins (the `evaluation/predictions.csv` its training run
+    logged); empty, with a warning, when there are none (no model, an unknown version, a run without them), so
+    its prediction PSI is NaN rather than a comparison with something else."""
+    if version == NO_MODEL:
+        return np.array([])
+    try:
+        client = registry.client(settings)
+        run_id = client.get_model_version(settings.model_name, version).run_id
+        with tempfile.TemporaryDirectory() as folder:
+            table = pd.read_csv(client.download_artifacts(run_id, REFERENCE_PREDICTIONS, folder))
+        return table["predicted"].to_numpy(float)
+    except (MlflowException, OSError, KeyError, ValueError) as error:  # this one indicator is left empty
+        log.warning("no reference predictions for %s version %s (%s): its prediction PSI is left empty",
+                    settings.model_name, version, error)
+        return np.array([])
 
 
 # ------------------------------------------------------------------------------------------------- job
@@ -94,17 +142,18 @@ def compute_monitoring(settings: Settings, lake: Lake | None = None) -> pd.DataF
     if len(requests) == 0:
         return pd.DataFrame()
     requests["model_version"] = requests["model_version"].fillna(NO_MODEL).astype(str)
-    feedback = lake.read(FEEDBACK).sort_values("timestamp").drop_duplicates("request_id", keep="last")
-    requests = requests.merge(feedback[["request_id", "year_from", "year_to"]], on="request_id", how="left")
-    reference_years, reference_stats = training_reference(settings, lake)
-    bins, computed_at = settings.monitor_psi_bins, datetime.now(timezone.utc)
+    errors = corrected_predictions(requests[requests["status_code"] == 200], lake.read(FEEDBACK))
+    errors = errors.set_index("request_id")["error"]
+    reference_stats = training_photo_stats(settings, lake)
+    references = {version: reference_predictions(settings, version)
+                  for version in requests["model_version"].unique()}
+    bins, computed_at = settings.monitor_psi_bins, datetime.now(UTC)
 
     rows = []
     for (date, version), group in requests.groupby(["date", "model_version"], sort=True):
         ok = group[group["status_code"] == 200]
         predictions = ok["prediction"].to_numpy(float)
-        corrected = ok.dropna(subset=["year_from"])
-        truth = (corrected["year_from"].to_numpy(float) + corrected["year_to"].to_numpy(float)) / 2
+        corrected = errors[errors.index.isin(ok["request_id"])]
         latency = group["execution_time_ms"].to_numpy(float)
         sample = ok["request_id"].sample(min(IMAGE_SAMPLE, len(ok)), random_state=0)
         photos = lake.read(INFERENCE_LOG, columns=["front_image"],
@@ -116,7 +165,7 @@ def compute_monitoring(settings: Settings, lake: Lake | None = None) -> pd.DataF
 
         rows.append({
             "date": pd.Timestamp(date).date(), "model_version": version, "computed_at": computed_at,
-            "requests": int(len(group)), "errors": int(len(group) - len(ok)),
+            "requests": len(group), "errors": int(len(group) - len(ok)),
             "error_rate": float(1 - len(ok) / len(group)),
             "latency_p50_ms": quantile(latency, 0.5), "latency_p90_ms": quantile(latency, 0.9),
             "latency_p99_ms": quantile(latency, 0.99),
@@ -124,13 +173,13 @@ def compute_monitoring(settings: Settings, lake: Lake | None = None) -> pd.DataF
             "prediction_std": float(predictions.std()) if len(predictions) else float("nan"),
             "prediction_p10": quantile(predictions, 0.1), "prediction_p50": quantile(predictions, 0.5),
             "prediction_p90": quantile(predictions, 0.9),
-            "prediction_psi": psi(reference_years, predictions, bins),
+            "prediction_psi": psi(references[version], predictions, bins),
             "brightness_psi": psi(reference_stats[:, 0], stats[:, 0], bins),
             "contrast_psi": psi(reference_stats[:, 1], stats[:, 1], bins),
-            "feedback_rows": int(len(corrected)),
-            "feedback_mae": float(np.mean(np.abs(corrected["prediction"].to_numpy(float) - truth)))
-            if len(corrected) else float("nan"),
+            "feedback_rows": len(corrected),
+            "feedback_mae": float(corrected.mean()) if len(corrected) else float("nan"),
         })
+        rows[-1]["drift_alerts"] = drift_alerts(rows[-1], settings.monitor_psi_alert)
     return pd.DataFrame(rows)
 
 

@@ -2,15 +2,14 @@
 indicators `coinyear monitor` writes to the monitoring table."""
 
 import altair as alt
-import numpy as np
 import pandas as pd
 import streamlit as st
 
+from coinyear.jobs.monitor import corrected_predictions
 from coinyear.lake import FEEDBACK, INFERENCE_LOG, MONITORING, Lake
 from coinyear.ui.shared import settings
 
 LOG_COLUMNS = ["request_id", "timestamp", "date", "status_code", "execution_time_ms", "model_version", "prediction"]
-PSI_ALERT = 0.2  # the usual reading of the population stability index: above 0.2 the population has shifted
 
 
 @st.cache_data(ttl=10, show_spinner=False)
@@ -40,15 +39,6 @@ def daily_chart(table: pd.DataFrame, columns: list[str], y_title: str, bars: boo
         tooltip=["day", "series", alt.Tooltip("value:Q", format=".1%" if percent else ".1f")],
     )
     return base.mark_bar() if bars else base.mark_line(point=True)
-
-
-def feedback_error(log: pd.DataFrame, feedback: pd.DataFrame) -> pd.DataFrame:
-    """Each corrected prediction with its absolute error against the expert's date (0 inside a given range)."""
-    latest = feedback.sort_values("timestamp").drop_duplicates("request_id", keep="last")
-    joined = latest.merge(log[["request_id", "model_version", "prediction"]].dropna(), on="request_id")
-    joined["error"] = (np.maximum(joined["year_from"] - joined["prediction"], 0)
-                       + np.maximum(joined["prediction"] - joined["year_to"], 0))
-    return joined
 
 
 def show_traffic(log: pd.DataFrame) -> None:
@@ -88,7 +78,7 @@ def show_feedback(log: pd.DataFrame, feedback: pd.DataFrame) -> None:
         st.info("No corrections yet. Corrections entered on the Predict page (or sent to `POST /feedback`) "
                 "measure the model on real coins.")
         return
-    corrected = feedback_error(log, feedback)
+    corrected = corrected_predictions(log, feedback)  # the error `coinyear monitor` writes as feedback_mae
     by_version = corrected.groupby("model_version")["error"].agg(mae="mean", corrections="size").reset_index()
     left, right = st.columns([2, 1])
     with left:
@@ -110,13 +100,15 @@ def show_drift(monitoring: pd.DataFrame) -> None:
     if {"computed_at", "model_version"} <= set(monitoring.columns):  # each run appends: keep the latest one
         monitoring = monitoring.sort_values("computed_at").drop_duplicates(["date", "model_version"], keep="last")
     psi = monitoring.groupby("date")[drift_columns].max()
-    st.caption(f"Population stability index against the training data, per day (worst model version). "
-               f"Above {PSI_ALERT} the inputs or predictions have shifted.")
+    alert = settings().monitor_psi_alert  # the threshold of the monitoring table's `drift_alerts`
+    st.caption(f"Population stability index per day (worst model version): the predictions against the "
+               f"version's own predictions on its reference coins, the photos against the training photos. "
+               f"Above {alert} the inputs or predictions have shifted.")
     st.altair_chart(daily_chart(psi, drift_columns, "PSI"), width="stretch")
     latest = psi.iloc[-1]
-    shifted = [name for name, value in latest.items() if value > PSI_ALERT]
+    shifted = [name for name, value in latest.items() if value > alert]
     if shifted:
-        st.warning(f"Drift on {latest.name}: {', '.join(shifted)} above {PSI_ALERT}.", icon=":material/warning:")
+        st.warning(f"Drift on {latest.name}: {', '.join(shifted)} above {alert}.", icon=":material/warning:")
 
 
 st.title("Monitor")
