@@ -359,8 +359,8 @@ class SpooledAppender:
     event loops). Once `close()` has begun both raise `SpoolClosedError` at once. One syncer thread writes
     everything queued since its last fsync with one write + fsync (group commit) and starts a new segment past
     `max_commit_bytes`. One committer thread seals the current segment every `flush_seconds`, appends sealed
-    segments to Delta in commits of at most `max_commit_bytes` (rows carry photos: a row count bounds nothing)
-    and then deletes them.
+    segments to Delta in commits of at most `max_commit_bytes` (rows carry photos: a row count bounds nothing;
+    only a single group write larger than that makes a larger commit) and then deletes them.
 
     A failed commit keeps the segments. A transient failure (I/O, full disk, lock, conflict, lake down) is
     retried with backoff, without limit. A permanent one (rows that do not convert to or fit the table, e.g. its

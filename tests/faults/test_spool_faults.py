@@ -121,7 +121,7 @@ if __name__ == "__main__":
 # ------------------------------------------------------------------------------------------------- the tests
 import pytest  # after the child process above, which needs none of the test dependencies
 
-from coinyear.lake import INFERENCE_LOG, Lake, SpooledAppender
+from coinyear.lake import INFERENCE_LOG, Lake, SpooledAppender, read_segment
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -161,7 +161,7 @@ def test_kill_9_inside_a_commit_loses_and_repeats_nothing(tmp_path, pause):
 
 
 def test_kill_9_at_random_points_loses_and_repeats_nothing(tmp_path):
-    lake, spool_dir, acked = Lake(tmp_path / "lake"), tmp_path / "spool", []
+    lake, spool_dir, acked, left = Lake(tmp_path / "lake"), tmp_path / "spool", [], 0
     rng = random.Random(12)
     for run in range(4):  # each run restarts on what the killed one left in the spool
         process = child("writer", str(lake.root), str(spool_dir), f"k{run}", "100000", "none", "-")
@@ -170,6 +170,8 @@ def test_kill_9_at_random_points_loses_and_repeats_nothing(tmp_path):
         time.sleep(rng.uniform(0.05, 0.6))
         process.send_signal(signal.SIGKILL)
         acked += [first, *process.communicate()[0].split()]
+        left += sum(len(read_segment(path)) for path in spool_dir.glob("*.seg"))
+    assert left  # the kills left acknowledged rows that only the restarts could commit
     recover(lake, spool_dir)
     assert_exactly_once(lake, acked)
     assert not list(spool_dir.glob("*.seg"))
