@@ -194,11 +194,37 @@ class DualImageRegressor(nn.Module):
         return self.year_from_features(features), {name: head(features) for name, head in self.aux_heads.items()}
 
 
+def rotation_grid(height: int, width: int, angles: tuple[float, ...]) -> torch.Tensor:
+    """Sampling grids, [angles, H, W, 2], that rotate an image counter-clockwise by each angle (degrees) about its
+    centre: the grid torchvision's `rotate` builds (bilinear, zeros outside), for every angle at once."""
+    radians = torch.tensor(angles, dtype=torch.float64).deg2rad()
+    cos, sin = radians.cos(), radians.sin()
+    # inverse map, output pixel -> input pixel, in pixel units about the centre (as torchvision's _affine_grid)
+    theta = torch.stack([torch.stack([cos, -sin], 1), torch.stack([sin, cos], 1)], 1).to(torch.float32)
+    xs = torch.linspace((1.0 - width) * 0.5, (width - 1.0) * 0.5, width)
+    ys = torch.linspace((1.0 - height) * 0.5, (height - 1.0) * 0.5, height)
+    base = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1).view(1, height * width, 2)
+    scale = torch.tensor([0.5 * width, 0.5 * height])
+    return base.expand(len(angles), -1, -1).bmm(theta.transpose(1, 2).div(scale)).view(len(angles), height, width, 2)
+
+
+def rotate_stack(images: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Every image rotated by every grid of `rotation_grid` in one `grid_sample`: [N, C, H, W] -> [A*N, C, H, W],
+    angle-major."""
+    count, (n, c, h, w) = grid.shape[0], images.shape
+    stacked = images.unsqueeze(0).expand(count, n, c, h, w).reshape(count * n, c, h, w)
+    grids = grid.to(images.dtype).unsqueeze(1).expand(count, n, h, w, 2).reshape(count * n, h, w, 2)
+    return nn.functional.grid_sample(stacked, grids, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
 class CoinEnsemble(nn.Module):
     """What is served: the mean year of one or more regressors (e.g. the K fold models) over rotated copies
     of both photos (test-time augmentation; coins are photographed at any angle).
 
-    Exposes `config` and `pretrained_loaded` like a single regressor, so every caller treats both alike.
+    All rotations of both photos go through each member in one forward pass (rotated with one fixed sampling
+    grid, built once per image size), and the unrotated pass of member 0 also gives the out-of-distribution
+    features, so asking for them costs nothing. Exposes `config` and `pretrained_loaded` like a single
+    regressor, so every caller treats both alike.
     """
 
     def __init__(self, members: list[DualImageRegressor], tta_angles: tuple[float, ...] = (0.0,)):
@@ -207,6 +233,7 @@ class CoinEnsemble(nn.Module):
             raise ValueError("an ensemble needs at least one member")
         self.members = nn.ModuleList(members)
         self.tta_angles = tuple(float(a) for a in tta_angles) or (0.0,)
+        self._grids: dict[tuple[int, int], torch.Tensor] = {}  # (H, W) -> grid of the non-zero angles
 
     @property
     def config(self) -> ModelConfig:
@@ -216,17 +243,44 @@ class CoinEnsemble(nn.Module):
     def pretrained_loaded(self) -> bool:
         return all(m.pretrained_loaded for m in self.members)
 
+    def rotated(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [angles*B, C, H, W] in `tta_angles` order; angle 0 is the photo itself, not resampled."""
+        turned = [angle for angle in self.tta_angles if angle % 360 != 0]
+        if not turned:
+            return images.repeat(len(self.tta_angles), 1, 1, 1)
+        size = tuple(images.shape[-2:])
+        if size not in self._grids:
+            self._grids[size] = rotation_grid(*size, tuple(turned))
+        stack = rotate_stack(images, self._grids[size].to(images.device)).unflatten(0, (len(turned), -1))
+        parts, index = [], 0
+        for angle in self.tta_angles:  # assembles views already computed; no model call per angle
+            if angle % 360 == 0:
+                parts.append(images)
+            else:
+                parts.append(stack[index])
+                index += 1
+        return torch.cat(parts)
+
+    def scores(self, front: torch.Tensor, back: torch.Tensor,
+               with_features: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(every member's year on every rotation [B, members, angles], member 0's out-of-distribution features
+        of the unrotated photos [B, 2*D] or None)."""
+        batch, angles = front.shape[0], len(self.tta_angles)
+        fronts, backs = self.rotated(front), self.rotated(back)
+        unrotated = next((i for i, angle in enumerate(self.tta_angles) if angle % 360 == 0), None)
+        years, features = [], None
+        for index, member in enumerate(self.members):
+            front_features, back_features = member.backbone_features(fronts, backs)
+            both = torch.cat([front_features, back_features], dim=1)
+            years.append(member.year_from_features(member.fusion(both)).view(angles, batch))
+            if index == 0 and with_features:
+                features = both.view(angles, batch, -1)[unrotated] if unrotated is not None \
+                    else member.ood_features(front, back)
+        return torch.stack(years).permute(2, 0, 1), features
+
     def year_samples(self, front: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
         """Every member's year on every rotation, [B, members, angles]."""
-        from torchvision.transforms.v2 import functional as F
-
-        per_angle = []
-        for angle in self.tta_angles:
-            rotated = (front, back) if angle == 0 else (
-                F.rotate(front, angle, interpolation=F.InterpolationMode.BILINEAR),
-                F.rotate(back, angle, interpolation=F.InterpolationMode.BILINEAR))
-            per_angle.append(torch.stack([member(*rotated) for member in self.members], dim=1))
-        return torch.stack(per_angle, dim=2)
+        return self.scores(front, back)[0]
 
     def forward(self, front: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
         return self.year_samples(front, back).mean(dim=(1, 2))
@@ -248,19 +302,20 @@ def rotation_spread(samples: torch.Tensor) -> torch.Tensor:
     return samples.std(dim=2).mean(dim=1)
 
 
+def as_ensemble(model: DualImageRegressor | CoinEnsemble) -> CoinEnsemble:
+    """A single regressor as a one-member ensemble without rotations (same years): one scoring path for both."""
+    return model if isinstance(model, CoinEnsemble) else CoinEnsemble([model], (0.0,))
+
+
 @torch.inference_mode()
 def infer(model: DualImageRegressor | CoinEnsemble, front: torch.Tensor, back: torch.Tensor,
           with_features: bool = False) -> dict[str, torch.Tensor]:
     """One batch: {"year": [B], "spread": [B] (rotation spread, zero without TTA), "features": [B, D] (the
-    out-of-distribution features)}."""
-    if isinstance(model, CoinEnsemble):
-        samples = model.year_samples(front, back)
-        out = {"year": samples.mean(dim=(1, 2)), "spread": rotation_spread(samples)}
-    else:
-        year = model(front, back)
-        out = {"year": year, "spread": torch.zeros_like(year)}
+    out-of-distribution features, from the same forward pass)}."""
+    samples, features = as_ensemble(model).scores(front, back, with_features)
+    out = {"year": samples.mean(dim=(1, 2)), "spread": rotation_spread(samples)}
     if with_features:
-        out["features"] = model.ood_features(front, back)
+        out["features"] = features
     return out
 
 

@@ -13,14 +13,21 @@ The logged model is self-contained: it carries the coinyear package as MLflow `c
 `sys.path` when MLflow loads it) and lists as requirements exactly what the serving code imports, pinned to
 the training environment's versions, so any environment MLflow builds from it (`mlflow models serve`,
 `spark_udf`, Databricks Model Serving) scores without coinyear installed. Loading it imports only
-`coinyear.pyfunc`, `.data`, `.model`, `.quality` and `.years`: none may import a package missing from
+`coinyear.pyfunc`, `.data`, `.model`, `.quality`, `.runtime` and `.years`: none may import a package missing from
 `pip_requirements` at module level (settings, lake, Spark, tqdm and scikit-learn stay lazy).
+
+When the logged model carries an ONNX export of the network (`coinyear.runtime`: all TTA rotations and the OOD
+features in one graph, attached only when it matched PyTorch at logging time) and `onnxruntime` imports, it scores
+with ONNX Runtime; otherwise with PyTorch. `CoinYearModel.engine` and the log say which.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import logging
+import tempfile
+from functools import partial
 from pathlib import Path
 
 import mlflow
@@ -37,6 +44,10 @@ from coinyear.data import ImageError, preprocess
 FRONT, BACK = "front_image_base64", "back_image_base64"
 CHECKPOINT = "checkpoint"
 CONFORMAL, OOD = "conformal", "ood"
+ONNX = "onnx"
+ONNX_PACKAGES = ("onnxruntime",)
+
+log = logging.getLogger(__name__)
 
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", FRONT), ColSpec("string", BACK)]),
@@ -99,6 +110,15 @@ class CoinYearModel(mlflow.pyfunc.PythonModel):
             from coinyear.quality import Quality
 
             self.quality = Quality.load(context.artifacts[CONFORMAL], context.artifacts[OOD])
+        self.onnx, self.engine = None, "pytorch"
+        if ONNX in context.artifacts:  # models logged before, or whose export did not match, have none
+            try:
+                from coinyear.runtime import OnnxScorer
+
+                self.onnx, self.engine = OnnxScorer(context.artifacts[ONNX]), "onnxruntime"
+            except Exception as error:  # noqa: BLE001 - a missing or broken onnxruntime: PyTorch answers the same
+                log.warning("cannot run the ONNX graph (%s: %s): scoring with PyTorch", type(error).__name__, error)
+        log.info("coinyear model scores with %s", self.engine)
 
     def tensors(self, model_input: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor]:
         missing = [column for column in (FRONT, BACK) if column not in model_input.columns]
@@ -122,7 +142,8 @@ class CoinYearModel(mlflow.pyfunc.PythonModel):
         """
         from coinyear.model import infer
 
-        parts = [infer(self.model, fronts[start:start + batch_size], backs[start:start + batch_size], with_features)
+        run = self.onnx.infer if getattr(self, "onnx", None) is not None else partial(infer, self.model)
+        parts = [run(fronts[start:start + batch_size], backs[start:start + batch_size], with_features)
                  for start in range(0, len(fronts), max(batch_size, 1))]
         keys = ("year", "spread", "features") if with_features else ("year", "spread")
         return {key: torch.cat([part[key] for part in parts]).numpy().astype(float) for key in keys}
@@ -194,8 +215,9 @@ TIMM_BACKBONES = ("efficientnet_lite0",)
 TORCH_PACKAGES = ("torch", "torchvision")
 
 
-def pip_requirements(backbone: str, torch_index: str | None = None) -> list[str]:
-    """The model's pip requirements: the packages its serving code imports, pinned to the installed versions.
+def pip_requirements(backbone: str, torch_index: str | None = None, onnx: bool = False) -> list[str]:
+    """The model's pip requirements: the packages its serving code imports, pinned to the installed versions;
+    with `onnx` (the model carries the ONNX graph) also onnxruntime.
 
     `mlflow` is the full package, not mlflow-skinny: an environment built from the model often resolves
     `models:/` URIs itself, and the SQL registry (the default here) needs SQLAlchemy and Alembic, which only
@@ -208,7 +230,7 @@ def pip_requirements(backbone: str, torch_index: str | None = None) -> list[str]
     """
     from importlib.metadata import version
 
-    names = [*SERVING_PACKAGES, *(["timm"] if backbone in TIMM_BACKBONES else [])]
+    names = [*SERVING_PACKAGES, *(["timm"] if backbone in TIMM_BACKBONES else []), *(ONNX_PACKAGES if onnx else ())]
     pins = {name: version(name).split("+")[0] for name in names}
     lines = []
     if torch_index:
@@ -226,25 +248,57 @@ def package_dir() -> str:
 
 
 def log_model(checkpoint: Path, example: pd.DataFrame, registered_model_name: str | None = None,
-              quality: dict[str, str] | None = None, torch_index: str | None = None):
+              quality: dict[str, str] | None = None, torch_index: str | None = None, onnx: bool = True):
     """Log the pyfunc (signature + input example) in the active run; register it when a name is given.
 
     `quality` holds the interval calibration and OOD files (`Quality.save`), which enable `interval`.
     The model carries its code and pinned requirements (see `pip_requirements`; training passes the setting
-    `COINYEAR_MODEL_TORCH_INDEX` as `torch_index`).
+    `COINYEAR_MODEL_TORCH_INDEX` as `torch_index`). With `onnx`, the network is exported to ONNX and scored by
+    both runtimes on the input example's coin (`coinyear.runtime.export_checked`); the graph and onnxruntime are
+    added only when they agree. The run gets the metric `onnx_max_abs_diff_years` and the tags
+    `coinyear.runtime` (onnxruntime or pytorch) and `coinyear.onnx_check` (why); the MLmodel's metadata the same.
     """
     try:
         backbone = torch.load(checkpoint, map_location="cpu", weights_only=True)["config"]["backbone"]
     except Exception:  # noqa: BLE001 - torch.load raises anything on a bad file; such a model cannot serve
         # either, and listing timm is the safe side
         backbone = TIMM_BACKBONES[0]
-    return mlflow.pyfunc.log_model(
-        name="model",
-        python_model=CoinYearModel(),
-        artifacts={CHECKPOINT: str(checkpoint), **(quality or {})},
-        code_paths=[package_dir()],
-        signature=SIGNATURE,
-        input_example=example,
-        registered_model_name=registered_model_name,
-        pip_requirements=pip_requirements(backbone, torch_index),
-    )
+    with tempfile.TemporaryDirectory(prefix="coinyear-onnx-") as folder:
+        onnx_file, metadata = _checked_onnx(checkpoint, example, folder) if onnx else (None, {})
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=CoinYearModel(),
+            artifacts={CHECKPOINT: str(checkpoint), **(quality or {}),
+                       **({ONNX: str(onnx_file)} if onnx_file else {})},
+            code_paths=[package_dir()],
+            signature=SIGNATURE,
+            input_example=example,
+            registered_model_name=registered_model_name,
+            pip_requirements=pip_requirements(backbone, torch_index, onnx=onnx_file is not None),
+            metadata=metadata or None,
+        )
+
+
+def _checked_onnx(checkpoint: Path, example: pd.DataFrame, folder: str) -> tuple[Path | None, dict]:
+    """The ONNX graph if it matches PyTorch on the example's coin, and what to record about the check."""
+    from coinyear.model import load_checkpoint
+    from coinyear.runtime import export_checked
+
+    try:
+        model = load_checkpoint(checkpoint)
+        size, grayscale = model.config.image_size, model.config.grayscale
+        front, back = decode_pair(decode_base64(example[FRONT].iloc[0], 0, FRONT),
+                                  decode_base64(example[BACK].iloc[0], 0, BACK), size, grayscale, 0)
+        path, check, reason = export_checked(model, torch.from_numpy(front[None]).float() / 255,
+                                             torch.from_numpy(back[None]).float() / 255, folder)
+    except Exception as error:  # noqa: BLE001 - the model still logs and serves with PyTorch
+        path, check, reason = None, None, f"not checked: {type(error).__name__}: {error}"
+    engine = "onnxruntime" if path else "pytorch"
+    log.info("logged model scores with %s (ONNX %s)", engine, reason)
+    metadata = {"runtime": engine, "onnx_check": reason}
+    if mlflow.active_run():
+        mlflow.set_tags({"coinyear.runtime": engine, "coinyear.onnx_check": reason[:5000]})
+        if check is not None:
+            mlflow.log_metric("onnx_max_abs_diff_years", check.max_abs_diff_years)
+            metadata["onnx_max_abs_diff_years"] = check.max_abs_diff_years
+    return path, metadata

@@ -1,0 +1,142 @@
+"""Runtime stage: the served network as one ONNX graph, run with ONNX Runtime.
+
+The graph holds everything one request costs: every rotation of both photos (the fixed sampling grid of
+`CoinEnsemble.rotated`), every member, and member 0's out-of-distribution features from the unrotated pass. Its
+inputs are the photos as the PyTorch model takes them (float [B, C, H, W] in [0, 1], any B); its outputs are
+`samples` [B, members, angles] (years) and `features` [B, 2*D], from which `OnnxScorer.infer` gives exactly what
+`coinyear.model.infer` gives.
+
+`export_checked` is what logging a model calls: export, then score the same coins with both runtimes; the ONNX
+file is only attached when they agree within `TOLERANCE_YEARS`. Serving imports only `onnxruntime`, numpy and
+torch from here (`onnx`/`onnxscript`, which the exporter needs, stay lazy).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from coinyear.model import CoinEnsemble, DualImageRegressor, as_ensemble, infer, rotation_spread
+
+log = logging.getLogger(__name__)
+
+ONNX_FILE = "model.onnx"
+# Years the ONNX answer may differ from PyTorch's on the check coins (float32 reorderings give ~1e-4).
+TOLERANCE_YEARS = 0.05
+# OOD features are compared relative to their size: the OOD score is a distance between such vectors.
+TOLERANCE_FEATURES = 1e-3
+
+
+class ScoringGraph(nn.Module):
+    """What is exported: photos in, (years per member and rotation, OOD features) out."""
+
+    def __init__(self, model: DualImageRegressor | CoinEnsemble):
+        super().__init__()
+        self.ensemble = as_ensemble(model)
+
+    def forward(self, front: torch.Tensor, back: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.ensemble.scores(front, back, with_features=True)
+
+
+def export_onnx(model: DualImageRegressor | CoinEnsemble, path: str | Path) -> Path:
+    """Write the model's scoring graph to `path` (dynamic batch size; image size fixed by the model).
+
+    torch's TorchScript-based exporter (`dynamo=False`), not the default torch.export one: on this model it takes
+    ~5 s against ~25 s, keeps the batch axis dynamic where torch.export specialised it to the example's size,
+    and needs only the `onnx` package.
+    """
+    import warnings
+
+    config = model.config
+    channels = 1 if config.grayscale else 3
+    example = tuple(torch.rand(2, channels, config.image_size, config.image_size) for _ in range(2))
+    graph = ScoringGraph(model).eval()
+    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+        warnings.simplefilter("ignore")  # the exporter's deprecation notice and tracer warnings on shape asserts
+        torch.onnx.export(graph, example, str(path), dynamo=False, opset_version=17,
+                          input_names=["front", "back"], output_names=["samples", "features"],
+                          dynamic_axes={name: {0: "batch"} for name in ("front", "back", "samples", "features")})
+    return Path(path)
+
+
+class OnnxScorer:
+    """An ONNX Runtime session over an exported scoring graph; `infer` answers like `coinyear.model.infer`."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # torch's thread count is what the server configured for scoring; ORT's default ignores it
+        options.intra_op_num_threads = threads or torch.get_num_threads()
+        # spinning idle threads would take the cores from the server's other threads (decoding, logging)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def infer(self, front: torch.Tensor, back: torch.Tensor, with_features: bool = False) -> dict[str, torch.Tensor]:
+        samples, features = self.session.run(None, {"front": _array(front), "back": _array(back)})
+        samples = torch.from_numpy(samples)
+        out = {"year": samples.mean(dim=(1, 2)), "spread": rotation_spread(samples)}
+        if with_features:
+            out["features"] = torch.from_numpy(features)
+        return out
+
+
+def _array(images: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32)
+
+
+@dataclass
+class Check:
+    """How the ONNX graph compared with PyTorch on the check coins."""
+
+    max_abs_diff_years: float
+    max_rel_diff_features: float
+    rows: int
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_diff_years <= TOLERANCE_YEARS and self.max_rel_diff_features <= TOLERANCE_FEATURES
+
+
+def compare(model: DualImageRegressor | CoinEnsemble, scorer: OnnxScorer, front: torch.Tensor,
+            back: torch.Tensor) -> Check:
+    """Both runtimes on the same photos: the largest year (and spread) difference and feature difference."""
+    ours, theirs = infer(model, front, back, True), scorer.infer(front, back, True)
+    years = max(float((ours[key] - theirs[key]).abs().max()) for key in ("year", "spread"))
+    scale = float(ours["features"].abs().max()) or 1.0
+    features = float((ours["features"] - theirs["features"]).abs().max()) / scale
+    return Check(years, features, len(front))
+
+
+def check_batch(front: torch.Tensor, back: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Several different coins from one pair (as given, sides swapped, turned a quarter): the check also runs a
+    batch larger than one through the graph's dynamic batch axis."""
+    return (torch.cat([front, back, front.rot90(1, (-2, -1))]), torch.cat([back, front, back.rot90(1, (-2, -1))]))
+
+
+def export_checked(model: DualImageRegressor | CoinEnsemble, front: torch.Tensor, back: torch.Tensor,
+                   folder: str | Path) -> tuple[Path | None, Check | None, str]:
+    """Export to `folder`/model.onnx and compare with PyTorch on `check_batch(front, back)`.
+
+    Returns (the ONNX file, or None when it must not be used; the comparison, or None when there was none;
+    a one-line reason). Never raises for a model that cannot be exported: serving then uses PyTorch.
+    """
+    path = Path(folder) / ONNX_FILE
+    try:
+        export_onnx(model, path)
+        check = compare(model, OnnxScorer(path), *check_batch(front, back))
+    except Exception as error:  # noqa: BLE001 - the exporter and ORT raise many types; PyTorch still serves
+        log.warning("ONNX export failed, the model will be served with PyTorch: %s", error)
+        return None, None, f"export failed: {type(error).__name__}: {str(error)[:200]}"
+    if not check.passed:
+        log.warning("ONNX differs from PyTorch by %.4g years / %.3g relative features: not attached",
+                    check.max_abs_diff_years, check.max_rel_diff_features)
+        return None, check, (f"differs from PyTorch by {check.max_abs_diff_years:.4g} years, "
+                             f"{check.max_rel_diff_features:.3g} relative on features")
+    return path, check, f"matches PyTorch within {check.max_abs_diff_years:.2g} years on {check.rows} coins"
