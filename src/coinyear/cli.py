@@ -241,11 +241,14 @@ def cmd_ui(args) -> NoReturn:
     from pathlib import Path
 
     import coinyear.ui
+    from coinyear.ui.access import check_bind
 
     settings = get_settings()
+    host = args.host or settings.host
+    check_bind(settings, host)  # the Models page moves production: no open UI without tokens
     app = Path(coinyear.ui.__file__).with_name("app.py")
     os.execv(sys.executable, [sys.executable, "-m", "streamlit", "run", str(app),
-                              "--server.address", args.host or settings.host,
+                              "--server.address", host,
                               "--server.port", str(args.port or settings.ui_port),
                               "--server.headless", "true", "--server.fileWatcherType", "none",
                               "--browser.gatherUsageStats", "false", "--client.toolbarMode", "minimal"])

@@ -366,9 +366,9 @@ def test_grants_and_permissions(bundle):
         # the app's service principal gets CAN_QUERY on the endpoint through the app resource
         assert app["resources"][0] == {"name": "serving-endpoint",
                                        "serving_endpoint": {"name": "${var.endpoint_name}", "permission": "CAN_QUERY"}}
-    gateway = resources["apps"]["gateway"]
-    assert app_env(gateway)["COINYEAR_API_TOKENS"] == "api-tokens"  # on 0.0.0.0 it refuses to start without
-    assert gateway["resources"][1]["secret"] == {"scope": "${var.secret_scope}", "key": "api-tokens",
+    for app in resources["apps"].values():  # on 0.0.0.0 each refuses to start without tokens
+        assert app_env(app)["COINYEAR_API_TOKENS"] == "api-tokens"
+        assert app["resources"][1]["secret"] == {"scope": "${var.secret_scope}", "key": "api-tokens",
                                                  "permission": "READ"}
     assert {"level": "CAN_READ", "group_name": group} in resources["experiments"]["coinyear"]["permissions"]
 

@@ -512,3 +512,73 @@ def test_a_cancelled_rollback_changes_nothing_and_a_confirmed_one_rolls_back(reg
     assert "Rolled production back from version 2 to version 1" in texts(at.success)
     at = press(press(at, "Roll back production…"), "Yes, do it")  # version 1 replaced nothing
     assert "no earlier production version" in texts(at.error)
+
+
+# ------------------------------------------------------------------------------------ who may move production
+def test_without_tokens_coinyear_ui_refuses_a_non_loopback_address(api, monkeypatch, capsys):
+    """The gateway's rule: no credentials, loopback only (the refusal comes before Streamlit is started)."""
+    import os
+
+    from coinyear.cli import main
+    from coinyear.ui.access import check_bind
+
+    monkeypatch.setattr(os, "execv", lambda *args: pytest.fail(f"the UI was started: {args}"))
+    assert main(["ui", "--host", "0.0.0.0"]) == 2
+    assert "refusing to serve the UI on 0.0.0.0 without auth" in capsys.readouterr().err
+    monkeypatch.setenv("COINYEAR_API_TOKENS", "ui-secret")
+    get_settings.cache_clear()
+    check_bind(get_settings(), "0.0.0.0")  # with tokens people sign in: any address
+    monkeypatch.setenv("COINYEAR_AUTH_DISABLED", "true")
+    get_settings.cache_clear()
+    with pytest.raises(RuntimeError, match="without auth"):
+        check_bind(get_settings(), "10.0.0.5")
+    check_bind(get_settings(), "127.0.0.1")
+
+
+def test_without_tokens_a_browser_on_another_machine_cannot_move_production(registered, monkeypatch):
+    from streamlit.runtime.context import ContextProxy
+
+    monkeypatch.setattr(ContextProxy, "ip_address", property(lambda self: "10.1.2.3"))
+    at = app("models.py")
+    assert "Registry actions are refused to 10.1.2.3" in texts(at.error)
+    assert not [b for b in at.button if b.label in ("Promote…", "Roll back production…")]
+
+
+def sign_in(at: AppTest, name: str, token: str) -> AppTest:
+    at.text_input(key="sign_in_name").input(name)
+    at.text_input(key="sign_in_token").input(token)
+    return press(at, "Sign in")
+
+
+def test_with_tokens_a_person_signs_in_and_each_move_is_recorded_with_who_did_it(registered, monkeypatch):
+    import hashlib
+
+    monkeypatch.setenv("COINYEAR_API_TOKENS", "old-token,ui-secret")
+    get_settings.cache_clear()
+    at = app("models.py")
+    assert not [b for b in at.button if b.label in ("Promote…", "Roll back production…")]
+    at = sign_in(at, "Ada", "not-a-token")
+    assert "That token is not accepted" in texts(at.error)
+    assert not [b for b in at.button if b.label == "Promote…"]
+
+    at = sign_in(at, "Ada", "ui-secret")
+    actor = f"Ada (token {hashlib.sha256(b'ui-secret').hexdigest()[:8]})"
+    assert f"Acting as **{actor}**" in texts(at.caption)
+    at.selectbox(key="promote_version").set_value("3")
+    at.radio(key="promote_alias").set_value("production")
+    at = press(press(at, "Promote…"), "Yes, do it")
+    assert registry.version_by_alias(registered, registry.PRODUCTION) == "3"
+    at = press(press(at, "Roll back production…"), "Yes, do it")
+    assert registry.version_by_alias(registered, registry.PRODUCTION) == "2"
+    assert not at.error
+
+    decisions = Lake(get_settings()).read(MODEL_DECISIONS).sort_values("decided_at")
+    by_hand = decisions[decisions["kind"] == "ui"]
+    assert list(by_hand["decision"]) == ["promoted", "rolled_back"]
+    assert list(by_hand["actor"]) == [actor, actor]
+    assert list(by_hand["production_before"]) == ["2", "3"] and list(by_hand["production_after"]) == ["3", "2"]
+    assert not decisions.astype(str).apply(lambda column: column.str.contains("ui-secret")).any().any()
+    tags = {v.version: v.tags for v in registry.list_versions(registered)}
+    assert tags["3"]["moved_by"] == actor and tags["3"]["moved_by_action"] == "promoted"
+    assert tags["2"]["moved_by"] == actor and tags["2"]["moved_by_action"] == "rolled_back"
+    assert app("models.py").dataframe[0].value.set_index("version").loc[2, "moved by"] == actor

@@ -1,5 +1,7 @@
 """Models page: the registered versions with aliases and metrics, the retraining decisions, and promote /
-rollback, each behind a confirmation. The running server follows the `production` alias on its own."""
+rollback, each behind a confirmation and only for a person `access` lets act (signed in with an API token, or on
+this machine in local-dev mode), recorded with who did it. The running server follows the `production` alias on
+its own."""
 
 import datetime as dt
 
@@ -8,11 +10,12 @@ import streamlit as st
 
 from coinyear import registry
 from coinyear.lake import MODEL_DECISIONS, Lake
+from coinyear.ui import access
 from coinyear.ui.shared import settings
 
 # the columns of `model_decisions` a person reads first (the rest, JSON metrics and counts, stays in the table)
-DECISION_COLUMNS = ["decided_at", "decision", "reason", "candidate_version", "production_before", "production_after",
-                    "candidate_mae", "production_mae", "new_feedback_rows", "training_data_version"]
+DECISION_COLUMNS = ["decided_at", "decision", "reason", "actor", "candidate_version", "production_before",
+                    "production_after", "candidate_mae", "production_mae", "new_feedback_rows", "training_data_version"]
 
 
 def versions_table(versions: list[registry.VersionInfo]) -> pd.DataFrame:
@@ -25,6 +28,7 @@ def versions_table(versions: list[registry.VersionInfo]) -> pd.DataFrame:
         "decision": v.tags.get("decision", ""),
         "reason": v.tags.get("decision_reason", ""),
         "replaced": v.tags.get(registry.PREVIOUS_TAG, ""),
+        "moved by": v.tags.get(access.ACTOR_TAG, ""),
     } for v in versions])
 
 
@@ -59,8 +63,8 @@ def ask(action: dict) -> None:
     st.session_state["pending"] = action
 
 
-def confirm_pending() -> None:
-    """The confirmation step of a promotion or rollback, then the change itself."""
+def confirm_pending(actor: str) -> None:
+    """The confirmation step of a promotion or rollback, then the change itself, recorded with `actor`."""
     action = st.session_state.get("pending")
     if not action:
         return
@@ -75,20 +79,31 @@ def confirm_pending() -> None:
             if action["kind"] == "rollback":
                 current, target = registry.rollback(settings())
                 done = f"Rolled production back from version {current} to version {target}."
+                change = ("rolled_back", target, current, target)
             else:
                 previous = registry.promote(settings(), action["version"], action["alias"])
                 done = f"`{action['alias']}` now points to version {action['version']} (was {previous or 'none'})."
+                change = (("promoted", str(action["version"]), previous, str(action["version"]))
+                          if action["alias"] == registry.PRODUCTION else ("staged", str(action["version"]), None, None))
         except (registry.RegistryError, ValueError) as error:
             st.session_state["outcome"] = ("error", str(error))
         else:
-            st.session_state["outcome"] = ("success", done + " The server switches to it within a few seconds."
-                                           if action.get("alias", registry.PRODUCTION) == registry.PRODUCTION
-                                           else done)
+            if action.get("alias", registry.PRODUCTION) == registry.PRODUCTION:
+                done += " The server switches to it within a few seconds."
+            try:
+                access.record(settings(), actor, *change)
+                st.session_state["outcome"] = ("success", done)
+            except Exception as error:  # noqa: BLE001 - the move is done: say so, and that its record is missing
+                st.session_state["outcome"] = ("error", f"{done} It could NOT be recorded with who did it: {error}")
         st.rerun()
 
 
 def show_actions(versions: list[registry.VersionInfo]) -> None:
     st.subheader("Change what is served")
+    actor = access.current_actor(settings())
+    if actor is None:
+        return
+    st.caption(f"Acting as **{actor}**: each change is recorded with this name.")
     production = registry.version_by_alias(settings(), registry.PRODUCTION)
     promote, rollback = st.columns(2)
     with promote:
@@ -104,7 +119,7 @@ def show_actions(versions: list[registry.VersionInfo]) -> None:
         if st.button("Roll back production…", key="rollback", disabled=production is None):
             ask({"kind": "rollback", "question": f"Roll production back from version {production} to the "
                                                  "version it replaced?"})
-    confirm_pending()
+    confirm_pending(actor)
 
 
 st.title("Models")
