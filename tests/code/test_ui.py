@@ -430,11 +430,12 @@ def test_the_page_and_the_monitoring_job_agree_on_feedback_mae_and_the_drift_thr
     get_settings.cache_clear()
     lake = Lake(get_settings())
     lake.append(INFERENCE_LOG, log_rows("2026-11-20", 6, 0, "1", 50.0) + log_rows("2026-11-21", 6, 0, "2", 90.0))
+    day1, day2 = pd.Timestamp("2026-11-22T00:00Z"), pd.Timestamp("2026-11-23T00:00Z")
     lake.append(FEEDBACK, [  # a range, a single year, and a request corrected twice (the later one counts)
-        {"request_id": "2026-11-20-1-0", "year_from": 30, "year_to": 60, "timestamp": pd.Timestamp("2026-11-22T00:00Z")},
-        {"request_id": "2026-11-20-1-1", "year_from": 80, "year_to": 80, "timestamp": pd.Timestamp("2026-11-22T00:00Z")},
-        {"request_id": "2026-11-21-2-2", "year_from": 10, "year_to": 10, "timestamp": pd.Timestamp("2026-11-22T00:00Z")},
-        {"request_id": "2026-11-21-2-2", "year_from": 70, "year_to": 100, "timestamp": pd.Timestamp("2026-11-23T00:00Z")},
+        {"request_id": "2026-11-20-1-0", "year_from": 30, "year_to": 60, "timestamp": day1},
+        {"request_id": "2026-11-20-1-1", "year_from": 80, "year_to": 80, "timestamp": day1},
+        {"request_id": "2026-11-21-2-2", "year_from": 10, "year_to": 10, "timestamp": day1},
+        {"request_id": "2026-11-21-2-2", "year_from": 70, "year_to": 100, "timestamp": day2},
     ])
     job = compute_monitoring(get_settings()).set_index("model_version")
     # the job's alert list follows the same setting: none of these PSIs is above 0.4 unless listed

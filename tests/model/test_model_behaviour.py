@@ -3,6 +3,8 @@ strictly, and predictions do not depend on what else is in the batch."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -71,10 +73,30 @@ def test_position_loading_refuses_a_shape_mismatch():
         load_by_position(target, {"w": torch.zeros(2, 3)})
 
 
-def test_missing_torchvision_weights_train_from_scratch_with_a_warning(caplog):
+@pytest.fixture
+def hub_dir(tmp_path):
+    """An empty torch hub cache of the test's own: whether this machine has ImageNet weights cached is no input."""
+    previous = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))
+    yield tmp_path / "hub"
+    torch.hub.set_dir(previous)
+
+
+def test_missing_torchvision_weights_train_from_scratch_with_a_warning(hub_dir, caplog):
     model = build_model(ModelConfig(backbone="resnet18", pretrained=True))
     assert not model.pretrained_loaded
-    assert "training from scratch" in caplog.text
+    assert "no local ImageNet weights for resnet18 (nothing is downloaded): training from scratch" in caplog.text
+
+
+def test_torchvision_weights_in_the_hub_cache_are_loaded(hub_dir, caplog):
+    import torchvision
+
+    weights = torchvision.models.resnet18(weights=None).state_dict()  # stand-in for the ImageNet file (offline)
+    (hub_dir / "checkpoints").mkdir(parents=True)
+    torch.save(weights, hub_dir / "checkpoints" / Path(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url).name)
+    model = build_model(ModelConfig(backbone="resnet18", pretrained=True))
+    assert model.pretrained_loaded and "training from scratch" not in caplog.text
+    assert torch.equal(model.front_net.conv1.weight, weights["conv1.weight"])
 
 
 def test_prediction_does_not_depend_on_the_rest_of_the_batch():
