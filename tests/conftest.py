@@ -16,6 +16,14 @@ REPO = Path(__file__).resolve().parents[1]
 OCRE = Path(os.environ.get("COINYEAR_DATA_DIR", REPO.parent / "shared" / "data" / "ocre")).resolve()
 
 
+def pytest_addoption(parser):
+    parser.addoption("--model-uri", default=None,
+                     help="behaviour tests (tests/model/test_trained_behaviour.py) on this MLflow model URI, e.g. "
+                          "models:/coinyear@staging, instead of a small model trained for the test session")
+    parser.addoption("--behaviour-tolerance", type=float, default=5.0,
+                     help="years the answer may move under an invariance perturbation (mean over the cases)")
+
+
 def coin_image(seed: int = 0, size: tuple[int, int] = (96, 96), fmt: str = "JPEG") -> bytes:
     """A small synthetic 'coin': a disc with a few random marks, encoded as `fmt`."""
     rng = np.random.default_rng(seed)
