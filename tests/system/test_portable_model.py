@@ -31,7 +31,7 @@ from tests.conftest import coin_image
 
 # All the package a served model may import: a module added here must import only what pyfunc.pip_requirements lists.
 SERVING_MODULES = {"coinyear", "coinyear.pyfunc", "coinyear.data", "coinyear.model", "coinyear.quality",
-                   "coinyear.years"}
+                   "coinyear.runtime", "coinyear.years"}
 
 # Runs inside the fresh environment: nothing of ours is importable there until MLflow loads the model.
 SCRIPT = r"""
@@ -45,6 +45,7 @@ years = model.predict(frame)
 interval = model.predict(frame, params={"interval": 0.9})
 import coinyear
 print(json.dumps({"years": [float(y) for y in years], "interval": interval.to_dict(orient="records"),
+                  "engine": model.unwrap_python_model().engine,
                   "coinyear": coinyear.__file__, "modules": sorted(m for m in sys.modules if m.startswith("coinyear")),
                   "pydantic_settings": importlib.util.find_spec("pydantic_settings") is not None}))
 """
@@ -148,6 +149,9 @@ def test_requirements_pin_what_serving_imports_and_not_coinyear(model_files):
     assert f"torch=={version('torch').split('+')[0]}" in lines
     assert f"mlflow=={version('mlflow')}" in lines
     assert {"torchvision", "pillow", "numpy", "pandas", "cloudpickle"} <= names
+    # the model carries its checked ONNX graph, so the runtime that scores it is a requirement
+    assert f"onnxruntime=={version('onnxruntime')}" in lines
+    assert (model_files / "artifacts" / "model.onnx").is_file()
     assert all("==" in line for line in lines), f"every requirement is pinned: {lines}"
     assert "timm" not in names, "the mobilenet_v3_small model needs no timm"
     assert (model_files / "code" / "coinyear" / "pyfunc.py").is_file()
@@ -172,7 +176,10 @@ def test_fresh_environment_scores_a_real_coin_like_ours(trained, model_env, ocre
     assert Path(answer["coinyear"]).parts[-3:] == ("code", "coinyear", "__init__.py"), answer["coinyear"]
     assert "site-packages" not in answer["coinyear"]
     # the serving closure: settings (pydantic-settings), lake, Spark and the rest of the package stay unloaded
-    assert {"coinyear.pyfunc", "coinyear.data", "coinyear.model", "coinyear.quality"} <= set(answer["modules"])
+    assert {"coinyear.pyfunc", "coinyear.data", "coinyear.model", "coinyear.quality",
+            "coinyear.runtime"} <= set(answer["modules"])
+    # the fresh environment scores with the ONNX graph (onnxruntime came from the model's requirements)
+    assert answer["engine"] == "onnxruntime"
     assert set(answer["modules"]) <= SERVING_MODULES, answer["modules"]
     assert answer["pydantic_settings"] is False
 
@@ -204,7 +211,9 @@ def test_torch_index_pins_that_build_and_survives_mlflow(tmp_path):
     try:
         with mlflow.start_run():
             photo = base64.b64encode(coin_image(3)).decode("ascii")
-            info = log_model(checkpoint, pd.DataFrame({FRONT: [photo], BACK: [photo]}), torch_index=index)
+            # without the ONNX graph: the requirements are exactly the torch-index lines asserted above
+            info = log_model(checkpoint, pd.DataFrame({FRONT: [photo], BACK: [photo]}), torch_index=index,
+                             onnx=False)
         files = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / "model")))
     finally:
         mlflow.set_tracking_uri(None)
