@@ -53,12 +53,19 @@ def _is_heif(head: bytes) -> bool:
     return head[4:8] == b"ftyp" and head[8:12] in HEIF_BRANDS
 
 
-def decode_side(source: bytes | str | Path, side: str) -> Image.Image:
+# A JPEG far larger than the model input is decoded at a reduced DCT scale (Pillow's draft mode), never below this
+# many times the input side: a 4000x3000 phone photo for a 128 px model decodes at 1000x750 in a tenth of the time.
+DRAFT_FACTOR = 4
+
+
+def decode_side(source: bytes | str | Path, side: str, size: int | None = None) -> Image.Image:
     """Decode one side's photo into RGB; a composite scan is cut to the half that shows this side.
 
     Any format Pillow reads (JPEG, PNG with alpha, 16-bit PNG, CMYK JPEG, WebP, TIFF, BMP, and HEIC with
-    pillow-heif), EXIF orientation applied. Composites show the obverse on the left and the reverse on the right
-    (checked by eye on the OCRE scans), so the front keeps the left half and the back the right half.
+    pillow-heif), EXIF orientation applied. With `size` (the model input side), a JPEG of more than
+    DRAFT_FACTOR times that on both sides is decoded at a reduced scale. Composites show the obverse on the left
+    and the reverse on the right (checked by eye on the OCRE scans), so the front keeps the left half and the back
+    the right half.
     """
     try:
         handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
@@ -69,6 +76,8 @@ def decode_side(source: bytes | str | Path, side: str) -> Image.Image:
             with Image.open(handle) as image:
                 if image.width * image.height > MAX_IMAGE_PIXELS:
                     raise ImageError(f"image of {image.width}x{image.height} pixels is larger than allowed")
+                if size and image.format == "JPEG":
+                    image.draft(None, (DRAFT_FACTOR * size, DRAFT_FACTOR * size))
                 image.load()
                 image = ImageOps.exif_transpose(image)
                 if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grey: Pillow's RGB would clip at 255
@@ -99,7 +108,7 @@ def to_array(image: Image.Image, size: int, grayscale: bool) -> np.ndarray:
 
 def preprocess(source: bytes | str | Path, side: str, size: int, grayscale: bool) -> np.ndarray:
     """Raw photo (bytes or path) to the model's uint8 input; the one function training and serving share."""
-    return to_array(decode_side(source, side), size, grayscale)
+    return to_array(decode_side(source, side, size), size, grayscale)
 
 
 class ImageCache:
