@@ -201,6 +201,13 @@ def test_predict_correct_monitor_models_in_a_real_browser(browser, stack, ocre_d
 
     page.get_by_role("link", name="Models").click()
     page.get_by_text("Change what is served").wait_for()
+    # tokens are configured: registry actions wait for a sign-in with one of them
+    page.get_by_text("Sign in with an API token to promote or roll back.").wait_for()
+    assert page.get_by_role("button", name="Promote…").count() == 0
+    page.get_by_label("Your name").fill("Browser test")
+    page.get_by_label("API token").fill(TOKEN)
+    page.get_by_role("button", name="Sign in").click()
+    page.get_by_text("Acting as Browser test (token").wait_for()
     page.get_by_text("Production is version 1.").wait_for()
     screenshot(page, "models.png")
     page.close()
