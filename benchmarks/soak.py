@@ -207,6 +207,7 @@ def soak(args) -> dict:
         "lost": len(set(acknowledged) - logged),
         "p50_ms": round(1000 * statistics.median(ok_latency), 1) if ok_latency else None,
         "p99_ms": round(1000 * ok_latency[int(0.99 * (len(ok_latency) - 1))], 1) if ok_latency else None,
+        "max_ms": round(1000 * max(a["seconds"] for a in answers), 1) if answers else None,  # any answer
         "restarts": args.restarts, "alias_moves": moves,
         "restart_to_ready_seconds": [round(s, 1) for s in startups[1:]],
         "answers_by_status": dict(sorted(by_status.items())),
@@ -226,9 +227,9 @@ def markdown(result: dict) -> str:
               f"{', '.join(map(str, result['restart_to_ready_seconds']))} |"),
              "", "| answer | count |", "| --- | --- |"]
     lines += [f"| {status} | {count} |" for status, count in result["answers_by_status"].items()]
-    lines += ["", f"Versions that answered: {result['versions_served']}. A 503 is a restarted gateway that has not "
-              "loaded its model yet (clients back off 0.2 s); a connection error is a request in flight at a kill "
-              "(never acknowledged).", ""]
+    lines += ["", (f"Versions that answered: {result['versions_served']}. A 503 is a restarted gateway that has "
+                   "not loaded its model yet (clients back off 0.2 s); a connection error is a request in flight at "
+                   "a kill or sent while the gateway was down (never acknowledged; clients retry after 0.2 s)."), ""]
     return "\n".join(lines)
 
 
@@ -239,7 +240,7 @@ def main() -> int:
     parser.add_argument("--restarts", type=int, default=3)
     parser.add_argument("--moves", type=int, default=3)
     parser.add_argument("--request-timeout", type=float, default=30)
-    parser.add_argument("--home", default=str(REPO / ".coinyear-soak"))
+    parser.add_argument("--home", default=str(REPO / ".coinyear" / "soak"))  # git-ignored
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "ocre"))
     parser.add_argument("--out", default=str(RESULTS / "soak"))
     args = parser.parse_args()
