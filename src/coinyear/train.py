@@ -8,6 +8,8 @@ a new model version.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import math
 import os
@@ -252,6 +254,32 @@ def predict_arrays(model: nn.Module, fronts: np.ndarray, backs: np.ndarray, batc
     return infer_arrays(model, fronts, backs, batch_size, device)["year"]
 
 
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+@contextlib.contextmanager
+def reused_memory():
+    """Keep freed memory in the process while training on a CPU, then hand it back.
+
+    glibc serves every allocation above a few MB (the activations of a batch) with a fresh mmap and returns
+    it on free, so each batch page-faults its whole working set in again: measured on 2 cores, 770k minor
+    faults and 14% of the CPU time in the kernel per efficientnet_lite0 step. With mmap off and no trimming,
+    the heap keeps those pages and the next batch reuses them (no faults). Elsewhere than glibc: nothing."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        changed = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1
+    except (OSError, AttributeError):
+        changed, libc = False, None
+    try:
+        yield
+    finally:
+        if changed:  # glibc's defaults again, and the kept memory back to the system
+            libc.mallopt(_M_MMAP_MAX, 65536)
+            libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
+            libc.malloc_trim(0)
+
+
 def fit(model: DualImageRegressor, train: CoinDataset, config: TrainConfig, val: CoinDataset | None = None,
         name: str = "fit", on_epoch=None, epochs: int | None = None, trace: list | None = None) -> list[dict]:
     """Train in place; with a validation set, stop early on validation MAE and keep the best weights.
@@ -265,9 +293,21 @@ def fit(model: DualImageRegressor, train: CoinDataset, config: TrainConfig, val:
     (indices into the arrays) this rank trained on.
     """
     epochs = config.epochs if epochs is None else epochs
-    rank, world = process_rank()
     device = resolve_device(config.device)
-    model.to(device)
+    # channels-last convolutions: 35% fewer CPU-seconds per efficientnet_lite0 step on 2 cores (measured;
+    # not measured on a GPU, so not used there)
+    memory_format = torch.channels_last if device.type == "cpu" else torch.preserve_format
+    model.to(device, memory_format=memory_format)
+    with reused_memory() if device.type == "cpu" else contextlib.nullcontext():
+        history = _fit_epochs(model, train, config, val, name, on_epoch, epochs, trace, device, memory_format)
+    model.to("cpu", memory_format=torch.contiguous_format)
+    return history
+
+
+def _fit_epochs(model: DualImageRegressor, train: CoinDataset, config: TrainConfig, val: CoinDataset | None,
+                name: str, on_epoch, epochs: int, trace: list | None, device: torch.device,
+                memory_format: torch.memory_format) -> list[dict]:
+    rank, world = process_rank()
     # On a GPU the per-sample augmentation on one CPU core is the bottleneck: spread it over workers (the
     # node's cores shared by the ranks on it).
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -314,6 +354,7 @@ def fit(model: DualImageRegressor, train: CoinDataset, config: TrainConfig, val:
         bar = tqdm(loader, desc=f"{name} epoch {epoch}/{epochs}", unit="batch", leave=False, disable=rank != 0)
         for batch in bar:
             front, back, year_from, year_to, *aux = (t.to(device, non_blocking=True) for t in batch)
+            front, back = front.contiguous(memory_format=memory_format), back.contiguous(memory_format=memory_format)
             optimizer.zero_grad(set_to_none=True)
             predicted, logits = step(front, back, with_aux and bool(aux))
             loss = loss_fn(predicted, year_from, year_to, config.loss, scale)
@@ -357,7 +398,6 @@ def fit(model: DualImageRegressor, train: CoinDataset, config: TrainConfig, val:
             break
     if best_state is not None:
         model.load_state_dict(best_state)
-    model.cpu()
     return history
 
 
@@ -400,11 +440,16 @@ def serving_model(members: list[DualImageRegressor], tta_angles: tuple[float, ..
 def fit_quality(model, fronts, backs, groups, predictions: pd.DataFrame, config: TrainConfig,
                 device: torch.device) -> Quality:
     """Interval calibration from the out-of-fold (or hold-out) predictions; the OOD reference and threshold
-    from the served model's embeddings of every coin."""
+    from the served model's out-of-distribution features of every coin.
+
+    Those features are member 0's on the unrotated photos (what the served model compares), so one plain
+    pass per coin gives them: scoring every coin with the rotation TTA as well would cost 5 passes more for
+    years nobody reads."""
     scaled = config.conformal_scaled and len(config.tta_angles) >= 2
     conformal = Conformal.fit(predictions["predicted"], predictions["year_from"], predictions["year_to"],
                               predictions["spread"] if scaled else None)
-    features = infer_arrays(model, fronts, backs, device=device, with_features=True)["features"]
+    plain = model.members[0] if isinstance(model, CoinEnsemble) else model
+    features = infer_arrays(plain, fronts, backs, device=device, with_features=True)["features"]
     ood = FeatureDistance.fit(features, groups, quantile=config.ood_quantile)
     model.cpu()
     return Quality(conformal, ood)
@@ -535,8 +580,8 @@ class RunOutcome:
 
 
 def _log_plots(result: TrainingResult) -> None:
-    import mlflow
     import matplotlib.pyplot as plt
+    import mlflow
 
     table = result.predictions
     figures = {
