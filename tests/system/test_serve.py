@@ -58,6 +58,9 @@ class Server:
             self.env.pop(key, None)
         self.process: subprocess.Popen | None = None
         self.log_path = home / f"serve-{self.port}.log"
+        self.tmp = home / f"tmp-{self.port}"  # the server's own TMPDIR: what it leaves there can be checked
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        self.env["TMPDIR"] = str(self.tmp)
 
     def start(self, timeout: float = 90) -> Server:
         self.log = open(self.log_path, "ab")
@@ -444,6 +447,11 @@ def test_hot_swap_under_steady_traffic_fails_no_request(server):
     new_answer = server.post({"inputs": [coin_row(50)]})
     assert new_answer.headers["served-model-version"] == new_version
     assert "coinyear_model_load_failures_total 1.0" in server.get("/metrics").text
+    # only the served version's download is kept: the replaced one and the broken one are deleted, and nothing
+    # is left in the temporary folder (MLflow's default download place)
+    downloads = [folder.name for folder in (server.home / "serving" / str(server.process.pid)).iterdir()]
+    assert len(downloads) == 1 and downloads[0].startswith(f"v{new_version}-"), downloads
+    assert not [path for path in server.tmp.iterdir() if path.is_dir()], list(server.tmp.iterdir())
 
 
 # ------------------------------------------------------------------------------------------------ kill -9
