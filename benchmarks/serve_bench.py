@@ -1,18 +1,24 @@
 """Serving benchmark: the coinyear gateway against `mlflow models serve` on the same registered model.
 
-For each backbone, a model is trained for one epoch on a small slice of the reference data, registered and
-promoted to production in a benchmark home (reused on later runs). Then, on the same machine in the same run:
+Models: `default` is what `make demo` registers and users get (efficientnet_lite0, shared backbone, 128 px,
+5-angle rotation TTA: 10 backbone passes per request), next to the light models (one pass per photo, no TTA).
+Each is trained for one epoch on a small slice of the reference data (speed does not depend on the weights),
+registered with its checked ONNX graph (coinyear.runtime) and promoted to production in a benchmark home
+(reused on later runs). Then, on the same machine in the same run:
 
   * our gateway (`coinyear serve`) with the Delta inference log on, and with it off;
   * `mlflow models serve -m models:/coinyear@production --env-manager local` (MLflow's scoring server);
 
 all three run at once and get closed-loop clients (1, 4, 16 at a time; every client sends its next request when
-its last one is answered) posting the same real coin photo pair as `{"inputs": [...]}`, in interleaved rounds.
-Reported: requests/s, p50 and p99 latency, errors. Next to them the compute bound: the model's FLOPs per request
-(one coin = two photos, counted with torch's FlopCounterMode) against this machine's float32 matmul GFLOP/s.
+its last one is answered) posting the same real coin photo pair as `{"inputs": [...]}`, plain and with
+`"params": {"interval": 0.9}` (year, range and OOD flag), in interleaved rounds. Reported: requests/s, p50 and p99
+latency, errors. Next to them the compute bound: the model's FLOPs per request (one coin = two photos, all TTA
+passes, counted with torch's FlopCounterMode) against this machine's float32 matmul GFLOP/s; the scoring call
+alone in-process (ONNX Runtime vs PyTorch, batch 1 and 16); and how far the ONNX years are from PyTorch's on
+hold-out coins (coins outside the training slice). The load average is recorded: the machine may be shared.
 
-    python benchmarks/serve_bench.py                      # both backbones, 1/4/16 clients, 3 rounds x 4 s
-    python benchmarks/serve_bench.py --seconds 3 --backbones mobilenet_v3_small
+    python benchmarks/serve_bench.py                                   # default + light models, 1/16 clients
+    python benchmarks/serve_bench.py --seconds 3 --models default --name serve_bench-default
 
 Writes benchmarks/results/serve_bench.{json,md,png}. Numbers depend on the machine: compare only rows of one run.
 """
@@ -33,6 +39,7 @@ import subprocess
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -44,37 +51,108 @@ TOKEN = "bench-token"
 
 
 # ------------------------------------------------------------------------------------------------ model
-def prepare_model(home: Path, backbone: str, image_size: int, limit: int, data_dir: Path) -> str:
-    """A production model of this backbone in `home` (trained once, reused afterwards); its version."""
-    from coinyear import registry
+# name -> (backbone, rotation TTA). `default` is TrainConfig's own recipe (make demo); the light models make one
+# pass per photo, so the server's own costs (decoding, batching, logging) are the largest share.
+MODELS = {"default": ("efficientnet_lite0", None), "mobilenet_v3_small": ("mobilenet_v3_small", ()),
+          "resnet18": ("resnet18", ())}
+
+
+def bench_settings(home: Path, data_dir: Path):
     from coinyear.config import Settings
+
+    return Settings(home=home, data_dir=data_dir, tracking_uri=f"sqlite:///{home / 'mlflow.db'}",
+                    registry_uri=f"sqlite:///{home / 'mlflow.db'}")
+
+
+def prepare_model(home: Path, name: str, image_size: int, limit: int, data_dir: Path) -> str:
+    """A production model of this kind in `home` (trained once, reused afterwards); its version."""
+    import mlflow
+
+    from coinyear import registry
     from coinyear.model import ModelConfig
     from coinyear.train import TrainConfig, run_training
 
-    settings = Settings(home=home, data_dir=data_dir, tracking_uri=f"sqlite:///{home / 'mlflow.db'}",
-                        registry_uri=f"sqlite:///{home / 'mlflow.db'}")
+    settings = bench_settings(home, data_dir)
     version = registry.version_by_alias(settings, registry.PRODUCTION) if (home / "mlflow.db").exists() else None
     if version:
-        return version
-    print(f"training {backbone} for 1 epoch on {limit} coins (once; reused by later runs)", flush=True)
-    # One pass per coin (no rotation TTA): the cheapest model makes the server's own costs (decoding, batching,
-    # logging) the largest share, and matches the FLOPs counted below.
+        mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+        run = mlflow.MlflowClient().get_run(mlflow.MlflowClient(registry_uri=settings.mlflow_registry_uri)
+                                            .get_model_version(settings.model_name, version).run_id)
+        if "coinyear.runtime" in run.data.tags:
+            return version
+        print(f"{home} holds a model logged before the ONNX runtime: training a new one", flush=True)
+        shutil.rmtree(home)
+    backbone, tta = MODELS[name]
+    print(f"training {name} ({backbone}) for 1 epoch on {limit} coins (once; reused by later runs)", flush=True)
     config = TrainConfig(model=ModelConfig(backbone=backbone, image_size=image_size), epochs=1, limit=limit,
-                         batch_size=16, seed=1, tta_angles=())
+                         batch_size=16, seed=1, **({} if tta is None else {"tta_angles": tta}))
     outcome = run_training(settings, config)
     registry.promote(settings, outcome.version, registry.PRODUCTION)
     return outcome.version
 
 
-def flops_per_request(home: Path) -> float:
-    """FLOPs of one forward pass for one coin (front + back) of the production model."""
+def load_production(home: Path):
     import mlflow
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
 
     mlflow.set_tracking_uri(f"sqlite:///{home / 'mlflow.db'}")
     mlflow.set_registry_uri(f"sqlite:///{home / 'mlflow.db'}")
-    model = mlflow.pyfunc.load_model("models:/coinyear@production").unwrap_python_model()
+    return mlflow.pyfunc.load_model("models:/coinyear@production").unwrap_python_model()
+
+
+def holdout_tensors(data_dir: Path, skip: int, count: int, size: int, grayscale: bool):
+    """`count` coins after the first `skip` rows of the manifest (the training slice), decoded as served."""
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from coinyear.pyfunc import InvalidCoinInput, decode_pair
+
+    rows = pd.read_csv(data_dir / "manifest.csv").iloc[skip:].dropna(subset=["obverse", "reverse"])
+    pairs = []
+    for row in rows.itertuples():
+        if len(pairs) == count:
+            break
+        try:
+            pairs.append(decode_pair((data_dir / row.obverse).read_bytes(), (data_dir / row.reverse).read_bytes(),
+                                     size, grayscale))
+        except (OSError, InvalidCoinInput):  # the reference data has a few unreadable photos: not coins to time
+            continue
+    return tuple(torch.from_numpy(np.stack([pair[side] for pair in pairs])).float() / 255 for side in (0, 1))
+
+
+def runtime_check(home: Path, data_dir: Path, skip: int, count: int) -> dict:
+    """In-process: the scoring call's time with ONNX Runtime and with PyTorch (batch 1 and 16, median of
+    repeats), and the largest year difference between them on `count` hold-out coins."""
+    from coinyear.model import infer
+
+    model = load_production(home)
+    fronts, backs = holdout_tensors(data_dir, skip, count, model.size, model.grayscale)
+    out = {"engine": model.engine, "holdout_coins": len(fronts)}
+    if model.onnx is not None:
+        onnx = model.onnx.infer(fronts, backs, True)["year"]
+        out["holdout_max_abs_diff_years"] = float((onnx - infer(model.model, fronts, backs, True)["year"]).abs().max())
+    runs = {"pytorch": lambda f, b: infer(model.model, f, b, True)}
+    if model.onnx is not None:
+        runs["onnxruntime"] = lambda f, b: model.onnx.infer(f, b, True)
+    for batch in (1, 16):
+        f, b = fronts[:batch], backs[:batch]
+        for name, run in runs.items():
+            run(f, b)
+            times = []
+            for _ in range(max(3, 24 // batch)):
+                started = time.perf_counter()
+                run(f, b)
+                times.append(time.perf_counter() - started)
+            out[f"{name}_ms_batch{batch}"] = 1000 * statistics.median(times)
+    return out
+
+
+def flops_per_request(home: Path) -> float:
+    """FLOPs of scoring one coin (front + back, every TTA rotation and member) with the production model."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = load_production(home)
     channels = 1 if model.grayscale else 3
     fronts = backs = torch.rand(1, channels, model.size, model.size)
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
@@ -110,7 +188,7 @@ def free_port() -> int:
 class Process:
     def __init__(self, name: str, command: list[str], env: dict, ready_url: str, log_path: Path):
         self.name, self.ready_url = name, ready_url
-        self.log = open(log_path, "wb")
+        self.log = open(log_path, "wb")  # noqa: SIM115 - the server writes to it until stop() closes it
         self.process = subprocess.Popen(command, env=env, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
 
@@ -215,7 +293,7 @@ def run_load(url: str, body: bytes, headers: dict, clients: int, seconds: float,
     return {"clients": clients, "seconds": seconds, "errors": errors[0], "latencies": latencies}
 
 
-def aggregate(server: str, clients: int, runs: list[dict]) -> dict:
+def aggregate(server: str, clients: int, interval: bool, runs: list[dict]) -> dict:
     """Pool the rounds of one (server, clients) point: throughput over all measured time, pooled latencies."""
     ordered = sorted(latency for run in runs for latency in run["latencies"])
     seconds = sum(run["seconds"] for run in runs)
@@ -223,32 +301,37 @@ def aggregate(server: str, clients: int, runs: list[dict]) -> dict:
     def pct(p: float) -> float:
         return 1000 * ordered[min(len(ordered) - 1, int(p * len(ordered)))] if ordered else float("nan")
 
-    return {"server": server, "clients": clients, "requests": len(ordered),
+    return {"server": server, "clients": clients, "interval": interval, "requests": len(ordered),
             "errors": sum(run["errors"] for run in runs), "rps": len(ordered) / seconds,
             "rps_rounds": [len(run["latencies"]) / run["seconds"] for run in runs],
             "p50_ms": pct(0.50), "p99_ms": pct(0.99),
             "mean_ms": 1000 * statistics.fmean(ordered) if ordered else float("nan")}
 
 
-def bench_servers(starts, body: bytes, clients: list[int], seconds: float, rounds: int) -> list[dict]:
-    """All servers up at once; rounds interleave them point by point, so drifting background load on a shared
-    machine hits every server alike instead of whichever happened to run during a busy minute."""
+def bench_servers(starts, bodies: dict[bool, bytes], clients: list[int], seconds: float, rounds: int) -> list[dict]:
+    """All servers up at once; rounds interleave them point by point (clients x interval off/on x server), so
+    drifting background load on a shared machine hits every server alike instead of whichever happened to run
+    during a busy minute."""
     servers = [start() for start in starts]
     try:
         for process, url, headers in servers:
             process.wait_ready()
-            run_load(url, body, headers, 4, 2.0, warmup=0.5)  # warm caches, allocator, connection handling
-        runs: dict[tuple[str, int], list[dict]] = {}
+            for body in bodies.values():  # warm caches, allocator, connection handling
+                run_load(url, body, headers, 4, 2.0, warmup=0.5)
+        runs: dict[tuple[str, int, bool], list[dict]] = {}
         for round_index in range(rounds):
             for count in clients:
-                for process, url, headers in servers:
-                    runs.setdefault((process.name, count), []).append(run_load(url, body, headers, count, seconds))
-            print(f"  round {round_index + 1}/{rounds} done", flush=True)
+                for interval, body in bodies.items():
+                    for process, url, headers in servers:
+                        runs.setdefault((process.name, count, interval), []).append(
+                            run_load(url, body, headers, count, seconds))
+            print(f"  round {round_index + 1}/{rounds} done (load {os.getloadavg()[0]:.1f})", flush=True)
         results = []
-        for (name, count), point in runs.items():
-            result = aggregate(name, count, point)
-            print(f"  {name:<22} {count:>2} clients: {result['rps']:7.1f} req/s  p50 {result['p50_ms']:7.1f} ms  "
-                  f"p99 {result['p99_ms']:7.1f} ms  errors {result['errors']}", flush=True)
+        for (name, count, interval), point in runs.items():
+            result = aggregate(name, count, interval, point)
+            print(f"  {name:<22} {count:>2} clients interval {'on ' if interval else 'off'}: {result['rps']:7.1f} "
+                  f"req/s  p50 {result['p50_ms']:7.1f} ms  p99 {result['p99_ms']:7.1f} ms  errors {result['errors']}",
+                  flush=True)
             results.append(result)
         return results
     finally:
@@ -268,41 +351,68 @@ def machine() -> dict:
                 break
     except OSError:
         pass
+    from importlib.metadata import version
+
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "onnxruntime": version("onnxruntime"),
             "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
 
 
 def markdown(report: dict) -> str:
     m = report["machine"]
-    lines = [f"Machine: {m['cpu']}, {m['cores']} cores (torch threads {m['torch_threads']}), "
-             f"torch {m['torch']}, Python {m['python']}; measured matmul {report['matmul_gflops']:.1f} GFLOP/s "
-             f"(float32, 1024x1024). {report['rounds']} interleaved rounds x {report['seconds']:.0f} s per point, "
-             f"closed-loop clients on the same machine, one real coin pair ({report['body_bytes'] // 1024} KiB JSON) "
-             f"per request. Load average (1/5/15 min) at start: {report['loadavg']}, "
-             f"at end: {report['loadavg_end']}.", "",
-             "| model | server | clients | req/s | req/s per round | p50 ms | p99 ms | errors |",
-             "|---|---|---:|---:|---|---:|---:|---:|"]
+    lines = [(f"Machine: {m['cpu']}, {m['cores']} cores (torch threads {m['torch_threads']}), "
+             f"torch {m['torch']}, onnxruntime {m.get('onnxruntime', '-')}, Python {m['python']}; measured matmul "
+             f"{report['matmul_gflops']:.1f} GFLOP/s (float32, 1024x1024). {report['date']}. {report['rounds']} "
+             f"interleaved rounds x {report['seconds']:.0f} s per point, closed-loop clients on the same machine, "
+             f"one real coin pair ({report['body_bytes'] // 1024} KiB JSON) per request, plain or with "
+             f"`params.interval` 0.9. Load average (1/5/15 min) at start: {report['loadavg']}, "
+             f"at end: {report['loadavg_end']}. Models trained 1 epoch on a small slice (speed does not depend on "
+             "the weights); `default` = efficientnet_lite0, shared, 128 px, 5-angle rotation TTA (as make demo)."), "",
+             "| model | server | clients | interval | req/s | req/s per round | p50 ms | p99 ms | errors |",
+             "|---|---|---:|---|---:|---|---:|---:|---:|"]
     for model in report["models"]:
         for row in model["results"]:
             rounds = " ".join(f"{value:.0f}" for value in row["rps_rounds"])
-            lines.append(f"| {model['backbone']} | {row['server']} | {row['clients']} | {row['rps']:.1f} | {rounds} | "
+            lines.append(f"| {model['name']} | {row['server']} | {row['clients']} | "
+                         f"{'on' if row['interval'] else 'off'} | {row['rps']:.1f} | {rounds} | "
                          f"{row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {row['errors']} |")
-    lines += ["", "| model | GFLOP/request | compute bound req/s | ours/mlflow @16 | p99 ours vs mlflow @16 "
-                  "| logging cost @16 |", "|---|---:|---:|---:|---:|---:|"]
+    lines += ["", ("| model | interval | GFLOP/request | compute bound req/s | ours/mlflow @16 | p99 ours vs mlflow @16 "
+                   "| p50 ours vs mlflow @1 | logging cost @16 |"), "|---|---|---:|---:|---:|---:|---:|---:|"]
     for model in report["models"]:
-        s = model["summary"]
-        lines.append(f"| {model['backbone']} | {model['gflop_per_request']:.3f} | {s['compute_bound_rps']:.0f} | "
-                     f"{s['speedup_16']:.2f}x | {s['p99_ours_16']:.0f} vs {s['p99_mlflow_16']:.0f} ms | "
-                     f"{100 * s['logging_cost_16']:.1f}% |")
+        for key, s in model["summary"].items():
+            lines.append(f"| {model['name']} | {key} | {model['gflop_per_request']:.3f} | "
+                         f"{s['compute_bound_rps']:.0f} | {s['speedup_16']:.2f}x | "
+                         f"{s['p99_ours_16']:.0f} vs {s['p99_mlflow_16']:.0f} ms | "
+                         f"{s['p50_ours_1']:.0f} vs {s['p50_mlflow_1']:.0f} ms | {100 * s['logging_cost_16']:.1f}% |")
+    lines += ["", ("Scoring call in-process (ms, median; OOD features included), and ONNX vs PyTorch years on "
+                   "hold-out coins:"), "", ("| model | served with | PyTorch b=1 | ONNX b=1 | PyTorch b=16 | ONNX b=16 "
+                                            "| hold-out coins | max abs year diff |"), "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for model in report["models"]:
+        r = model["runtime"]
+        cell = {key: f"{r[key]:.1f}" if key in r else "-" for key in
+                ("pytorch_ms_batch1", "onnxruntime_ms_batch1", "pytorch_ms_batch16", "onnxruntime_ms_batch16")}
+        diff = f"{r['holdout_max_abs_diff_years']:.1e}" if "holdout_max_abs_diff_years" in r else "-"
+        lines.append(f"| {model['name']} | {r['engine']} | {cell['pytorch_ms_batch1']} | {cell['onnxruntime_ms_batch1']} "
+                     f"| {cell['pytorch_ms_batch16']} | {cell['onnxruntime_ms_batch16']} | {r['holdout_coins']} "
+                     f"| {diff} |")
     return "\n".join(lines) + "\n"
 
 
 def summarise(results: list[dict], gflop: float, matmul: float) -> dict:
-    at16 = {row["server"]: row for row in results if row["clients"] == max(r["clients"] for r in results)}
-    ours, off, theirs = at16["coinyear-log-on"], at16["coinyear-log-off"], at16["mlflow-models-serve"]
-    return {"compute_bound_rps": matmul / gflop, "speedup_16": ours["rps"] / theirs["rps"],
+    """Per interval off/on: ours (log on) against MLflow at the most and at the fewest clients."""
+    most, fewest = max(r["clients"] for r in results), min(r["clients"] for r in results)
+    summary = {}
+    for interval in sorted({row["interval"] for row in results}):
+        rows = [row for row in results if row["interval"] == interval]
+        at16 = {row["server"]: row for row in rows if row["clients"] == most}
+        at1 = {row["server"]: row for row in rows if row["clients"] == fewest}
+        ours, off, theirs = at16["coinyear-log-on"], at16["coinyear-log-off"], at16["mlflow-models-serve"]
+        summary["on" if interval else "off"] = {
+            "compute_bound_rps": matmul / gflop, "speedup_16": ours["rps"] / theirs["rps"],
             "p99_ours_16": ours["p99_ms"], "p99_mlflow_16": theirs["p99_ms"],
+            "p50_ours_1": at1["coinyear-log-on"]["p50_ms"], "p50_mlflow_1": at1["mlflow-models-serve"]["p50_ms"],
             "logging_cost_16": 1 - ours["rps"] / off["rps"]}
+    return summary
 
 
 def plot(report: dict, path: Path) -> None:
@@ -314,36 +424,40 @@ def plot(report: dict, path: Path) -> None:
     models = report["models"]
     fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 4), squeeze=False)
     for ax, model in zip(axes[0], models):
-        servers = list(dict.fromkeys(row["server"] for row in model["results"]))
+        series = list(dict.fromkeys((row["server"], row["interval"]) for row in model["results"]))
         clients = sorted({row["clients"] for row in model["results"]})
-        width = 0.8 / len(servers)
-        for i, server in enumerate(servers):
-            values = [next(r["rps"] for r in model["results"] if r["server"] == server and r["clients"] == c)
-                      for c in clients]
-            ax.bar([x + i * width for x in range(len(clients))], values, width, label=server)
-        ax.axhline(model["summary"]["compute_bound_rps"], color="gray", linestyle="--", label="compute bound")
-        ax.set_xticks([x + width * (len(servers) - 1) / 2 for x in range(len(clients))], [str(c) for c in clients])
+        width = 0.8 / len(series)
+        for i, (server, interval) in enumerate(series):
+            values = [next(r["rps"] for r in model["results"] if r["server"] == server and r["clients"] == c
+                           and r["interval"] == interval) for c in clients]
+            ax.bar([x + i * width for x in range(len(clients))], values, width,
+                   label=f"{server}{', interval' if interval else ''}", hatch="//" if interval else None)
+        ax.axhline(model["gflop_per_request"] and report["matmul_gflops"] / model["gflop_per_request"],
+                   color="gray", linestyle="--", label="compute bound")
+        ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(clients))], [str(c) for c in clients])
         ax.set_xlabel("concurrent clients")
         ax.set_ylabel("requests / s")
         ax.set_yscale("log")
-        ax.set_title(model["backbone"])
-        ax.legend(fontsize=8)
+        ax.set_title(model["name"])
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbones", nargs="+", default=["mobilenet_v3_small", "resnet18"])
-    parser.add_argument("--clients", nargs="+", type=int, default=[1, 4, 16])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--clients", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per point and round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all servers")
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--limit", type=int, default=96, help="coins to train the 1-epoch model on")
+    parser.add_argument("--holdout", type=int, default=200, help="coins after the training slice for the ONNX check")
     parser.add_argument("--home", type=Path, default=REPO / ".coinyear" / "bench", help="benchmark state")
     parser.add_argument("--data", type=Path, default=Path(os.environ.get("COINYEAR_DATA_DIR",
                                                                           REPO.parent / "shared" / "data" / "ocre")))
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--name", default="serve_bench", help="result files: <out>/<name>.{json,md,png}")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -353,33 +467,39 @@ def main() -> int:
     first = manifest.iloc[0]
     pair = {"front_image_base64": base64.b64encode((args.data / first["obverse"]).read_bytes()).decode(),
             "back_image_base64": base64.b64encode((args.data / first["reverse"]).read_bytes()).decode()}
-    body = json.dumps({"inputs": [pair]}).encode()
+    bodies = {False: json.dumps({"inputs": [pair]}).encode(),
+              True: json.dumps({"inputs": [pair], "params": {"interval": 0.9}}).encode()}
 
     matmul = matmul_gflops()
-    print(f"matmul: {matmul:.1f} GFLOP/s float32; request body {len(body) / 1024:.0f} KiB", flush=True)
+    print(f"matmul: {matmul:.1f} GFLOP/s float32; request body {len(bodies[False]) / 1024:.0f} KiB", flush=True)
     report = {"machine": machine(), "matmul_gflops": matmul, "seconds": args.seconds, "rounds": args.rounds,
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "loadavg": " ".join(f"{x:.1f}" for x in os.getloadavg()), "clients": args.clients,
-              "body_bytes": len(body), "models": []}
-    for backbone in args.backbones:
-        home = (args.home / backbone).resolve()
-        version = prepare_model(home, backbone, args.image_size, args.limit, args.data)
+              "body_bytes": len(bodies[False]), "models": []}
+    for name in args.models:
+        home = (args.home / name).resolve()
+        version = prepare_model(home, name, args.image_size, args.limit, args.data)
         gflop = flops_per_request(home) / 1e9
-        print(f"{backbone} (version {version}): {gflop:.3f} GFLOP per request -> compute bound "
-              f"{matmul / gflop:.0f} req/s", flush=True)
+        runtime = runtime_check(home, args.data, args.limit, args.holdout)
+        print(f"{name} (version {version}, {runtime['engine']}): {gflop:.3f} GFLOP per request -> compute bound "
+              f"{matmul / gflop:.0f} req/s; {runtime}", flush=True)
         for state in ("lake", "spool", "log-off"):
             shutil.rmtree(home / state, ignore_errors=True)
         logs = home / "logs"  # server output, kept out of the results folder
         logs.mkdir(exist_ok=True)
-        starts = (lambda: start_ours(home, True, logs), lambda: start_ours(home, False, logs),
-                  lambda: start_mlflow(home, logs))
-        results = bench_servers(starts, body, args.clients, args.seconds, args.rounds)
-        report["models"].append({"backbone": backbone, "version": version, "gflop_per_request": gflop,
+        starts = (partial(start_ours, home, True, logs), partial(start_ours, home, False, logs),
+                  partial(start_mlflow, home, logs))
+        loadavg = " ".join(f"{x:.1f}" for x in os.getloadavg())
+        results = bench_servers(starts, bodies, args.clients, args.seconds, args.rounds)
+        report["models"].append({"name": name, "backbone": MODELS[name][0], "version": version,
+                                 "gflop_per_request": gflop, "runtime": runtime, "loadavg_start": loadavg,
+                                 "loadavg_end": " ".join(f"{x:.1f}" for x in os.getloadavg()),
                                  "results": results, "summary": summarise(results, gflop, matmul)})
     report["loadavg_end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    (args.out / "serve_bench.json").write_text(json.dumps(report, indent=2))
+    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2))
     table = markdown(report)
-    (args.out / "serve_bench.md").write_text(table)
-    plot(report, args.out / "serve_bench.png")
+    (args.out / f"{args.name}.md").write_text(table)
+    plot(report, args.out / f"{args.name}.png")
     print()
     print(table)
     return 0
