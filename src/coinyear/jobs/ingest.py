@@ -51,7 +51,7 @@ def feedback_key(feedback: pd.DataFrame) -> pd.Series:
         return pd.Series([], dtype=str, index=feedback.index)
     stamps = pd.to_datetime(feedback["timestamp"], utc=True)
     micros = (stamps - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(microseconds=1)
-    return feedback["request_id"].astype(str) + "@" + micros.astype("int64").astype(str)
+    return feedback["request_id"].astype(str) + "@" + micros.fillna(-1).astype("int64").astype(str)
 
 
 def read_new_feedback(lake: Lake, consumed: set[str]) -> tuple[int, pd.DataFrame]:

@@ -75,6 +75,8 @@ def retrain_job(settings: Settings) -> Callable[[], str]:
     def job() -> str:
         result = run_retrain(settings)
         print(result.report(), flush=True)
+        if result.decision == "failed":  # recorded by the job; counted here as the failed run it is
+            raise RuntimeError(result.reason)
         return f"{result.decision}: {result.reason}"
 
     return job
