@@ -68,11 +68,19 @@ def cmd_evaluate(args) -> int:
 
     settings = get_settings()
     configure_mlflow(settings)  # `models:/...` URIs resolve against our registry, not MLflow's default store
-    manifest = read_manifest(args.data or settings.data_dir, settings.min_year, settings.max_year, limit=args.limit)
+    manifest = read_manifest(args.data or settings.data_dir, settings.min_year, settings.max_year, limit=args.limit,
+                             seed=settings.seed if args.holdout else 0)
     if not args.json:
         print(manifest.report())
-    report = evaluate_model(args.model, manifest.rows, progress=not args.json)
-    report["data"] = manifest.summary()
+    rows = manifest.rows
+    if args.holdout:
+        from coinyear.data import grouped_holdout
+        from coinyear.train import TrainConfig
+
+        # the coin types `coinyear train` held out with the same seed: a score on types the model never saw
+        rows = rows.iloc[grouped_holdout(rows, TrainConfig.holdout_fraction, settings.seed)[1]].reset_index(drop=True)
+    report = evaluate_model(args.model, rows, progress=not args.json)
+    report["data"] = {**manifest.summary(), "scored": len(rows), "holdout": bool(args.holdout)}
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -306,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", required=True, help="e.g. models:/coinyear@production")
     evaluate.add_argument("--data", help="dataset folder with manifest.csv (default COINYEAR_DATA_DIR)")
     evaluate.add_argument("--limit", type=int)
+    evaluate.add_argument("--holdout", action="store_true", help="score only the grouped hold-out `coinyear train` "
+                          "kept out (same seed; a model trained with --folds saw every coin)")
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(func=cmd_evaluate)
 

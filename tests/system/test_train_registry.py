@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -32,8 +33,8 @@ def test_training_run_logs_everything_and_registers_a_version(trained):
     artifacts = {a.path for a in client.list_artifacts(outcome.run_id, "plots")}
     assert artifacts == {"plots/loss_curves.png", "plots/predicted_vs_true.png", "plots/decade_confusion.png",
                          "plots/decade_mae.png"}
-    summary = json.loads(open(mlflow.artifacts.download_artifacts(
-        run_id=outcome.run_id, artifact_path="dataset/summary.json", tracking_uri=settings.mlflow_tracking_uri)).read())
+    summary = json.loads(Path(mlflow.artifacts.download_artifacts(
+        run_id=outcome.run_id, artifact_path="dataset/summary.json", tracking_uri=settings.mlflow_tracking_uri)).read_text())
     assert summary["rows"] == 80 and summary["valid"] + summary["dropped"] == 80
 
 
@@ -100,23 +101,31 @@ def test_promote_and_repeated_rollback(tmp_path):
         registry.promote(settings, 9, registry.PRODUCTION)
 
 
-def run_cli(settings, *args):
+def run_cli(settings, *args, env: dict | None = None):
     # Only COINYEAR_HOME, as a user runs it: every command must find the tracking store and registry from it
     # (no MLFLOW_TRACKING_URI, and a working directory with no store in it).
-    env = {"COINYEAR_HOME": str(settings.home), "COINYEAR_DATA_DIR": str(settings.data_dir), "PATH": "/usr/bin:/bin"}
+    env = {"COINYEAR_HOME": str(settings.home), "COINYEAR_DATA_DIR": str(settings.data_dir), "PATH": "/usr/bin:/bin",
+           **(env or {})}
     return subprocess.run([sys.executable, "-m", "coinyear.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=settings.home.parent)
+                          timeout=600, cwd=settings.home.parent, check=False)
 
 
-def test_cli_lists_models_and_evaluates_production(trained):
-    settings, _ = trained
+def test_cli_lists_models_and_evaluates_production_on_the_training_holdout(trained):
+    settings, outcome = trained
     listing = run_cli(settings, "models", "list")
     assert listing.returncode == 0, listing.stderr
     assert "production" in listing.stdout and "      1" in listing.stdout
-    result = run_cli(settings, "evaluate", "--model", "models:/coinyear@production", "--limit", "40", "--json")
+    # the fixture trained on 80 coins with seed 1: --holdout with that seed scores the coin types it held out
+    config = small_train_config()
+    result = run_cli(settings, "evaluate", "--model", "models:/coinyear@production", "--limit", str(config.limit),
+                     "--holdout", "--json", env={"COINYEAR_SEED": str(config.seed)})
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
-    assert report["data"]["valid"] > 30
+    assert report["data"]["valid"] > 70 and report["data"]["holdout"]
+    assert report["data"]["scored"] == report["metrics"]["count"] == outcome.metrics["val_count"]
+    assert report["data"]["scored"] < report["data"]["valid"] / 3
+    # the registered model, decoded from the photos, scores the hold-out as training reported it
+    assert report["metrics"]["mae"] == pytest.approx(outcome.metrics["val_mae"], abs=0.05)
     assert set(report["metrics"]) >= {"mae", "rmse", "r2", "within_5y", "within_10y", "within_50y", "range_mae"}
     assert report["per_decade"] and "mae" in report["per_decade"][0]
 
