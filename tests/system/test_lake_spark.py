@@ -19,7 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from coinyear.jobs import ingest, monitor, retrain
+from coinyear.jobs import clean, ingest, monitor, retrain
 from coinyear.lake import FEEDBACK, INFERENCE_LOG, MODEL_DECISIONS, MONITORING, SCHEMAS, TRAINING_DATA, DeltaLake, Lake
 from tests.conftest import coin_image, make_settings
 
@@ -74,7 +74,7 @@ def test_each_table_round_trips_with_its_types(lake):
     feedback = [feedback_row("a"), feedback_row("b", source=None, year=-30)]
     training = pa.Table.from_pylist([{"coin_id": "base:1", "source": "base", "split": "train", "year_from": -27,
                                       "year_to": 14, "added_at": NOW, "feedback_version": 3}],
-                                    schema=retrain.TRAINING_DATA_SCHEMA)
+                                    schema=ingest.TRAINING_DATA_SCHEMA)
     decision = pa.Table.from_pylist([{"decided_at": NOW, "decision": "promoted", "candidate_mae": 12.25,
                                       "eval_rows": 40, "production_mae": float("nan")}],
                                     schema=retrain.DECISIONS_SCHEMA)
@@ -97,7 +97,7 @@ def test_each_table_round_trips_with_its_types(lake):
     assert list(got["source"]) == [None, "test"] and (got["timestamp"] == NOW).all()
 
     got = lake.read(TRAINING_DATA)
-    assert list(got.columns) == retrain.TRAINING_DATA_SCHEMA.names
+    assert list(got.columns) == ingest.TRAINING_DATA_SCHEMA.names
     assert got.loc[0, "year_from"] == -27 and got.loc[0, "added_at"] == NOW and got.loc[0, "mint"] is None
     got = lake.read(MODEL_DECISIONS)
     assert list(got.columns) == retrain.DECISIONS_SCHEMA.names
@@ -143,7 +143,7 @@ def test_the_retrain_feedback_ledger_and_training_data_on_both_backends(lake, tm
     assert sorted(new["request_id"]) == ["a", "b"]
     kept = pd.DataFrame({"coin_id": ["feedback:a"], "source": ["feedback"], "obverse": [None], "reverse": [None],
                          "year_from": [60], "year_to": [65], "date_text": ["60..65"], "denomination": [""],
-                         "mint": [""], "content_hash": [retrain.content_hash(front, back)], "request_id": ["a"],
+                         "mint": [""], "content_hash": [clean.content_hash(front, back)], "request_id": ["a"],
                          "feedback_timestamp": [NOW.isoformat()], "group": ["60..65"], "front": [front],
                          "back": [back]})
     assert ingest.build(settings, lake, kept, version, "run-1") == 1
