@@ -349,3 +349,37 @@ BODIES = st.one_of(
 def test_generated_bodies_never_get_a_5xx(app_client, body):
     response = app_client.post(PATH, content=body, headers={**HEADERS, "Content-Type": "application/json"})
     _assert_client_error(response, body[:200])
+
+
+def test_the_dispatcher_survives_a_failing_concatenation_and_metrics_callback():
+    import asyncio
+
+    import numpy as np
+    import torch
+
+    from coinyear.serve.batching import MicroBatcher
+
+    def run(model, fronts, backs):
+        return {"year": fronts.flatten(1).mean(1).numpy(), "spread": np.zeros(len(fronts))}
+
+    def on_batch(rows):
+        raise ValueError("metrics backend broke")
+
+    async def scenario():
+        batcher = MicroBatcher(run, max_size=8, max_wait_ms=50, on_batch=on_batch)
+        batcher.start()
+        model, ones = object(), torch.ones(1, 3, 4, 4)
+        batcher.preparing = 1  # a third request "decoding": the dispatcher waits for more, so both share a batch
+        mismatched = [asyncio.ensure_future(batcher.submit(model, ones, ones)),
+                      asyncio.ensure_future(batcher.submit(model, torch.ones(1, 3, 5, 5), torch.ones(1, 3, 5, 5)))]
+        results = await asyncio.gather(*mismatched, return_exceptions=True)
+        batcher.preparing = 0
+        answer = await asyncio.wait_for(batcher.submit(model, ones * 2, ones), timeout=5)
+        alive, failed = batcher.alive, batcher.failed_batches
+        await batcher.stop()
+        return results, answer, alive, failed
+
+    results, answer, alive, failed = asyncio.run(scenario())
+    assert all(isinstance(result, RuntimeError) for result in results), results  # torch.cat: sizes differ
+    assert answer["year"].tolist() == [2.0] and alive  # delivered although on_batch raised afterwards
+    assert failed == 2  # the torch.cat batch and the on_batch failure, both survived
