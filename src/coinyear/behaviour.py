@@ -74,25 +74,38 @@ class BehaviourReport:
 
     invariance: dict[str, dict[str, float]] = field(default_factory=dict)  # perturbation -> mean/max |Δ year|
     era_means: dict[str, float] = field(default_factory=dict)  # emperor -> mean predicted year of his cases
-    failures: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # check name -> what went wrong
 
     @property
     def passed(self) -> bool:
-        return not self.failures
+        return not self.failed
+
+    @property
+    def failures(self) -> list[str]:
+        return list(self.failed.values())
+
+    def regressions(self, baseline: BehaviourReport) -> dict[str, str]:
+        """The checks this model fails that `baseline` (e.g. production) passes."""
+        return {name: message for name, message in self.failed.items() if name not in baseline.failed}
 
     def to_dict(self) -> dict:
         return {"passed": self.passed, "invariance": self.invariance, "era_means": self.era_means,
-                "failures": self.failures}
+                "failed": self.failed}
 
 
 def behaviour_cases(data_dir: str | Path, per_emperor: int = 4) -> pd.DataFrame:
     """Well-known coins: for each emperor in ERAS, the `per_emperor` coins dated nearest his coins' median year
-    (typical, not edge, issues). Deterministic for a given manifest."""
+    (typical, not edge, issues). Deterministic for a given manifest; ValueError when an emperor has no coin."""
     rows = read_manifest(data_dir, check_images=False).rows
+    if "obverse_desc" not in rows.columns:
+        raise ValueError(f"the manifest in {data_dir} has no obverse_desc column: no portrait to pick cases by")
     rows = rows.assign(portrait=portrait_labels(rows["obverse_desc"]).to_numpy())
     picked = []
     for name in ERAS:
         coins = rows[rows["portrait"] == name]
+        if coins.empty:
+            raise ValueError(f"no coin with a portrait of {name} in {data_dir}: the behaviour cases need each of "
+                             f"{', '.join(ERAS)}")
         distance = (coins["year"] - coins["year"].median()).abs()
         picked.append(coins.assign(distance=distance).sort_values(["distance", "coin_id"]).head(per_emperor))
     return pd.concat(picked, ignore_index=True)
@@ -121,16 +134,19 @@ def check_behaviour(python_model, cases: pd.DataFrame, tolerance_years: float = 
         moved = np.abs(_years(python_model, [(perturb(front), perturb(back)) for front, back in sides]) - base)
         report.invariance[name] = {"mean_abs_change": float(moved.mean()), "max_abs_change": float(moved.max())}
         if moved.mean() > tolerance_years:
-            report.failures.append(f"invariance {name}: the year moves {moved.mean():.1f} years on average "
-                                   f"(tolerance {tolerance_years:g})")
+            report.failed[f"invariance:{name}"] = (
+                f"invariance {name}: the year moves {moved.mean():.1f} years on average "
+                f"(tolerance {tolerance_years:g})")
     report.era_means = {name: float(base[(cases["portrait"] == name).to_numpy()].mean()) for name in ERAS}
     for early, late in FAR_APART:
         gap = report.era_means[late] - report.era_means[early]
         if gap < min_era_gap_years:
-            report.failures.append(f"minimum functionality: {late}'s coins dated only {gap:.1f} years after "
-                                   f"{early}'s (at least {min_era_gap_years:g} expected)")
+            report.failed[f"minimum:{early}-{late}"] = (
+                f"minimum functionality: {late}'s coins dated only {gap:.1f} years after {early}'s "
+                f"(at least {min_era_gap_years:g} expected)")
     for earlier, later in itertools.pairwise(ERAS):
         if report.era_means[later] < report.era_means[earlier] - tolerance_years:
-            report.failures.append(f"direction: {later}'s coins dated before {earlier}'s "
-                                   f"({report.era_means[later]:.1f} < {report.era_means[earlier]:.1f})")
+            report.failed[f"direction:{earlier}-{later}"] = (
+                f"direction: {later}'s coins dated before {earlier}'s "
+                f"({report.era_means[later]:.1f} < {report.era_means[earlier]:.1f})")
     return report

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import torch
@@ -58,11 +59,19 @@ class ThumbnailOracle:
         return {"year": self.years[nearest], "spread": np.zeros(len(fronts))}
 
 
+class BrightnessModel:
+    """A 'model' that answers the photo's mean brightness as a year: blind to the coin."""
+
+    size, grayscale = 64, False
+
+    def score_tensors(self, fronts, backs, with_features=False, batch_size=32):
+        return {"year": (fronts.mean(dim=(1, 2, 3)) * 500).numpy().astype(float),
+                "spread": np.zeros(len(fronts))}
+
+
 @pytest.fixture(scope="module")
 def python_model(request, cases):
     """The model under test: `--model-uri`, else the thumbnail oracle."""
-    import mlflow
-
     uri = request.config.getoption("--model-uri")
     return mlflow.pyfunc.load_model(uri).unwrap_python_model() if uri else ThumbnailOracle(cases)
 
@@ -92,16 +101,44 @@ def test_eras_follow_the_order_of_reigns(report):
 
 
 def test_a_model_blind_to_the_photo_fails_the_checks(cases):
-    """The checks can fail: a 'model' that answers the photo's mean brightness as a year breaks invariance and
-    every era expectation."""
-    class BrightnessModel:
-        size, grayscale = 64, False
-
-        def score_tensors(self, fronts, backs, with_features=False, batch_size=32):
-            return {"year": (fronts.mean(dim=(1, 2, 3)) * 500).numpy().astype(float),
-                    "spread": np.zeros(len(fronts))}
-
+    """The checks can fail: the photo-blind model breaks invariance and every era expectation."""
     failed = check_behaviour(BrightnessModel(), cases, tolerance_years=5.0)
     assert not failed.passed
     assert any(f.startswith("invariance brighter") for f in failed.failures)
     assert any(f.startswith("minimum") for f in failed.failures)
+
+
+class Registered(mlflow.pyfunc.PythonModel):
+    """A stand-in scorer as a registered pyfunc, so the retraining gate loads it from the registry."""
+
+    def __init__(self, scorer):
+        self.scorer = scorer
+        self.size, self.grayscale = scorer.size, scorer.grayscale
+
+    def score_tensors(self, fronts, backs, with_features=False, batch_size=32):
+        return self.scorer.score_tensors(fronts, backs, with_features, batch_size)
+
+    def predict(self, context, model_input, params=None):
+        raise NotImplementedError("the gate's behaviour checks call score_tensors")
+
+
+def test_retrain_gate_rejects_a_candidate_that_breaks_what_production_does(cases, tmp_path):
+    """jobs.gate.behaviour_regressions on registered versions: a photo-blind candidate against a production
+    that knows the coins breaks invariance and the eras (a reason each); the other way round breaks nothing."""
+    from coinyear.jobs.gate import behaviour_regressions
+    from tests.conftest import make_settings
+
+    settings = make_settings(tmp_path / "home")
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    mlflow.set_registry_uri(settings.registry_uri)
+    versions = {}
+    for role, scorer in (("knows", ThumbnailOracle(cases)), ("blind", BrightnessModel())):
+        with mlflow.start_run():
+            info = mlflow.pyfunc.log_model(name="model", python_model=Registered(scorer),
+                                           registered_model_name=settings.model_name)
+        versions[role] = str(info.registered_model_version)
+    with mlflow.start_run():
+        broken = behaviour_regressions(settings, versions["blind"], versions["knows"])
+        assert behaviour_regressions(settings, versions["knows"], versions["blind"]) == []
+    assert any("invariance brighter" in reason for reason in broken), broken
+    assert any("minimum functionality" in reason for reason in broken), broken

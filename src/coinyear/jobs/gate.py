@@ -210,6 +210,30 @@ def validate(settings: Settings, candidate_version: str, production_version: str
     except ModelValidationFailedException:
         verdict.decision, verdict.reason = REJECTED, "; ".join([comparison, *too_slow])
         return verdict
-    verdict.decision, verdict.reason = (REJECTED, "; ".join([*too_slow, comparison])) if too_slow else (
-        PROMOTED, comparison)
+    broken = behaviour_regressions(settings, candidate_version, production_version) \
+        if settings.retrain_behaviour_gate else []
+    verdict.decision, verdict.reason = (REJECTED, "; ".join([*too_slow, *broken, comparison])) \
+        if too_slow or broken else (PROMOTED, comparison)
     return verdict
+
+
+def behaviour_regressions(settings: Settings, candidate_version: str, production_version: str) -> list[str]:
+    """The behaviour checks (coinyear.behaviour) the candidate fails and production passes, each as a reason;
+    both reports are logged to the active validate run."""
+    import mlflow
+
+    from coinyear.behaviour import behaviour_cases, check_behaviour
+
+    try:
+        cases = behaviour_cases(settings.data_dir)
+    except (ValueError, FileNotFoundError) as error:  # a collection without OCRE's emperors: nothing to check
+        log.warning("behaviour checks not run: %s", error)
+        mlflow.set_tag("coinyear.behaviour", f"not run: {error}")
+        return []
+    reports = {}
+    for role, version in (("candidate", candidate_version), ("production", production_version)):
+        python_model = mlflow.pyfunc.load_model(registry.model_uri(settings, version)).unwrap_python_model()
+        reports[role] = check_behaviour(python_model, cases, settings.retrain_behaviour_tolerance)
+        mlflow.log_dict(reports[role].to_dict(), f"behaviour/{role}-v{version}.json")
+    return [f"behaviour check broken: {message}"
+            for message in reports["candidate"].regressions(reports["production"]).values()]
