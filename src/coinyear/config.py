@@ -122,6 +122,10 @@ class Settings(BaseSettings):
     retrain_max_decade_regression: float = Field(default=1.0, ge=0, description="Years a decade may get worse.")
     retrain_decade_min_coins: int = Field(default=20, ge=1, description="Decades with fewer eval coins are not checked.")
     retrain_latency_budget_ms: float = Field(default=1000.0, gt=0, description="Median ms of one-coin requests.")
+    retrain_behaviour_gate: bool = Field(default=True, description="Reject a candidate that fails a behaviour check "
+                                        "(coinyear.behaviour) that production passes.")
+    retrain_behaviour_tolerance: float = Field(default=5.0, gt=0, description="Years a photo perturbation may move "
+                                               "the answer in the behaviour checks (mean over the cases).")
     retrain_holdout_fraction: float = Field(default=0.15, gt=0, lt=1, description="Frozen grouped hold-out share.")
     retrain_holdout_seed: int = 20250101
     retrain_feedback_eval_percent: int = Field(default=20, ge=0, le=100, description="Feedback kept for evaluation.")
