@@ -372,7 +372,7 @@ def test_the_dispatcher_survives_a_failing_concatenation_and_metrics_callback():
         batcher.preparing = 1  # a third request "decoding": the dispatcher waits for more, so both share a batch
         mismatched = [asyncio.ensure_future(batcher.submit(model, ones, ones)),
                       asyncio.ensure_future(batcher.submit(model, torch.ones(1, 3, 5, 5), torch.ones(1, 3, 5, 5)))]
-        results = await asyncio.gather(*mismatched, return_exceptions=True)
+        results = await asyncio.wait_for(asyncio.gather(*mismatched, return_exceptions=True), timeout=5)
         batcher.preparing = 0
         answer = await asyncio.wait_for(batcher.submit(model, ones * 2, ones), timeout=5)
         alive, failed = batcher.alive, batcher.failed_batches
