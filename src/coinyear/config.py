@@ -109,7 +109,8 @@ class Settings(BaseSettings):
     # Client side (UI): where the gateway lives
     api_url: str = "http://127.0.0.1:8080"
     api_token: str | None = None
-    api_timeout: float = Field(default=30.0, gt=0, description="Seconds the UI waits for an API answer.")
+    api_timeout: float = Field(default=40.0, gt=0, description="Seconds the UI waits for an API answer (longer than "
+                               "the gateway's request deadline, so the UI shows its 504).")
     ui_port: int = 8501
     ui_interval: float = Field(default=0.9, ge=0, lt=1, description="Interval the UI asks for; 0 = none.")
 
