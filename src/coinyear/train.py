@@ -294,8 +294,8 @@ def fit(model: DualImageRegressor, train: CoinDataset, config: TrainConfig, val:
     """
     epochs = config.epochs if epochs is None else epochs
     device = resolve_device(config.device)
-    # channels-last convolutions: 35% fewer CPU-seconds per efficientnet_lite0 step on 2 cores (measured;
-    # not measured on a GPU, so not used there)
+    # channels-last convolutions: 10.7 -> 7.0 CPU-seconds per efficientnet_lite0 step on 2 loaded cores
+    # (benchmarks/README.md, "Demo time"); not measured on a GPU, so not used there
     memory_format = torch.channels_last if device.type == "cpu" else torch.preserve_format
     model.to(device, memory_format=memory_format)
     with reused_memory() if device.type == "cpu" else contextlib.nullcontext():
