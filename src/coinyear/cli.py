@@ -227,9 +227,9 @@ def cmd_predict(args) -> int:
         else:
             from coinyear.evaluate import year_label
 
+            unusual = ", unlike the training coins" if answer.get("out_of_distribution") else ""
             extra = (f" ({int(args.interval * 100)}% range {year_label(answer['low'])} .. "
-                     f"{year_label(answer['high'])}{', unlike the training coins' if answer['out_of_distribution'] else ''})"
-                     if args.interval else "")
+                     f"{year_label(answer['high'])}{unusual})" if args.interval else "")
             print(f"{year_label(answer['year'])}{extra}  [{model.name} version {model.version}]")
         return 0
     if not args.out:

@@ -121,7 +121,8 @@ class Settings(BaseSettings):
     retrain_cron: str = Field(default="0 3 * * *", description="5-field crontab (UTC); 6 fields = seconds first.")
     retrain_min_mae_improvement: float = Field(default=0.02, gt=0, lt=1, description="Relative MAE gain needed.")
     retrain_max_decade_regression: float = Field(default=1.0, ge=0, description="Years a decade may get worse.")
-    retrain_decade_min_coins: int = Field(default=20, ge=1, description="Decades with fewer eval coins are not checked.")
+    retrain_decade_min_coins: int = Field(default=20, ge=1,
+                                          description="Decades with fewer eval coins are not checked.")
     retrain_latency_budget_ms: float = Field(default=1000.0, gt=0, description="Median ms of one-coin requests.")
     retrain_behaviour_gate: bool = Field(default=True, description="Reject a candidate that fails a behaviour check "
                                         "(coinyear.behaviour) that production passes.")
@@ -174,7 +175,9 @@ class Settings(BaseSettings):
     @property
     def tensor_dir(self) -> Path:
         """Where distributed training memory-maps decoded images: must be the node's local disk."""
-        return Path(self.tensor_cache_dir).expanduser().resolve() if self.tensor_cache_dir else self.cache_dir / "tensors"
+        if self.tensor_cache_dir:
+            return Path(self.tensor_cache_dir).expanduser().resolve()
+        return self.cache_dir / "tensors"
 
     @property
     def serving_endpoint_name(self) -> str:

@@ -5,8 +5,8 @@
 tables `<lake_schema>.<table>` through the job's Spark session: Unity Catalog tables on Databricks, where
 delta-rs cannot commit to a volume. The contract both keep is in `Lake`'s docstring.
 
-With delta-rs, tables live under `settings.lake_root`: a local folder by default (COINYEAR_HOME/lake), or any delta-rs URI
-(`s3://...`, `abfss://...`, `dbfs:/...` mounted) at scale; credentials come from the usual environment
+With delta-rs, tables live under `settings.lake_root`: a local folder by default (COINYEAR_HOME/lake), or any delta-rs
+URI (`s3://...`, `abfss://...`, `dbfs:/...` mounted) at scale; credentials come from the usual environment
 variables delta-rs reads. delta-rs appends from several concurrent writers can fail under contention, so each
 table has one writer process: the gateway writes `inference_log` and `feedback`, the retraining job writes
 `model_decisions` and `training_data`, monitoring writes `monitoring`.

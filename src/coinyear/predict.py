@@ -150,7 +150,7 @@ def load_scoring_model(settings: Settings, model_uri: str | None = None) -> Scor
     python_model = mlflow.pyfunc.load_model(pinned).unwrap_python_model()
     if not isinstance(python_model, CoinYearModel):
         # a ValueError: the CLI reports it as a clear error (a wrong --model), not as a crash
-        raise ValueError(f"{pinned} is a {type(python_model).__name__}, not a coinyear model")  # noqa: TRY004
+        raise ValueError(f"{pinned} is a {type(python_model).__name__}, not a coinyear model")
     return ScoringModel(pinned, name, version, python_model)
 
 

@@ -37,7 +37,7 @@ class Conformal:
     spread_floor: float = 1.0  # years: keeps a coin whose samples agree from getting a zero-width range
 
     @classmethod
-    def fit(cls, predicted, year_from, year_to, spread=None, spread_floor: float | None = None) -> "Conformal":
+    def fit(cls, predicted, year_from, year_to, spread=None, spread_floor: float | None = None) -> Conformal:
         midpoint = (np.asarray(year_from, float) + np.asarray(year_to, float)) / 2
         residual = np.abs(np.asarray(predicted, float) - midpoint)
         if spread is None:
@@ -76,7 +76,7 @@ class Conformal:
                 "spread_floor": self.spread_floor}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Conformal":
+    def from_dict(cls, data: dict) -> Conformal:
         return cls(np.asarray(data["scores"], float), bool(data["scaled"]), float(data["spread_floor"]))
 
 
@@ -137,7 +137,7 @@ class FeatureDistance:
     sides: int = 2
 
     @classmethod
-    def fit(cls, features, groups, k: int = 10, quantile: float = 0.99, sides: int = 2) -> "FeatureDistance":
+    def fit(cls, features, groups, k: int = 10, quantile: float = 0.99, sides: int = 2) -> FeatureDistance:
         """Reference = the training coins. Threshold = the `quantile` of their scores with their own coin
         type left out (an unseen type is what a genuine new coin looks like), so about 1 - quantile of
         genuine coins are flagged; benchmarks/quality.py measures the real rate on unseen folds. Norm floor
@@ -197,7 +197,7 @@ class Quality:
         return {"conformal": str(folder / CONFORMAL_FILE), "ood": str(folder / OOD_FILE)}
 
     @classmethod
-    def load(cls, conformal_path: str | Path, ood_path: str | Path) -> "Quality":
+    def load(cls, conformal_path: str | Path, ood_path: str | Path) -> Quality:
         conformal = Conformal.from_dict(json.loads(Path(conformal_path).read_text()))
         with np.load(ood_path) as data:
             ood = FeatureDistance(data["reference"].astype(np.float32), data["center"].astype(np.float32),

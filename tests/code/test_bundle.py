@@ -68,10 +68,10 @@ def walk(node, path=()):
     yield path, node
     if isinstance(node, dict):
         for key, value in node.items():
-            yield from walk(value, path + (key,))
+            yield from walk(value, (*path, key))
     elif isinstance(node, list):
         for index, value in enumerate(node):
-            yield from walk(value, path + (index,))
+            yield from walk(value, (*path, index))
 
 
 def substitute(node, lookup):
@@ -521,7 +521,7 @@ def test_apps_requirements_install_the_vendored_wheel(wheel, tmp_path):
 def python312() -> str | None:
     """A working Python 3.12 (pyenv's shim for `python3.12` exists even where it has no such version)."""
     root = Path(os.environ.get("PYENV_ROOT", Path.home() / ".pyenv"))
-    candidates = sorted(root.glob("versions/3.12*/bin/python3.12"), reverse=True) + [shutil.which("python3.12")]
+    candidates = [*sorted(root.glob("versions/3.12*/bin/python3.12"), reverse=True), shutil.which("python3.12")]
     for candidate in filter(None, candidates):
         check = subprocess.run([str(candidate), "-c", "import sys; assert sys.version_info[:2] == (3, 12)"],
                                check=False, capture_output=True, timeout=60)
@@ -541,7 +541,7 @@ def test_wheel_installs_and_runs_its_cli_under_python_312(wheel, tmp_path):
     env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", str(tmp_path))}
     subprocess.run([interpreter, "-m", "venv", str(venv)], check=True, timeout=120, env=env)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    subprocess.run(pip + ["--no-deps", str(wheel)], check=True, timeout=120, env=env)
+    subprocess.run([*pip, "--no-deps", str(wheel)], check=True, timeout=120, env=env)
     requirements = [r for r in PROJECT["dependencies"] if r.split(">")[0].split("=")[0] in ("pydantic",
                                                                                           "pydantic-settings")]
     subprocess.run(pip + requirements, check=True, timeout=300, env=env)

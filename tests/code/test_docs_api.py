@@ -11,8 +11,6 @@ import re
 import shutil
 import time
 
-import pytest
-
 from tests.conftest import REPO, make_settings
 
 DOC = REPO / "docs" / "api_schema.md"
@@ -129,7 +127,8 @@ def test_every_example_against_a_real_gateway(trained, ocre_dir, tmp_path):
                 response = client.get(example["path"], headers=headers)
             else:
                 response = client.post(example["path"], json=fill(example["request"], photos), headers=headers)
-            assert response.status_code == example["status"], f"{label}: got {response.status_code} {response.text[:300]}"
+            assert response.status_code == example["status"], \
+                f"{label}: got {response.status_code} {response.text[:300]}"
             if response.status_code == 200 and "/invocations" in example["path"]:
                 assert response.headers["served-model-name"] == settings.model_name
                 assert response.headers["served-model-version"] == outcome.version

@@ -6,18 +6,18 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from functools import lru_cache
+from functools import cache
 
 import pytest
 
 from tests.conftest import REPO
 
-DOCUMENTS = sorted((REPO / "docs").glob("*.md")) + [REPO / "README.md"]
+DOCUMENTS = [*sorted((REPO / "docs").glob("*.md")), REPO / "README.md"]
 CODE = re.compile(r"```.*?```|`[^`\n]+`", flags=re.S)
 COMMAND = re.compile(r"(?:^|(?<=[\s/(]))coinyear\s+(?=[a-z-])")
 
 
-@lru_cache(maxsize=None)
+@cache
 def help_text(path: tuple[str, ...]) -> str:
     result = subprocess.run([sys.executable, "-m", "coinyear.cli", *path, "--help"], capture_output=True,
                             text=True, timeout=60, cwd=REPO)
@@ -64,10 +64,10 @@ def check(rest: str) -> list[str]:
             if not options or token.startswith("-"):
                 break
             if token not in options:
-                problems.append(f"`coinyear {' '.join(path + (token,))}`: no such command "
+                problems.append(f"`coinyear {' '.join((*path, token))}`: no such command "
                                 f"(choose from {', '.join(sorted(options))})")
                 break
-            path = path + (token,)
+            path = (*path, token)
         usage = help_text(path)
         for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", piece):
             if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", usage):

@@ -8,7 +8,6 @@ import re
 import shutil
 import subprocess
 
-
 from tests.conftest import REPO, require_tool
 
 DOCS = REPO / "docs"

@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import REPO
 
-DOCUMENTS = sorted((REPO / "docs").glob("*.md")) + [REPO / "README.md"]
+DOCUMENTS = [*sorted((REPO / "docs").glob("*.md")), REPO / "README.md"]
 LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 REPO_PATH = re.compile(r"`((?:docs|notebooks|deploy|benchmarks|src|tests)/[\w./-]+)`")
 

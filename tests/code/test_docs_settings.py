@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import REPO
 
-DOCUMENTS = sorted((REPO / "docs").glob("*.md")) + [REPO / "README.md"]
+DOCUMENTS = [*sorted((REPO / "docs").glob("*.md")), REPO / "README.md"]
 NOT_SETTINGS = {"COINYEAR_NOTEBOOK_SMALL"}  # read by the notebook itself
 ROW = re.compile(r"^\| `(COINYEAR_[A-Z0-9_]+)` \| `([^`]+)` \|", flags=re.M)
 

@@ -5,8 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coinyear.evaluate import (decade_confusion, decade_of, per_decade_mae, regression_metrics, summarize_folds,
-                               year_label)
+from coinyear.evaluate import (
+    decade_confusion,
+    decade_of,
+    per_decade_mae,
+    regression_metrics,
+    summarize_folds,
+    year_label,
+)
 
 
 def test_point_and_range_metrics():

@@ -9,7 +9,7 @@ import tempfile
 import threading
 import time
 import uuid
-from datetime import UTC, date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 import numpy as np
 import pandas as pd
@@ -207,7 +207,7 @@ def test_candidate_must_beat_production_overall_and_per_decade(tracked):
 
 # ------------------------------------------------------------------------------------------- scheduler
 def test_cron_expressions():
-    now = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
+    now = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
     daily = scheduler.cron_trigger("0 3 * * *").get_next_fire_time(None, now)
     assert (daily.hour, daily.minute, daily.day) == (3, 0, 2)
     every_second = scheduler.cron_trigger("* * * * * *").get_next_fire_time(None, now)
@@ -262,7 +262,7 @@ def test_psi_is_near_zero_for_the_same_distribution_and_large_for_a_shift():
 
 def test_monitoring_metrics_per_day_and_version(settings):
     lake = Lake(settings)
-    day1, day2 = datetime(2026, 3, 1, 10, tzinfo=timezone.utc), datetime(2026, 3, 2, 10, tzinfo=timezone.utc)
+    day1, day2 = datetime(2026, 3, 1, 10, tzinfo=UTC), datetime(2026, 3, 2, 10, tzinfo=UTC)
     rows = []
 
     def request(when, version, status, latency, prediction, seed):
@@ -337,7 +337,7 @@ def test_prediction_psi_is_measured_against_the_versions_own_predictions(setting
 
     days = {date(2026, 3, 1): rng.choice(own, 400), date(2026, 3, 2): rng.choice(own, 400) + 30}
     Lake(settings).append(INFERENCE_LOG, [
-        {"request_id": f"{day}-{i}", "timestamp": datetime(day.year, day.month, day.day, 12, tzinfo=timezone.utc),
+        {"request_id": f"{day}-{i}", "timestamp": datetime(day.year, day.month, day.day, 12, tzinfo=UTC),
          "date": day, "status_code": 200, "execution_time_ms": 5.0, "model_name": settings.model_name,
          "model_version": version, "prediction": float(value), "front_image": None, "back_image": None}
         for day, values in days.items() for i, value in enumerate(values)])

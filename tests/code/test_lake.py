@@ -115,7 +115,7 @@ def test_one_spool_folder_has_one_writer(tmp_path):
 def test_a_record_that_does_not_fit_the_table_fails_its_caller_at_once(tmp_path):
     lake, folder = Lake(tmp_path / "lake"), tmp_path / "spool"
     spool = SpooledAppender(lake, FEEDBACK, folder, flush_seconds=0.1).start()
-    with pytest.raises(ValueError, match="year_from|not a year"):
+    with pytest.raises(ValueError, match=r"year_from|not a year"):
         spool.write([{"request_id": "x", "year_from": "not a year", "year_to": 5, "timestamp": NOW}])
     spool.write([{"request_id": "y", "year_from": 5, "year_to": 5, "timestamp": NOW}])
     assert spool.close(timeout=30)

@@ -15,7 +15,7 @@ from tests.conftest import make_settings, send_json
 class FailingRegistry(BaseHTTPRequestHandler):
     """An MLflow REST server that is up but fails every call (as during an outage or an overload)."""
 
-    def do_GET(self):  # noqa: N802 (http.server's naming)
+    def do_GET(self):
         send_json(self, 500, {"error_code": "INTERNAL_ERROR", "message": "database is locked"})
 
     do_POST = do_GET

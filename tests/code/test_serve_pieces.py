@@ -153,7 +153,8 @@ def test_plain_and_interval_requests_share_a_batch_each_at_its_own_level(app_cli
              for seed in (1, 2, 3)}
     app_client.scorer.batches.clear()
     app_client.scorer.delay = 0.3  # the first batch runs while the others queue behind it
-    bodies = [coin_body(9), coin_body(1), coin_body(2, params={"interval": 0.5}), coin_body(3, params={"interval": 0.9})]
+    bodies = [coin_body(9), coin_body(1), coin_body(2, params={"interval": 0.5}),
+              coin_body(3, params={"interval": 0.9})]
     with ThreadPoolExecutor(4) as pool:
         first = pool.submit(app_client.post, PATH, json=bodies[0], headers=HEADERS)
         import time
@@ -300,8 +301,10 @@ NASTY_BODIES = {
     "params a number": b'{"inputs": [{"front_image_base64": "a", "back_image_base64": "b"}], "params": 3}',
     "interval a string": b'{"inputs": [{"front_image_base64": "a", "back_image_base64": "b"}], '
                          b'"params": {"interval": "0.9"}}',
-    "interval true": b'{"inputs": [{"front_image_base64": "a", "back_image_base64": "b"}], "params": {"interval": true}}',
-    "data URL without data": b'{"inputs": [{"front_image_base64": "data:image/jpeg;base64,", "back_image_base64": "b"}]}',
+    "interval true": b'{"inputs": [{"front_image_base64": "a", "back_image_base64": "b"}], '
+                     b'"params": {"interval": true}}',
+    "data URL without data": b'{"inputs": [{"front_image_base64": "data:image/jpeg;base64,", '
+                             b'"back_image_base64": "b"}]}',
     "base64 of random bytes": json_module.dumps({"inputs": [{"front_image_base64": base64.b64encode(bytes(range(256)))
                                                              .decode(), "back_image_base64": "AAAA"}]}).encode(),
     "utf-16 body": json_module.dumps({"inputs": [GOOD_ROW]}).encode("utf-16"),
@@ -337,7 +340,8 @@ BODIES = st.one_of(
                                         "params": JSON_VALUES, "client_request_id": JSON_VALUES})
     .map(lambda value: json_module.dumps(value).encode()),
     st.tuples(st.integers(0, 400), st.binary(max_size=8)).map(
-        lambda cut: json_module.dumps({"dataframe_split": {"columns": list(GOOD_ROW), "data": [list(GOOD_ROW.values())]},
+        lambda cut: json_module.dumps({"dataframe_split": {"columns": list(GOOD_ROW),
+                                                           "data": [list(GOOD_ROW.values())]},
                                        "params": {"interval": 0.9}}).encode()[:cut[0]] + cut[1]),
 )
 

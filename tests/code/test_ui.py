@@ -8,6 +8,7 @@ test. Monitor and Models read a real Delta lake and a real MLflow registry in a 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import threading
 import time
@@ -56,17 +57,16 @@ class Handler(BaseHTTPRequestHandler):
             decoded = None
         self.server.received.append({"method": method, "path": self.path, "headers": dict(self.headers),
                                      "json": decoded, "body": body})
+        not_found = (404, {"error_code": "ENDPOINT_NOT_FOUND", "message": "no such route"}, {})
         route = self.server.routes.get((method, self.path)) or next(  # a key ending in * matches a path prefix
             (r for (m, p), r in self.server.routes.items() if m == method and p.endswith("*")
-             and self.path.startswith(p[:-1])), (404, {"error_code": "ENDPOINT_NOT_FOUND", "message": "no such route"}, {}))
+             and self.path.startswith(p[:-1])), not_found)
         if callable(route):
             route = route(self.server.received[-1]["json"])
         status, payload, headers, *delay = route
         time.sleep(delay[0] if delay else 0)
-        try:
+        with contextlib.suppress(BrokenPipeError):  # the client gave up first (the timeout test)
             send_json(self, status, payload, headers)
-        except BrokenPipeError:  # the client gave up first (the timeout test)
-            pass
 
     def do_GET(self):
         self._answer("GET")
@@ -160,7 +160,8 @@ def test_predict_shows_the_interval_and_warns_when_out_of_distribution(api):
 def test_a_model_without_intervals_still_gives_its_year(api):
     def no_intervals(body):
         if "params" in body:
-            return 400, {"error_code": "INVALID_PARAMETER_VALUE", "message": "model version 1 cannot give intervals"}, {}
+            return 400, {"error_code": "INVALID_PARAMETER_VALUE",
+                         "message": "model version 1 cannot give intervals"}, {}
         return 200, {"predictions": [12.0]}, ANSWER_HEADERS
 
     api.routes[INVOCATIONS] = no_intervals

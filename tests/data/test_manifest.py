@@ -10,8 +10,15 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from coinyear.data import (ImageCache, ImageError, decode_side, grouped_folds, grouped_holdout, import_collection,
-                           read_manifest)
+from coinyear.data import (
+    ImageCache,
+    ImageError,
+    decode_side,
+    grouped_folds,
+    grouped_holdout,
+    import_collection,
+    read_manifest,
+)
 from tests.conftest import coin_image
 
 
@@ -116,7 +123,7 @@ def test_ocre_manifest_matches_its_readme(ocre_dir):
     # rows without an obverse are the only ones dropped from the reference data
     assert set(summary["dropped_by_reason"]) == {"missing_side"}
     assert summary["valid"] >= 2860
-    assert -40 <= summary["year_min"] and summary["year_max"] <= 140
+    assert summary["year_min"] >= -40 and summary["year_max"] <= 140
     assert 100 < summary["composites"] < 400
     assert (manifest.rows["year_from"] <= manifest.rows["year_to"]).all()
     assert (manifest.rows["year_to"] - manifest.rows["year_from"]).max() <= 80

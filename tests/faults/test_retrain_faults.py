@@ -179,7 +179,8 @@ def feedback_for(settings, count: int) -> tuple[list[dict], list[dict]]:
         request_id = uuid.uuid4().hex
         logs.append({"request_id": request_id, "timestamp": now, "date": now.date(), "status_code": 200,
                      "model_name": "coinyear", "model_version": "1", "prediction": 1000.0,
-                     "front_image": (OCRE / coin.obverse).read_bytes(), "back_image": (OCRE / coin.reverse).read_bytes()})
+                     "front_image": (OCRE / coin.obverse).read_bytes(),
+                     "back_image": (OCRE / coin.reverse).read_bytes()})
         feedback.append({"request_id": request_id, "year_from": int(coin.year_from), "year_to": int(coin.year_to),
                          "timestamp": now, "source": "test"})
     return logs, feedback

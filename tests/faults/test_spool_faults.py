@@ -119,9 +119,9 @@ if __name__ == "__main__":
     sys.exit(0)
 
 # ------------------------------------------------------------------------------------------------- the tests
-import pytest  # after the child process above, which needs none of the test dependencies
+import pytest  # noqa: E402 - after the child process above, which needs none of the test dependencies
 
-from coinyear.lake import INFERENCE_LOG, Lake, SpooledAppender, read_segment
+from coinyear.lake import INFERENCE_LOG, Lake, SpooledAppender, read_segment  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 

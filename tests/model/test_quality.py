@@ -119,7 +119,8 @@ def test_quality_files_round_trip(tmp_path):
                       FeatureDistance.fit(features, groups))
     files = quality.save(tmp_path)
     loaded = Quality.load(files["conformal"], files["ood"])
-    assert loaded.conformal.scaled and loaded.conformal.quantile(0.9) == pytest.approx(quality.conformal.quantile(0.9), abs=1e-3)
+    assert loaded.conformal.scaled
+    assert loaded.conformal.quantile(0.9) == pytest.approx(quality.conformal.quantile(0.9), abs=1e-3)
     assert loaded.ood.threshold == quality.ood.threshold
     probe = rng.normal(0, 1, (10, 16))
     assert np.allclose(loaded.ood.score(probe), quality.ood.score(probe), atol=2e-3)

@@ -218,7 +218,7 @@ def test_predict_correct_monitor_models_in_a_real_browser(browser, stack, ocre_d
     (TOKEN, b"these bytes are not a photo", "could not use this request (INVALID_PARAMETER_VALUE)"),
 ])
 def test_the_real_gateway_errors_reach_the_page_as_messages(stack, monkeypatch, token, front, expected):
-    settings, api_url, _ = stack
+    _settings, api_url, _ = stack
     monkeypatch.setenv("COINYEAR_API_URL", api_url)
     monkeypatch.setenv("COINYEAR_API_TOKEN", token)
     get_settings.cache_clear()

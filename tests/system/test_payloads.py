@@ -189,7 +189,7 @@ def test_feedback_files_wait_for_their_request_and_land_once(spark, loop, backen
 def test_a_payload_table_not_created_yet_is_nothing_to_map(spark, loop):
     """Before the endpoint's first deployment its payload table does not exist: the step reports it and maps
     nothing, instead of failing the monitoring and retraining jobs that run it first."""
-    settings, table, entities, _ = loop
+    settings, _table, entities, _ = loop
     result = ingest_payloads(settings, spark=spark, served_entities=entities)  # `table` was never written
     assert result.payload_table_missing and result.rows_appended == 0
     assert "does not exist yet" in result.report()

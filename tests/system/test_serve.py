@@ -63,7 +63,7 @@ class Server:
         self.env["TMPDIR"] = str(self.tmp)
 
     def start(self, timeout: float = 90) -> Server:
-        self.log = open(self.log_path, "ab")
+        self.log = open(self.log_path, "ab")  # noqa: SIM115 - the server writes to it until stop() closes it
         self.process = subprocess.Popen([COINYEAR, "serve", "--port", str(self.port)], env=self.env, cwd=REPO,
                                         stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
@@ -279,7 +279,7 @@ BAD_INPUTS = [
 
 def test_bad_input_gets_a_json_4xx_and_the_server_stays_healthy(server):
     seen = {}
-    for case, body, path, status, error_code in BAD_INPUTS:
+    for case, body, path, _status, _error_code in BAD_INPUTS:
         kwargs = {"data": body, "headers": {"Content-Type": "application/json"}} if isinstance(body, bytes) \
             else {"body": body}
         response = server.post(path=path or "/serving-endpoints/coinyear/invocations", **kwargs)

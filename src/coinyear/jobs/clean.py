@@ -20,7 +20,7 @@ from coinyear.jobs.ingest import CANDIDATE_COLUMNS
 
 log = logging.getLogger(__name__)
 
-KEPT_COLUMNS = CANDIDATE_COLUMNS + ["content_hash"]
+KEPT_COLUMNS = [*CANDIDATE_COLUMNS, "content_hash"]
 
 
 def clean(candidates: pd.DataFrame, existing: pd.DataFrame, settings: Settings) -> tuple[pd.DataFrame, pd.DataFrame]:

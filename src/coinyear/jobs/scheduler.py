@@ -8,10 +8,11 @@ that fails is logged and counted; the scheduler keeps going and tries again at t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from apscheduler.schedulers.base import BaseScheduler
 from apscheduler.schedulers.blocking import BlockingScheduler
@@ -86,10 +87,8 @@ def run_scheduler(settings: Settings) -> None:
     """Block, running the retraining job on `settings.retrain_cron` until interrupted."""
     scheduler = BlockingScheduler(timezone="UTC")
     schedule(scheduler, settings, retrain_job(settings), RunHistory())
-    first = cron_trigger(settings.retrain_cron).get_next_fire_time(None, datetime.now(timezone.utc))
+    first = cron_trigger(settings.retrain_cron).get_next_fire_time(None, datetime.now(UTC))
     print(f"retraining on cron {settings.retrain_cron!r} (UTC), next run {first:%Y-%m-%d %H:%M:%S %Z}; "
           f"Ctrl-C stops", flush=True)
-    try:
+    with contextlib.suppress(KeyboardInterrupt, SystemExit):
         scheduler.start()
-    except (KeyboardInterrupt, SystemExit):
-        pass

@@ -32,9 +32,18 @@ from coinyear.config import Settings
 from coinyear.lake import FEEDBACK, INFERENCE_LOG, Lake, SpooledAppender
 from coinyear.serve.auth import BearerAuth
 from coinyear.serve.batching import DispatcherDown, MicroBatcher
-from coinyear.serve.errors import (BAD_REQUEST, DEADLINE_EXCEEDED, ENDPOINT_NOT_FOUND, INTERNAL_ERROR,
-                                   INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST, RESOURCE_LIMIT_EXCEEDED,
-                                   TEMPORARILY_UNAVAILABLE, ApiError, install_handlers)
+from coinyear.serve.errors import (
+    BAD_REQUEST,
+    DEADLINE_EXCEEDED,
+    ENDPOINT_NOT_FOUND,
+    INTERNAL_ERROR,
+    INVALID_PARAMETER_VALUE,
+    RESOURCE_DOES_NOT_EXIST,
+    RESOURCE_LIMIT_EXCEEDED,
+    TEMPORARILY_UNAVAILABLE,
+    ApiError,
+    install_handlers,
+)
 from coinyear.serve.lifecycle import ModelManager, ServedModel, to_tensors
 from coinyear.serve.wire import ParsedRequest, PreparedRow, parse_body, prepare_rows
 
@@ -219,7 +228,7 @@ class Gateway:
                                                                  f"(COINYEAR_REQUEST_TIMEOUT_SECONDS); not scored")
         except DispatcherDown as error:
             outcome.error = ApiError(503, TEMPORARILY_UNAVAILABLE, f"this gateway cannot score: {error}")
-        except Exception as error:  # a bug must cost one answer, never the worker
+        except Exception as error:  # noqa: BLE001 - a bug must cost one answer, never the worker
             outcome.error = self._internal_error(outcome, error)
         elapsed = time.perf_counter() - outcome.started
         if await self._log(outcome, request, elapsed):

@@ -97,7 +97,7 @@ def smoke_row(model_dir: str) -> tuple[str, str]:
     try:
         example = Model.load(model_dir).load_input_example(model_dir)
         return str(example.iloc[0][FRONT]), str(example.iloc[0][BACK])
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - any unreadable example only means the drawn coin is used
         log.info("no usable input example in %s (%s): smoke test with a drawn coin", model_dir, error)
         photo = _synthetic_photo()
         return photo, photo
@@ -209,7 +209,7 @@ class ModelManager:
         """One poll: load and swap in the alias's version when it changed (and did not fail before)."""
         try:
             version = self._read_alias()
-        except Exception as error:  # registry unreachable: keep serving, try again next poll
+        except Exception as error:  # noqa: BLE001 - registry unreachable: keep serving, try again next poll
             self.poll_failures += 1
             self.last_error = f"cannot read alias {self.alias}: {error}"
             log.warning(self.last_error)
@@ -228,7 +228,7 @@ class ModelManager:
         started = time.monotonic()
         try:
             candidate = load_version(self.settings, version, self.settings.batch_max_size)
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001 - a version that fails to load is recorded; the current one serves
             reason = f"{type(error).__name__}: {error}"
             self.failed[version] = (reason, time.monotonic())
             self.last_error = f"version {version} not swapped in: {reason}"
