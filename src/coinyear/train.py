@@ -114,7 +114,7 @@ class CoinDataset(Dataset):
         if self.augment is not None:
             front, back = self.augment(front), self.augment(back)
         labels = tuple(self.aux[name][index] for name in self.aux)
-        return (front.float() / 255, back.float() / 255, self.year_from[index], self.year_to[index]) + labels
+        return (front.float() / 255, back.float() / 255, self.year_from[index], self.year_to[index], *labels)
 
 
 def make_augmentation(config: TrainConfig) -> v2.Compose:
@@ -512,7 +512,7 @@ def train_on_manifest(manifest: Manifest, config: TrainConfig, cache_dir: Path, 
         history = fit(model, subset(train_index, True), config, subset(val_index, False), name=name,
                       on_epoch=lambda r, n=name: emit({f"{n}/{k}": v for k, v in r.items()
                                                        if isinstance(v, float)}, r["epoch"]), trace=trace)
-        histories[name], best_epochs = history, best_epochs + [best_epoch(history)]
+        histories[name], best_epochs = history, [*best_epochs, best_epoch(history)]
         if rank != 0:
             continue
         served = serving_model([model], config.tta_angles)

@@ -41,7 +41,7 @@ def _tiny_data(count=24, size=64, seed=0):
 
 def test_cpu_fit_trains_channels_last_and_returns_an_ordinary_model():
     config = small_train_config(batch_size=8, epochs=2)
-    fronts, backs, year_from, year_to = _tiny_data()
+    fronts, backs, year_from, year_to = _tiny_data(count=16)
     model = new_model(config, year_from, year_to)
     before = [p.detach().clone() for p in model.parameters()]
     history = fit(model, CoinDataset(fronts, backs, year_from, year_to), config,
