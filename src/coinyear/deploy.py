@@ -290,6 +290,7 @@ class Deployment:
         return result
 
     def plan(self, result: DeployResult) -> DeployResult:
+        assert result.version is not None, "run() stops before planning when there is no version"
         current = self.get_endpoint()
         result.served_before = result.served_after = served_version(current, self.settings.model_name)
         result.decision = DRY_RUN
@@ -306,6 +307,7 @@ class Deployment:
     def deploy(self, result: DeployResult) -> None:
         """Under the lock: create, canary or skip; on failure restore the endpoint and the alias."""
         settings, target = self.settings, result.version
+        assert target is not None, "run() stops before deploying when there is no version"
         alias_before = registry.version_by_alias(settings, registry.PRODUCTION)
         current = self.get_endpoint()
         if current is not None and _updating(current):
@@ -350,6 +352,7 @@ class Deployment:
     def create(self, result: DeployResult) -> None:
         from databricks.sdk.service.serving import AiGatewayConfig, EndpointCoreConfigInput, EndpointTag
 
+        assert result.version is not None, "deploy() is only called with a version"
         new = self.entity(result.version)
         gateway = AiGatewayConfig(inference_table_config=inference_table(self.settings))
         self.say(result, f"creating endpoint {self.endpoint} serving version {result.version}")
@@ -364,6 +367,7 @@ class Deployment:
     def canary(self, result: DeployResult, current) -> None:
         settings = self.settings
         old_entities, old_traffic = as_inputs(current)
+        assert result.version is not None, "deploy() is only called with a version"
         new = self.entity(result.version)
         old_routes = {r.served_model_name or r.served_entity_name: r.traffic_percentage
                       for r in (old_traffic.routes if old_traffic and old_traffic.routes else [])}
@@ -385,6 +389,7 @@ class Deployment:
     def watch(self, result: DeployResult, entity: str, seconds: float) -> dict:
         """Query `entity` alone with the version's input example, WATCH_QUERIES times over `seconds` (once when
         0), checking its deployment state each time; raise at the first failure."""
+        assert result.version is not None, "deploy() is only called with a version"
         body, rows = input_example(self.settings, result.version)
         queries = WATCH_QUERIES if seconds > 0 else 1
         latencies = []

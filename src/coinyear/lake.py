@@ -64,6 +64,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import BinaryIO, TextIO, TypeAlias
 
 import pandas as pd
 import pyarrow as pa
@@ -114,7 +115,7 @@ SCHEMAS: dict[str, pa.Schema] = {
 }
 PARTITIONS: dict[str, list[str]] = {INFERENCE_LOG: ["date"]}
 
-Rows = list[dict] | pd.DataFrame | pa.Table
+Rows: TypeAlias = list[dict] | pd.DataFrame | pa.Table
 
 
 class Lake:
@@ -308,7 +309,7 @@ def _read_frames(path: Path) -> list[pa.Table | list[dict]]:
 
 def read_segment(path: Path) -> list[dict]:
     """Every complete record of a spool segment (or a quarantined one) as dicts; a torn tail is ignored."""
-    records = []
+    records: list[dict] = []
     for frame in _read_frames(path):
         records.extend(frame.to_pylist() if isinstance(frame, pa.Table) else frame)
     return records
@@ -324,7 +325,8 @@ def permanent_failure(error: BaseException) -> bool:
     if isinstance(error, (SchemaMismatchError, pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError,
                           TypeError, ValueError, KeyError, pickle.UnpicklingError)):
         return True
-    state = error.getSqlState() if callable(getattr(error, "getSqlState", None)) else None
+    sql_state = getattr(error, "getSqlState", None)
+    state = sql_state() if callable(sql_state) else None
     if state:  # Spark's errors: SQLSTATE class 22 (data: a value that does not cast) or 42 (schema, analysis)
         return state[:2] in ("22", "42")
     if any(cls.__name__ == "AnalysisException" for cls in type(error).__mro__):
@@ -402,10 +404,10 @@ class SpooledAppender:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._file = None
+        self._file: BinaryIO | None = None
         self._segment_seq = 0
         self._segment_rows = 0
-        self._lock_file = None
+        self._lock_file: TextIO | None = None
         self._committed: int | None = None  # last segment known committed (the committer is the only writer)
         self._failures: dict[int, int] = {}  # segment -> permanent failures so far
 
@@ -463,11 +465,11 @@ class SpooledAppender:
         The spool folder is locked for the life of this appender (released by the OS even on kill -9): a second
         process on the same folder would commit and delete segments the first one is still writing.
         """
-        self._lock_file = open(self.dir / "lock", "a")  # noqa: SIM115 - held (flock) until close()
+        self._lock_file = lock_file = open(self.dir / "lock", "a")  # noqa: SIM115 - held (flock) until close()
         try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as error:
-            self._lock_file.close()
+            lock_file.close()
             raise RuntimeError(f"spool {self.dir} is in use by another process (one writer per table)") from error
         left = [self._load(seq, path) for seq, path in self._segments()]
         self.backlog, self.backlog_bytes = sum(s.rows for s in left), sum(s.size for s in left)
@@ -588,20 +590,22 @@ class SpooledAppender:
             rows, data = sum(count for _, count, _ in batch), b"".join(frame for frame, _, _ in batch)
             try:
                 with self._file_lock:
-                    good = self._file.tell()
+                    file = self._file
+                    assert file is not None, "start() opens a segment before the syncer runs"
+                    good = file.tell()
                     try:
-                        self._file.write(data)
-                        self._file.flush()
-                        os.fsync(self._file.fileno())
+                        file.write(data)
+                        file.flush()
+                        os.fsync(file.fileno())
                     except OSError:
-                        self._file.truncate(good)  # no torn frame may hide the records written after it
+                        file.truncate(good)  # no torn frame may hide the records written after it
                         raise
                     self._segment_rows += rows
                     with self._lock:
                         self.backlog += rows
                         self.backlog_bytes += len(data)
                     self.write_error = None
-                    if self._file.tell() >= self.max_commit_bytes:
+                    if file.tell() >= self.max_commit_bytes:
                         self._roll()
             except Exception as error:  # noqa: BLE001 - whatever it is, each waiting writer must hear of it
                 self.write_error = f"{type(error).__name__}: {error}"
@@ -644,7 +648,8 @@ class SpooledAppender:
         while sealed:
             if self._committed is None:  # at start, and after a failure whose outcome is unknown
                 self._committed = self.lake.committed_version(self.table, self.app_id) or 0
-            batch, size = [], 0
+            batch: list[_Segment] = []
+            size = 0
             while sealed:
                 segment = self._load(*sealed[0])
                 if segment.seq <= self._committed or not segment.rows:  # landed before a crash, or empty

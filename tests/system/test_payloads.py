@@ -119,6 +119,10 @@ def test_payload_rows_map_onto_inference_log_exactly_once_with_photos(spark, loo
     assert set(log["endpoint_name"]) == {"coinyear"} and set(log["execution_time_ms"]) == {42.0}
     assert log.loc["req-a-0", "timestamp"] == T0 and str(log.loc["req-a-0", "date"]) == "2026-11-20"
     assert first.watermark == (T0 + timedelta(minutes=5)).isoformat()
+    # both steps configured: the report is about this table and this volume (the volume was once read as the
+    # "table missing" flag, which hid the mapping and the feedback files from the report)
+    assert not first.payload_table_missing and first.loop_volume == settings.loop_volume
+    assert "does not exist yet" not in first.report() and "feedback files:" in first.report()
 
     again = ingest_payloads(settings, spark, served_entities=entities)
     assert (again.requests_mapped, again.rows_appended) == (0, 0)

@@ -118,7 +118,7 @@ def ingest_payloads(settings: Settings, spark=None, now: datetime | None = None,
     if not settings.payload_table and not settings.loop_volume:
         raise ValueError("nothing to ingest: set COINYEAR_PAYLOAD_TABLE (the endpoint's payload table) and/or "
                          "COINYEAR_LOOP_VOLUME (where the gateway keeps feedback and big requests' photos)")
-    lake, result = Lake(settings), IngestResult(settings.payload_table, settings.loop_volume)
+    lake, result = Lake(settings), IngestResult(settings.payload_table, loop_volume=settings.loop_volume)
     if settings.payload_table:
         if spark is None:
             from coinyear.spark import spark_session
@@ -231,8 +231,8 @@ def map_payload(payload: dict, volume: str | None, endpoint: str) -> list[dict]:
     if request is None:  # not logged (too large): the gateway kept the photos in the volume
         count = len(predictions) if predictions else _volume_rows(volume, payload.get("client_request_id"))
         for index in range(max(count, 1)):
-            photos.append(tuple(_volume_photo(volume, payload.get("client_request_id"), index, side)
-                                for side in ("front", "back")))
+            photos.append((_volume_photo(volume, payload.get("client_request_id"), index, "front"),
+                           _volume_photo(volume, payload.get("client_request_id"), index, "back")))
         metadata["photos"] = "volume" if all(f and b for f, b in photos) else "missing"
     else:
         try:
@@ -244,8 +244,8 @@ def map_payload(payload: dict, volume: str | None, endpoint: str) -> list[dict]:
             photos.append((None, None))
         else:
             metadata.update(photos="request", input_format=parsed.input_format, params=parsed.params)
-            for index, values in enumerate(parsed.rows):
-                photos.append(tuple(_decoded(value, index) for value in values))
+            for index, (front, back) in enumerate(parsed.rows):
+                photos.append((_decoded(front, index), _decoded(back, index)))
     metadata["rows"] = len(photos)
     ids = [key] if len(photos) == 1 else [f"{key}-{i}" for i in range(len(photos))]
     return [{
@@ -266,8 +266,8 @@ def _number(value) -> float | None:
     return float(value) if value is not None and pd.notna(value) else None
 
 
-def _answer(response: str | None, status: int | None) -> tuple[list[float] | None, str | None, str | None]:
-    """(predictions, error code, error message) of the logged answer."""
+def _answer(response: str | None, status: int | None) -> tuple[list[float | None] | None, str | None, str | None]:
+    """(predictions, error code, error message) of the logged answer; a prediction that is not a number is None."""
     try:
         body = json.loads(response) if response else None
     except json.JSONDecodeError:
@@ -307,6 +307,8 @@ def _volume_photo(volume: str | None, request_id: str | None, row: int, side: st
 # ------------------------------------------------------------------------------------------- feedback
 def ingest_feedback(settings: Settings, lake: Lake, result: IngestResult, now: datetime) -> None:
     """Append the feedback files whose request is in `inference_log` to `feedback` (see the module docstring)."""
+    if not settings.loop_volume:
+        raise ValueError("no volume to read feedback files from: set COINYEAR_LOOP_VOLUME")
     folder = Path(settings.loop_volume) / FEEDBACK_FILES
     files = sorted(folder.glob("*.json")) if folder.is_dir() else []
     records: dict[Path, dict] = {}
