@@ -8,7 +8,7 @@ checked here: an invalid one (`--lr 0`, `COINYEAR_EPOCHS=0`, ...) is a clear err
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from coinyear.config import Settings
 
@@ -37,7 +37,7 @@ def recipe_values(settings: Settings, **overrides) -> dict:
     unknown = set(overrides) - set(RECIPE_FIELDS)
     if unknown:
         raise TypeError(f"not a recipe field: {', '.join(sorted(unknown))}")
-    values = {name: getattr(settings, name, None) for name in RECIPE_FIELDS}
+    values: dict[str, Any] = {name: getattr(settings, name, None) for name in RECIPE_FIELDS}
     values["limit"] = None  # the coins a run trains on are the caller's choice (a flag), not a setting
     values.update({name: value for name, value in overrides.items() if value is not None})
     for name, (rule, ok) in RULES.items():
@@ -54,10 +54,11 @@ def recipe_from_settings(settings: Settings, **overrides) -> tuple[ModelConfig, 
     from coinyear.train import TrainConfig
 
     v = recipe_values(settings, **overrides)
+    no_tta: dict[str, Any] = {} if v["tta"] else {"tta_angles": ()}
     model = ModelConfig(backbone=v["backbone"], mode=v["mode"], proj_dim=v["proj_dim"], grayscale=v["grayscale"],
                         image_size=v["image_size"], pretrained=v["pretrained"])
     train = TrainConfig(model=model, epochs=v["epochs"], batch_size=v["batch_size"], lr=float(v["lr"]),
                         loss=v["loss"], folds=v["folds"], seed=v["seed"], limit=v["limit"],
                         horizontal_flip=v["horizontal_flip"], ensemble=v["ensemble"],
-                        aux_weight=float(v["aux_weight"]), **({} if v["tta"] else {"tta_angles": ()}))
+                        aux_weight=float(v["aux_weight"]), **no_tta)
     return model, train

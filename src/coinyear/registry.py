@@ -8,6 +8,7 @@ Catalog have no stages). Each promotion to production tags the new version with 
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from mlflow import MlflowClient
@@ -130,7 +131,8 @@ def rollback(settings: Settings) -> tuple[str, str]:
     return current, target
 
 
-def tag_version(settings: Settings, version: str | int, tags: dict[str, str]) -> None:
+def tag_version(settings: Settings, version: str | int, tags: Mapping[str, object]) -> None:
+    """Set each tag on the version; values are stored as their str()."""
     mlflow_client = client(settings)
     for key, value in tags.items():
         mlflow_client.set_model_version_tag(settings.model_name, str(version), key, str(value))

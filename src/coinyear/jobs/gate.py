@@ -210,10 +210,10 @@ def validate(settings: Settings, candidate_version: str, production_version: str
     except ModelValidationFailedException:
         verdict.decision, verdict.reason = REJECTED, "; ".join([comparison, *too_slow])
         return verdict
-    broken = behaviour_regressions(settings, candidate_version, production_version) \
+    regressions = behaviour_regressions(settings, candidate_version, production_version) \
         if settings.retrain_behaviour_gate else []
-    verdict.decision, verdict.reason = (REJECTED, "; ".join([*too_slow, *broken, comparison])) \
-        if too_slow or broken else (PROMOTED, comparison)
+    verdict.decision, verdict.reason = (REJECTED, "; ".join([*too_slow, *regressions, comparison])) \
+        if too_slow or regressions else (PROMOTED, comparison)
     return verdict
 
 

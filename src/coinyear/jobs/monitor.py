@@ -124,6 +124,8 @@ def reference_predictions(settings: Settings, version: str) -> np.ndarray:
     try:
         client = registry.client(settings)
         run_id = client.get_model_version(settings.model_name, version).run_id
+        if run_id is None:
+            raise ValueError(f"version {version} was not registered from a run")
         with tempfile.TemporaryDirectory() as folder:
             table = pd.read_csv(client.download_artifacts(run_id, REFERENCE_PREDICTIONS, folder))
         return table["predicted"].to_numpy(float)

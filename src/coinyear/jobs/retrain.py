@@ -187,7 +187,7 @@ class Retraining:
         self.settings, self.lake, self.decided = settings, lake, decided
         self.client = registry.client(settings)
         self.experiment_id = ensure_experiment(settings)
-        self.parent = None
+        self.parent = ""  # the retrain run's id, set when run() starts
         self.current = "start"  # the step running, named in a failure's reason
 
     @contextlib.contextmanager
@@ -270,22 +270,25 @@ class Retraining:
         outcome = run_training(settings, recipe(settings), train_rows, register=True, run_name="train",
                                tags={"mlflow.parentRunId": self.parent, "coinyear.step": "train",
                                      "training_data_version": str(result.training_data_version)})
-        result.candidate_version = outcome.version
-        registry.promote(settings, outcome.version, registry.STAGING)
-        registry.tag_version(settings, outcome.version,
+        version = outcome.version
+        if version is None:  # run_training registers when asked to: a None here is a bug, not a decision
+            raise RuntimeError("training registered no model version")
+        result.candidate_version = version
+        registry.promote(settings, version, registry.STAGING)
+        registry.tag_version(settings, version,
                              {"training_data_version": result.training_data_version,
                               "training_data": self.lake.uri(TRAINING_DATA), "retrain_run_id": self.parent})
         with self.step("validate"):
-            verdict = validate(settings, result.candidate_version, result.production_before, eval_rows)
+            verdict = validate(settings, version, result.production_before, eval_rows)
         result.candidate_metrics, result.production_metrics = verdict.candidate_metrics, verdict.production_metrics
         if verdict.decision == FAILED:
             raise RuntimeError(verdict.reason)
         with self.step("decide"):
             if verdict.decision == PROMOTED:
-                self.promote(result.candidate_version)
+                self.promote(version)
             result.decision, result.reason = verdict.decision, verdict.reason
             result.production_after = registry.version_by_alias(settings, registry.PRODUCTION)
-            registry.tag_version(settings, result.candidate_version,
+            registry.tag_version(settings, version,
                                  {"decision": result.decision, "decision_reason": result.reason[:5000],
                                   "decision_run_id": self.parent})
             self.record(result, feedback_version, keys)
