@@ -31,7 +31,7 @@ def cmd_train(args) -> int:
     from coinyear import registry
     from coinyear.config import set_torch_threads
     from coinyear.data import read_manifest
-    from coinyear.train import run_training
+    from coinyear.train import RunOutcome, run_training
 
     settings = get_settings()
     if args.data:
@@ -41,6 +41,7 @@ def cmd_train(args) -> int:
     manifest = read_manifest(settings.data_dir, settings.min_year, settings.max_year, limit=config.limit,
                              seed=config.seed)
     print(manifest.report())
+    outcome: RunOutcome
     if args.distributed is not None:
         from coinyear.distributed import run_distributed_training
 
@@ -212,16 +213,17 @@ def cmd_predict(args) -> int:
             raise ValueError("--engine spark takes --images DIR and --out-table TABLE")
         from coinyear.spark import spark_session
 
-        result = predict.predict_spark(settings, spark_session(), args.images, args.out_table, args.model,
-                                       args.interval)
-        print(json.dumps(result, indent=2) if args.json else
-              f"{result['scored']} coins ({result['errors']} with an error) -> table {result['table']}, "
-              f"{result['model_name']} version {result['model_version']}")
+        written = predict.predict_spark(settings, spark_session(), args.images, args.out_table, args.model,
+                                        args.interval)
+        print(json.dumps(written, indent=2) if args.json else
+              f"{written['scored']} coins ({written['errors']} with an error) -> table {written['table']}, "
+              f"{written['model_name']} version {written['model_version']}")
         return 0
     set_torch_threads(settings)
     model = predict.load_scoring_model(settings, args.model)
     if args.photos:
-        answer = predict.predict_pair(model, *args.photos, interval=args.interval)
+        front, back = args.photos
+        answer = predict.predict_pair(model, front, back, interval=args.interval)
         if args.json:
             print(json.dumps(answer, indent=2))
         else:

@@ -123,7 +123,7 @@ def plot_decade_confusion(table: pd.DataFrame):
     axis.set_yticks(range(len(labels)), labels, fontsize=7)
     for (i, j), count in np.ndenumerate(values):
         if count:
-            axis.text(j, i, int(count), ha="center", va="center", fontsize=6)
+            axis.text(j, i, str(int(count)), ha="center", va="center", fontsize=6)
     axis.set(title="decade confusion matrix", xlabel="predicted decade", ylabel="true decade")
     fig.tight_layout()
     return fig

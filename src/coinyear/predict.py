@@ -28,11 +28,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from coinyear.config import Settings, configure_mlflow
+
+if TYPE_CHECKING:  # torch and MLflow's model classes load only when a model is scored
+    from coinyear.pyfunc import CoinYearModel
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +75,10 @@ def pair_folder(folder: str | Path) -> pd.DataFrame:
         parsed = name_side(path.name) if path.is_file() else None
         if parsed is not None:
             sides.setdefault(parsed[0], {}).setdefault(parsed[1], []).append(str(path.resolve()))
-    rows = []
+    rows: list[tuple[str, str | None, str | None, str | None]] = []
     for coin_id, found in sides.items():
         front, back = found.get("front", []), found.get("back", [])
+        error: str | None
         if "" in found:
             error = "file name names no side (use <id>_front/<id>_back or heads<id>/tails<id>)"
             rows.append((coin_id, found[""][0], None, error))
@@ -119,7 +124,7 @@ class ScoringModel:
     uri: str
     name: str | None
     version: str | None
-    python_model: object
+    python_model: CoinYearModel
 
 
 def resolve_model_uri(settings: Settings, uri: str) -> tuple[str, str | None, str | None]:

@@ -75,6 +75,7 @@ def confirm_pending(actor: str) -> None:
         st.rerun()
     if yes.button("Yes, do it", type="primary", key="confirm"):
         del st.session_state["pending"]
+        change: tuple[str, str, str | None, str | None]  # (decision, version, production before, after)
         try:
             if action["kind"] == "rollback":
                 current, target = registry.rollback(settings())
