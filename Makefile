@@ -4,7 +4,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 BIN := $(VENV)/bin
 export COINYEAR_DATA_DIR ?= $(abspath ../shared/data/ocre)
 
-.PHONY: setup demo train-best test test-fast serve ui bench docs notebook clean
+.PHONY: setup demo train-best lint test test-fast serve ui bench docs notebook clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,12 @@ demo: setup
 train-best: setup
 	$(BIN)/coinyear train --epochs 16 --folds 5 --promote staging
 
-## Everything CI runs.
+## Static checks (CI runs them before the tests): ruff and mypy with the settings in pyproject.toml.
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy src
+
+## Every test CI runs.
 test: setup
 	$(BIN)/python -m pytest
 
