@@ -76,6 +76,7 @@ class Settings(BaseSettings):
     alias_poll_seconds: float = 5.0
     batch_max_size: int = 32
     batch_max_wait_ms: float = 5.0
+    batch_workers: int = Field(default=2, ge=1, description="Scoring passes that may run at once (threads).")
     request_timeout_seconds: float = Field(default=30.0, gt=0, description="Deadline of one scoring request: "
                                            "past it the client gets a 504 DEADLINE_EXCEEDED.")
     inference_log: bool = Field(default=True, description="Append every request to the inference_log table.")

@@ -211,7 +211,7 @@ def input_example(rows: pd.DataFrame) -> pd.DataFrame:
 # closure of coinyear.pyfunc). timm only for the backbones built with it; the ImageNet weights package is not
 # needed: the checkpoint holds every weight.
 SERVING_PACKAGES = ("mlflow", "cloudpickle", "torch", "torchvision", "pillow", "numpy", "pandas")
-TIMM_BACKBONES = ("efficientnet_lite0",)
+TIMM_BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")  # = model.EFFICIENTNET_LITE
 TORCH_PACKAGES = ("torch", "torchvision")
 
 

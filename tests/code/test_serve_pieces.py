@@ -387,3 +387,42 @@ def test_the_dispatcher_survives_a_failing_concatenation_and_metrics_callback():
     assert all(isinstance(result, RuntimeError) for result in results), results  # torch.cat: sizes differ
     assert answer["year"].tolist() == [2.0] and alive  # delivered although on_batch raised afterwards
     assert failed == 2  # the torch.cat batch and the on_batch failure, both survived
+
+
+@pytest.mark.parametrize("workers, overlapped", [(1, False), (2, True)])
+def test_batches_overlap_on_several_inference_threads(workers, overlapped):
+    """With `workers` > 1 a second batch starts while the first is still scoring (ONNX Runtime gains nothing from
+    big batches, so serial batches only queue); with 1 they run one after the other."""
+    import asyncio
+    import threading
+    import time
+
+    import numpy as np
+    import torch
+
+    from coinyear.serve.batching import MicroBatcher
+
+    running, most = 0, 0
+    lock = threading.Lock()
+
+    def run(model, fronts, backs):
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        time.sleep(0.3)
+        with lock:
+            running -= 1
+        return {"year": np.ones(len(fronts)), "spread": np.zeros(len(fronts))}
+
+    async def scenario():
+        batcher = MicroBatcher(run, max_size=1, max_wait_ms=0, workers=workers)
+        batcher.start()
+        ones = torch.ones(1, 3, 4, 4)
+        answers = await asyncio.wait_for(asyncio.gather(*[batcher.submit("m", ones, ones) for _ in range(4)]), 10)
+        await batcher.stop()
+        return answers
+
+    answers = asyncio.run(scenario())
+    assert [a["year"].tolist() for a in answers] == [[1.0]] * 4
+    assert (most == workers) and (most > 1) == overlapped

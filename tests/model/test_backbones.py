@@ -47,3 +47,14 @@ def test_checkpoint_of_a_lite2_model_needs_no_weight_package(tmp_path, monkeypat
     front, back = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(restored(front, back), model(front, back))
+
+
+def test_every_timm_backbone_puts_timm_in_the_logged_requirements():
+    """A logged EfficientNet-Lite model of any size needs timm to load its checkpoint (pyfunc.TIMM_BACKBONES)."""
+    from coinyear.model import EFFICIENTNET_LITE
+    from coinyear.pyfunc import TIMM_BACKBONES, pip_requirements
+
+    assert set(TIMM_BACKBONES) == set(EFFICIENTNET_LITE)
+    for backbone in EFFICIENTNET_LITE:
+        assert any(line.startswith("timm==") for line in pip_requirements(backbone)), backbone
+    assert not any(line.startswith("timm==") for line in pip_requirements("resnet18"))

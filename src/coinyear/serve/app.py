@@ -162,7 +162,7 @@ class Gateway:
         self.models = ModelManager(settings, on_swap=self._swapped, on_failure=self._load_failed)
         self.batcher = MicroBatcher(lambda model, fronts, backs: model.score(fronts, backs),
                                     settings.batch_max_size, settings.batch_max_wait_ms,
-                                    on_batch=self.metrics.batch_rows.observe)
+                                    on_batch=self.metrics.batch_rows.observe, workers=settings.batch_workers)
         for table, writer in ((INFERENCE_LOG, self.log_writer), (FEEDBACK, self.feedback_writer)):
             if writer is not None:
                 self.metrics.watch_spool(table, writer)

@@ -3,7 +3,9 @@
 Each request decodes its own photos (in a worker thread), then `submit`s its tensors. One dispatcher
 coroutine takes whatever is queued, waits at most `max_wait_ms` for more while other requests are still
 decoding (and not at all when none are, so a lone client pays no wait), concatenates up to `max_size` rows
-that target the same model object and runs one scoring pass on a single inference thread. The pass returns
+that target the same model object and runs one scoring pass on one of `workers` inference threads (more than
+one lets a new batch start while another runs: with ONNX Runtime a batch of 16 costs about 16 single passes, so
+serial batches only queue, measured in benchmarks/README.md). The pass returns
 named per-row arrays (`year`, `spread`, `features`: see `CoinYearModel.score_tensors`); each request gets its
 own rows of every array, so plain and interval requests share batches. Requests that started on a model
 before a hot swap are batched with their own model, so they finish on it.
@@ -63,7 +65,7 @@ def split_rows(scored: Scored, sizes: list[int]) -> list[Scored]:
 
 class MicroBatcher:
     def __init__(self, run: Callable[[object, torch.Tensor, torch.Tensor], Scored], max_size: int,
-                 max_wait_ms: float, on_batch: Callable[[int], None] | None = None):
+                 max_wait_ms: float, on_batch: Callable[[int], None] | None = None, workers: int = 1):
         self.run, self.max_size, self.max_wait = run, max(1, max_size), max(0.0, max_wait_ms) / 1000
         self.on_batch = on_batch
         self.preparing = 0  # requests decoding photos right now: the only ones worth waiting for
@@ -73,10 +75,14 @@ class MicroBatcher:
         self._arrived: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._stopping = False
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        self.workers = max(1, workers)
+        self._slots: asyncio.Semaphore | None = None  # free inference threads
+        self._running: set[asyncio.Task] = set()
+        self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="forward")
 
     def start(self) -> None:
         self._arrived = asyncio.Event()
+        self._slots = asyncio.Semaphore(self.workers)
         self._task = asyncio.get_running_loop().create_task(self._dispatch(), name="batch-dispatcher")
         self._task.add_done_callback(self._ended)
 
@@ -86,6 +92,8 @@ class MicroBatcher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._running:  # batches already scoring finish and answer their requests
+            await asyncio.gather(*self._running, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
     @property
@@ -125,17 +133,30 @@ class MicroBatcher:
             if not self._queue:
                 self._arrived.clear()
                 await self._arrived.wait()
-            batch = await self._take_batch()
-            if not batch:
-                continue
+            await self._slots.acquire()  # while every thread is busy the queue grows into the next batch
             try:
-                await self._score(batch)
-            except Exception as error:  # any failure costs this batch's answers, never the dispatcher
-                self.failed_batches += 1
-                log.exception("scoring a batch of %d request(s) failed", len(batch))
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(error)
+                batch = await self._take_batch() if self._queue else []
+            except BaseException:
+                self._slots.release()
+                raise
+            if not batch:
+                self._slots.release()
+                continue
+            task = asyncio.get_running_loop().create_task(self._score_batch(batch))
+            self._running.add(task)
+            task.add_done_callback(self._running.discard)
+
+    async def _score_batch(self, batch: list[_Item]) -> None:
+        try:
+            await self._score(batch)
+        except Exception as error:  # any failure costs this batch's answers, never the dispatcher
+            self.failed_batches += 1
+            log.exception("scoring a batch of %d request(s) failed", len(batch))
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(error)
+        finally:
+            self._slots.release()
 
     async def _take_batch(self) -> list[_Item]:
         model = self._queue[0].model
