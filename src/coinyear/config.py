@@ -235,5 +235,5 @@ def set_torch_threads(settings: Settings) -> None:
 
     if settings.num_threads > 0:
         torch.set_num_threads(settings.num_threads)
-    elif os.cpu_count():
-        torch.set_num_threads(os.cpu_count())
+    elif cpus := os.cpu_count():
+        torch.set_num_threads(cpus)

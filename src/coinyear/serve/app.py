@@ -19,6 +19,7 @@ from collections import OrderedDict
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -47,6 +48,9 @@ from coinyear.serve.errors import (
 from coinyear.serve.lifecycle import ModelManager, ServedModel, to_tensors
 from coinyear.serve.wire import ParsedRequest, PreparedRow, parse_body, prepare_rows
 
+if TYPE_CHECKING:  # forward imports this module
+    from coinyear.serve.forward import RemoteModel
+
 log = logging.getLogger(__name__)
 
 # A body this many times over the limit is cut off instead of read to the end for a clean 413.
@@ -57,7 +61,7 @@ RECENT_IDS = 200_000
 class Metrics:
     """Prometheus series of one app (own registry, so several apps can live in one process)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("coinyear_requests", "Scoring requests by HTTP status and error code",
                                 ["status", "error_code"], registry=self.registry)
@@ -123,7 +127,7 @@ class Outcome:
     arrived: datetime
     started: float
     endpoint_name: str | None
-    model: ServedModel | None = None
+    model: ServedModel | RemoteModel | None = None  # RemoteModel: the databricks backend's endpoint answered
     parsed: ParsedRequest | None = None
     rows: list[PreparedRow] = field(default_factory=list)
     years: np.ndarray | None = None
@@ -141,6 +145,11 @@ class Outcome:
 
 class Gateway:
     """Everything one serving process holds: model manager, batcher, lake writers, auth, metrics."""
+
+    # None in the databricks backend (coinyear.serve.forward): the endpoint batches, the volume keeps feedback
+    log_writer: SpooledAppender | None
+    feedback_writer: SpooledAppender | None
+    batcher: MicroBatcher | None
 
     def __init__(self, settings: Settings, host: str):
         self.settings = settings
@@ -179,12 +188,14 @@ class Gateway:
         for writer in (self.log_writer, self.feedback_writer):
             if writer is not None:
                 writer.start()
-        self.batcher.start()
+        if self.batcher is not None:
+            self.batcher.start()
         self.models.start()
 
     async def stop(self) -> None:
         self.models.stop()
-        await self.batcher.stop()
+        if self.batcher is not None:
+            await self.batcher.stop()
         for writer in (self.log_writer, self.feedback_writer):
             if writer is not None:
                 await asyncio.to_thread(writer.close)
@@ -264,31 +275,37 @@ class Gateway:
 
     async def _score(self, request: Request, outcome: Outcome) -> None:
         body = await self.read_body(request)
+        batcher = self.batcher
+        assert batcher is not None, "the local backend scores here (the databricks one overrides _score)"
         outcome.model = model = self.models.current  # this request finishes on this model, even across a swap
-        self.batcher.preparing += 1
+        batcher.preparing += 1
         try:
-            await asyncio.to_thread(self._decode, body, model, outcome)
+            parsed = await asyncio.to_thread(self._decode, body, model, outcome)
         finally:
-            self.batcher.preparing -= 1
+            batcher.preparing -= 1
         first_error = next((row.error for row in outcome.rows if row.error), None)
         if first_error:
             raise ApiError(400, INVALID_PARAMETER_VALUE, first_error)
         if model is None:
             raise ApiError(503, TEMPORARILY_UNAVAILABLE, "no production model is loaded yet; see GET /version")
-        level = outcome.parsed.interval
+        level = parsed.interval
         if level and not model.has_intervals:
             raise ApiError(400, INVALID_PARAMETER_VALUE, f"model version {model.version} was logged without "
                                                          "interval calibration; call it without `interval`")
-        fronts, backs = to_tensors([row.arrays for row in outcome.rows])
-        scored = await self.batcher.submit(model, fronts, backs)  # plain and interval requests share batches
+        pairs = [row.arrays for row in outcome.rows if row.arrays is not None]
+        if len(pairs) != len(outcome.rows):  # prepare_rows decodes every row it finds no error in
+            raise RuntimeError("a row without an error has no decoded photos")
+        fronts, backs = to_tensors(pairs)
+        scored = await batcher.submit(model, fronts, backs)  # plain and interval requests share batches
         outcome.years = scored["year"]
         outcome.answers = self._intervals(model, scored, level) if level else [float(y) for y in outcome.years]
 
-    def _decode(self, body: bytes, model: ServedModel | None, outcome: Outcome) -> None:
+    def _decode(self, body: bytes, model: ServedModel | None, outcome: Outcome) -> ParsedRequest:
         """JSON, base64 and photo decoding, off the event loop (one thread hop per request)."""
-        outcome.parsed = parse_body(body, self.settings.max_rows)
-        outcome.rows = prepare_rows(outcome.parsed.rows, model.image_size if model else None,
+        outcome.parsed = parsed = parse_body(body, self.settings.max_rows)
+        outcome.rows = prepare_rows(parsed.rows, model.image_size if model else None,
                                     model.grayscale if model else False)
+        return parsed
 
     @staticmethod
     def _intervals(model: ServedModel, scored: dict, level: float) -> list[dict]:
@@ -392,6 +409,7 @@ class Gateway:
         return known
 
     async def _store_feedback(self, record: dict) -> None:
+        assert self.feedback_writer is not None, "the local backend has one (the databricks one overrides this)"
         await asyncio.wrap_future(self.feedback_writer.submit([record]))
 
     # -------------------------------------------------------------------------------------------- ops
@@ -426,8 +444,9 @@ class Gateway:
             "service_version": coinyear.__version__,
             "endpoint_name": self.endpoint_name,
             **self.models.status(),
-            "dispatcher": {"alive": self.batcher.alive, "failure": self.batcher.failure,
-                           "failed_batches": self.batcher.failed_batches},
+            "dispatcher": None if self.batcher is None else {
+                "alive": self.batcher.alive, "failure": self.batcher.failure,
+                "failed_batches": self.batcher.failed_batches},
             "lake": {table: None if w is None else {"backlog": w.backlog, "committed_rows": w.committed_rows,
                                                      "last_error": w.last_error}
                      for table, w in writers.items()},
@@ -518,13 +537,15 @@ def create_app(settings: Settings, host: str | None = None) -> FastAPI:
 
     generated_openapi = app.openapi
 
-    def openapi() -> dict:
-        if app.openapi_schema is None:
-            schemas = generated_openapi().setdefault("components", {}).setdefault("schemas", {})
-            schemas["FeedbackIn"] = FeedbackIn.model_json_schema(ref_template="#/components/schemas/{model}")
-        return app.openapi_schema
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generated_openapi()  # FastAPI keeps it as app.openapi_schema
+        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+        schemas["FeedbackIn"] = FeedbackIn.model_json_schema(ref_template="#/components/schemas/{model}")
+        return schema
 
-    app.openapi = openapi
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented way to extend the schema
     return app
 
 

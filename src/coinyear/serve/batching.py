@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,7 +65,7 @@ def split_rows(scored: Scored, sizes: list[int]) -> list[Scored]:
 
 
 class MicroBatcher:
-    def __init__(self, run: Callable[[object, torch.Tensor, torch.Tensor], Scored], max_size: int,
+    def __init__(self, run: Callable[[Any, torch.Tensor, torch.Tensor], Scored], max_size: int,
                  max_wait_ms: float, on_batch: Callable[[int], None] | None = None, workers: int = 1):
         self.run, self.max_size, self.max_wait = run, max(1, max_size), max(0.0, max_wait_ms) / 1000
         self.on_batch = on_batch
@@ -72,11 +73,11 @@ class MicroBatcher:
         self.failure: str | None = None  # why the dispatcher stopped, when it did
         self.failed_batches = 0
         self._queue: list[_Item] = []
-        self._arrived: asyncio.Event | None = None
+        self._arrived: asyncio.Event  # made by start(), in the loop that serves
         self._task: asyncio.Task | None = None
         self._stopping = False
         self.workers = max(1, workers)
-        self._slots: asyncio.Semaphore | None = None  # free inference threads
+        self._slots: asyncio.Semaphore  # free inference threads, made by start()
         self._running: set[asyncio.Task] = set()
         self._executor = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="forward")
 
@@ -170,7 +171,8 @@ class MicroBatcher:
                 await asyncio.wait_for(self._arrived.wait(), timeout=left)
             except TimeoutError:
                 break
-        batch, rows = [], 0
+        batch: list[_Item] = []
+        rows = 0
         for item in list(self._queue):
             if item.model is model and (not batch or rows + item.rows <= self.max_size):
                 batch.append(item)

@@ -31,6 +31,7 @@ import json
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 import httpx
@@ -43,6 +44,9 @@ from coinyear.serve.app import Gateway, Outcome
 from coinyear.serve.errors import BAD_REQUEST, HTTP_CODES, INTERNAL_ERROR, TEMPORARILY_UNAVAILABLE, ApiError
 from coinyear.serve.volume import PAYLOAD_LOG_LIMIT, feedback_file, files_api_path, photo_path, served_model
 from coinyear.serve.wire import FORMATS, PreparedRow, parse_body
+
+if TYPE_CHECKING:  # the SDK is imported when the backend opens
+    from databricks.sdk.core import Config
 
 log = logging.getLogger(__name__)
 
@@ -59,40 +63,49 @@ class Workspace:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.config = None
+        self.config: Config | None = None
         self.http: httpx.AsyncClient | None = None
 
     async def open(self) -> None:
         from databricks.sdk.core import Config
 
         # Config() may probe the host for its metadata: off the event loop
-        self.config = await asyncio.to_thread(Config)
-        self.http = httpx.AsyncClient(base_url=self.config.host.rstrip("/"),
+        self.config = config = await asyncio.to_thread(Config)
+        self.http = httpx.AsyncClient(base_url=config.host.rstrip("/"),
                                       timeout=httpx.Timeout(self.settings.api_timeout, connect=10.0))
 
     async def close(self) -> None:
         if self.http is not None:
             await self.http.aclose()
 
+    def _opened(self) -> tuple[Config, httpx.AsyncClient]:
+        if self.config is None or self.http is None:
+            raise RuntimeError("the workspace client is not open (Workspace.open)")
+        return self.config, self.http
+
     async def _headers(self) -> dict[str, str]:
-        return await asyncio.to_thread(self.config.authenticate)  # refreshes an OAuth token when it expires
+        config, _ = self._opened()
+        return await asyncio.to_thread(config.authenticate)  # refreshes an OAuth token when it expires
 
     async def invoke(self, endpoint: str, body: bytes) -> httpx.Response:
+        _, http = self._opened()
         headers = {**await self._headers(), "Content-Type": "application/json"}
-        return await self.http.post(f"/serving-endpoints/{quote(endpoint, safe='')}/invocations", content=body,
-                                    headers=headers)
+        return await http.post(f"/serving-endpoints/{quote(endpoint, safe='')}/invocations", content=body,
+                               headers=headers)
 
     async def endpoint(self, endpoint: str) -> dict:
-        response = await self.http.get(f"/api/2.0/serving-endpoints/{quote(endpoint, safe='')}",
-                                       headers=await self._headers())
+        _, http = self._opened()
+        response = await http.get(f"/api/2.0/serving-endpoints/{quote(endpoint, safe='')}",
+                                  headers=await self._headers())
         response.raise_for_status()
         return response.json()
 
     async def upload(self, path: str, data: bytes, overwrite: bool) -> None:
         """Files API: store `data` at `path` (a /Volumes/... path); raises unless the workspace stored it."""
+        _, http = self._opened()
         headers = {**await self._headers(), "Content-Type": "application/octet-stream"}
-        response = await self.http.put(files_api_path(path), content=data, headers=headers,
-                                       params={"overwrite": "true" if overwrite else "false"})
+        response = await http.put(files_api_path(path), content=data, headers=headers,
+                                  params={"overwrite": "true" if overwrite else "false"})
         response.raise_for_status()
 
 

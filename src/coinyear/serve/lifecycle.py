@@ -28,8 +28,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import cast
 
 import numpy as np
+import pandas as pd
 import torch
 
 from coinyear import registry
@@ -95,7 +97,8 @@ def smoke_row(model_dir: str) -> tuple[str, str]:
     from mlflow.models import Model
 
     try:
-        example = Model.load(model_dir).load_input_example(model_dir)
+        # MLflow annotates the example as str | None; a pyfunc's logged example loads as a DataFrame
+        example = cast(pd.DataFrame, Model.load(model_dir).load_input_example(model_dir))
         return str(example.iloc[0][FRONT]), str(example.iloc[0][BACK])
     except Exception as error:  # noqa: BLE001 - any unreadable example only means the drawn coin is used
         log.info("no usable input example in %s (%s): smoke test with a drawn coin", model_dir, error)

@@ -144,7 +144,7 @@ def prepare_rows(rows: list[tuple[object, object]], image_size: int | None, gray
     prepared = []
     for index, (front_value, back_value) in enumerate(rows):
         row = PreparedRow()
-        decoded = {}
+        decoded: dict[str, bytes | None] = {}
         for side, column, value in (("front", FRONT, front_value), ("back", BACK, back_value)):
             try:
                 decoded[side] = decode_base64(value, index, column)
@@ -155,10 +155,11 @@ def prepare_rows(rows: list[tuple[object, object]], image_size: int | None, gray
         row.back_size = len(decoded["back"]) if decoded["back"] is not None else None
         arrays = {}
         for side in ("front", "back"):
-            if decoded[side] is None or image_size is None:
+            data = decoded[side]
+            if data is None or image_size is None:
                 continue
             try:
-                arrays[side] = preprocess(decoded[side], side, image_size, grayscale)
+                arrays[side] = preprocess(data, side, image_size, grayscale)
             except ImageError as error:
                 row.error = row.error or f"row {index}: {side} image: {error}"
                 decoded[side] = None
