@@ -135,7 +135,7 @@ def setup(trained, tmp_path_factory):
     gateway = Server(base / "gateway", COINYEAR_SERVING_BACKEND="databricks", COINYEAR_ENDPOINT_NAME=ENDPOINT,
                      COINYEAR_LOOP_VOLUME=VOLUME, DATABRICKS_HOST=workspace.url, DATABRICKS_TOKEN=TOKENS[1],
                      COINYEAR_MAX_BODY_BYTES=BIG_BODY)
-    (base / "gateway").mkdir()
+    (base / "gateway").mkdir(exist_ok=True)  # Server() already made it (its TMPDIR lives there)
     gateway.start()
     yield endpoint, workspace, gateway, base
     gateway.kill()
