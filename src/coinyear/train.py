@@ -204,7 +204,8 @@ def _all_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
-def validation_years(model: nn.Module, val: CoinDataset, device: torch.device) -> np.ndarray:
+def validation_years(model: DualImageRegressor | CoinEnsemble, val: CoinDataset,
+                     device: torch.device) -> np.ndarray:
     """Predicted years of every validation row. Under DDP each rank predicts every world-th row and the
     shares are gathered, so all ranks hold the same predictions (and take the same early-stopping decision)."""
     rank, world = process_rank()
@@ -214,7 +215,7 @@ def validation_years(model: nn.Module, val: CoinDataset, device: torch.device) -
         return years
     import torch.distributed as dist
 
-    shares = [None] * world
+    shares: list = [None] * world  # (positions, years) of every rank once gathered
     dist.all_gather_object(shares, (positions, years))
     predicted = np.empty(len(val))
     for share_positions, share_years in shares:
@@ -223,7 +224,8 @@ def validation_years(model: nn.Module, val: CoinDataset, device: torch.device) -
 
 
 @torch.inference_mode()
-def infer_arrays(model: nn.Module, fronts: np.ndarray, backs: np.ndarray, batch_size: int = 64,
+def infer_arrays(model: DualImageRegressor | CoinEnsemble, fronts: np.ndarray, backs: np.ndarray,
+                 batch_size: int = 64,
                  device: torch.device | str | None = None, with_features: bool = False,
                  index: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Years of uint8 image arrays (rows `index`, default all; memory-mapped arrays are read batch by batch);
@@ -237,11 +239,11 @@ def infer_arrays(model: nn.Module, fronts: np.ndarray, backs: np.ndarray, batch_
         batch = rows[start:start + batch_size]
         front = torch.from_numpy(np.asarray(fronts[batch])).to(device).float() / 255
         back = torch.from_numpy(np.asarray(backs[batch])).to(device).float() / 255
-        out = infer(model, front, back, with_features)
-        years.append(out["year"].cpu().numpy())
-        spreads.append(out["spread"].cpu().numpy())
+        scored = infer(model, front, back, with_features)
+        years.append(scored["year"].cpu().numpy())
+        spreads.append(scored["spread"].cpu().numpy())
         if with_features:
-            features.append(out["features"].float().cpu().numpy())
+            features.append(scored["features"].float().cpu().numpy())
     out = {"year": np.concatenate(years) if years else np.zeros(0)}
     out["spread"] = np.concatenate(spreads) if spreads else np.zeros_like(out["year"])
     if with_features:
@@ -249,7 +251,8 @@ def infer_arrays(model: nn.Module, fronts: np.ndarray, backs: np.ndarray, batch_
     return out
 
 
-def predict_arrays(model: nn.Module, fronts: np.ndarray, backs: np.ndarray, batch_size: int = 64,
+def predict_arrays(model: DualImageRegressor | CoinEnsemble, fronts: np.ndarray, backs: np.ndarray,
+                   batch_size: int = 64,
                    device: torch.device | str | None = None) -> np.ndarray:
     return infer_arrays(model, fronts, backs, batch_size, device)["year"]
 
@@ -297,10 +300,10 @@ def fit(model: DualImageRegressor, train: CoinDataset, config: TrainConfig, val:
     # channels-last convolutions: 10.7 -> 7.0 CPU-seconds per efficientnet_lite0 step on 2 loaded cores
     # (benchmarks/README.md, "Demo time"); not measured on a GPU, so not used there
     memory_format = torch.channels_last if device.type == "cpu" else torch.preserve_format
-    model.to(device, memory_format=memory_format)
+    model.to(device, memory_format=memory_format)  # type: ignore[call-overload]  # torch's stubs lack this form
     with reused_memory() if device.type == "cpu" else contextlib.nullcontext():
         history = _fit_epochs(model, train, config, val, name, on_epoch, epochs, trace, device, memory_format)
-    model.to("cpu", memory_format=torch.contiguous_format)
+    model.to("cpu", memory_format=torch.contiguous_format)  # type: ignore[call-overload]  # as above
     return history
 
 
@@ -324,7 +327,7 @@ def _fit_epochs(model: DualImageRegressor, train: CoinDataset, config: TrainConf
         loader = DataLoader(train, batch_size=config.batch_size, shuffle=True, generator=generator,
                             drop_last=len(train) > config.batch_size, num_workers=max(workers, 0),
                             persistent_workers=workers > 0, pin_memory=device.type == "cuda")
-    step = _TrainStep(model)
+    step: nn.Module = _TrainStep(model)
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -448,7 +451,7 @@ def fit_quality(model, fronts, backs, groups, predictions: pd.DataFrame, config:
     scaled = config.conformal_scaled and len(config.tta_angles) >= 2
     conformal = Conformal.fit(predictions["predicted"], predictions["year_from"], predictions["year_to"],
                               predictions["spread"] if scaled else None)
-    plain = model.members[0] if isinstance(model, CoinEnsemble) else model
+    plain = model.regressors[0] if isinstance(model, CoinEnsemble) else model
     features = infer_arrays(plain, fronts, backs, device=device, with_features=True)["features"]
     ood = FeatureDistance.fit(features, groups, quantile=config.ood_quantile)
     model.cpu()
@@ -505,7 +508,8 @@ def train_on_manifest(manifest: Manifest, config: TrainConfig, cache_dir: Path, 
         splits = [(train_index, holdout_index)]
     predictions, spread, plain = (np.full(len(rows), np.nan) for _ in range(3))
     fold_of = np.full(len(rows), -1)
-    histories, fold_metrics, best_epochs, fold_models = {}, [], [], []
+    histories, fold_metrics, fold_models = {}, [], []
+    best_epochs: list[int] = []
     for fold, (train_index, val_index) in enumerate(tqdm(splits, desc="folds", unit="fold", disable=len(splits) == 1)):
         name = f"fold{fold + 1}" if len(splits) > 1 else "holdout"
         model = new_model(config, year_from[train_index], year_to[train_index])
@@ -611,6 +615,7 @@ def run_training(settings, config: TrainConfig, manifest: Manifest | None = None
     import tempfile
 
     import mlflow
+    from mlflow.data.pandas_dataset import from_pandas
 
     from coinyear.config import ensure_experiment
     from coinyear.data import read_manifest
@@ -629,22 +634,24 @@ def run_training(settings, config: TrainConfig, manifest: Manifest | None = None
         if len(manifest.dropped):
             mlflow.log_text(manifest.dropped.to_csv(index=False), "dataset/dropped_rows.csv")
         columns = [c for c in ("coin_id", "year_from", "year_to", "group") if c in manifest.rows.columns]
-        mlflow.log_input(mlflow.data.from_pandas(manifest.rows[columns], source=str(manifest.source),
-                                                 name="coins"), context="training")
+        mlflow.log_input(from_pandas(manifest.rows[columns], source=str(manifest.source), name="coins"),
+                         context="training")
 
         result = train_on_manifest(manifest, config, settings.cache_dir,
                                    on_metrics=lambda metrics, step=None: mlflow.log_metrics(metrics, step=step),
                                    tensor_dir=tensor_dir, trace=trace)
-        mlflow.set_tag("pretrained_weights", str(result.model.pretrained_loaded))
+        model, quality = result.model, result.quality
+        assert model is not None and quality is not None, "train_on_manifest gives rank 0 the served model"
+        mlflow.set_tag("pretrained_weights", str(model.pretrained_loaded))
         _log_plots(result)
         with tempfile.TemporaryDirectory() as folder:
             from coinyear.model import save_checkpoint
 
             checkpoint = Path(folder) / "model.pt"
-            save_checkpoint(result.model, checkpoint)
+            save_checkpoint(model, checkpoint)
             info = log_model(checkpoint, input_example(manifest.rows),
                              registered_model_name=settings.model_name if register else None,
-                             quality=result.quality.save(Path(folder) / "quality"),
+                             quality=quality.save(Path(folder) / "quality"),
                              torch_index=settings.model_torch_index)
         version = str(info.registered_model_version) if register and info.registered_model_version else None
         return RunOutcome(run.info.run_id, version, result.metrics)
