@@ -67,8 +67,10 @@ def decode_side(source: bytes | str | Path, side: str, size: int | None = None) 
     and the reverse on the right (checked by eye on the OCRE scans), so the front keeps the left half and the back
     the right half.
     """
+    image: Image.Image
     try:
-        handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
+        # a file is closed by the `with` below like the in-memory one
+        handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")  # noqa: SIM115
         with handle:
             if not HEIF_SUPPORTED and _is_heif(handle.read(12)):
                 raise ImageError("HEIC photos are not supported; send JPEG or PNG")
@@ -304,8 +306,8 @@ def validate_rows(table: pd.DataFrame, base_dir: Path, min_year: int, max_year: 
     for record in table.to_dict("records"):
         coin_id = record.get("coin_id")
 
-        def drop(reason: str, detail: str = "") -> None:
-            dropped.append({"coin_id": coin_id, "reason": reason, "detail": detail})
+        def drop(reason: str, detail: str = "") -> None:  # called within this iteration only
+            dropped.append({"coin_id": coin_id, "reason": reason, "detail": detail})  # noqa: B023
 
         if pd.isna(coin_id) or str(coin_id).strip() == "":
             drop("missing_coin_id")
@@ -318,8 +320,9 @@ def validate_rows(table: pd.DataFrame, base_dir: Path, min_year: int, max_year: 
         for column in ("obverse", "reverse"):
             value = record.get(column)
             sides[column] = None if pd.isna(value) or str(value).strip() == "" else base_dir / str(value).strip()
-        if sides["obverse"] is None or sides["reverse"] is None:
-            drop("missing_side", "obverse" if sides["obverse"] is None else "reverse")
+        obverse, reverse = sides["obverse"], sides["reverse"]
+        if obverse is None or reverse is None:
+            drop("missing_side", "obverse" if obverse is None else "reverse")
             continue
         year_from, year_to = _as_year(record.get("year_from")), _as_year(record.get("year_to"))
         if year_from is None or year_to is None:
@@ -334,8 +337,8 @@ def validate_rows(table: pd.DataFrame, base_dir: Path, min_year: int, max_year: 
         composite = False
         if check_images:
             problem = None
-            for column in ("obverse", "reverse"):
-                reason, detail = _check_image(sides[column])
+            for column, path in (("obverse", obverse), ("reverse", reverse)):
+                reason, detail = _check_image(path)
                 if reason is not None:
                     problem = (reason, f"{column}: {detail}")
                     break

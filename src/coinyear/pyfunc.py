@@ -37,6 +37,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 
 from coinyear.data import ImageError, preprocess
@@ -96,7 +97,7 @@ def decode_pair(front: bytes, back: bytes, size: int, grayscale: bool, row: int 
     return arrays
 
 
-class CoinYearModel(mlflow.pyfunc.PythonModel):
+class CoinYearModel(PythonModel):
     """Wraps a `DualImageRegressor` checkpoint."""
 
     def load_context(self, context) -> None:
@@ -142,7 +143,8 @@ class CoinYearModel(mlflow.pyfunc.PythonModel):
         """
         from coinyear.model import infer
 
-        run = self.onnx.infer if getattr(self, "onnx", None) is not None else partial(infer, self.model)
+        onnx = getattr(self, "onnx", None)
+        run = onnx.infer if onnx is not None else partial(infer, self.model)
         parts = [run(fronts[start:start + batch_size], backs[start:start + batch_size], with_features)
                  for start in range(0, len(fronts), max(batch_size, 1))]
         keys = ("year", "spread", "features") if with_features else ("year", "spread")
@@ -295,7 +297,7 @@ def _checked_onnx(checkpoint: Path, example: pd.DataFrame, folder: str) -> tuple
         path, check, reason = None, None, f"not checked: {type(error).__name__}: {error}"
     engine = "onnxruntime" if path else "pytorch"
     log.info("logged model scores with %s (ONNX %s)", engine, reason)
-    metadata = {"runtime": engine, "onnx_check": reason}
+    metadata: dict[str, str | float] = {"runtime": engine, "onnx_check": reason}
     if mlflow.active_run():
         mlflow.set_tags({"coinyear.runtime": engine, "coinyear.onnx_check": reason[:5000]})
         if check is not None:

@@ -39,8 +39,8 @@ class ScoringGraph(nn.Module):
         super().__init__()
         self.ensemble = as_ensemble(model)
 
-    def forward(self, front: torch.Tensor, back: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.ensemble.scores(front, back, with_features=True)
+    def forward(self, front: torch.Tensor, back: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.ensemble.scores(front, back, with_features=True)  # features are never None when asked for
 
 
 def export_onnx(model: DualImageRegressor | CoinEnsemble, path: str | Path) -> Path:
