@@ -167,8 +167,9 @@ def time_runs(args, work: Path) -> dict:
     dist_wall = time.perf_counter() - started
     dist_cpu = cpu_seconds_of_children() - cpu  # the workers (reaped by torchrun), not this process
     return {
-        "one_process": {"wall_seconds": one_wall, "cpu_seconds": one_cpu, "train_seconds": one["metrics"]["train_seconds"],
-                        "val_mae": one["metrics"]["val_mae"], "peak_rss_mb": one["memory_mb"].get("VmHWM")},
+        "one_process": {"wall_seconds": one_wall, "cpu_seconds": one_cpu,
+                        "train_seconds": one["metrics"]["train_seconds"], "val_mae": one["metrics"]["val_mae"],
+                        "peak_rss_mb": one["memory_mb"].get("VmHWM")},
         "one_process_1_thread": {"wall_seconds": single_wall, "cpu_seconds": single_cpu,
                                  "train_seconds": single["metrics"]["train_seconds"],
                                  "val_mae": single["metrics"]["val_mae"],

@@ -75,7 +75,10 @@ def score(table: pd.DataFrame, spread: bool) -> dict:
     return metrics
 
 
-def coverage_curve(table: pd.DataFrame, spread: bool, levels=np.arange(0.5, 0.99, 0.05)) -> list[dict]:
+LEVELS = np.arange(0.5, 0.99, 0.05)  # the interval levels of the coverage curve
+
+
+def coverage_curve(table: pd.DataFrame, spread: bool, levels=LEVELS) -> list[dict]:
     out = []
     for level in levels:
         low, high = cross_conformal(table["predicted"], table["year_from"], table["year_to"], table["fold"],
@@ -163,7 +166,8 @@ def markdown(results: dict) -> str:
             extra.append(f"constant-width intervals: coverage {100 * c['interval_coverage']:.1f}%, "
                          f"median width {c['interval_median_width']:.1f} y")
         if "ood" in entry:
-            extra.append("OOD flag rate: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in entry["ood"]["flag_rate"].items()))
+            extra.append("OOD flag rate: " + ", ".join(f"{k} {100 * v:.1f}%"
+                                                        for k, v in entry["ood"]["flag_rate"].items()))
         if extra:
             lines.append(f"- {name}: " + "; ".join(extra))
     skipped = results.get("skipped", [])
@@ -220,7 +224,8 @@ def plots(results: dict, tables: dict[str, pd.DataFrame], out: Path) -> None:
         for name, values in results["configs"][with_ood]["ood"]["score_over_threshold"].items():
             axis.hist(np.clip(values, 0, 5), bins=50, alpha=0.5, label=name, density=True)
         axis.axvline(1.0, color="k", ls="--", label="threshold")
-        axis.set(title=f"{with_ood}: OOD score / threshold (per fold)", xlabel="score / threshold (clipped at 5)", ylabel="density")
+        axis.set(title=f"{with_ood}: OOD score / threshold (per fold)", xlabel="score / threshold (clipped at 5)",
+                 ylabel="density")
         axis.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out / "quality_ood_scores.png", dpi=110)
@@ -352,7 +357,8 @@ def main(argv=None) -> int:
                 epoch_seconds = epoch_seconds or train_seconds / (config.epochs * args.folds)
                 entry = {"train_seconds": train_seconds, "recipe": config.flat(),
                          "pretrained_loaded": bool(result.fold_models[0].pretrained_loaded),
-                         "cv_mae_mean": result.metrics.get("cv_mae_mean"), "cv_mae_std": result.metrics.get("cv_mae_std")}
+                         "cv_mae_mean": result.metrics.get("cv_mae_mean"),
+                         "cv_mae_std": result.metrics.get("cv_mae_std")}
                 if config.tta_angles:
                     entry["mae_no_tta"] = float(result.metrics["val_mae_no_tta"])
                 if config.tta_angles:  # our recipes: check the out-of-distribution flag too
@@ -371,7 +377,7 @@ def main(argv=None) -> int:
             print(f"{name}: MAE {m['mae']:.2f}, ±10y {100 * m['within_10y']:.1f}%, coverage "
                   f"{100 * m['interval_coverage']:.1f}%, width {m['interval_median_width']:.1f}, "
                   f"{entry['train_seconds']:.0f}s", flush=True)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a recipe that fails is recorded with its traceback; the others run
             traceback.print_exc()
             entry = {"error": traceback.format_exc()}
         results["configs"][name] = entry
