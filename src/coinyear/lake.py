@@ -688,12 +688,13 @@ class SpooledAppender:
             self.committed_rows += segment.rows
 
     def _quarantine(self, segment: _Segment, error: Exception) -> None:
+        reason = f"{type(error).__name__}: {error}"
+        # the reason first: health() counts quarantined files, and a reader must never see the count without it
+        self.last_quarantine_error = f"{segment.path.name}: {reason}"
         self.quarantine_dir.mkdir(exist_ok=True)
+        (self.quarantine_dir / f"{segment.path.name}.error").write_text(reason + "\n")
         segment.path.replace(self.quarantine_dir / segment.path.name)
         _fsync_dir(self.dir)
-        reason = f"{type(error).__name__}: {error}"
-        (self.quarantine_dir / f"{segment.path.name}.error").write_text(reason + "\n")
-        self.last_quarantine_error = f"{segment.path.name}: {reason}"
         log.error("spool segment %s (%d rows) cannot be committed to %s after %d attempts, moved to %s: %s",
                   segment.path.name, segment.rows, self.table, self.max_attempts, self.quarantine_dir, reason)
         self._failures.pop(segment.seq, None)

@@ -233,6 +233,11 @@ def behaviour_regressions(settings: Settings, candidate_version: str, production
     reports = {}
     for role, version in (("candidate", candidate_version), ("production", production_version)):
         python_model = mlflow.pyfunc.load_model(registry.model_uri(settings, version)).unwrap_python_model()
+        if not callable(getattr(python_model, "score_tensors", None)):  # not a coinyear model: nothing to hold to
+            log.warning("behaviour checks not run: %s v%s is a %s, not a coinyear model", role, version,
+                        type(python_model).__name__)
+            mlflow.set_tag("coinyear.behaviour", f"not run: {role} v{version} is not a coinyear model")
+            return []
         reports[role] = check_behaviour(python_model, cases, settings.retrain_behaviour_tolerance)
         mlflow.log_dict(reports[role].to_dict(), f"behaviour/{role}-v{version}.json")
     return [f"behaviour check broken: {message}"
