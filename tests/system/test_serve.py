@@ -440,7 +440,11 @@ def test_hot_swap_under_steady_traffic_fails_no_request(server):
     assert len(statuses) > 20
     assert set(statuses) == {200}, [s for s in statuses if s != 200][:5]
     first_new = versions.index(new_version)
-    assert set(versions[:first_new]) == {"1"} and set(versions[first_new:]) == {new_version}
+    # a request that started on version 1 finishes on it; with two scoring passes at once (COINYEAR_BATCH_WORKERS)
+    # it may answer just after the other client's first new answer: at most one such straggler per other client
+    after = versions[first_new:]
+    assert set(versions[:first_new]) == {"1"} and set(after) <= {"1", new_version}
+    assert after.count("1") <= len(clients) - 1, after[:5]
     status = server.get("/version").json()
     assert status["model_version"] == new_version and broken in status["rejected_versions"]
     assert status["alias_version"] == broken and "not swapped in" in status["last_error"]
