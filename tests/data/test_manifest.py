@@ -143,12 +143,18 @@ def test_grouped_folds_never_share_a_coin_type(ocre_dir):
     assert 0.08 < len(holdout) / len(rows) < 0.25
 
 
-def test_import_collection_builds_a_valid_manifest(tmp_path):
+def photo_folder(tmp_path):
+    """A collection's photo folder: fronts f0-f2.png and backs b0-b2.png."""
     photos = tmp_path / "photos"
     photos.mkdir()
     for i in range(3):
         (photos / f"f{i}.png").write_bytes(coin_image(i, fmt="PNG"))
         (photos / f"b{i}.png").write_bytes(coin_image(10 + i, fmt="PNG"))
+    return photos
+
+
+def test_import_collection_builds_a_valid_manifest(tmp_path):
+    photos = photo_folder(tmp_path)
     pd.DataFrame({"front": ["f0.png", "f1.png", "f2.png"], "back": ["b0.png", "b1.png", "missing.png"],
                   "year": [-27, 73, 100], "mint": ["Rome", "Rome", "Lyon"]}).to_csv(tmp_path / "mine.csv", index=False)
     manifest = import_collection(photos, tmp_path / "mine.csv", tmp_path / "out")
@@ -180,11 +186,7 @@ def test_a_photo_over_the_decoding_pixel_cap_is_skipped_with_its_reason(tmp_path
 
 
 def test_import_collection_keeps_the_first_of_a_repeated_coin_id_and_reports_the_rest(tmp_path):
-    photos = tmp_path / "photos"
-    photos.mkdir()
-    for i in range(3):
-        (photos / f"f{i}.png").write_bytes(coin_image(i, fmt="PNG"))
-        (photos / f"b{i}.png").write_bytes(coin_image(10 + i, fmt="PNG"))
+    photos = photo_folder(tmp_path)
     pd.DataFrame({"coin_id": ["a", "b", "a"], "front": ["f0.png", "f1.png", "f2.png"],
                   "back": ["b0.png", "b1.png", "b2.png"], "year": [-27, 73, 100]}).to_csv(tmp_path / "mine.csv",
                                                                                         index=False)
