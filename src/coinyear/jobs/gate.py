@@ -35,6 +35,7 @@ class Scored:
     median_ms: float = math.nan  # one-coin requests; the gate (robust to a busy machine's outliers)
     p95_ms: float = math.nan
     error: str | None = None
+    python_model: object = None  # the loaded model, for the behaviour checks (not loaded twice)
 
 
 def encoded_frame(rows: pd.DataFrame) -> pd.DataFrame:
@@ -61,7 +62,8 @@ def score(model_uri: str, frame: pd.DataFrame, batch_size: int = 32) -> Scored:
             model.predict(frame.iloc[[index % len(frame)]])
             timings.append((time.perf_counter() - started) * 1000)
         timings = timings[1:]  # the first call warms up
-        return Scored(predictions, float(np.median(timings)), float(np.percentile(timings, 95)))
+        return Scored(predictions, float(np.median(timings)), float(np.percentile(timings, 95)),
+                      python_model=model.unwrap_python_model())
     except Exception as error:  # any failure of a candidate is a reason to reject it, never a crash
         log.exception("scoring %s failed", model_uri)
         return Scored(np.zeros(0), error=f"{type(error).__name__}: {error}")
@@ -210,16 +212,18 @@ def validate(settings: Settings, candidate_version: str, production_version: str
     except ModelValidationFailedException:
         verdict.decision, verdict.reason = REJECTED, "; ".join([comparison, *too_slow])
         return verdict
-    regressions = behaviour_regressions(settings, candidate_version, production_version) \
+    loaded = {candidate_version: candidate.python_model, production_version: production.python_model}
+    regressions = behaviour_regressions(settings, candidate_version, production_version, loaded) \
         if settings.retrain_behaviour_gate else []
     verdict.decision, verdict.reason = (REJECTED, "; ".join([*too_slow, *regressions, comparison])) \
         if too_slow or regressions else (PROMOTED, comparison)
     return verdict
 
 
-def behaviour_regressions(settings: Settings, candidate_version: str, production_version: str) -> list[str]:
+def behaviour_regressions(settings: Settings, candidate_version: str, production_version: str,
+                          loaded: dict[str, object] | None = None) -> list[str]:
     """The behaviour checks (coinyear.behaviour) the candidate fails and production passes, each as a reason;
-    both reports are logged to the active validate run."""
+    both reports are logged to the active validate run. `loaded`: models the gate already loaded, by version."""
     import mlflow
 
     from coinyear.behaviour import behaviour_cases, check_behaviour
@@ -232,7 +236,8 @@ def behaviour_regressions(settings: Settings, candidate_version: str, production
         return []
     reports = {}
     for role, version in (("candidate", candidate_version), ("production", production_version)):
-        python_model = mlflow.pyfunc.load_model(registry.model_uri(settings, version)).unwrap_python_model()
+        python_model = (loaded or {}).get(version) or \
+            mlflow.pyfunc.load_model(registry.model_uri(settings, version)).unwrap_python_model()
         if not callable(getattr(python_model, "score_tensors", None)):  # not a coinyear model: nothing to hold to
             log.warning("behaviour checks not run: %s v%s is a %s, not a coinyear model", role, version,
                         type(python_model).__name__)
