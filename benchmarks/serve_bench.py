@@ -19,6 +19,8 @@ hold-out coins (coins outside the training slice). The load average is recorded:
 
     python benchmarks/serve_bench.py                                   # default + light models, 1/16 clients
     python benchmarks/serve_bench.py --seconds 3 --models default --name serve_bench-default
+    python benchmarks/serve_bench.py --models default --sweep 1 1 --sweep 1 2 --sweep 2 1 --sweep 2 2 \
+        --name serve_bench-threads      # our gateway per COINYEAR_NUM_THREADS x COINYEAR_BATCH_WORKERS
 
 Writes benchmarks/results/serve_bench.{json,md,png}. Numbers depend on the machine: compare only rows of one run.
 """
@@ -219,16 +221,22 @@ class Process:
         self.log.close()
 
 
-def start_ours(home: Path, logging_on: bool, out: Path) -> tuple[Process, str, dict]:
+def start_ours(home: Path, logging_on: bool, out: Path, threads: int | None = None,
+               workers: int | None = None) -> tuple[Process, str, dict]:
+    """Our gateway; with `threads`/`workers` (the sweep) COINYEAR_NUM_THREADS / COINYEAR_BATCH_WORKERS, and its
+    own home and name."""
     port = free_port()
-    # each gateway needs its own COINYEAR_HOME (one spool writer per folder); both read the same registry
-    own_home = home if logging_on else home / "log-off"
+    tuned = threads is not None or workers is not None
+    name = f"coinyear-t{threads}-w{workers}" if tuned else f"coinyear-log-{'on' if logging_on else 'off'}"
+    # each gateway needs its own COINYEAR_HOME (one spool writer per folder); all read the same registry
+    own_home = home / name if tuned else home if logging_on else home / "log-off"
     env = {**os.environ, "COINYEAR_HOME": str(own_home), "COINYEAR_API_TOKENS": TOKEN,
            "COINYEAR_INFERENCE_LOG": str(logging_on).lower(),
            "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
-           "MLFLOW_REGISTRY_URI": f"sqlite:///{home / 'mlflow.db'}"}
+           "MLFLOW_REGISTRY_URI": f"sqlite:///{home / 'mlflow.db'}",
+           **({"COINYEAR_NUM_THREADS": str(threads)} if threads else {}),
+           **({"COINYEAR_BATCH_WORKERS": str(workers)} if workers else {})}
     env.pop("COINYEAR_LAKE_URI", None)
-    name = f"coinyear-log-{'on' if logging_on else 'off'}"
     process = Process(name, [str(BIN / "coinyear"), "serve", "--port", str(port)], env,
                       f"http://127.0.0.1:{port}/ready", out / f"{home.name}-{name}.log")
     return process, f"http://127.0.0.1:{port}/serving-endpoints/coinyear/invocations", \
@@ -311,10 +319,11 @@ def aggregate(server: str, clients: int, interval: bool, runs: list[dict]) -> di
             "mean_ms": 1000 * statistics.fmean(ordered) if ordered else float("nan")}
 
 
-def bench_servers(starts, bodies: dict[bool, bytes], clients: list[int], seconds: float, rounds: int) -> list[dict]:
-    """All servers up at once; rounds interleave them point by point (clients x interval off/on x server), so
-    drifting background load on a shared machine hits every server alike instead of whichever happened to run
-    during a busy minute."""
+def bench_servers(starts, bodies: dict[bool, bytes], clients: list[int], seconds: float,
+                  rounds: int) -> tuple[list[dict], list[str]]:
+    """(results, the load average after each round). All servers up at once; rounds interleave them point by
+    point (clients x interval off/on x server), so drifting background load on a shared machine hits every
+    server alike instead of whichever happened to run during a busy minute."""
     servers = [start() for start in starts]
     try:
         for process, url, headers in servers:
@@ -322,13 +331,15 @@ def bench_servers(starts, bodies: dict[bool, bytes], clients: list[int], seconds
             for body in bodies.values():  # warm caches, allocator, connection handling
                 run_load(url, body, headers, 4, 2.0, warmup=0.5)
         runs: dict[tuple[str, int, bool], list[dict]] = {}
+        loads = []
         for round_index in range(rounds):
             for count in clients:
                 for interval, body in bodies.items():
                     for process, url, headers in servers:
                         runs.setdefault((process.name, count, interval), []).append(
                             run_load(url, body, headers, count, seconds))
-            print(f"  round {round_index + 1}/{rounds} done (load {os.getloadavg()[0]:.1f})", flush=True)
+            loads.append(" ".join(f"{x:.1f}" for x in os.getloadavg()))
+            print(f"  round {round_index + 1}/{rounds} done (load {loads[-1]})", flush=True)
         results = []
         for (name, count, interval), point in runs.items():
             result = aggregate(name, count, interval, point)
@@ -336,7 +347,7 @@ def bench_servers(starts, bodies: dict[bool, bytes], clients: list[int], seconds
                   f"req/s  p50 {result['p50_ms']:7.1f} ms  p99 {result['p99_ms']:7.1f} ms  errors {result['errors']}",
                   flush=True)
             results.append(result)
-        return results
+        return results, loads
     finally:
         for process, _, _ in servers:
             process.stop()
@@ -370,7 +381,9 @@ def markdown(report: dict) -> str:
              f"one real coin pair ({report['body_bytes'] // 1024} KiB JSON) per request, plain or with "
              f"`params.interval` 0.9. Load average (1/5/15 min) at start: {report['loadavg']}, "
              f"at end: {report['loadavg_end']}. Models trained 1 epoch on a small slice (speed does not depend on "
-             "the weights); `default` = efficientnet_lite0, shared, 128 px, 5-angle rotation TTA (as make demo)."), "",
+             "the weights); `default` = efficientnet_lite0, shared, 128 px, 5-angle rotation TTA (as make demo). "
+             + " ".join(f"{model['name']} (commit {model.get('git_commit', '?')}): load after each round "
+                        f"{' / '.join(model.get('loadavg_rounds', []))}." for model in report["models"])), "",
              "| model | server | clients | interval | req/s | req/s per round | p50 ms | p99 ms | errors |",
              "|---|---|---:|---|---:|---|---:|---:|---:|"]
     for model in report["models"]:
@@ -379,6 +392,8 @@ def markdown(report: dict) -> str:
             lines.append(f"| {model['name']} | {row['server']} | {row['clients']} | "
                          f"{'on' if row['interval'] else 'off'} | {row['rps']:.1f} | {rounds} | "
                          f"{row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {row['errors']} |")
+    if not any(model["summary"] for model in report["models"]):  # the thread sweep: no MLflow to compare with
+        return "\n".join(lines) + "\n"
     lines += ["", ("| model | interval | GFLOP/request | compute bound req/s | ours/mlflow @16 "
                    "| p99 ours vs mlflow @16 | p50 ours vs mlflow @1 | logging cost @16 |"),
               "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -450,6 +465,18 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def _git_commit() -> str:
+    """The commit measured, with `+dirty` when the working tree had uncommitted changes (a shared checkout)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -464,6 +491,9 @@ def main() -> int:
                                                                           REPO.parent / "shared" / "data" / "ocre")))
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     parser.add_argument("--name", default="serve_bench", help="result files: <out>/<name>.{json,md,png}")
+    parser.add_argument("--sweep", nargs=2, type=int, action="append", metavar=("THREADS", "WORKERS"),
+                        help="instead of the three servers: our gateway (log on) once per given COINYEAR_NUM_THREADS "
+                             "and COINYEAR_BATCH_WORKERS pair (repeat the flag), interleaved the same way")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -489,18 +519,22 @@ def main() -> int:
         runtime = runtime_check(home, args.data, args.limit, args.holdout)
         print(f"{name} (version {version}, {runtime['engine']}): {gflop:.3f} GFLOP per request -> compute bound "
               f"{matmul / gflop:.0f} req/s; {runtime}", flush=True)
-        for state in ("lake", "spool", "log-off"):
+        for state in ("lake", "spool", "log-off", *(f"coinyear-t{t}-w{w}" for t, w in args.sweep or ())):
             shutil.rmtree(home / state, ignore_errors=True)
         logs = home / "logs"  # server output, kept out of the results folder
         logs.mkdir(exist_ok=True)
         starts = (partial(start_ours, home, True, logs), partial(start_ours, home, False, logs),
                   partial(start_mlflow, home, logs))
+        if args.sweep:
+            starts = tuple(partial(start_ours, home, True, logs, t, w) for t, w in args.sweep)
         loadavg = " ".join(f"{x:.1f}" for x in os.getloadavg())
-        results = bench_servers(starts, bodies, args.clients, args.seconds, args.rounds)
+        results, loads = bench_servers(starts, bodies, args.clients, args.seconds, args.rounds)
         report["models"].append({"name": name, "backbone": MODELS[name][0], "version": version,
                                  "gflop_per_request": gflop, "runtime": runtime, "loadavg_start": loadavg,
+                                 "loadavg_rounds": loads, "git_commit": _git_commit(),
                                  "loadavg_end": " ".join(f"{x:.1f}" for x in os.getloadavg()),
-                                 "results": results, "summary": summarise(results, gflop, matmul)})
+                                 "results": results,
+                                 "summary": {} if args.sweep else summarise(results, gflop, matmul)})
     report["loadavg_end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2))
     table = markdown(report)
