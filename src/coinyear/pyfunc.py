@@ -9,12 +9,20 @@ each row's answer is instead `{"year", "low", "high", "out_of_distribution"}`: t
 the true year for that share of coins like the training coins, and whether the photos look unlike any
 training coin (then the range and year deserve little trust).
 
+With `neighbours` (a whole number k, 1 to 20: `{"params": {"neighbours": 5}}`) each row's answer is an object
+with `year` (and the interval fields when `interval` is asked too) and `neighbours`: the k training coins whose
+features lie nearest to the request's, by the OOD flag's cosine distance, nearest first, each with `coin_id`,
+`year_from`, `year_to`, `date_text`, `denomination`, `mint`, `portrait`, `distance` and its sides as JPEG data
+URLs `thumbnail` (obverse) and `thumbnail_back` (see coinyear.neighbours). Models logged without the reference
+table refuse the parameter with a 400.
+
 The logged model is self-contained: it carries the coinyear package as MLflow `code_paths` (put first on
 `sys.path` when MLflow loads it) and lists as requirements exactly what the serving code imports, pinned to
 the training environment's versions, so any environment MLflow builds from it (`mlflow models serve`,
 `spark_udf`, Databricks Model Serving) scores without coinyear installed. Loading it imports only
-`coinyear.pyfunc`, `.data`, `.model`, `.quality`, `.runtime` and `.years`: none may import a package missing from
-`pip_requirements` at module level (settings, lake, Spark, tqdm and scikit-learn stay lazy).
+`coinyear.pyfunc`, `.data`, `.model`, `.neighbours`, `.quality`, `.runtime` and `.years`: none may import a
+package missing from `pip_requirements` at module level (settings, lake, Spark, tqdm and scikit-learn stay lazy;
+pyarrow, which reads the reference table, comes with mlflow).
 
 When the logged model carries an ONNX export of the network (`coinyear.runtime`: all TTA rotations and the OOD
 features in one graph, attached only when it matched PyTorch at logging time) and `onnxruntime` imports, it scores
@@ -39,12 +47,13 @@ from mlflow.models import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+from mlflow.types.schema import Array, Object, Property
 
 from coinyear.data import ImageError, preprocess
 
 FRONT, BACK = "front_image_base64", "back_image_base64"
 CHECKPOINT = "checkpoint"
-CONFORMAL, OOD = "conformal", "ood"
+CONFORMAL, OOD, NEIGHBOURS = "conformal", "ood", "neighbours"
 ONNX = "onnx"
 ONNX_PACKAGES = ("onnxruntime",)
 
@@ -58,10 +67,19 @@ SIGNATURE = ModelSignature(
     # struct of all four from this schema: callers name result_type ("double" plain, the struct with interval).
     outputs=Schema([ColSpec("double", "year"), ColSpec("double", "low", required=False),
                     ColSpec("double", "high", required=False),
-                    ColSpec("boolean", "out_of_distribution", required=False)]),
+                    ColSpec("boolean", "out_of_distribution", required=False),
+                    # only with `params.neighbours`: the nearest training coins (coinyear.neighbours)
+                    ColSpec(Array(Object([
+                        *(Property(name, "string", required=name == "coin_id")
+                          for name in ("coin_id", "date_text", "denomination", "mint", "portrait")),
+                        Property("year_from", "long"), Property("year_to", "long"), Property("distance", "double"),
+                        Property("thumbnail", "string"), Property("thumbnail_back", "string")])),
+                        "neighbours", required=False)]),
     params=ParamSchema([ParamSpec("batch_size", "long", 32),
                         # 0 = plain years; a level in (0, 1) = year, conformal range and OOD flag per row
-                        ParamSpec("interval", "double", 0.0)]),
+                        ParamSpec("interval", "double", 0.0),
+                        # 0 = none; k in 1..20 = the k nearest training coins per row
+                        ParamSpec("neighbours", "long", 0)]),
 )
 
 
@@ -111,6 +129,14 @@ class CoinYearModel(PythonModel):
             from coinyear.quality import Quality
 
             self.quality = Quality.load(context.artifacts[CONFORMAL], context.artifacts[OOD])
+        self.references = None
+        if self.quality is not None and NEIGHBOURS in context.artifacts:  # models logged before have none
+            from coinyear.neighbours import References
+
+            self.references = References.load(context.artifacts[NEIGHBOURS])
+            if len(self.references) != len(self.quality.ood.reference):
+                raise ValueError(f"the reference table has {len(self.references)} coins, the OOD reference "
+                                 f"{len(self.quality.ood.reference)}: they must be the same coins in the same order")
         self.onnx, self.engine = None, "pytorch"
         if ONNX in context.artifacts:  # models logged before, or whose export did not match, have none
             try:
@@ -150,15 +176,31 @@ class CoinYearModel(PythonModel):
         keys = ("year", "spread", "features") if with_features else ("year", "spread")
         return {key: torch.cat([part[key] for part in parts]).numpy().astype(float) for key in keys}
 
-    def answers(self, scored: dict[str, np.ndarray], level: float) -> pd.DataFrame:
-        """Year, conformal range at `level` and out-of-distribution flag per coin, from `score_tensors` output
-        computed `with_features`."""
-        if self.quality is None:
+    def check_params(self, level: float, neighbours: int = 0) -> None:
+        """InvalidCoinInput unless this version can answer `interval` (level > 0) and `neighbours` (k > 0)."""
+        if level and self.quality is None:
             raise InvalidCoinInput("this model version was logged without interval calibration; "
                                    "call it without the `interval` parameter")
-        low, high = self.quality.conformal.interval(scored["year"], level, scored["spread"])
-        return pd.DataFrame({"year": scored["year"], "low": low, "high": high,
-                             "out_of_distribution": self.quality.ood.flag(scored["features"])})
+        if neighbours and getattr(self, "references", None) is None:
+            raise InvalidCoinInput("this model version was logged without its reference coins; "
+                                   "call it without the `neighbours` parameter")
+
+    def answers(self, scored: dict[str, np.ndarray], level: float, neighbours: int = 0) -> pd.DataFrame:
+        """Per coin the year; with `level` > 0 the conformal range at that level and the out-of-distribution
+        flag; with `neighbours` k > 0 the k nearest training coins (a list of dicts). From `score_tensors` output
+        computed `with_features`."""
+        self.check_params(level, neighbours)
+        frame = pd.DataFrame({"year": scored["year"]})
+        if not (level or neighbours):
+            return frame
+        ood = self.quality.ood
+        distance = ood.distances(scored["features"])  # the costly part, once for the flag and the neighbours
+        if level:
+            frame["low"], frame["high"] = self.quality.conformal.interval(scored["year"], level, scored["spread"])
+            frame["out_of_distribution"] = ood.flag(scored["features"], distance)
+        if neighbours:
+            frame["neighbours"] = self.references.describe(*ood.nearest(scored["features"], neighbours, distance))
+        return frame
 
     def predict_tensors(self, fronts: torch.Tensor, backs: torch.Tensor, batch_size: int = 32) -> np.ndarray:
         """The year per coin."""
@@ -167,9 +209,7 @@ class CoinYearModel(PythonModel):
     def predict_intervals(self, fronts: torch.Tensor, backs: torch.Tensor, level: float,
                           batch_size: int = 32) -> pd.DataFrame:
         """Year, conformal range at `level` and out-of-distribution flag per coin."""
-        if self.quality is None:
-            raise InvalidCoinInput("this model version was logged without interval calibration; "
-                                   "call it without the `interval` parameter")
+        self.check_params(level)
         return self.answers(self.score_tensors(fronts, backs, True, batch_size), level)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None):
@@ -178,11 +218,15 @@ class CoinYearModel(PythonModel):
         params = params or {}
         batch_size = max(int(params.get("batch_size") or 32), 1)
         level = _interval_level(params.get("interval"))
+        neighbours = _neighbour_count(params.get("neighbours"))
+        self.check_params(level, neighbours)
         if len(model_input) == 0:
-            return pd.DataFrame(columns=["year", "low", "high", "out_of_distribution"]) if level else np.zeros(0)
+            columns = ["year", *(["low", "high", "out_of_distribution"] if level else []),
+                       *(["neighbours"] if neighbours else [])]
+            return pd.DataFrame(columns=columns) if level or neighbours else np.zeros(0)
         fronts, backs = self.tensors(model_input)
-        if level:
-            return self.predict_intervals(fronts, backs, level, batch_size)
+        if level or neighbours:
+            return self.answers(self.score_tensors(fronts, backs, True, batch_size), level, neighbours)
         return self.predict_tensors(fronts, backs, batch_size)
 
 
@@ -197,6 +241,16 @@ def _interval_level(value) -> float:
     if not 0 < level < 1:
         raise InvalidCoinInput(f"interval must be between 0 and 1 (e.g. 0.9), got {level}")
     return level
+
+
+def _neighbour_count(value) -> int:
+    """0 (no neighbours) or k in 1..20; MLflow's server has already made a `long` of the JSON value."""
+    from coinyear.neighbours import neighbour_count
+
+    try:
+        return neighbour_count(0 if value is None else value)
+    except ValueError as error:
+        raise InvalidCoinInput(str(error)) from error
 
 
 def encode_file(path: str | Path) -> str:
@@ -253,7 +307,8 @@ def log_model(checkpoint: Path, example: pd.DataFrame, registered_model_name: st
               quality: dict[str, str] | None = None, torch_index: str | None = None, onnx: bool = True):
     """Log the pyfunc (signature + input example) in the active run; register it when a name is given.
 
-    `quality` holds the interval calibration and OOD files (`Quality.save`), which enable `interval`.
+    `quality` holds the interval calibration and OOD files (`Quality.save`), which enable `interval`, and may
+    hold the reference coins' table (`neighbours`: `References.save`), which enables `neighbours`.
     The model carries its code and pinned requirements (see `pip_requirements`; training passes the setting
     `COINYEAR_MODEL_TORCH_INDEX` as `torch_index`). With `onnx`, the network is exported to ONNX and scored by
     both runtimes on the input example's coin (`coinyear.runtime.export_checked`); the graph and onnxruntime are

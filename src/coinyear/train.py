@@ -619,6 +619,7 @@ def run_training(settings, config: TrainConfig, manifest: Manifest | None = None
 
     from coinyear.config import ensure_experiment
     from coinyear.data import read_manifest
+    from coinyear.neighbours import reference_file
     from coinyear.pyfunc import input_example, log_model
 
     experiment_id = ensure_experiment(settings)
@@ -651,7 +652,8 @@ def run_training(settings, config: TrainConfig, manifest: Manifest | None = None
             save_checkpoint(model, checkpoint)
             info = log_model(checkpoint, input_example(manifest.rows),
                              registered_model_name=settings.model_name if register else None,
-                             quality=quality.save(Path(folder) / "quality"),
+                             quality={**quality.save(Path(folder) / "quality"),
+                                      **reference_file(manifest.rows, settings.cache_dir, Path(folder) / "quality")},
                              torch_index=settings.model_torch_index)
         version = str(info.registered_model_version) if register and info.registered_model_version else None
         return RunOutcome(run.info.run_id, version, result.metrics)

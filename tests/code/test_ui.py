@@ -158,17 +158,40 @@ def test_predict_shows_the_interval_and_warns_when_out_of_distribution(api):
 
 
 def test_a_model_without_intervals_still_gives_its_year(api):
-    def no_intervals(body):
-        if "params" in body:
-            return 400, {"error_code": "INVALID_PARAMETER_VALUE",
-                         "message": "model version 1 cannot give intervals"}, {}
+    def no_intervals(body):  # refuses each parameter it cannot answer, one at a time, as the gateway does
+        for name in ("interval", "neighbours"):
+            if name in body.get("params", {}):
+                return 400, {"error_code": "INVALID_PARAMETER_VALUE",
+                             "message": f"model version 1 was logged without ...; call it without `{name}`"}, {}
         return 200, {"predictions": [12.0]}, ANSWER_HEADERS
 
     api.routes[INVOCATIONS] = no_intervals
     at = press(upload_pair(app(), coin_image(1), coin_image(2)), "Predict")
     assert at.metric[0].value == "AD 12" and not at.error
-    assert "interval" not in texts(at.markdown)
-    assert [("params" in call["json"]) for call in api.calls(INVOCATIONS[1])] == [True, False]
+    assert "interval" not in texts(at.markdown) and "Looks like" not in texts(at.markdown)
+    assert [sorted(call["json"].get("params", {})) for call in api.calls(INVOCATIONS[1])] == [
+        ["interval", "neighbours"], ["neighbours"], []]
+
+
+def test_predict_shows_the_nearest_reference_coins_with_their_dates(api):
+    thumbnail = "data:image/jpeg;base64," + base64.b64encode(coin_image(5, (64, 64))).decode("ascii")
+    coins = [{"coin_id": str(i), "year_from": 69 + i, "year_to": 79, "date_text": f"AD {69 + i} - AD 79",
+              "denomination": "Denarius", "mint": "Rome", "portrait": "Vespasian" if i < 3 else "Titus",
+              "distance": 0.1 * i, "thumbnail": thumbnail, "thumbnail_back": thumbnail} for i in range(5)]
+
+    def with_neighbours(body):  # a model without interval calibration but with its reference coins
+        if "interval" in body.get("params", {}):
+            return 400, {"error_code": "INVALID_PARAMETER_VALUE", "message": "call it without `interval`"}, {}
+        return 200, {"predictions": [{"year": 74.0, "neighbours": coins[:body["params"]["neighbours"]]}]}, \
+            ANSWER_HEADERS
+
+    api.routes[INVOCATIONS] = with_neighbours
+    at = press(upload_pair(app(), coin_image(1), coin_image(2)), "Predict")
+    assert at.metric[0].value == "AD 74" and not at.error
+    assert "**Looks like these coins of Vespasian, AD 69–79**" in texts(at.markdown)
+    assert sum("Denarius · Rome" in text for text in texts(at.caption).split("\n")) == 5
+    assert len(at.get("image")) == 7  # the two photos, then the five reference coins
+    assert api.calls(INVOCATIONS[1])[-1]["json"]["params"] == {"neighbours": 5}
 
 
 def test_predict_button_waits_for_both_sides(api):

@@ -165,6 +165,15 @@ def test_predict_correct_monitor_models_in_a_real_browser(browser, stack, ocre_d
     assert re.fullmatch(r"AD \d+|\d+ BC", shown), shown
     text = page.get_by_test_id("stMainBlockContainer").inner_text()
     assert re.search(r"90% interval: (AD \d+|\d+ BC) – (AD \d+|\d+ BC)", text), text
+    # the five nearest reference coins under the prediction: their thumbnails (after the two photos), loaded and
+    # drawn by the browser, and one caption naming their dates
+    thumbnails = page.locator('[data-testid="stImage"] img')
+    thumbnails.nth(6).wait_for()
+    assert thumbnails.count() == 7
+    for index in range(2, 7):
+        assert thumbnails.nth(index).evaluate("img => img.decode().then(() => img.naturalWidth)") == 64
+    caption = page.get_by_test_id("stMainBlockContainer").inner_text()
+    assert re.search(r"Looks like these coins( of [A-Z][a-z]+( [A-Z][a-z]+)*)?, (AD \d+|\d+ BC)", caption), caption
     request_id = re.search(r"Request id ([0-9a-f-]{32,36})\b", text)
     assert request_id, "no request id on the page"
     request_id = request_id.group(1)

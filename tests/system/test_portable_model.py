@@ -30,8 +30,8 @@ from coinyear.pyfunc import BACK, FRONT, encode_file
 from tests.conftest import coin_image
 
 # All the package a served model may import: a module added here must import only what pyfunc.pip_requirements lists.
-SERVING_MODULES = {"coinyear", "coinyear.pyfunc", "coinyear.data", "coinyear.model", "coinyear.quality",
-                   "coinyear.runtime", "coinyear.years"}
+SERVING_MODULES = {"coinyear", "coinyear.pyfunc", "coinyear.data", "coinyear.model", "coinyear.neighbours",
+                   "coinyear.quality", "coinyear.runtime", "coinyear.years"}
 
 # Runs inside the fresh environment: nothing of ours is importable there until MLflow loads the model.
 SCRIPT = r"""
@@ -43,8 +43,10 @@ model = mlflow.pyfunc.load_model(uri)
 frame = pd.DataFrame({"front_image_base64": [open(front).read()], "back_image_base64": [open(back).read()]})
 years = model.predict(frame)
 interval = model.predict(frame, params={"interval": 0.9})
+near = model.predict(frame, params={"neighbours": 2})
 import coinyear
 print(json.dumps({"years": [float(y) for y in years], "interval": interval.to_dict(orient="records"),
+                  "neighbours": near.to_dict(orient="records"),
                   "engine": model.unwrap_python_model().engine,
                   "coinyear": coinyear.__file__, "modules": sorted(m for m in sys.modules if m.startswith("coinyear")),
                   "pydantic_settings": importlib.util.find_spec("pydantic_settings") is not None}))
@@ -172,11 +174,14 @@ def test_fresh_environment_scores_a_real_coin_like_ours(trained, model_env, ocre
     assert answer["years"] == pytest.approx(ours, abs=1e-3)
     assert answer["interval"][0]["year"] == pytest.approx(ours[0], abs=1e-3)
     assert answer["interval"][0]["low"] <= answer["interval"][0]["year"] <= answer["interval"][0]["high"]
+    # the reference coins' table (parquet: pyarrow comes with mlflow) loads and answers there too
+    assert answer["neighbours"][0]["year"] == pytest.approx(ours[0], abs=1e-3)
+    assert [n["coin_id"] for n in answer["neighbours"][0]["neighbours"]] == _our_neighbours(settings, front, back, 2)
     # coinyear came from the model's own code, not from an installed package
     assert Path(answer["coinyear"]).parts[-3:] == ("code", "coinyear", "__init__.py"), answer["coinyear"]
     assert "site-packages" not in answer["coinyear"]
     # the serving closure: settings (pydantic-settings), lake, Spark and the rest of the package stay unloaded
-    assert {"coinyear.pyfunc", "coinyear.data", "coinyear.model", "coinyear.quality",
+    assert {"coinyear.pyfunc", "coinyear.data", "coinyear.model", "coinyear.neighbours", "coinyear.quality",
             "coinyear.runtime"} <= set(answer["modules"])
     # the fresh environment scores with the ONNX graph (onnxruntime came from the model's requirements)
     assert answer["engine"] == "onnxruntime"
@@ -219,10 +224,20 @@ def test_torch_index_pins_that_build_and_survives_mlflow(tmp_path):
         mlflow.set_tracking_uri(None)
     written = (files / "requirements.txt").read_text().splitlines()
     assert written == lines, written
-    # one output schema for both answers: the year always, the interval columns only with params.interval
+    # one output schema for every answer: the year always, the interval columns only with params.interval, the
+    # nearest reference coins (a list of objects) only with params.neighbours
     outputs = info.signature.outputs
-    assert outputs.input_names() == ["year", "low", "high", "out_of_distribution"]
+    assert outputs.input_names() == ["year", "low", "high", "out_of_distribution", "neighbours"]
     assert outputs.required_input_names() == ["year"]
+
+
+def _our_neighbours(settings, front: Path, back: Path, k: int) -> list[str]:
+    """The coin ids of the coin's k nearest reference coins in our own environment."""
+    import mlflow
+
+    model = mlflow.pyfunc.load_model(f"models:/{settings.model_name}@production")
+    frame = pd.DataFrame({FRONT: [front.read_text()], BACK: [back.read_text()]})
+    return [n["coin_id"] for n in model.predict(frame, params={"neighbours": k})["neighbours"][0]]
 
 
 def _free_port() -> int:
@@ -269,6 +284,22 @@ def test_mlflow_models_serve_builds_the_environment_and_answers(trained, ocre_di
         answer = ranged.json()["predictions"][0]
         assert set(answer) == {"year", "low", "high", "out_of_distribution"}
         assert answer["year"] == pytest.approx(ours, abs=1e-3) and answer["low"] <= ours <= answer["high"]
+        # neighbours through MLflow's own scoring server: a list of objects per row, with and without interval
+        near = requests.post(f"{url}/invocations", json={"inputs": [row], "params": {"neighbours": 3}}, timeout=120)
+        assert near.status_code == 200, near.text[-2000:]
+        answer = near.json()["predictions"][0]
+        assert set(answer) == {"year", "neighbours"} and answer["year"] == pytest.approx(ours, abs=1e-3)
+        assert [n["coin_id"] for n in answer["neighbours"]] == _our_neighbours(settings, front, back, 3)
+        assert answer["neighbours"][0]["thumbnail"].startswith("data:image/jpeg;base64,")
+        both = requests.post(f"{url}/invocations", timeout=120,
+                             json={"inputs": [row], "params": {"neighbours": 1, "interval": 0.9}}).json()
+        assert set(both["predictions"][0]) == {"year", "low", "high", "out_of_distribution", "neighbours"}
+        assert len(both["predictions"][0]["neighbours"]) == 1
+        for value in (21, -1, "x"):
+            refused = requests.post(f"{url}/invocations", json={"inputs": [row], "params": {"neighbours": value}},
+                                    timeout=60)
+            assert refused.status_code == 400, (value, refused.text[-500:])
+            assert refused.json()["error_code"] == "INVALID_PARAMETER_VALUE", refused.text[-500:]
         bad = requests.post(f"{url}/invocations", json={"inputs": [{FRONT: "not base64!", BACK: row[BACK]}]},
                             timeout=60)
         assert bad.status_code == 400 and "front_image_base64" in bad.json()["message"]

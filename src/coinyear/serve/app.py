@@ -292,13 +292,20 @@ class Gateway:
         if level and not model.has_intervals:
             raise ApiError(400, INVALID_PARAMETER_VALUE, f"model version {model.version} was logged without "
                                                          "interval calibration; call it without `interval`")
+        if parsed.neighbours and getattr(model.python_model, "references", None) is None:
+            raise ApiError(400, INVALID_PARAMETER_VALUE, f"model version {model.version} was logged without its "
+                                                         "reference coins; call it without `neighbours`")
         pairs = [row.arrays for row in outcome.rows if row.arrays is not None]
         if len(pairs) != len(outcome.rows):  # prepare_rows decodes every row it finds no error in
             raise RuntimeError("a row without an error has no decoded photos")
         fronts, backs = to_tensors(pairs)
         scored = await batcher.submit(model, fronts, backs)  # plain and interval requests share batches
         outcome.years = scored["year"]
-        outcome.answers = self._intervals(model, scored, level) if level else [float(y) for y in outcome.years]
+        if level or parsed.neighbours:  # only when asked: a plain request costs nothing more
+            # off the event loop: the distance to every reference coin takes ~12 ms (see `_answers`)
+            outcome.answers = await asyncio.to_thread(self._answers, model, scored, level, parsed.neighbours)
+        else:
+            outcome.answers = [float(y) for y in outcome.years]
 
     def _decode(self, body: bytes, model: ServedModel | None, outcome: Outcome) -> ParsedRequest:
         """JSON, base64 and photo decoding, off the event loop (one thread hop per request)."""
@@ -308,15 +315,25 @@ class Gateway:
         return parsed
 
     @staticmethod
-    def _intervals(model: ServedModel, scored: dict, level: float) -> list[dict]:
-        """Year, conformal range at this request's level and out-of-distribution flag per row (a few rows of
-        arithmetic on the batch's output: on the event loop)."""
+    def _answers(model: ServedModel, scored: dict, level: float, neighbours: int) -> list[dict]:
+        """Year, and the conformal range at this request's level with the out-of-distribution flag, and/or the
+        request's nearest training coins, per row, from this request's slice of the batch's features: one
+        product with every reference coin's features (memory-bound: ~12 ms for the ~2,900 OCRE coins on 2 cores,
+        shared by the flag and the neighbours; 5 neighbours add ~0.6 ms more and ~21 kB of JSON)."""
         try:
-            frame = model.python_model.answers(scored, level)
+            frame = model.python_model.answers(scored, level, neighbours)
         except MlflowException as error:
             raise ApiError(400, INVALID_PARAMETER_VALUE, error.message) from error
-        return [{"year": float(row.year), "low": float(row.low), "high": float(row.high),
-                 "out_of_distribution": bool(row.out_of_distribution)} for row in frame.itertuples()]
+        answers: list[dict] = []
+        for row in frame.to_dict(orient="records"):
+            answer: dict = {"year": float(row["year"])}
+            if level:
+                answer.update(low=float(row["low"]), high=float(row["high"]),
+                              out_of_distribution=bool(row["out_of_distribution"]))
+            if neighbours:
+                answer["neighbours"] = row["neighbours"]
+            answers.append(answer)
+        return answers
 
     def _log_rows(self, outcome: Outcome, request: Request, elapsed: float) -> list[dict]:
         parsed, model, error = outcome.parsed, outcome.model, outcome.error

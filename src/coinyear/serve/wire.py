@@ -6,8 +6,9 @@ Accepted bodies, each with the columns `front_image_base64` and `back_image_base
     {"dataframe_records": [{...}, ...]}
     {"dataframe_split": {"columns": [...], "data": [[...], ...], "index": [...]}}
 plus optional "params" and "client_request_id" (a string kept in the inference log). Other top-level keys
-are ignored, as MLflow does. Params: `batch_size` (accepted for compatibility: the server batches by itself)
-and `interval` (a coverage level in (0, 1): each prediction becomes {year, low, high, out_of_distribution}).
+are ignored, as MLflow does. Params: `batch_size` (accepted for compatibility: the server batches by itself),
+`interval` (a coverage level in (0, 1): each prediction becomes {year, low, high, out_of_distribution}) and
+`neighbours` (k in 0..20: each prediction becomes an object with the k nearest training coins, `neighbours`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 from dataclasses import dataclass, field
 
 from coinyear.data import ImageError, preprocess
+from coinyear.neighbours import neighbour_count
 from coinyear.pyfunc import BACK, FRONT, InvalidCoinInput, decode_base64
 from coinyear.serve.errors import BAD_REQUEST, INVALID_PARAMETER_VALUE, ApiError
 
@@ -30,6 +32,7 @@ class ParsedRequest:
     params: dict = field(default_factory=dict)
     client_request_id: str | None = None
     interval: float = 0.0  # 0 = plain years
+    neighbours: int = 0  # nearest training coins per row; 0 = none
 
 
 @dataclass
@@ -126,13 +129,17 @@ def parse_body(body: bytes, max_rows: int) -> ParsedRequest:
     interval = params.get("interval") or 0.0
     if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 0 <= interval < 1:
         raise bad("params.interval must be a coverage level between 0 and 1 (e.g. 0.9)", INVALID_PARAMETER_VALUE)
+    try:
+        neighbours = neighbour_count(0 if params.get("neighbours") is None else params["neighbours"])
+    except ValueError as error:
+        raise bad(f"params.{error}", INVALID_PARAMETER_VALUE) from error
     client_request_id = payload.get("client_request_id")
     if client_request_id is not None and (not isinstance(client_request_id, str)
                                           or len(client_request_id) > MAX_CLIENT_REQUEST_ID
                                           or not _encodable(client_request_id)):
         raise bad(f"client_request_id must be a string of at most {MAX_CLIENT_REQUEST_ID} characters",
                   INVALID_PARAMETER_VALUE)
-    return ParsedRequest(rows, input_format, params, client_request_id, float(interval))
+    return ParsedRequest(rows, input_format, params, client_request_id, float(interval), neighbours)
 
 
 def prepare_rows(rows: list[tuple[object, object]], image_size: int | None, grayscale: bool) -> list[PreparedRow]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import base64
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -34,6 +34,7 @@ class Prediction:
     low: float | None = None
     high: float | None = None
     out_of_distribution: bool = False
+    neighbours: list[dict] = field(default_factory=list)  # the nearest reference coins, when asked and given
 
 
 def _explain(response: httpx.Response, url: str) -> ApiError:
@@ -82,21 +83,27 @@ class ApiClient:
             raise _explain(response, self.url)
         return response
 
-    def predict(self, endpoint_name: str, front: bytes, back: bytes, interval: float | None = None) -> Prediction:
+    def predict(self, endpoint_name: str, front: bytes, back: bytes, interval: float | None = None,
+                neighbours: int = 0) -> Prediction:
         """Date one coin from its two photos (raw file bytes), sent as base64 JSON exactly as the API schema says,
-        to `/serving-endpoints/{endpoint_name}/invocations` (the endpoint's name, not the model's)."""
+        to `/serving-endpoints/{endpoint_name}/invocations` (the endpoint's name, not the model's); with the
+        `interval` range and the `neighbours` nearest reference coins when asked for and the model can give them."""
         body: dict = {"inputs": [{"front_image_base64": base64.b64encode(front).decode("ascii"),
                                   "back_image_base64": base64.b64encode(back).decode("ascii")}]}
         path = f"/serving-endpoints/{endpoint_name}/invocations"
-        started = time.perf_counter()
-        try:
-            response, request_id = self._invoke(path, {**body, "params": {"interval": interval}} if interval else body)
-        except ApiError as error:
-            # a model version without intervals refuses the parameter: the year alone is still worth showing
-            if not (interval and error.status == 400 and "interval" in error.detail):
-                raise
+        params = {name: value for name, value in (("interval", interval), ("neighbours", neighbours)) if value}
+        while True:
             started = time.perf_counter()
-            response, request_id = self._invoke(path, body)
+            try:
+                response, request_id = self._invoke(path, {**body, "params": params} if params else body)
+                break
+            except ApiError as error:
+                # a model version logged without intervals or reference coins refuses that parameter: the rest
+                # of the answer is still worth showing, so ask again without what it names
+                refused = [name for name in params if name in error.detail] if error.status == 400 else []
+                if not refused:
+                    raise
+                params = {name: value for name, value in params.items() if name not in refused}
         latency_ms = (time.perf_counter() - started) * 1000
         try:
             answer = response.json()["predictions"][0]
@@ -114,6 +121,7 @@ class ApiClient:
             low=fields.get("low"),
             high=fields.get("high"),
             out_of_distribution=bool(fields.get("out_of_distribution", False)),
+            neighbours=list(fields.get("neighbours") or []),
         )
 
     def _invoke(self, path: str, body: dict) -> tuple[httpx.Response, str | None]:

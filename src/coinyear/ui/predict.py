@@ -1,8 +1,11 @@
-"""Predict page: two photos (uploaded, or an example coin from the reference data) -> the API -> the year;
-then the expert's correction goes back to the API against the request id."""
+"""Predict page: two photos (uploaded, or an example coin from the reference data) -> the API -> the year and
+the most similar reference coins as evidence; then the expert's correction goes back to the API against the
+request id."""
 
+import base64
 import hashlib
 import io
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -15,6 +18,7 @@ from coinyear.ui.shared import api_client, parse_year, settings
 
 IMAGE_TYPES = ["jpg", "jpeg", "png", "webp"]
 EXAMPLE_COUNT = 12
+NEIGHBOURS = 5  # reference coins shown under the prediction
 
 
 @st.cache_data(show_spinner=False)
@@ -86,7 +90,8 @@ def predict(front: bytes, back: bytes, source: str, catalogue_date: str | None, 
     interval = settings().ui_interval or None
     with st.spinner("Asking the model..."):
         try:
-            answer = api_client().predict(settings().serving_endpoint_name, front, back, interval=interval)
+            answer = api_client().predict(settings().serving_endpoint_name, front, back, interval=interval,
+                                          neighbours=NEIGHBOURS)
         except ApiError as error:
             st.session_state.pop("prediction", None)
             st.error(error.message, icon=":material/error:")
@@ -113,6 +118,42 @@ def show_prediction(result: dict) -> None:
     if answer.out_of_distribution:
         st.warning("These photos look unlike the coins the model learned from: treat this date with caution.",
                    icon=":material/warning:")
+    if answer.neighbours:
+        show_neighbours(answer.neighbours)
+
+
+def year_span(first: int, last: int) -> str:
+    """A span of years as numismatists write it (AD 69 to 79 with an en dash between the years), or one year."""
+    if first == last:
+        return year_label(first)
+    if first > 0:
+        return f"AD {first}–{last}"
+    if last <= 0:
+        return f"{max(-first, 1)}–{max(-last, 1)} BC"
+    return f"{year_label(first)} – {year_label(last)}"
+
+
+def neighbours_caption(neighbours: list[dict]) -> str:
+    """"Looks like these coins of Vespasian, AD 69 to 79" (an en dash in the span): the most common portrait among
+    them, and the span of their catalogue dates."""
+    portraits = Counter(coin["portrait"] for coin in neighbours if coin.get("portrait"))
+    whose = f" of {portraits.most_common(1)[0][0]}" if portraits else ""
+    span = year_span(min(coin["year_from"] for coin in neighbours), max(coin["year_to"] for coin in neighbours))
+    return f"Looks like these coins{whose}, {span}"
+
+
+def thumbnail(data_url: str) -> bytes:
+    return base64.b64decode(data_url.split(",", 1)[1])
+
+
+def show_neighbours(neighbours: list[dict]) -> None:
+    """The nearest reference coins as thumbnails (obverse), each with its catalogue date, denomination and mint."""
+    st.markdown(f"**{neighbours_caption(neighbours)}**")
+    for column, coin in zip(st.columns(len(neighbours)), neighbours):
+        with column:
+            st.image(thumbnail(coin["thumbnail"]), width=96)
+            st.caption(f"{coin.get('date_text') or year_span(coin['year_from'], coin['year_to'])}  \n"
+                       f"{coin.get('denomination') or '?'} · {coin.get('mint') or '?'}")
 
 
 def correction_form(answer) -> None:
