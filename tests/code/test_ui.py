@@ -140,7 +140,7 @@ def test_predict_sends_both_photos_as_base64_and_shows_the_year_in_numismatic_fo
     row = call["json"]["inputs"][0]
     assert base64.b64decode(row["front_image_base64"]) == front
     assert base64.b64decode(row["back_image_base64"]) == back
-    assert call["json"]["params"] == {"interval": 0.9}
+    assert call["json"]["params"] == {"interval": 0.9, "neighbours": 5}
     assert call["headers"]["Authorization"] == f"Bearer {TOKEN}"
     assert at.metric[0].value == "27 BC"
     details = texts(at.markdown)
