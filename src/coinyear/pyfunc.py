@@ -193,13 +193,15 @@ class CoinYearModel(PythonModel):
         frame = pd.DataFrame({"year": scored["year"]})
         if not (level or neighbours):
             return frame
-        ood = self.quality.ood
-        distance = ood.distances(scored["features"])  # the costly part, once for the flag and the neighbours
+        quality, references = self.quality, getattr(self, "references", None)
+        assert quality is not None, "check_params: both parameters need the quality files (references load after)"
+        distance = quality.ood.distances(scored["features"])  # the costly part, once for the flag and neighbours
         if level:
-            frame["low"], frame["high"] = self.quality.conformal.interval(scored["year"], level, scored["spread"])
-            frame["out_of_distribution"] = ood.flag(scored["features"], distance)
+            frame["low"], frame["high"] = quality.conformal.interval(scored["year"], level, scored["spread"])
+            frame["out_of_distribution"] = quality.ood.flag(scored["features"], distance)
         if neighbours:
-            frame["neighbours"] = self.references.describe(*ood.nearest(scored["features"], neighbours, distance))
+            assert references is not None, "check_params refused neighbours without the reference table"
+            frame["neighbours"] = references.describe(*quality.ood.nearest(scored["features"], neighbours, distance))
         return frame
 
     def predict_tensors(self, fronts: torch.Tensor, backs: torch.Tensor, batch_size: int = 32) -> np.ndarray:
