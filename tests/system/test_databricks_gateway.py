@@ -157,6 +157,12 @@ def test_forwarding_gateway_answers_as_the_endpoint_and_closes_the_loop(setup, s
     assert forwarded["client_request_id"] == request_id  # what ingest-payloads keys inference_log rows on
     assert forwarded["dataframe_records"] == rows
     assert workspace.tokens == {f"Bearer {TOKENS[1]}"}  # the workspace credential, never the client's
+    # inference parameters travel unchanged: the similar coins come from the endpoint's own model
+    near = gateway.post({"inputs": rows[:1], "params": {"neighbours": 2, "interval": 0.9}})
+    assert near.status_code == 200, near.text
+    assert json.loads(workspace.invocations[-1]["body"])["params"] == {"neighbours": 2, "interval": 0.9}
+    own = endpoint.post({"inputs": rows[:1], "params": {"neighbours": 2}}).json()["predictions"][0]["neighbours"]
+    assert near.json()["predictions"][0]["neighbours"] == own
 
     version = gateway.get("/version").json()
     assert (version["serving_backend"], version["endpoint_name"], version["model_version"]) == \
@@ -219,6 +225,7 @@ def test_forwarding_gateway_answers_as_the_endpoint_and_closes_the_loop(setup, s
         assert b64(log.loc[f"{request_id}-{row}", "front_image"]) == rows[row]["front_image_base64"]
     assert log.loc[big_id, "front_image"] == big_front and log.loc[big_id, "back_image"] == big_back
     assert log.loc[big_id, "prediction"] == pytest.approx(big.json()["predictions"][0])
+    assert log.loc[near.headers["x-request-id"], "prediction"] == pytest.approx(near.json()["predictions"][0]["year"])
     assert set(log["model_version"]) == {"1"}
     feedback = Lake(settings).read(FEEDBACK)
     assert list(feedback["request_id"]) == [f"{request_id}-1"] and list(feedback["year_from"]) == [41]
