@@ -93,6 +93,16 @@ def prepare_model(home: Path, name: str, image_size: int, limit: int, data_dir: 
     return outcome.version
 
 
+def trained_on(home: Path, version: str) -> str:
+    """How the served version was trained, from its MLflow run (speed does not depend on it; honesty does)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}",
+                                 registry_uri=f"sqlite:///{home / 'mlflow.db'}")
+    params = client.get_run(client.get_model_version("coinyear", version).run_id).data.params
+    return f"{params.get('epochs', '?')} epoch(s) on {params.get('data_valid', '?')} coins"
+
+
 def load_production(home: Path):
     import mlflow
 
@@ -380,9 +390,10 @@ def markdown(report: dict) -> str:
              f"interleaved rounds x {report['seconds']:.0f} s per point, closed-loop clients on the same machine, "
              f"one real coin pair ({report['body_bytes'] // 1024} KiB JSON) per request, plain or with "
              f"`params.interval` 0.9. Load average (1/5/15 min) at start: {report['loadavg']}, "
-             f"at end: {report['loadavg_end']}. Models trained 1 epoch on a small slice (speed does not depend on "
-             "the weights); `default` = efficientnet_lite0, shared, 128 px, 5-angle rotation TTA (as make demo). "
-             + " ".join(f"{model['name']} (commit {model.get('git_commit', '?')}): load after each round "
+             f"at end: {report['loadavg_end']}. Speed does not depend on the weights; `default` = efficientnet_lite0, "
+             "shared, 128 px, 5-angle rotation TTA (as make demo). "
+             + " ".join(f"{model['name']} (version {model['version']}, trained {model.get('trained', '?')}; "
+                        f"commit {model.get('git_commit', '?')}): load after each round "
                         f"{' / '.join(model.get('loadavg_rounds', []))}." for model in report["models"])), "",
              "| model | server | clients | interval | req/s | req/s per round | p50 ms | p99 ms | errors |",
              "|---|---|---:|---|---:|---|---:|---:|---:|"]
@@ -531,6 +542,7 @@ def main() -> int:
         results, loads = bench_servers(starts, bodies, args.clients, args.seconds, args.rounds)
         report["models"].append({"name": name, "backbone": MODELS[name][0], "version": version,
                                  "gflop_per_request": gflop, "runtime": runtime, "loadavg_start": loadavg,
+                                 "trained": trained_on(home, version),
                                  "loadavg_rounds": loads, "git_commit": _git_commit(),
                                  "loadavg_end": " ".join(f"{x:.1f}" for x in os.getloadavg()),
                                  "results": results,
