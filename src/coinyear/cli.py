@@ -20,6 +20,7 @@ def _train_config(args, settings):
         settings, backbone=args.backbone, mode=args.mode, proj_dim=args.proj_dim, image_size=args.image_size,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, loss=args.loss, folds=args.folds,
         seed=args.seed, limit=args.limit, aux_weight=args.aux_weight,
+        aux_heads=args.aux_heads.split(",") if args.aux_heads else None,
         # store_true flags: absent means "as configured", present turns the setting on (or off)
         grayscale=args.grayscale or None, horizontal_flip=args.horizontal_flip or None,
         ensemble=args.ensemble or None, tta=False if args.no_tta else None,
@@ -300,8 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-tta", action="store_true", help="one pass per coin instead of 5 rotations (faster "
                        "serving; constant-width intervals)")
     train.add_argument("--ensemble", action="store_true", help="with --folds K: serve the K fold models averaged")
-    train.add_argument("--aux-weight", type=float, help="weight of mint/denomination auxiliary heads "
-                       "(default COINYEAR_AUX_WEIGHT, 0)")
+    train.add_argument("--aux-weight", type=float, help="weight of the auxiliary heads' loss "
+                       "(default COINYEAR_AUX_WEIGHT, 0 = none)")
+    train.add_argument("--aux-heads", help="comma-separated columns the auxiliary heads learn: portrait, mint, "
+                       "denomination (default COINYEAR_AUX_HEADS, portrait)")
     train.add_argument("--no-pretrained", action="store_true", help="do not load ImageNet weights")
     train.add_argument("--no-register", action="store_true")
     train.add_argument("--promote", choices=["staging", "production"], help="set this alias on the new version")

@@ -54,7 +54,10 @@ class Settings(BaseSettings):
     horizontal_flip: bool = Field(default=False, description="Flip augmentation (mirrors legends: off).")
     tta: bool = Field(default=True, description="Serve the mean over 5 rotations (off: one pass per coin).")
     ensemble: bool = Field(default=False, description="With folds >= 2: serve the K fold models averaged.")
-    aux_weight: float = Field(default=0.0, description="Weight of the mint/denomination auxiliary heads.")
+    aux_weight: float = Field(default=0.0, description="Weight of the auxiliary heads' loss (0 = none).")
+    aux_heads: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["portrait"], description="Catalogue columns the auxiliary heads learn, "
+        "comma-separated in COINYEAR_AUX_HEADS: portrait (read from obverse_desc), mint, denomination.")
     num_threads: int = 0
     model_torch_index: str | None = Field(default=None, description="PyTorch wheel index a logged model's "
                                           "requirements name (e.g. https://download.pytorch.org/whl/cpu for a "
@@ -137,7 +140,7 @@ class Settings(BaseSettings):
     monitor_psi_alert: float = Field(default=0.25, gt=0, description="PSI above which `coinyear monitor` lists a "
                                      "drift alert and the UI warns (> 0.25: no longer looks like the reference).")
 
-    @field_validator("api_tokens", mode="before")
+    @field_validator("api_tokens", "aux_heads", mode="before")
     @classmethod
     def _split_tokens(cls, value):
         if isinstance(value, str):

@@ -17,7 +17,8 @@ if TYPE_CHECKING:  # torch is imported only when a recipe is built
     from coinyear.train import TrainConfig
 
 RECIPE_FIELDS = ("backbone", "mode", "proj_dim", "grayscale", "image_size", "pretrained", "epochs", "batch_size",
-                 "lr", "loss", "folds", "seed", "limit", "horizontal_flip", "tta", "ensemble", "aux_weight")
+                 "lr", "loss", "folds", "seed", "limit", "horizontal_flip", "tta", "ensemble", "aux_weight",
+                 "aux_heads")
 
 # (rule, check) per numeric field: what a valid value is, in words, and the test
 RULES = {
@@ -43,6 +44,12 @@ def recipe_values(settings: Settings, **overrides) -> dict:
     for name, (rule, ok) in RULES.items():
         if not ok(values[name]):
             raise ValueError(f"invalid training recipe: {name} must be {rule}, got {values[name]!r}")
+    from coinyear.train import AUX_COLUMNS
+
+    unknown = sorted(set(values["aux_heads"]) - set(AUX_COLUMNS))
+    if unknown:
+        raise ValueError(f"invalid training recipe: aux_heads must name {', '.join(AUX_COLUMNS)}; "
+                         f"got {', '.join(unknown)}")
     if values["ensemble"] and values["folds"] < 2:
         raise ValueError("invalid training recipe: ensemble needs folds >= 2 (COINYEAR_FOLDS or --folds)")
     return values
@@ -60,5 +67,5 @@ def recipe_from_settings(settings: Settings, **overrides) -> tuple[ModelConfig, 
     train = TrainConfig(model=model, epochs=v["epochs"], batch_size=v["batch_size"], lr=float(v["lr"]),
                         loss=v["loss"], folds=v["folds"], seed=v["seed"], limit=v["limit"],
                         horizontal_flip=v["horizontal_flip"], ensemble=v["ensemble"],
-                        aux_weight=float(v["aux_weight"]), **no_tta)
+                        aux_weight=float(v["aux_weight"]), aux_heads=tuple(v["aux_heads"]), **no_tta)
     return model, train

@@ -29,11 +29,13 @@ from coinyear import evaluate
 from coinyear.data import ImageCache, Manifest, grouped_folds, grouped_holdout, load_arrays, mapped_arrays
 from coinyear.model import CoinEnsemble, DualImageRegressor, ModelConfig, build_model, infer
 from coinyear.quality import Conformal, FeatureDistance, Quality
+from coinyear.rulers import portrait_labels
 
 log = logging.getLogger(__name__)
 
 LOSSES = ("interval", "mse")
-AUX_COLUMNS = ("mint", "denomination")
+# Catalogue columns an auxiliary head can learn; "portrait" is derived from obverse_desc (coinyear.rulers).
+AUX_COLUMNS = ("mint", "denomination", "portrait")
 # Rotation TTA measured in benchmarks/quality.py: -0.7 years MAE, and its spread makes the conformal ranges
 # adaptive (median 90% width 35 instead of 60 years at the same coverage). Costs 5 forward passes per coin.
 TTA_ANGLES = (-20.0, -10.0, 0.0, 10.0, 20.0)
@@ -62,9 +64,10 @@ class TrainConfig:
     tta_angles: tuple[float, ...] = TTA_ANGLES
     # With folds >= 2: serve the K fold models averaged instead of one model refit on all coins.
     ensemble: bool = False
-    # Weight of the auxiliary mint/denomination cross-entropy (0 = off); classes beyond the most common
-    # `aux_top` of each column share one "other" class.
+    # Weight of the auxiliary cross-entropy heads (0 = off) and which catalogue columns they learn; classes
+    # beyond the most common `aux_top` of each column share one "other" class.
     aux_weight: float = 0.0
+    aux_heads: tuple[str, ...] = ("portrait",)
     aux_top: int = 15
     # Conformal scores divided by the spread of the rotated predictions (needs >= 2 TTA angles).
     conformal_scaled: bool = True
@@ -77,6 +80,11 @@ class TrainConfig:
         self.tta_angles = tuple(float(a) for a in self.tta_angles)
         if self.ensemble and self.folds < 2:
             raise ValueError("a fold ensemble needs folds >= 2")
+        self.aux_heads = tuple(self.aux_heads)
+        unknown = sorted(set(self.aux_heads) - set(AUX_COLUMNS))
+        if unknown:
+            raise ValueError(f"unknown auxiliary column(s) {', '.join(unknown)}; "
+                             f"choose from {', '.join(AUX_COLUMNS)}")
 
     def flat(self) -> dict:
         params = {k: v for k, v in asdict(self).items() if k != "model"}
@@ -140,10 +148,14 @@ def loss_fn(predicted, year_from, year_to, kind: str, scale: float) -> torch.Ten
     return nn.functional.smooth_l1_loss(outside / scale, torch.zeros_like(outside), beta=0.1)
 
 
-def aux_labels(rows: pd.DataFrame, top: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """Class indices of the auxiliary columns present: the `top` most common values, then one "other"."""
+def aux_labels(rows: pd.DataFrame, top: int, columns: tuple[str, ...] = AUX_COLUMNS,
+               ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Class indices of the auxiliary `columns` present: the `top` most common values, then one "other".
+    "portrait" is read from `obverse_desc` when the rows have no such column (-100 = no label: ignored)."""
     labels, classes = {}, {}
-    for column in AUX_COLUMNS:
+    for column in columns:
+        if column == "portrait" and column not in rows.columns and "obverse_desc" in rows.columns:
+            rows = rows.assign(portrait=portrait_labels(rows["obverse_desc"]).to_numpy())
         if column not in rows.columns:
             continue
         values = rows[column].fillna("").astype(str).str.strip()
@@ -486,7 +498,7 @@ def train_on_manifest(manifest: Manifest, config: TrainConfig, cache_dir: Path, 
         raise ValueError("distributed training runs one grouped hold-out; K-fold (folds >= 2) runs in one "
                          "process: drop --folds or --distributed")
     device = resolve_device(config.device)
-    aux, classes = aux_labels(rows, config.aux_top) if config.aux_weight > 0 else ({}, {})
+    aux, classes = aux_labels(rows, config.aux_top, config.aux_heads) if config.aux_weight > 0 else ({}, {})
     if classes:
         config = replace(config, model=replace(config.model, aux_classes=classes))
     cache = ImageCache(cache_dir, config.model.image_size, config.model.grayscale)

@@ -61,3 +61,24 @@ def test_knowing_the_portrait_nearly_dates_the_coin(manifest):
     guess = middle[known].groupby(labels[known]).transform("median")
     distance = np.maximum(0, np.maximum(manifest["year_from"][known] - guess, guess - manifest["year_to"][known]))
     assert (distance <= 10).mean() > 0.9
+
+
+def test_the_trainer_reads_the_portrait_label_from_the_description(manifest):
+    """The auxiliary portrait head's labels come from obverse_desc (no portrait column needed): the commonest
+    portraits get a class each, the rest share "other", an unparsed description is -100 (ignored by the loss)."""
+    from coinyear.train import aux_labels
+
+    rows = manifest
+    labels, classes = aux_labels(rows, 5, ("portrait",))
+    assert set(labels) == {"portrait"} and classes == {"portrait": 6}
+    unparsed = portrait_labels(rows["obverse_desc"]).to_numpy() == ""
+    assert (labels["portrait"][unparsed] == -100).all() and (labels["portrait"][~unparsed] >= 0).all()
+    domitian = portrait_labels(rows["obverse_desc"]).to_numpy() == "Domitian"  # the commonest portrait
+    assert (labels["portrait"][domitian] == 0).all()
+
+
+def test_an_unknown_auxiliary_column_is_refused():
+    from coinyear.train import TrainConfig
+
+    with pytest.raises(ValueError, match="unknown auxiliary column"):
+        TrainConfig(aux_heads=("emperor",))
