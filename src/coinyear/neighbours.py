@@ -52,7 +52,7 @@ def build_table(rows: pd.DataFrame, fronts: np.ndarray, backs: np.ndarray) -> pd
 
     def text(column: str) -> list[str | None]:
         values = rows[column] if column in rows.columns else [None] * len(rows)
-        return [None if pd.isna(value) else str(value) for value in values]
+        return [None if pd.isna(value) or value == "" else str(value) for value in values]  # "": feedback rows
 
     return pd.DataFrame({
         "coin_id": [str(value) for value in rows["coin_id"]],

@@ -26,6 +26,7 @@ import pandas as pd
 import pytest
 import requests
 
+from coinyear.config import configure_mlflow
 from coinyear.pyfunc import BACK, FRONT, encode_file
 from tests.conftest import coin_image
 
@@ -137,6 +138,7 @@ def _our_year(settings, front: Path, back: Path) -> float:
     """What our own environment predicts for the coin."""
     import mlflow
 
+    configure_mlflow(settings)  # the torch-index test has reset the tracking URI: never the default ./mlflow.db
     model = mlflow.pyfunc.load_model(f"models:/{settings.model_name}@production")
     return float(model.predict(pd.DataFrame({FRONT: [front.read_text()], BACK: [back.read_text()]}))[0])
 
@@ -235,6 +237,7 @@ def _our_neighbours(settings, front: Path, back: Path, k: int) -> list[str]:
     """The coin ids of the coin's k nearest reference coins in our own environment."""
     import mlflow
 
+    configure_mlflow(settings)
     model = mlflow.pyfunc.load_model(f"models:/{settings.model_name}@production")
     frame = pd.DataFrame({FRONT: [front.read_text()], BACK: [back.read_text()]})
     return [n["coin_id"] for n in model.predict(frame, params={"neighbours": k})["neighbours"][0]]
