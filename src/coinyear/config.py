@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     horizontal_flip: bool = Field(default=False, description="Flip augmentation (mirrors legends: off).")
     tta: bool = Field(default=True, description="Serve the mean over 5 rotations (off: one pass per coin).")
     ensemble: bool = Field(default=False, description="With folds >= 2: serve the K fold models averaged.")
-    aux_weight: float = Field(default=0.0, description="Weight of the auxiliary heads' loss (0 = none).")
+    aux_weight: float = Field(default=0.3, description="Weight of the auxiliary heads' loss (0 = none).")
     aux_heads: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["portrait"], description="Catalogue columns the auxiliary heads learn, "
         "comma-separated in COINYEAR_AUX_HEADS: portrait (read from obverse_desc), mint, denomination.")

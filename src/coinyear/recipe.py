@@ -46,10 +46,10 @@ def recipe_values(settings: Settings, **overrides) -> dict:
             raise ValueError(f"invalid training recipe: {name} must be {rule}, got {values[name]!r}")
     from coinyear.train import AUX_COLUMNS
 
-    unknown = sorted(set(values["aux_heads"]) - set(AUX_COLUMNS))
-    if unknown:
+    unknown_heads = sorted(set(values["aux_heads"]) - set(AUX_COLUMNS))
+    if unknown_heads:
         raise ValueError(f"invalid training recipe: aux_heads must name {', '.join(AUX_COLUMNS)}; "
-                         f"got {', '.join(unknown)}")
+                         f"got {', '.join(unknown_heads)}")
     if values["ensemble"] and values["folds"] < 2:
         raise ValueError("invalid training recipe: ensemble needs folds >= 2 (COINYEAR_FOLDS or --folds)")
     return values

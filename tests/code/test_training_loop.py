@@ -76,3 +76,38 @@ def test_final_calibration_scores_every_coin_once(monkeypatch):
     reference = train_module.infer_arrays(member, fronts, backs, with_features=True)["features"]
     assert np.allclose(reference, expected.numpy(), atol=1e-5)
     assert np.isfinite(quality.ood.threshold)
+
+
+def test_the_served_year_blends_the_ruler_mixture_of_the_portrait_head():
+    """With a portrait head each class gets its training coins' median year, and the served year is the mean of
+    the regression head's year and the ruler mixture (ruler_blend 0.5); the training loss sees the regression's."""
+    config = small_train_config(model={"aux_classes": {"portrait": 3}, "pretrained": False})
+    labels = np.array([0, 0, 1, 1, 2, -100, 2])
+    year_from = np.array([10, 20, 50, 60, 100, 0, 110])
+    model = new_model(config, year_from, year_from, {"portrait": labels}, np.arange(7)).eval()
+    assert model.portrait_years.tolist() == [15.0, 55.0, 105.0]
+    fronts, backs, _, _ = _tiny_data(count=4)
+    front, back = torch.from_numpy(fronts).float() / 255, torch.from_numpy(backs).float() / 255
+    with torch.no_grad():
+        features = model.features(front, back)
+        regression = model.regression_year(features)
+        ruler = torch.softmax(model.aux_heads["portrait"](features), dim=1) @ model.portrait_years
+        torch.testing.assert_close(model(front, back), 0.5 * regression + 0.5 * ruler)
+        torch.testing.assert_close(model.forward_with_aux(front, back)[0], regression)
+    assert not torch.allclose(regression, ruler)  # the blend is not trivially the regression
+
+
+def test_the_flag_threshold_is_calibrated_on_unseen_coins():
+    """Scores of the rows given as `calibration` alone set the threshold (their quantile), not every row's."""
+    from coinyear.quality import FeatureDistance
+
+    rng = np.random.default_rng(0)
+    features = np.abs(rng.normal(size=(60, 8)))
+    groups = np.arange(60) // 2
+    unseen = np.zeros(60, dtype=bool)
+    unseen[:20] = True
+    everyone = FeatureDistance.fit(features, groups, k=3, quantile=0.95)
+    calibrated = FeatureDistance.fit(features, groups, k=3, quantile=0.95, calibration=unseen)
+    scores = everyone.score(features, exclude_groups=groups)
+    assert calibrated.threshold == float(np.quantile(scores[unseen], 0.95))
+    assert calibrated.threshold != everyone.threshold
