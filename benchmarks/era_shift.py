@@ -22,16 +22,13 @@ Writes `<out>/<name>.json` and `.md`. About 12 minutes on 2 idle CPU cores:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 from sklearn.metrics import roc_auc_score
 
 from coinyear import evaluate
@@ -42,7 +39,7 @@ from coinyear.recipe import recipe_from_settings
 from coinyear.train import infer_arrays, train_on_manifest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from ruler_head import embeddings_and_portraits  # a sibling benchmark script
+from ruler_head import embeddings_and_portraits, write_results  # a sibling benchmark script
 
 CUTOFF = 117  # Trajan died in AD 117: Hadrian's coins are the latest ruler's
 
@@ -111,14 +108,7 @@ def main(argv=None) -> int:
                 for name, values in scored.items()}
     signals["combined (max rank)"] = signal_report(combined["in_span_holdout"], combined["out_of_span"])
     report = {"name": args.name, "aux_weight": args.aux_weight, "epochs": config.epochs, "cutoff": CUTOFF,
-              "trained_coins": len(before), "sets": summary, "signals": signals,
-              "seconds": round(time.perf_counter() - started, 1),
-              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
-                         f"{torch.__version__}", "load_average": os.getloadavg(),
-              "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python", *sys.argv])}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(report, indent=2))
+              "trained_coins": len(before), "sets": summary, "signals": signals}
     lines = [f"## {args.name}: trained on {len(before)} coins before AD {CUTOFF}, aux weight {args.aux_weight}", "",
              "| coins | n | MAE | served flag rate | 90% coverage | median width |", "|---|---|---|---|---|---|"]
     lines += [f"| {name} | {s['coins']} | {s['mae']:.1f} | {100 * s['served_flag_rate']:.1f}% | "
@@ -127,8 +117,7 @@ def main(argv=None) -> int:
     lines += ["", "| signal | AUROC | out-of-span flagged at 5% in-span false alarms |", "|---|---|---|"]
     lines += [f"| {name} | {s['auroc']:.3f} | {100 * s['flagged_at_5pct_false_alarms']:.1f}% |"
               for name, s in signals.items()]
-    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, args.name, report, lines, started)
     return 0
 
 

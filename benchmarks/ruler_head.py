@@ -64,6 +64,19 @@ def neighbour_years(embedded: np.ndarray, midpoints: np.ndarray, train: np.ndarr
     return (weights * midpoints[train][nearest]).sum(axis=1) / weights.sum(axis=1)
 
 
+def write_results(out: str, name: str, report: dict, lines: list[str], started: float) -> None:
+    """`<out>/<name>.json` (the report plus where, when and how it ran) and `<out>/<name>.md` (the table lines)."""
+    report.update(seconds=round(time.perf_counter() - started, 1), load_average=os.getloadavg(),
+                  machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
+                          f"{torch.__version__}", date=time.strftime("%Y-%m-%d"),
+                  command=" ".join(["python", *sys.argv]))
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(report, indent=2))
+    (folder / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=os.environ.get("COINYEAR_DATA_DIR", "../shared/data/ocre"))
@@ -113,20 +126,12 @@ def main(argv=None) -> int:
                for name, years in estimates.items()}
     report = {"name": args.name, "aux_weight": args.aux_weight, "aux_top": args.aux_top, "k": args.k,
               "epochs": config.epochs, "backbone": config.model.backbone, "image_size": config.model.image_size,
-              "coins": len(rows), "holdout_coins": len(holdout), "metrics": metrics, **extra,
-              "seconds": round(time.perf_counter() - started, 1),
-              "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
-                         f"{torch.__version__}", "load_average": os.getloadavg(),
-              "date": time.strftime("%Y-%m-%d"), "command": " ".join(["python", *sys.argv])}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(report, indent=2))
+              "coins": len(rows), "holdout_coins": len(holdout), "metrics": metrics, **extra}
     lines = [f"## {args.name}: aux weight {args.aux_weight}, {config.epochs} epochs, {len(holdout)} hold-out coins",
              "", "| estimate | MAE | within ±10 y | R² |", "|---|---|---|---|"]
     lines += [f"| {name} | {m['mae']:.2f} | {100 * m['within_10y']:.1f}% | {m['r2']:.3f} |"
               for name, m in metrics.items()]
-    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(args.out, args.name, report, lines, started)
     print(json.dumps(extra))
     return 0
 
