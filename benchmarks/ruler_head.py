@@ -95,7 +95,9 @@ def main(argv=None) -> int:
     if args.limit:
         manifest.rows = manifest.rows.sample(n=args.limit, random_state=0).reset_index(drop=True)
     _, config = recipe_from_settings(Settings(), epochs=args.epochs)
-    config = replace(config, aux_weight=args.aux_weight, aux_heads=("portrait",), aux_top=args.aux_top)
+    # ruler_blend 0: the "regression" row is the regression head alone; the blend is computed below, as served
+    config = replace(config, aux_weight=args.aux_weight, aux_heads=("portrait",), aux_top=args.aux_top,
+                     model=replace(config.model, ruler_blend=0.0))
     result = train_on_manifest(manifest, config, Path(args.cache), final_model=False)
     model = result.fold_models[0]
     rows = manifest.rows
@@ -114,10 +116,8 @@ def main(argv=None) -> int:
     if portrait_p is not None:
         labels = aux_labels(rows, args.aux_top, ("portrait",))[0]["portrait"]
         classes = portrait_p.shape[1]
-        overall = float(np.median(midpoints[train]))
-        medians = np.array([np.median(midpoints[train][labels[train] == c]) if (labels[train] == c).any()
-                            else overall for c in range(classes)])
-        estimates["ruler mixture"] = portrait_p[holdout] @ medians
+        # each portrait's median training year, as the trainer set it (train.new_model)
+        estimates["ruler mixture"] = portrait_p[holdout] @ model.portrait_years.numpy()
         estimates["regression + ruler"] = (estimates["regression"] + estimates["ruler mixture"]) / 2
         known = labels[holdout] >= 0
         extra["portrait_accuracy_holdout"] = float((portrait_p[holdout].argmax(1) == labels[holdout])[known].mean())
