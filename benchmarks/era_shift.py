@@ -67,6 +67,8 @@ def main(argv=None) -> int:
     parser.add_argument("--limit", type=int, help="a random subset of N coins (smoke runs)")
     parser.add_argument("--name", default="plain")
     parser.add_argument("--out", default="benchmarks/results/era_shift")
+    parser.add_argument("--arrays", help="also save every coin's years, spreads, features and the quality files "
+                                         "in this folder (to study other flags and ranges without retraining)")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -85,7 +87,7 @@ def main(argv=None) -> int:
     cache = ImageCache(Path(args.cache), config.model.image_size, config.model.grayscale)
     held = manifest.rows.set_index("coin_id").loc[result.predictions["coin_id"]].reset_index()
     sets = {"in_span_holdout": held, "out_of_span": after.reset_index(drop=True)}
-    scored, summary = {}, {}
+    scored, summary, arrays = {}, {}, {}
     for name, subset in sets.items():
         fronts, backs = load_arrays(subset, cache)
         inferred = infer_arrays(served, fronts, backs, with_features=True)
@@ -93,12 +95,21 @@ def main(argv=None) -> int:
         _, portrait_p = embeddings_and_portraits(plain, fronts, backs)
         low, high = quality.conformal.interval(inferred["year"], 0.9, inferred["spread"])
         year_from, year_to = subset["year_from"].to_numpy(float), subset["year_to"].to_numpy(float)
+        # the in-span hold-out coins are in the flag's reference (every training-span coin is): scored as a coin
+        # of a type nobody has seen, without the reference coins of its own type (how training calibrates it)
+        distance = quality.ood.score(inferred["features"], groups=subset["group"].to_numpy(),
+                                     reference_groups=manifest.rows["group"].to_numpy())
+        flagged = (distance > quality.ood.threshold) | quality.ood.featureless(inferred["features"])
         summary[name] = {
             "coins": len(subset), **evaluate.regression_metrics(inferred["year"], year_from, year_to),
-            "served_flag_rate": float(quality.ood.flag(inferred["features"]).mean()),
+            "served_flag_rate": float(flagged.mean()),
             **{f"interval90_{k}": v for k, v in interval_metrics(low, high, year_from, year_to).items()}}
-        scored[name] = {"feature distance": quality.ood.score(inferred["features"]),
-                        "rotation spread": inferred["spread"]}
+        scored[name] = {"feature distance": distance, "rotation spread": inferred["spread"]}
+        if args.arrays:
+            arrays.update({f"{name}/{key}": value for key, value in {
+                "year": inferred["year"], "spread": inferred["spread"], "features": inferred["features"],
+                "distance": distance, "year_from": year_from, "year_to": year_to,
+                "group": subset["group"].to_numpy(str), "portrait_p": portrait_p}.items() if value is not None})
         if portrait_p is not None:
             scored[name]["portrait uncertainty"] = 1 - portrait_p.max(axis=1)
     signals = {name: signal_report(scored["in_span_holdout"][name], scored["out_of_span"][name])
@@ -118,6 +129,10 @@ def main(argv=None) -> int:
     lines += [f"| {name} | {s['auroc']:.3f} | {100 * s['flagged_at_5pct_false_alarms']:.1f}% |"
               for name, s in signals.items()]
     write_results(args.out, args.name, report, lines, started)
+    if args.arrays:
+        quality.save(args.arrays)
+        np.savez_compressed(Path(args.arrays) / "coins.npz", reference_groups=manifest.rows["group"].to_numpy(str),
+                            **arrays)
     return 0
 
 

@@ -20,7 +20,7 @@ def _train_config(args, settings):
         settings, backbone=args.backbone, mode=args.mode, proj_dim=args.proj_dim, image_size=args.image_size,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, loss=args.loss, folds=args.folds,
         seed=args.seed, limit=args.limit, aux_weight=args.aux_weight,
-        aux_heads=args.aux_heads.split(",") if args.aux_heads else None,
+        aux_heads=args.aux_heads.split(",") if args.aux_heads else None, reshoot=args.reshoot,
         # store_true flags: absent means "as configured", present turns the setting on (or off)
         grayscale=args.grayscale or None, horizontal_flip=args.horizontal_flip or None,
         ensemble=args.ensemble or None, tta=False if args.no_tta else None,
@@ -305,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default COINYEAR_AUX_WEIGHT, 0 = none)")
     train.add_argument("--aux-heads", help="comma-separated columns the auxiliary heads learn: portrait, mint, "
                        "denomination (default COINYEAR_AUX_HEADS, portrait)")
+    train.add_argument("--reshoot", type=float, help="share of training photos re-shot as a collector would take "
+                       "them (default COINYEAR_RESHOOT, 0.5; 0 = none)")
     train.add_argument("--no-pretrained", action="store_true", help="do not load ImageNet weights")
     train.add_argument("--no-register", action="store_true")
     train.add_argument("--promote", choices=["staging", "production"], help="set this alias on the new version")

@@ -55,6 +55,8 @@ class Settings(BaseSettings):
     tta: bool = Field(default=True, description="Serve the mean over 5 rotations (off: one pass per coin).")
     ensemble: bool = Field(default=False, description="With folds >= 2: serve the K fold models averaged.")
     aux_weight: float = Field(default=0.3, description="Weight of the auxiliary heads' loss (0 = none).")
+    reshoot: float = Field(default=0.5, description="Share of training photos re-shot as a collector would take "
+                           "them: smaller, on another background, other light, softer focus (0 = none).")
     aux_heads: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["portrait"], description="Catalogue columns the auxiliary heads learn, "
         "comma-separated in COINYEAR_AUX_HEADS: portrait (read from obverse_desc), mint, denomination.")

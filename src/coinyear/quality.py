@@ -151,7 +151,7 @@ class FeatureDistance:
         norms = np.stack([np.linalg.norm(side, axis=1) for side in _split(features, sides)], axis=1).min(axis=1)
         detector = cls(_unit(directions - center), center, norm_floor=0.5 * float(np.quantile(norms, 0.01)),
                        k=max(1, min(k, len(directions) - 1)), sides=sides)
-        scores = detector.score(features, exclude_groups=groups)
+        scores = detector.score(features, groups=groups)
         if calibration is not None:
             scores = scores[np.asarray(calibration)]
         detector.threshold = float(np.quantile(scores, quantile))
@@ -178,18 +178,22 @@ class FeatureDistance:
         index = np.take_along_axis(index, order, axis=1)
         return index, np.take_along_axis(distance, index, axis=1)
 
-    def score(self, features, chunk: int = 512, exclude_groups=None) -> np.ndarray:
-        """Direction scores of `features`; with `exclude_groups` (the reference rows' own groups, same order)
-        each row is scored against the reference without the rows of its group."""
+    def score(self, features, chunk: int = 512, groups=None, reference_groups=None) -> np.ndarray:
+        """Direction scores of `features`. With `groups` (each row's coin type) a row is scored without the
+        reference rows of its own type, as a coin of an unseen type would be: `reference_groups` are the
+        reference rows' types, by default `groups` itself (when `features` are the reference rows)."""
         features = np.asarray(features, np.float32)
-        groups = None if exclude_groups is None else np.unique(np.asarray(exclude_groups), return_inverse=True)[1]
+        if groups is not None:
+            reference_groups = groups if reference_groups is None else reference_groups
+            codes = np.unique(np.r_[np.asarray(groups, str), np.asarray(reference_groups, str)],
+                              return_inverse=True)[1]
+            groups, reference_groups = codes[:len(groups)], codes[len(groups):]
         out = []
         for start in range(0, len(features), chunk):
             distance = self.distances(features[start:start + chunk])
             if groups is not None:
-                distance[groups[start:start + chunk, None] == groups[None, :]] = np.inf
-            k = min(self.k, distance.shape[1])
-            nearest = np.partition(distance, k - 1, axis=1)[:, :k]
+                distance[groups[start:start + chunk, None] == reference_groups[None, :]] = np.inf
+            nearest = self._nearest_k(distance)
             out.append(np.where(np.isfinite(nearest), nearest, 2.0).mean(axis=1))
         return np.concatenate(out) if out else np.zeros(0)
 
@@ -203,8 +207,11 @@ class FeatureDistance:
         return (score > self.threshold) | self.featureless(features)
 
     def _mean_nearest(self, distance: np.ndarray) -> np.ndarray:
+        return self._nearest_k(distance).mean(axis=1)
+
+    def _nearest_k(self, distance: np.ndarray) -> np.ndarray:
         k = min(self.k, distance.shape[1])
-        return np.partition(distance, k - 1, axis=1)[:, :k].mean(axis=1)
+        return np.partition(distance, k - 1, axis=1)[:, :k]
 
 
 # ------------------------------------------------------------------------------------------ persistence

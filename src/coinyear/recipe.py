@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # torch is imported only when a recipe is built
 
 RECIPE_FIELDS = ("backbone", "mode", "proj_dim", "grayscale", "image_size", "pretrained", "epochs", "batch_size",
                  "lr", "loss", "folds", "seed", "limit", "horizontal_flip", "tta", "ensemble", "aux_weight",
-                 "aux_heads")
+                 "aux_heads", "reshoot")
 
 # (rule, check) per numeric field: what a valid value is, in words, and the test
 RULES = {
@@ -29,6 +29,7 @@ RULES = {
     "folds": ("0 (one grouped hold-out) or an integer >= 2", lambda v: isinstance(v, int) and (v == 0 or v >= 2)),
     "lr": ("a number > 0", lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v > 0),
     "aux_weight": ("a number >= 0", lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v >= 0),
+    "reshoot": ("a number from 0 to 1", lambda v: isinstance(v, (int, float)) and 0 <= v <= 1),
     "limit": ("none or an integer >= 1", lambda v: v is None or (isinstance(v, int) and v >= 1)),
 }
 
@@ -67,5 +68,6 @@ def recipe_from_settings(settings: Settings, **overrides) -> tuple[ModelConfig, 
     train = TrainConfig(model=model, epochs=v["epochs"], batch_size=v["batch_size"], lr=float(v["lr"]),
                         loss=v["loss"], folds=v["folds"], seed=v["seed"], limit=v["limit"],
                         horizontal_flip=v["horizontal_flip"], ensemble=v["ensemble"],
-                        aux_weight=float(v["aux_weight"]), aux_heads=tuple(v["aux_heads"]), **no_tta)
+                        aux_weight=float(v["aux_weight"]), aux_heads=tuple(v["aux_heads"]), reshoot=float(v["reshoot"]),
+                        **no_tta)
     return model, train

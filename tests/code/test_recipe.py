@@ -20,10 +20,11 @@ def test_cli_train_and_retrain_build_the_same_recipe(tmp_path):
     """Before: retrain dropped TTA, the fold ensemble, the auxiliary heads and the pretrained switch."""
     settings = make_settings(tmp_path / "home", backbone="resnet18", mode="dual", image_size=96, proj_dim=0,
                              epochs=3, folds=3, lr=3e-4, tta=False, ensemble=True, aux_weight=0.5, pretrained=False,
-                             horizontal_flip=True, grayscale=True, seed=7)
+                             reshoot=0.25, horizontal_flip=True, grayscale=True, seed=7)
     job = retrain.recipe(settings)
     assert cli_recipe(settings) == job
     assert (job.tta_angles, job.ensemble, job.aux_weight, job.model.pretrained) == ((), True, 0.5, False)
+    assert job.reshoot == 0.25
     assert (job.folds, job.lr, job.model.backbone, job.model.proj_dim, job.model.grayscale) == (3, 3e-4, "resnet18",
                                                                                                0, True)
     # defaults: the same too
@@ -34,8 +35,10 @@ def test_cli_train_and_retrain_build_the_same_recipe(tmp_path):
 
 def test_flags_override_the_settings_and_zero_is_a_value(tmp_path):
     settings = make_settings(tmp_path / "home", folds=3, epochs=4)
-    config = cli_recipe(settings, "--lr", "0.01", "--folds", "0", "--epochs", "1", "--no-tta", "--aux-weight", "0")
+    config = cli_recipe(settings, "--lr", "0.01", "--folds", "0", "--epochs", "1", "--no-tta", "--aux-weight", "0",
+                        "--reshoot", "0")
     assert (config.lr, config.folds, config.epochs, config.tta_angles, config.aux_weight) == (0.01, 0, 1, (), 0.0)
+    assert config.reshoot == 0.0
 
 
 @pytest.mark.parametrize(("flags", "message"), [
@@ -46,6 +49,7 @@ def test_flags_override_the_settings_and_zero_is_a_value(tmp_path):
     (["--image-size", "0"], "image_size must be an integer >= 32"),
     (["--folds", "1"], "folds must be 0 (one grouped hold-out) or an integer >= 2"),
     (["--aux-weight=-1"], "aux_weight must be a number >= 0"),
+    (["--reshoot", "1.5"], "reshoot must be a number from 0 to 1"),
     (["--ensemble"], "ensemble needs folds >= 2"),
 ])
 def test_an_invalid_recipe_is_a_clear_error(tmp_path, monkeypatch, capsys, flags, message):

@@ -108,6 +108,22 @@ def test_the_flag_threshold_is_calibrated_on_unseen_coins():
     unseen[:20] = True
     everyone = FeatureDistance.fit(features, groups, k=3, quantile=0.95)
     calibrated = FeatureDistance.fit(features, groups, k=3, quantile=0.95, calibration=unseen)
-    scores = everyone.score(features, exclude_groups=groups)
+    scores = everyone.score(features, groups=groups)
     assert calibrated.threshold == float(np.quantile(scores[unseen], 0.95))
     assert calibrated.threshold != everyone.threshold
+
+
+def test_reshoot_changes_the_photo_like_a_collectors_and_keeps_its_form():
+    """A re-shot photo is another uint8 photo of the same size; the white background is what changes most,
+    and p = 0 leaves every photo as it was."""
+    from coinyear.train import Reshoot
+
+    photo = torch.full((3, 64, 64), 250, dtype=torch.uint8)
+    photo[:, 16:48, 16:48] = 120  # a grey "coin" on a white background
+    torch.manual_seed(0)
+    shots = [Reshoot(p=1.0)(photo) for _ in range(40)]
+    assert all(shot.dtype == torch.uint8 and shot.shape == photo.shape for shot in shots)
+    corner_moved = np.mean([float((shot[:, :4, :4].float() - 250).abs().mean()) for shot in shots])
+    centre_moved = np.mean([float((shot[:, 30:34, 30:34].float() - 120).abs().mean()) for shot in shots])
+    assert corner_moved > 20 and corner_moved > centre_moved
+    assert torch.equal(Reshoot(p=0.0)(photo), photo)

@@ -112,6 +112,17 @@ def test_feature_distance_threshold_leaves_out_each_coins_own_type():
     assert np.allclose(detector.score(features[:4]), 0, atol=1e-5)
 
 
+def test_a_subset_is_scored_without_the_reference_coins_of_its_own_type():
+    # how a held-out coin, which is in the reference, is scored as a coin of a type nobody has seen
+    rng = np.random.default_rng(6)
+    features, groups = np.repeat(rng.normal(0, 1, (50, 8)), 4, axis=0), np.repeat(np.arange(50), 4)
+    detector = FeatureDistance.fit(features, groups, k=3)
+    subset = np.arange(8, 16)
+    alone = detector.score(features[subset], groups=groups[subset], reference_groups=groups)
+    assert np.allclose(alone, detector.score(features, groups=groups)[subset])
+    assert alone.min() > 0.05 and np.allclose(detector.score(features[subset]), 0, atol=1e-5)
+
+
 def test_quality_files_round_trip(tmp_path):
     rng = np.random.default_rng(5)
     features, groups, _ = _clusters(rng)
