@@ -137,9 +137,10 @@ class Reshoot(nn.Module):
     OCRE's photos show the coin filling a white frame under even light; people photograph theirs smaller in the
     frame, on whatever lies under it, under a warm or cold lamp, not quite in focus. Each change is drawn at
     random: scale 0.6-1 of the frame (on the white background), the white background replaced by a random
-    colour with noise (half the time), gamma 0.75-1.35 and each channel's gain 0.82-1.15, and a Gaussian blur
-    of sigma 0.3-1.6 px (40% of the time). uint8 [C, H, W] in and out, before the rotation (whose black
-    corners stay what the rotation TTA sees). benchmarks/photo_shift.py measures what it buys.
+    colour with noise (half the time), gamma 0.75-1.35 and each channel's gain 0.82-1.15, a Gaussian blur of
+    sigma 0.3-1.6 px (40% of the time) and JPEG re-encoding at quality 40-95 (half the time). uint8 [C, H, W]
+    in and out, before the rotation (whose black corners stay what the rotation TTA sees).
+    benchmarks/photo_shift.py measures what it buys.
     """
 
     WHITE = 235  # OCRE backgrounds are brighter than this in every channel
@@ -170,7 +171,10 @@ class Reshoot(nn.Module):
         x = 255 * ((x.clamp(0, 255) / 255) ** gamma) * gains
         if torch.rand(()) < 0.4:
             x = v2.functional.gaussian_blur(x, kernel_size=[5, 5], sigma=[float(torch.empty(()).uniform_(0.3, 1.6))])
-        return x.squeeze(0).round().clamp(0, 255).to(torch.uint8)
+        photo = x.squeeze(0).round().clamp(0, 255).to(torch.uint8)
+        if torch.rand(()) < 0.5:
+            photo = v2.functional.jpeg(photo, int(torch.randint(40, 96, ())))
+        return photo
 
 
 def make_augmentation(config: TrainConfig) -> v2.Compose:

@@ -25,7 +25,8 @@ def test_reused_memory_stops_the_page_fault_churn():
     plain = _faults_of_big_allocations()
     with reused_memory():
         _faults_of_big_allocations(2)  # the heap grows to fit the block
-        reused = _faults_of_big_allocations()
+        # steady state: the better of two rounds (after other tests the heap can need a few more blocks to settle)
+        reused = min(_faults_of_big_allocations(), _faults_of_big_allocations())
     assert plain > 8 * 10_000  # 64 MiB = 16k pages faulted in at every allocation
     # kept pages are reused (an occasional small object on top of the heap can still make it grow once)
     assert reused <= plain / 4
