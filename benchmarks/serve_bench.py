@@ -14,8 +14,9 @@ its last one is answered) posting the same real coin photo pair as `{"inputs": [
 `"params": {"interval": 0.9}` (year, range and OOD flag), in interleaved rounds. Reported: requests/s, p50 and p99
 latency, errors. Next to them the compute bound: the model's FLOPs per request (one coin = two photos, all TTA
 passes, counted with torch's FlopCounterMode) against this machine's float32 matmul GFLOP/s; the scoring call
-alone in-process (ONNX Runtime vs PyTorch, batch 1 and 16); and how far the ONNX years are from PyTorch's on
-hold-out coins (coins outside the training slice). The load average is recorded: the machine may be shared.
+alone in-process (PyTorch, ONNX Runtime and OpenVINO, batch 1 and 16); and how far each ONNX runtime's years
+are from PyTorch's on hold-out coins (coins outside the training slice). The load average is recorded: the
+machine may be shared.
 
     python benchmarks/serve_bench.py                                   # default + light models, 1/16 clients
     python benchmarks/serve_bench.py --seconds 3 --models default --name serve_bench-default
@@ -80,10 +81,11 @@ def prepare_model(home: Path, name: str, image_size: int, limit: int, data_dir: 
         mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
         run = mlflow.MlflowClient().get_run(mlflow.MlflowClient(registry_uri=settings.mlflow_registry_uri)
                                             .get_model_version(settings.model_name, version).run_id)
-        if "coinyear.runtime" in run.data.tags:
+        if "openvino_max_abs_diff_years" in run.data.metrics:
             return version
-        print(f"{home} holds a model logged before the ONNX runtime: training a new one", flush=True)
+        print(f"{home} holds a model logged before the OpenVINO check: training a new one", flush=True)
         shutil.rmtree(home)
+    home.mkdir(parents=True, exist_ok=True)  # sqlite creates the database file, not its folder
     backbone, tta = MODELS[name]
     print(f"training {name} ({backbone}) for 1 epoch on {limit} coins (once; reused by later runs)", flush=True)
     config = TrainConfig(model=ModelConfig(backbone=backbone, image_size=image_size), epochs=1, limit=limit,
@@ -133,22 +135,27 @@ def holdout_tensors(data_dir: Path, skip: int, count: int, size: int, grayscale:
 
 
 def runtime_check(home: Path, data_dir: Path, skip: int, count: int) -> dict:
-    """In-process: the scoring call's time with ONNX Runtime and with PyTorch (batch 1 and 16, median of
-    repeats), and the largest year difference between them on `count` hold-out coins."""
+    """In-process: the scoring call's time with each runtime (PyTorch, ONNX Runtime, OpenVINO; batch 1 and 16,
+    median of repeats), and each ONNX runtime's largest year difference from PyTorch on `count` hold-out coins."""
     import torch
 
     from coinyear.model import infer
+    from coinyear.runtime import OnnxScorer, OpenVinoScorer
 
     model = load_production(home)
     fronts, backs = holdout_tensors(data_dir, skip, count, model.size, model.grayscale)
     out = {"engine": model.engine, "holdout_coins": len(fronts)}
-    if model.onnx is not None:  # in batches of 16: 200 coins x 10 rotated photos at once take ~20 GB
-        onnx = model.score_tensors(fronts, backs, batch_size=16)["year"]
-        plain = [infer(model.model, fronts[i:i + 16], backs[i:i + 16])["year"] for i in range(0, len(fronts), 16)]
-        out["holdout_max_abs_diff_years"] = float(abs(onnx - torch.cat(plain).numpy()).max())
     runs = {"pytorch": lambda f, b: infer(model.model, f, b, True)}
-    if model.onnx is not None:
-        runs["onnxruntime"] = lambda f, b: model.onnx.infer(f, b, True)
+    if model.onnx_path is not None:
+        runs.update({name: scorer(model.onnx_path).infer for name, scorer in
+                     (("onnxruntime", OnnxScorer), ("openvino", OpenVinoScorer))})
+        # in batches of 16: 200 coins x 10 rotated photos at once take ~20 GB
+        plain = torch.cat([infer(model.model, fronts[i:i + 16], backs[i:i + 16])["year"]
+                           for i in range(0, len(fronts), 16)])
+        for name in ("onnxruntime", "openvino"):
+            years = torch.cat([runs[name](fronts[i:i + 16], backs[i:i + 16])["year"]
+                               for i in range(0, len(fronts), 16)])
+            out[f"{name}_holdout_max_abs_diff_years"] = float((years - plain).abs().max())
     for batch in (1, 16):
         f, b = fronts[:batch], backs[:batch]
         for name, run in runs.items():
@@ -414,19 +421,20 @@ def markdown(report: dict) -> str:
                          f"{s['compute_bound_rps']:.0f} | {s['speedup_16']:.2f}x | "
                          f"{s['p99_ours_16']:.0f} vs {s['p99_mlflow_16']:.0f} ms | "
                          f"{s['p50_ours_1']:.0f} vs {s['p50_mlflow_1']:.0f} ms | {100 * s['logging_cost_16']:.1f}% |")
-    lines += ["", ("Scoring call in-process (ms, median; OOD features included), and ONNX vs PyTorch years on "
-                   "hold-out coins:"), "",
-              ("| model | served with | PyTorch b=1 | ONNX b=1 | PyTorch b=16 | ONNX b=16 "
-               "| hold-out coins | max abs year diff |"), "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", ("Scoring call in-process (ms, median; OOD features included), and each ONNX runtime's largest "
+                   "year difference from PyTorch on hold-out coins:"), "",
+              ("| model | served with | PyTorch b=1 | ONNX Runtime b=1 | OpenVINO b=1 | PyTorch b=16 "
+               "| ONNX Runtime b=16 | OpenVINO b=16 | hold-out coins | max abs year diff (ORT / OpenVINO) |"),
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for model in report["models"]:
         r = model["runtime"]
-        cell = {key: f"{r[key]:.1f}" if key in r else "-" for key in
-                ("pytorch_ms_batch1", "onnxruntime_ms_batch1", "pytorch_ms_batch16", "onnxruntime_ms_batch16")}
-        diff = f"{r['holdout_max_abs_diff_years']:.1e}" if "holdout_max_abs_diff_years" in r else "-"
-        lines.append(f"| {model['name']} | {r['engine']} | {cell['pytorch_ms_batch1']} "
-                     f"| {cell['onnxruntime_ms_batch1']} | {cell['pytorch_ms_batch16']} "
-                     f"| {cell['onnxruntime_ms_batch16']} | {r['holdout_coins']} "
-                     f"| {diff} |")
+        cell = {f"{engine}{batch}": f"{r[f'{engine}_ms_batch{batch}']:.1f}" if f"{engine}_ms_batch{batch}" in r
+                else "-" for engine in ("pytorch", "onnxruntime", "openvino") for batch in (1, 16)}
+        diff = " / ".join(f"{r[key]:.1e}" if key in r else "-" for key in
+                          ("onnxruntime_holdout_max_abs_diff_years", "openvino_holdout_max_abs_diff_years"))
+        lines.append(f"| {model['name']} | {r['engine']} | {cell['pytorch1']} | {cell['onnxruntime1']} "
+                     f"| {cell['openvino1']} | {cell['pytorch16']} | {cell['onnxruntime16']} | {cell['openvino16']} "
+                     f"| {r['holdout_coins']} | {diff} |")
     return "\n".join(lines) + "\n"
 
 

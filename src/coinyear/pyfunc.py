@@ -25,14 +25,16 @@ package missing from `pip_requirements` at module level (settings, lake, Spark, 
 pyarrow, which reads the reference table, comes with mlflow).
 
 When the logged model carries an ONNX export of the network (`coinyear.runtime`: all TTA rotations and the OOD
-features in one graph, attached only when it matched PyTorch at logging time) and `onnxruntime` imports, it scores
-with ONNX Runtime; otherwise with PyTorch. `CoinYearModel.engine` and the log say which.
+features in one graph, attached only when it matched PyTorch at logging time) it scores with the first runtime
+that matched at logging time and imports: OpenVINO, then ONNX Runtime; otherwise with PyTorch.
+`CoinYearModel.engine` and the log say which.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import json
 import logging
 import tempfile
 from functools import partial
@@ -54,8 +56,8 @@ from coinyear.data import ImageError, preprocess
 FRONT, BACK = "front_image_base64", "back_image_base64"
 CHECKPOINT = "checkpoint"
 CONFORMAL, OOD, NEIGHBOURS = "conformal", "ood", "neighbours"
-ONNX = "onnx"
-ONNX_PACKAGES = ("onnxruntime",)
+ONNX, RUNTIMES = "onnx", "runtimes"  # the graph; the runtimes that matched PyTorch on it at logging time (JSON)
+ONNX_PACKAGES = ("onnxruntime",)  # the baseline runtime of every ONNX model; "openvino" joins when it matched
 
 log = logging.getLogger(__name__)
 
@@ -138,12 +140,16 @@ class CoinYearModel(PythonModel):
                 raise ValueError(f"the reference table has {len(self.references)} coins, the OOD reference "
                                  f"{len(self.quality.ood.reference)}: they must be the same coins in the same order")
         self.onnx, self.engine = None, "pytorch"
+        self.onnx_path: str | None = context.artifacts.get(ONNX)
         if ONNX in context.artifacts:  # models logged before, or whose export did not match, have none
+            # models logged before the runtimes file were checked with ONNX Runtime alone
+            engines = (tuple(json.loads(Path(context.artifacts[RUNTIMES]).read_text()))
+                       if RUNTIMES in context.artifacts else ("onnxruntime",))
             try:
-                from coinyear.runtime import OnnxScorer
+                from coinyear.runtime import open_scorer
 
-                self.onnx, self.engine = OnnxScorer(context.artifacts[ONNX]), "onnxruntime"
-            except Exception as error:  # noqa: BLE001 - a missing or broken onnxruntime: PyTorch answers the same
+                self.onnx, self.engine = open_scorer(context.artifacts[ONNX], engines=engines)
+            except Exception as error:  # noqa: BLE001 - no runtime imports or loads: PyTorch answers the same
                 log.warning("cannot run the ONNX graph (%s: %s): scoring with PyTorch", type(error).__name__, error)
         log.info("coinyear model scores with %s", self.engine)
 
@@ -273,9 +279,10 @@ TIMM_BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite
 TORCH_PACKAGES = ("torch", "torchvision")
 
 
-def pip_requirements(backbone: str, torch_index: str | None = None, onnx: bool = False) -> list[str]:
+def pip_requirements(backbone: str, torch_index: str | None = None, onnx: bool = False,
+                     runtimes: tuple[str, ...] = ONNX_PACKAGES) -> list[str]:
     """The model's pip requirements: the packages its serving code imports, pinned to the installed versions;
-    with `onnx` (the model carries the ONNX graph) also onnxruntime.
+    with `onnx` (the model carries the ONNX graph) also the `runtimes` that run it (onnxruntime, openvino).
 
     `mlflow` is the full package, not mlflow-skinny: an environment built from the model often resolves
     `models:/` URIs itself, and the SQL registry (the default here) needs SQLAlchemy and Alembic, which only
@@ -288,7 +295,7 @@ def pip_requirements(backbone: str, torch_index: str | None = None, onnx: bool =
     """
     from importlib.metadata import version
 
-    names = [*SERVING_PACKAGES, *(["timm"] if backbone in TIMM_BACKBONES else []), *(ONNX_PACKAGES if onnx else ())]
+    names = [*SERVING_PACKAGES, *(["timm"] if backbone in TIMM_BACKBONES else []), *(runtimes if onnx else ())]
     pins = {name: version(name).split("+")[0] for name in names}
     lines = []
     if torch_index:
@@ -313,9 +320,11 @@ def log_model(checkpoint: Path, example: pd.DataFrame, registered_model_name: st
     hold the reference coins' table (`neighbours`: `References.save`), which enables `neighbours`.
     The model carries its code and pinned requirements (see `pip_requirements`; training passes the setting
     `COINYEAR_MODEL_TORCH_INDEX` as `torch_index`). With `onnx`, the network is exported to ONNX and scored by
-    both runtimes on the input example's coin (`coinyear.runtime.export_checked`); the graph and onnxruntime are
-    added only when they agree. The run gets the metric `onnx_max_abs_diff_years` and the tags
-    `coinyear.runtime` (onnxruntime or pytorch) and `coinyear.onnx_check` (why); the MLmodel's metadata the same.
+    PyTorch, ONNX Runtime and OpenVINO on the input example's coin (`coinyear.runtime.export_checked`); the graph
+    and onnxruntime are added only when ONNX Runtime agrees, openvino only when it agrees too (the `runtimes`
+    artifact lists which did). The run gets the metrics `onnx_max_abs_diff_years` and
+    `openvino_max_abs_diff_years` and the tags `coinyear.runtime` (openvino, onnxruntime or pytorch: what serves)
+    and `coinyear.onnx_check` (why); the MLmodel's metadata the same.
     """
     try:
         backbone = torch.load(checkpoint, map_location="cpu", weights_only=True)["config"]["backbone"]
@@ -323,36 +332,43 @@ def log_model(checkpoint: Path, example: pd.DataFrame, registered_model_name: st
         # either, and listing timm is the safe side
         backbone = TIMM_BACKBONES[0]
     with tempfile.TemporaryDirectory(prefix="coinyear-onnx-") as folder:
-        onnx_file, metadata = _checked_onnx(checkpoint, example, folder) if onnx else (None, {})
+        onnx_file, metadata, runtimes = _checked_onnx(checkpoint, example, folder) if onnx else (None, {}, ())
+        runtimes_file = Path(folder) / "runtimes.json"
+        runtimes_file.write_text(json.dumps(list(runtimes)))
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=CoinYearModel(),
             artifacts={CHECKPOINT: str(checkpoint), **(quality or {}),
-                       **({ONNX: str(onnx_file)} if onnx_file else {})},
+                       **({ONNX: str(onnx_file), RUNTIMES: str(runtimes_file)} if onnx_file else {})},
             code_paths=[package_dir()],
             signature=SIGNATURE,
             input_example=example,
             registered_model_name=registered_model_name,
-            pip_requirements=pip_requirements(backbone, torch_index, onnx=onnx_file is not None),
+            pip_requirements=pip_requirements(backbone, torch_index, onnx=onnx_file is not None,
+                                              runtimes=tuple(sorted(runtimes))),
             metadata=metadata or None,
         )
 
 
-def _checked_onnx(checkpoint: Path, example: pd.DataFrame, folder: str) -> tuple[Path | None, dict]:
-    """The ONNX graph if it matches PyTorch on the example's coin, and what to record about the check."""
+def _checked_onnx(checkpoint: Path, example: pd.DataFrame, folder: str) -> tuple[Path | None, dict, tuple[str, ...]]:
+    """The ONNX graph if it matches PyTorch on the example's coin, what to record about the check, and the
+    runtimes that matched (preferred first: openvino, onnxruntime)."""
     from coinyear.model import load_checkpoint
     from coinyear.runtime import export_checked
 
+    openvino = None
     try:
         model = load_checkpoint(checkpoint)
         size, grayscale = model.config.image_size, model.config.grayscale
         front, back = decode_pair(decode_base64(example[FRONT].iloc[0], 0, FRONT),
                                   decode_base64(example[BACK].iloc[0], 0, BACK), size, grayscale, 0)
-        path, check, reason = export_checked(model, torch.from_numpy(front[None]).float() / 255,
-                                             torch.from_numpy(back[None]).float() / 255, folder)
+        path, check, reason, openvino = export_checked(model, torch.from_numpy(front[None]).float() / 255,
+                                                       torch.from_numpy(back[None]).float() / 255, folder)
     except Exception as error:  # noqa: BLE001 - the model still logs and serves with PyTorch
         path, check, reason = None, None, f"not checked: {type(error).__name__}: {error}"
-    engine = "onnxruntime" if path else "pytorch"
+    runtimes = (*(("openvino",) if path and openvino is not None and openvino.passed else ()),
+                *(("onnxruntime",) if path else ()))
+    engine = runtimes[0] if runtimes else "pytorch"
     log.info("logged model scores with %s (ONNX %s)", engine, reason)
     metadata: dict[str, str | float] = {"runtime": engine, "onnx_check": reason}
     if mlflow.active_run():
@@ -360,4 +376,7 @@ def _checked_onnx(checkpoint: Path, example: pd.DataFrame, folder: str) -> tuple
         if check is not None:
             mlflow.log_metric("onnx_max_abs_diff_years", check.max_abs_diff_years)
             metadata["onnx_max_abs_diff_years"] = check.max_abs_diff_years
-    return path, metadata
+        if openvino is not None:
+            mlflow.log_metric("openvino_max_abs_diff_years", openvino.max_abs_diff_years)
+            metadata["openvino_max_abs_diff_years"] = openvino.max_abs_diff_years
+    return path, metadata, runtimes

@@ -6,9 +6,14 @@ inputs are the photos as the PyTorch model takes them (float [B, C, H, W] in [0,
 `samples` [B, members, angles] (years) and `features` [B, 2*D], from which `OnnxScorer.infer` gives exactly what
 `coinyear.model.infer` gives.
 
-`export_checked` is what logging a model calls: export, then score the same coins with both runtimes; the ONNX
-file is only attached when they agree within `TOLERANCE_YEARS`. Serving imports only `onnxruntime`, numpy and
-torch from here (`onnx`/`onnxscript`, which the exporter needs, stay lazy).
+Two runtimes read that file: OpenVINO (`OpenVinoScorer`, preferred: on this project's 2-core Xeon it answers a
+one-coin request in 20 ms against ONNX Runtime's 34 ms, the same years to 1e-4; benchmarks/README.md "Serving")
+and ONNX Runtime (`OnnxScorer`). `open_scorer` takes the first that imports.
+
+`export_checked` is what logging a model calls: export, then score the same coins with PyTorch and each runtime;
+the ONNX file is only attached when ONNX Runtime agrees within `TOLERANCE_YEARS`, and OpenVINO is only named in
+the model's requirements when it agrees too. Serving imports only `openvino` or `onnxruntime`, numpy and torch
+from here (`onnx`/`onnxscript`, which the exporter needs, stay lazy).
 """
 
 from __future__ import annotations
@@ -87,6 +92,52 @@ class OnnxScorer:
         return out
 
 
+class OpenVinoScorer:
+    """The same graph compiled by OpenVINO for this CPU (float32, latency hint); `infer` as `OnnxScorer.infer`.
+
+    An infer request is not thread-safe, so each thread gets its own (the gateway's batch workers call in
+    parallel); they share one compiled model."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        import threading
+
+        import openvino as ov
+
+        self.compiled = ov.Core().compile_model(str(path), "CPU", {
+            "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
+            "INFERENCE_PRECISION_HINT": "f32"})  # bf16 on an avx512_bf16 CPU moved years by up to 0.22
+        self.local = threading.local()
+
+    def infer(self, front: torch.Tensor, back: torch.Tensor, with_features: bool = False) -> dict[str, torch.Tensor]:
+        request = getattr(self.local, "request", None)
+        if request is None:
+            request = self.local.request = self.compiled.create_infer_request()
+        results = request.infer({"front": _array(front), "back": _array(back)})
+        samples = torch.from_numpy(np.array(results["samples"]))
+        out = {"year": samples.mean(dim=(1, 2)), "spread": rotation_spread(samples)}
+        if with_features:
+            out["features"] = torch.from_numpy(np.array(results["features"]))
+        return out
+
+
+Scorer = OpenVinoScorer | OnnxScorer
+RUNTIMES: dict[str, type[Scorer]] = {"openvino": OpenVinoScorer, "onnxruntime": OnnxScorer}
+
+
+def open_scorer(path: str | Path, threads: int | None = None,
+                engines: tuple[str, ...] = tuple(RUNTIMES)) -> tuple[Scorer, str]:
+    """(scorer, engine name) of the first of `engines` that imports and loads the graph; the last error when
+    none does."""
+    error: Exception | None = None
+    for engine in engines:
+        try:
+            return RUNTIMES[engine](path, threads), engine
+        except Exception as failure:  # noqa: BLE001 - a missing or broken runtime: try the next
+            log.info("cannot run the ONNX graph with %s (%s: %s)", engine, type(failure).__name__, failure)
+            error = failure
+    raise error if error is not None else ValueError("no runtime named")
+
+
 def _array(images: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32)
 
@@ -104,7 +155,7 @@ class Check:
         return self.max_abs_diff_years <= TOLERANCE_YEARS and self.max_rel_diff_features <= TOLERANCE_FEATURES
 
 
-def compare(model: DualImageRegressor | CoinEnsemble, scorer: OnnxScorer, front: torch.Tensor,
+def compare(model: DualImageRegressor | CoinEnsemble, scorer: Scorer, front: torch.Tensor,
             back: torch.Tensor) -> Check:
     """Both runtimes on the same photos: the largest year (and spread) difference and feature difference."""
     ours, theirs = infer(model, front, back, True), scorer.infer(front, back, True)
@@ -121,11 +172,13 @@ def check_batch(front: torch.Tensor, back: torch.Tensor) -> tuple[torch.Tensor, 
 
 
 def export_checked(model: DualImageRegressor | CoinEnsemble, front: torch.Tensor, back: torch.Tensor,
-                   folder: str | Path) -> tuple[Path | None, Check | None, str]:
-    """Export to `folder`/model.onnx and compare with PyTorch on `check_batch(front, back)`.
+                   folder: str | Path) -> tuple[Path | None, Check | None, str, Check | None]:
+    """Export to `folder`/model.onnx and compare with PyTorch on `check_batch(front, back)`, run by ONNX Runtime
+    and then by OpenVINO (when it imports).
 
-    Returns (the ONNX file, or None when it must not be used; the comparison, or None when there was none;
-    a one-line reason). Never raises for a model that cannot be exported: serving then uses PyTorch.
+    Returns (the ONNX file, or None when it must not be used; ONNX Runtime's comparison, or None when there was
+    none; a one-line reason; OpenVINO's comparison, or None when it did not run). Never raises for a model that
+    cannot be exported: serving then uses PyTorch.
     """
     path = Path(folder) / ONNX_FILE
     try:
@@ -133,10 +186,19 @@ def export_checked(model: DualImageRegressor | CoinEnsemble, front: torch.Tensor
         check = compare(model, OnnxScorer(path), *check_batch(front, back))
     except Exception as error:  # noqa: BLE001 - the exporter and ORT raise many types; PyTorch still serves
         log.warning("ONNX export failed, the model will be served with PyTorch: %s", error)
-        return None, None, f"export failed: {type(error).__name__}: {str(error)[:200]}"
+        return None, None, f"export failed: {type(error).__name__}: {str(error)[:200]}", None
     if not check.passed:
         log.warning("ONNX differs from PyTorch by %.4g years / %.3g relative features: not attached",
                     check.max_abs_diff_years, check.max_rel_diff_features)
         return None, check, (f"differs from PyTorch by {check.max_abs_diff_years:.4g} years, "
-                             f"{check.max_rel_diff_features:.3g} relative on features")
-    return path, check, f"matches PyTorch within {check.max_abs_diff_years:.2g} years on {check.rows} coins"
+                             f"{check.max_rel_diff_features:.3g} relative on features"), None
+    try:
+        openvino: Check | None = compare(model, OpenVinoScorer(path), *check_batch(front, back))
+    except Exception as error:  # noqa: BLE001 - no OpenVINO here: ONNX Runtime serves the graph
+        log.info("OpenVINO not checked (%s: %s)", type(error).__name__, error)
+        openvino = None
+    reason = f"matches PyTorch within {check.max_abs_diff_years:.2g} years on {check.rows} coins"
+    if openvino is not None:
+        reason += (f"; OpenVINO {'within' if openvino.passed else 'differs by'} "
+                   f"{openvino.max_abs_diff_years:.2g} years")
+    return path, check, reason, openvino

@@ -153,8 +153,9 @@ def test_requirements_pin_what_serving_imports_and_not_coinyear(model_files):
     assert f"torch=={version('torch').split('+')[0]}" in lines
     assert f"mlflow=={version('mlflow')}" in lines
     assert {"torchvision", "pillow", "numpy", "pandas", "cloudpickle"} <= names
-    # the model carries its checked ONNX graph, so the runtime that scores it is a requirement
+    # the model carries its checked ONNX graph, so the runtimes that score it are requirements
     assert f"onnxruntime=={version('onnxruntime')}" in lines
+    assert f"openvino=={version('openvino').split('+')[0]}" in lines
     assert (model_files / "artifacts" / "model.onnx").is_file()
     assert all("==" in line for line in lines), f"every requirement is pinned: {lines}"
     assert "timm" not in names, "the mobilenet_v3_small model needs no timm"
@@ -185,8 +186,8 @@ def test_fresh_environment_scores_a_real_coin_like_ours(trained, model_env, ocre
     # the serving closure: settings (pydantic-settings), lake, Spark and the rest of the package stay unloaded
     assert {"coinyear.pyfunc", "coinyear.data", "coinyear.model", "coinyear.neighbours", "coinyear.quality",
             "coinyear.runtime"} <= set(answer["modules"])
-    # the fresh environment scores with the ONNX graph (onnxruntime came from the model's requirements)
-    assert answer["engine"] == "onnxruntime"
+    # the fresh environment scores with the ONNX graph (OpenVINO came from the model's requirements)
+    assert answer["engine"] == "openvino"
     assert set(answer["modules"]) <= SERVING_MODULES, answer["modules"]
     assert answer["pydantic_settings"] is False
 

@@ -1,6 +1,7 @@
-"""The ONNX runtime logged with the model (coinyear.runtime): on real OCRE coins it answers what PyTorch answers,
-it is only attached when it matched at logging time, and a model without it (or without onnxruntime) still
-answers with PyTorch. Also: the batched rotation TTA gives the years of the per-angle loop it replaced.
+"""The ONNX runtime logged with the model (coinyear.runtime): on real OCRE coins OpenVINO and ONNX Runtime answer
+what PyTorch answers, the graph is only attached when it matched at logging time, OpenVINO serves when it is there
+and ONNX Runtime when it is not, and a model without the graph (or without either runtime) still answers with
+PyTorch. Also: the batched rotation TTA gives the years of the per-angle loop it replaced.
 
 The model is the default architecture (efficientnet_lite0, shared backbone, 5-angle rotation TTA) trained for one
 epoch on 40 coins at 64 px: its years respond to the photo and to the rotation (the session's mobilenet_v3_small
@@ -9,6 +10,7 @@ from scratch answers one year for every coin after one epoch, which any runtime 
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -73,7 +75,7 @@ def coins(ocre_dir) -> tuple[torch.Tensor, torch.Tensor, pd.DataFrame]:
 
 def test_onnx_answers_like_pytorch_on_real_coins(served, coins):
     fronts, backs, frame = coins
-    assert served.engine == "onnxruntime" and served.onnx is not None
+    assert served.engine == "openvino" and served.onnx is not None
     assert isinstance(served.model, CoinEnsemble) and len(served.model.tta_angles) == 5
     onnx = served.score_tensors(fronts, backs, with_features=True, batch_size=8)
     plain = {key: value.numpy() for key, value in infer(served.model, fronts, backs, True).items()}
@@ -117,22 +119,39 @@ def test_logged_model_carries_the_checked_onnx_graph(lite):
 
     settings, outcome = lite
     run = mlflow.MlflowClient(settings.mlflow_tracking_uri).get_run(outcome.run_id)
-    assert run.data.tags["coinyear.runtime"] == "onnxruntime"
+    assert run.data.tags["coinyear.runtime"] == "openvino"
     assert "matches PyTorch" in run.data.tags["coinyear.onnx_check"]
     assert 0 <= run.data.metrics["onnx_max_abs_diff_years"] < TOLERANCE_YEARS
+    assert 0 <= run.data.metrics["openvino_max_abs_diff_years"] < TOLERANCE_YEARS
     _use_registry(settings)
     try:
         files = Path(mlflow.artifacts.download_artifacts(f"models:/{settings.model_name}/{outcome.version}"))
     finally:
         _use_registry(None)
-    assert f"onnxruntime=={version('onnxruntime')}" in (files / "requirements.txt").read_text().splitlines()
+    requirements = (files / "requirements.txt").read_text().splitlines()
+    assert f"onnxruntime=={version('onnxruntime')}" in requirements
+    assert f"openvino=={version('openvino').split('+')[0]}" in requirements
+    assert json.loads((files / "artifacts" / "runtimes.json").read_text()) == ["openvino", "onnxruntime"]
     assert (files / "artifacts" / "model.onnx").stat().st_size > 1_000_000  # the weights are inside
 
 
-def test_without_onnxruntime_the_same_model_answers_with_pytorch(lite, served, coins, monkeypatch):
+def test_without_openvino_onnx_runtime_serves_the_same_years(lite, served, coins, monkeypatch):
+    settings, outcome = lite
+    fronts, backs, _ = coins
+    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` raises ImportError
+    fallback = _load(settings, f"models:/{settings.model_name}/{outcome.version}")
+    assert fallback.engine == "onnxruntime" and fallback.onnx is not None
+    theirs = fallback.score_tensors(fronts, backs, with_features=True, batch_size=8)
+    ours = served.score_tensors(fronts, backs, with_features=True, batch_size=8)
+    assert np.abs(theirs["year"] - ours["year"]).max() < TOLERANCE_YEARS
+    np.testing.assert_allclose(theirs["features"], ours["features"], rtol=1e-3, atol=1e-3)
+
+
+def test_without_either_runtime_the_same_model_answers_with_pytorch(lite, served, coins, monkeypatch):
     settings, outcome = lite
     _, _, frame = coins
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
+    monkeypatch.setitem(sys.modules, "openvino", None)
     fallback = _load(settings, f"models:/{settings.model_name}/{outcome.version}")
     assert fallback.engine == "pytorch" and fallback.onnx is None
     assert np.abs(fallback.predict(None, frame) - served.predict(None, frame)).max() < TOLERANCE_YEARS
@@ -185,6 +204,7 @@ def test_a_graph_that_does_not_match_is_not_attached(served, coins, tmp_path, mo
     assert 0 <= run.data.metrics["onnx_max_abs_diff_years"] < TOLERANCE_YEARS
     files = _files(info, tmp_path)
     assert "onnxruntime" not in (files / "requirements.txt").read_text()
+    assert "openvino" not in (files / "requirements.txt").read_text()
     from mlflow.models import Model
 
     assert ONNX not in Model.load(str(files)).flavors["python_function"].get("artifacts", {})
