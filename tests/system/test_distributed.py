@@ -30,7 +30,7 @@ def distributed_run(spark, tmp_path_factory):
 # Two epochs on 80 coins from scratch are mostly noise under the default interval loss (it is zero inside each
 # coin's range): without augmentation, with MSE on the midpoint and a higher learning rate the epoch-2 loss was
 # clearly below epoch 1 for 3 of 3 seeds in one process (by 15-40%), so a loss that does not fall is a fault.
-RECIPE = {"loss": "mse", "lr": 1e-2, "batch_size": 8, "rotation_degrees": 0.0, "color_jitter": 0.0,
+RECIPE = {"loss": "mse", "lr": 1e-2, "batch_size": 8, "rotation_degrees": 0.0, "color_jitter": 0.0, "reshoot": 0.0,
           "early_stopping": False}
 
 
