@@ -21,11 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image, ImageEnhance
 
 from coinyear.data import decode_side, read_manifest
-from coinyear.pyfunc import decode_pair
+from coinyear.pyfunc import decode_pair, pair_tensors
 from coinyear.rulers import portrait_labels
 
 # Emperors whose portraits are common in OCRE, in the order of their reigns, with a century or more between the
@@ -113,9 +112,7 @@ def behaviour_cases(data_dir: str | Path, per_emperor: int = 4) -> pd.DataFrame:
 
 def _years(python_model, pairs: list[tuple[bytes, bytes]]) -> np.ndarray:
     arrays = [decode_pair(front, back, python_model.size, python_model.grayscale) for front, back in pairs]
-    fronts = torch.from_numpy(np.stack([front for front, _ in arrays])).float() / 255
-    backs = torch.from_numpy(np.stack([back for _, back in arrays])).float() / 255
-    return python_model.score_tensors(fronts, backs)["year"]
+    return python_model.score_tensors(*pair_tensors(arrays))["year"]
 
 
 def check_behaviour(python_model, cases: pd.DataFrame, tolerance_years: float = 5.0,

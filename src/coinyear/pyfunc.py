@@ -106,6 +106,15 @@ def decode_base64(value, row: int | None, column: str) -> bytes:
         raise InvalidCoinInput(f"{column} is not valid base64 ({error})", row) from error
 
 
+def pair_tensors(arrays: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoded (front, back) uint8 arrays [C, H, W] of several coins as the network's two inputs: float
+    [N, C, H, W] in [0, 1]. Every path that scores photos (the pyfunc, the gateway, the behaviour checks) stacks
+    them here."""
+    fronts = torch.from_numpy(np.stack([front for front, _ in arrays])).float() / 255
+    backs = torch.from_numpy(np.stack([back for _, back in arrays])).float() / 255
+    return fronts, backs
+
+
 def decode_pair(front: bytes, back: bytes, size: int, grayscale: bool, row: int | None = None):
     """Both sides preprocessed exactly as in training; InvalidCoinInput names the bad side."""
     arrays = []
@@ -157,13 +166,9 @@ class CoinYearModel(PythonModel):
         missing = [column for column in (FRONT, BACK) if column not in model_input.columns]
         if missing:
             raise InvalidCoinInput(f"missing column(s): {', '.join(missing)}")
-        fronts, backs = [], []
-        for row, (front, back) in enumerate(zip(model_input[FRONT], model_input[BACK])):
-            front_array, back_array = decode_pair(decode_base64(front, row, FRONT), decode_base64(back, row, BACK),
-                                                  self.size, self.grayscale, row)
-            fronts.append(front_array)
-            backs.append(back_array)
-        return (torch.from_numpy(np.stack(fronts)).float() / 255, torch.from_numpy(np.stack(backs)).float() / 255)
+        return pair_tensors([decode_pair(decode_base64(front, row, FRONT), decode_base64(back, row, BACK),
+                                         self.size, self.grayscale, row)
+                             for row, (front, back) in enumerate(zip(model_input[FRONT], model_input[BACK]))])
 
     def score_tensors(self, fronts: torch.Tensor, backs: torch.Tensor, with_features: bool = False,
                       batch_size: int = 32) -> dict[str, np.ndarray]:
@@ -362,8 +367,7 @@ def _checked_onnx(checkpoint: Path, example: pd.DataFrame, folder: str) -> tuple
         size, grayscale = model.config.image_size, model.config.grayscale
         front, back = decode_pair(decode_base64(example[FRONT].iloc[0], 0, FRONT),
                                   decode_base64(example[BACK].iloc[0], 0, BACK), size, grayscale, 0)
-        path, check, reason, openvino = export_checked(model, torch.from_numpy(front[None]).float() / 255,
-                                                       torch.from_numpy(back[None]).float() / 255, folder)
+        path, check, reason, openvino = export_checked(model, *pair_tensors([(front, back)]), folder)
     except Exception as error:  # noqa: BLE001 - the model still logs and serves with PyTorch
         path, check, reason = None, None, f"not checked: {type(error).__name__}: {error}"
     runtimes = (*(("openvino",) if path and openvino is not None and openvino.passed else ()),

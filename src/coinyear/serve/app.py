@@ -31,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 import coinyear
 from coinyear.config import Settings
 from coinyear.lake import FEEDBACK, INFERENCE_LOG, Lake, SpooledAppender
+from coinyear.pyfunc import pair_tensors
 from coinyear.serve.auth import BearerAuth
 from coinyear.serve.batching import DispatcherDown, MicroBatcher
 from coinyear.serve.errors import (
@@ -45,7 +46,7 @@ from coinyear.serve.errors import (
     ApiError,
     install_handlers,
 )
-from coinyear.serve.lifecycle import ModelManager, ServedModel, to_tensors
+from coinyear.serve.lifecycle import ModelManager, ServedModel
 from coinyear.serve.wire import ParsedRequest, PreparedRow, parse_body, prepare_rows
 
 if TYPE_CHECKING:  # forward imports this module
@@ -298,7 +299,7 @@ class Gateway:
         pairs = [row.arrays for row in outcome.rows if row.arrays is not None]
         if len(pairs) != len(outcome.rows):  # prepare_rows decodes every row it finds no error in
             raise RuntimeError("a row without an error has no decoded photos")
-        fronts, backs = to_tensors(pairs)
+        fronts, backs = pair_tensors(pairs)
         scored = await batcher.submit(model, fronts, backs)  # plain and interval requests share batches
         outcome.years = scored["year"]
         if level or parsed.neighbours:  # only when asked: a plain request costs nothing more

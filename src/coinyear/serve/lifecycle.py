@@ -36,7 +36,7 @@ import torch
 
 from coinyear import registry
 from coinyear.config import Settings, configure_mlflow
-from coinyear.pyfunc import BACK, FRONT, CoinYearModel
+from coinyear.pyfunc import BACK, FRONT, CoinYearModel, pair_tensors
 from coinyear.serve.wire import prepare_rows
 
 log = logging.getLogger(__name__)
@@ -74,12 +74,6 @@ class ServedModel:
 
     def forward(self, fronts: torch.Tensor, backs: torch.Tensor) -> np.ndarray:
         return self.score(fronts, backs)["year"]
-
-
-def to_tensors(arrays: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
-    fronts = torch.from_numpy(np.stack([front for front, _ in arrays])).float() / 255
-    backs = torch.from_numpy(np.stack([back for _, back in arrays])).float() / 255
-    return fronts, backs
 
 
 def _synthetic_photo() -> str:
@@ -157,7 +151,7 @@ def _load(settings: Settings, version: str, uri: str, model_dir: Path, target: P
     row = prepare_rows([smoke_row(str(model_dir))], served.image_size, served.grayscale)[0]
     if row.arrays is None:
         raise ValueError(f"smoke request rejected: {row.error}")
-    fronts, backs = to_tensors([row.arrays])
+    fronts, backs = pair_tensors([row.arrays])
     scored = served.score(fronts, backs)  # the pass live requests take, features and all
     years = scored["year"]
     if years.shape != (1,) or not math.isfinite(float(years[0])):
