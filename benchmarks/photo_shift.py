@@ -38,11 +38,12 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).parent))
-from quantize import production, split_tensors  # sibling benchmark scripts
+from quantize import production, split_tensors, training_split  # sibling benchmark scripts
 from ruler_head import write_results
 
 from coinyear.evaluate import regression_metrics
 from coinyear.quality import interval_metrics
+from coinyear.train import shrink_in_frame
 
 WHITE = 0.92  # OCRE photos' background is near-white: brighter than this in every channel
 
@@ -60,13 +61,7 @@ def warm_lamp(images: torch.Tensor) -> torch.Tensor:
 
 
 def smaller(images: torch.Tensor, scale: float = 0.7) -> torch.Tensor:
-    size = images.shape[-1]
-    inner = round(size * scale)
-    shrunk = F.interpolate(images, size=(inner, inner), mode="bilinear", antialias=True, align_corners=False)
-    out = torch.ones_like(images)
-    start = (size - inner) // 2
-    out[..., start:start + inner, start:start + inner] = shrunk
-    return out
+    return shrink_in_frame(images, scale, 1.0)  # the training re-shoot's own shrink, on a white frame
 
 
 def soft_focus(images: torch.Tensor, sigma: float = 1.2) -> torch.Tensor:
@@ -105,9 +100,10 @@ def main(argv=None) -> int:
 
     started = time.perf_counter()
     model, version, params = production(args.home)
+    split = training_split(args.home, args.data, params)
     (fronts, backs, year_from, year_to), _ = split_tensors(args.home, args.data, params, model.size,
-                                                           model.grayscale, calibration=1)
-    holdout_groups, reference_groups = holdout_and_reference_groups(args, params, model)
+                                                           model.grayscale, calibration=1, split=split)
+    holdout_groups, reference_groups = holdout_and_reference_groups(split, model)
     if args.coins:
         fronts, backs, year_from, year_to = (x[:args.coins] for x in (fronts, backs, year_from, year_to))
         holdout_groups = holdout_groups[:args.coins]
@@ -137,17 +133,10 @@ def main(argv=None) -> int:
     return 0
 
 
-def holdout_and_reference_groups(args, params: dict, model) -> tuple[np.ndarray, np.ndarray]:
-    """The coin type of each hold-out coin (split as `split_tensors` does) and of each flag reference row (the
+def holdout_and_reference_groups(split, model) -> tuple[np.ndarray, np.ndarray]:
+    """The coin type of each hold-out coin of `split` (`training_split`) and of each flag reference row (the
     model's reference table names the coins, in the reference order)."""
-    from coinyear.config import Settings
-    from coinyear.data import grouped_holdout, read_manifest
-
-    settings = Settings(home=args.home)
-    seed = int(params.get("seed", settings.seed))
-    limit = None if params.get("limit") in (None, "None") else int(params["limit"])
-    rows = read_manifest(args.data, settings.min_year, settings.max_year, limit=limit, seed=seed).rows
-    _, holdout = grouped_holdout(rows, float(params.get("holdout_fraction", 0.15)), seed)
+    rows, _, holdout = split
     group_of = dict(zip(rows["coin_id"].astype(str), rows["group"].astype(str)))
     if model.references is None:
         raise SystemExit("this model version has no reference table: it cannot name its reference coins' types")

@@ -55,18 +55,31 @@ def production(home: Path):
     return mlflow.pyfunc.load_model("models:/coinyear@production").unwrap_python_model(), version.version, params
 
 
-def split_tensors(home: Path, data_dir: Path, params: dict, size: int, grayscale: bool, calibration: int):
-    """(hold-out fronts, backs, year_from, year_to), (calibration fronts, backs) as the training run split them."""
-    import torch
-
+def training_split(home: Path, data_dir: Path, params: dict):
+    """(manifest rows, training row indices, hold-out row indices) as the training run split them: same manifest,
+    seed, limit and hold-out fraction, read from the run's params."""
     from coinyear.config import Settings
-    from coinyear.data import ImageCache, grouped_holdout, load_arrays, read_manifest
+    from coinyear.data import grouped_holdout, read_manifest
 
     settings = Settings(home=home)
     seed = int(params.get("seed", settings.seed))
     limit = None if params.get("limit") in (None, "None") else int(params["limit"])
     rows = read_manifest(data_dir, settings.min_year, settings.max_year, limit=limit, seed=seed).rows
     train, holdout = grouped_holdout(rows, float(params.get("holdout_fraction", 0.15)), seed)
+    return rows, train, holdout
+
+
+def split_tensors(home: Path, data_dir: Path, params: dict, size: int, grayscale: bool, calibration: int,
+                  split=None):
+    """(hold-out fronts, backs, year_from, year_to), (calibration fronts, backs) as the training run split them;
+    `split`: `training_split`'s answer when the caller already has it."""
+    import torch
+
+    from coinyear.config import Settings
+    from coinyear.data import ImageCache, load_arrays
+
+    rows, train, holdout = split or training_split(home, data_dir, params)
+    seed = int(params.get("seed", Settings(home=home).seed))
     calib = np.random.default_rng(seed).choice(train, size=min(calibration, len(train)), replace=False)
     cache = ImageCache(home / "cache", size, grayscale)  # the training run's decoded photos, when still there
 

@@ -339,7 +339,8 @@ def log_model(checkpoint: Path, example: pd.DataFrame, registered_model_name: st
     with tempfile.TemporaryDirectory(prefix="coinyear-onnx-") as folder:
         onnx_file, metadata, runtimes = _checked_onnx(checkpoint, example, folder) if onnx else (None, {}, ())
         runtimes_file = Path(folder) / "runtimes.json"
-        runtimes_file.write_text(json.dumps(list(runtimes)))
+        if onnx_file:
+            runtimes_file.write_text(json.dumps(list(runtimes)))
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=CoinYearModel(),

@@ -85,11 +85,7 @@ class OnnxScorer:
 
     def infer(self, front: torch.Tensor, back: torch.Tensor, with_features: bool = False) -> dict[str, torch.Tensor]:
         samples, features = self.session.run(None, {"front": _array(front), "back": _array(back)})
-        samples = torch.from_numpy(samples)
-        out = {"year": samples.mean(dim=(1, 2)), "spread": rotation_spread(samples)}
-        if with_features:
-            out["features"] = torch.from_numpy(features)
-        return out
+        return _answer(samples, features, with_features)
 
 
 class OpenVinoScorer:
@@ -113,11 +109,7 @@ class OpenVinoScorer:
         if request is None:
             request = self.local.request = self.compiled.create_infer_request()
         results = request.infer({"front": _array(front), "back": _array(back)})
-        samples = torch.from_numpy(np.array(results["samples"]))
-        out = {"year": samples.mean(dim=(1, 2)), "spread": rotation_spread(samples)}
-        if with_features:
-            out["features"] = torch.from_numpy(np.array(results["features"]))
-        return out
+        return _answer(np.array(results["samples"]), np.array(results["features"]), with_features)
 
 
 Scorer = OpenVinoScorer | OnnxScorer
@@ -138,6 +130,16 @@ def open_scorer(path: str | Path, threads: int | None = None,
     raise error if error is not None else ValueError("no runtime named")
 
 
+def _answer(samples: np.ndarray, features: np.ndarray, with_features: bool) -> dict[str, torch.Tensor]:
+    """The graph's outputs as `coinyear.model.infer` answers: mean year and rotation spread per coin (and the
+    OOD features when asked)."""
+    years = torch.from_numpy(samples)
+    out = {"year": years.mean(dim=(1, 2)), "spread": rotation_spread(years)}
+    if with_features:
+        out["features"] = torch.from_numpy(features)
+    return out
+
+
 def _array(images: torch.Tensor) -> np.ndarray:
     return np.ascontiguousarray(images.detach().cpu().numpy(), dtype=np.float32)
 
@@ -155,10 +157,10 @@ class Check:
         return self.max_abs_diff_years <= TOLERANCE_YEARS and self.max_rel_diff_features <= TOLERANCE_FEATURES
 
 
-def compare(model: DualImageRegressor | CoinEnsemble, scorer: Scorer, front: torch.Tensor,
-            back: torch.Tensor) -> Check:
-    """Both runtimes on the same photos: the largest year (and spread) difference and feature difference."""
-    ours, theirs = infer(model, front, back, True), scorer.infer(front, back, True)
+def compare(ours: dict[str, torch.Tensor], scorer: Scorer, front: torch.Tensor, back: torch.Tensor) -> Check:
+    """`scorer` against PyTorch's answer `ours` (`infer(model, front, back, True)`) on the same photos: the
+    largest year (and spread) difference and feature difference."""
+    theirs = scorer.infer(front, back, True)
     years = max(float((ours[key] - theirs[key]).abs().max()) for key in ("year", "spread"))
     scale = float(ours["features"].abs().max()) or 1.0
     features = float((ours["features"] - theirs["features"]).abs().max()) / scale
@@ -181,9 +183,11 @@ def export_checked(model: DualImageRegressor | CoinEnsemble, front: torch.Tensor
     cannot be exported: serving then uses PyTorch.
     """
     path = Path(folder) / ONNX_FILE
+    batch = check_batch(front, back)
     try:
         export_onnx(model, path)
-        check = compare(model, OnnxScorer(path), *check_batch(front, back))
+        ours = infer(model, *batch, True)  # PyTorch's answer, once for both runtimes
+        check = compare(ours, OnnxScorer(path), *batch)
     except Exception as error:  # noqa: BLE001 - the exporter and ORT raise many types; PyTorch still serves
         log.warning("ONNX export failed, the model will be served with PyTorch: %s", error)
         return None, None, f"export failed: {type(error).__name__}: {str(error)[:200]}", None
@@ -193,7 +197,7 @@ def export_checked(model: DualImageRegressor | CoinEnsemble, front: torch.Tensor
         return None, check, (f"differs from PyTorch by {check.max_abs_diff_years:.4g} years, "
                              f"{check.max_rel_diff_features:.3g} relative on features"), None
     try:
-        openvino: Check | None = compare(model, OpenVinoScorer(path), *check_batch(front, back))
+        openvino: Check | None = compare(ours, OpenVinoScorer(path), *batch)
     except Exception as error:  # noqa: BLE001 - no OpenVINO here: ONNX Runtime serves the graph
         log.info("OpenVINO not checked (%s: %s)", type(error).__name__, error)
         openvino = None

@@ -152,15 +152,11 @@ class Reshoot(nn.Module):
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         if self.p <= 0 or torch.rand(()) >= self.p:
             return image
-        channels, height, width = image.shape
+        channels = image.shape[0]
         x = image.float().unsqueeze(0)
         scale = float(torch.empty(()).uniform_(0.6, 1.0))
         if scale < 0.97:
-            inner_h, inner_w = round(height * scale), round(width * scale)
-            shrunk = nn.functional.interpolate(x, size=(inner_h, inner_w), mode="bilinear", antialias=True)
-            top, left = (height - inner_h) // 2, (width - inner_w) // 2
-            x = torch.full_like(x, 255.0)
-            x[..., top:top + inner_h, left:left + inner_w] = shrunk
+            x = shrink_in_frame(x, scale, 255.0)
         if torch.rand(()) < 0.5:
             background = (x > self.WHITE).all(dim=1, keepdim=True)
             colour = torch.rand(1, channels, 1, 1) * 255 * torch.empty(()).uniform_(0.1, 1.0)
@@ -175,6 +171,18 @@ class Reshoot(nn.Module):
         if torch.rand(()) < 0.5:
             photo = v2.functional.jpeg(photo, int(torch.randint(40, 96, ())))
         return photo
+
+
+def shrink_in_frame(images: torch.Tensor, scale: float, fill: float) -> torch.Tensor:
+    """Float images [N, C, H, W] with the picture shrunk to `scale` of the frame, centred on `fill` (the white
+    of the photo's own background): a coin photographed from further away."""
+    height, width = images.shape[-2:]
+    inner_h, inner_w = round(height * scale), round(width * scale)
+    shrunk = nn.functional.interpolate(images, size=(inner_h, inner_w), mode="bilinear", antialias=True)
+    top, left = (height - inner_h) // 2, (width - inner_w) // 2
+    out = torch.full_like(images, fill)
+    out[..., top:top + inner_h, left:left + inner_w] = shrunk
+    return out
 
 
 def make_augmentation(config: TrainConfig) -> v2.Compose:
