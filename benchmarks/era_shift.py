@@ -92,7 +92,7 @@ def main(argv=None) -> int:
         fronts, backs = load_arrays(subset, cache)
         inferred = infer_arrays(served, fronts, backs, with_features=True)
         plain = served.regressors[0] if hasattr(served, "regressors") else served
-        _, portrait_p = embeddings_and_portraits(plain, fronts, backs)
+        portrait_p = embeddings_and_portraits(plain, fronts, backs)[1].get("portrait")
         low, high = quality.conformal.interval(inferred["year"], 0.9, inferred["spread"])
         year_from, year_to = subset["year_from"].to_numpy(float), subset["year_to"].to_numpy(float)
         # the in-span hold-out coins are in the flag's reference (every training-span coin is): scored as a coin

@@ -9,13 +9,18 @@ the coin types training never saw five ways:
   of the training coins with that portrait (the "other" class: their median too);
 * `regression + ruler` / `regression + neighbours`: the mean of the served year and that estimate;
 * `neighbours`: the mean catalogue year of the k training coins nearest in the model's fused embedding
-  (cosine), weighted by similarity.
+  (cosine), weighted by similarity;
+* with `--year-bins W`, a second auxiliary head classifies the coin's midpoint year into W-year bins (the
+  classification-over-year-bins variant of the hierarchy): `year-bin mixture`, sum over bins of p(bin) x the
+  median year of the training coins in that bin, and `regression + year bins`, their mean. The label is the
+  bin of the catalogue midpoint (a hard label: OCRE's date ranges are narrow, half of them a year or less).
 
 The blends are fixed 50/50, never tuned on the hold-out they are scored on. Writes
 `<out>/<name>.json` and `.md`. Usage (about 12 minutes on 2 idle CPU cores):
 
     python benchmarks/ruler_head.py --aux-weight 0.3 --name portrait-0.3
     python benchmarks/ruler_head.py --aux-weight 0 --name plain
+    python benchmarks/ruler_head.py --aux-weight 0.3 --year-bins 10 --name portrait-0.3-bins-10
 """
 
 from __future__ import annotations
@@ -41,17 +46,17 @@ from coinyear.train import aux_labels, train_on_manifest
 
 @torch.inference_mode()
 def embeddings_and_portraits(model, fronts: np.ndarray, backs: np.ndarray, batch: int = 64):
-    """Fused embedding [N, F] and portrait probabilities [N, classes] (None without the head), plain pass."""
+    """Fused embedding [N, F] and each auxiliary head's class probabilities {head: [N, classes]}, plain pass."""
     model.eval()
-    embedded, probabilities = [], []
+    embedded, probabilities = [], {name: [] for name in model.aux_heads}
     for start in range(0, len(fronts), batch):
         front = torch.from_numpy(np.asarray(fronts[start:start + batch])).float() / 255
         back = torch.from_numpy(np.asarray(backs[start:start + batch])).float() / 255
         features = model.features(front, back)
         embedded.append(features.numpy())
-        if "portrait" in model.aux_heads:
-            probabilities.append(torch.softmax(model.aux_heads["portrait"](features), dim=1).numpy())
-    return np.concatenate(embedded), (np.concatenate(probabilities) if probabilities else None)
+        for name, head in model.aux_heads.items():
+            probabilities[name].append(torch.softmax(head(features), dim=1).numpy())
+    return np.concatenate(embedded), {name: np.concatenate(parts) for name, parts in probabilities.items()}
 
 
 def neighbour_years(embedded: np.ndarray, midpoints: np.ndarray, train: np.ndarray, query: np.ndarray,
@@ -86,6 +91,8 @@ def main(argv=None) -> int:
     parser.add_argument("--epochs", type=int, help="override the default recipe's epochs")
     parser.add_argument("--limit", type=int, help="a random subset of N coins (smoke runs)")
     parser.add_argument("--k", type=int, default=10, help="neighbours averaged")
+    parser.add_argument("--year-bins", type=int, default=0,
+                        help="width in years of the bins a second auxiliary head classifies into (0: no such head)")
     parser.add_argument("--name", default="portrait")
     parser.add_argument("--out", default="benchmarks/results/ruler_head")
     args = parser.parse_args(argv)
@@ -94,9 +101,17 @@ def main(argv=None) -> int:
     manifest = read_manifest(args.data)
     if args.limit:
         manifest.rows = manifest.rows.sample(n=args.limit, random_state=0).reset_index(drop=True)
+    heads: tuple[str, ...] = ("portrait",)
+    if args.year_bins:
+        midpoint = (manifest.rows["year_from"] + manifest.rows["year_to"]) / 2
+        bins = np.floor((midpoint - midpoint.min()) / args.year_bins).astype(int)
+        manifest.rows = manifest.rows.assign(year_bin=bins.astype(str))
+        heads = ("portrait", "year_bin")
+        if bins.nunique() > args.aux_top:
+            raise SystemExit(f"{bins.nunique()} year bins but --aux-top {args.aux_top}: widen the bins")
     _, config = recipe_from_settings(Settings(), epochs=args.epochs)
     # ruler_blend 0: the "regression" row is the regression head alone; the blend is computed below, as served
-    config = replace(config, aux_weight=args.aux_weight, aux_heads=("portrait",), aux_top=args.aux_top,
+    config = replace(config, aux_weight=args.aux_weight, aux_heads=heads, aux_top=args.aux_top,
                      model=replace(config.model, ruler_blend=0.0))
     result = train_on_manifest(manifest, config, Path(args.cache), final_model=False)
     model = result.fold_models[0]
@@ -106,7 +121,8 @@ def main(argv=None) -> int:
 
     cache = ImageCache(Path(args.cache), config.model.image_size, config.model.grayscale)
     fronts, backs = load_arrays(rows, cache)
-    embedded, portrait_p = embeddings_and_portraits(model, fronts, backs)
+    embedded, head_p = embeddings_and_portraits(model, fronts, backs)
+    portrait_p = head_p.get("portrait")
     year_from, year_to = rows["year_from"].to_numpy(float), rows["year_to"].to_numpy(float)
     midpoints = (year_from + year_to) / 2
     estimates = {"regression": table["predicted"].to_numpy()}
@@ -122,9 +138,19 @@ def main(argv=None) -> int:
         known = labels[holdout] >= 0
         extra["portrait_accuracy_holdout"] = float((portrait_p[holdout].argmax(1) == labels[holdout])[known].mean())
         extra["portrait_classes"] = classes
+    if "year_bin" in head_p:
+        labels = aux_labels(rows, args.aux_top, ("year_bin",))[0]["year_bin"]
+        # each bin class's median training year (the head's classes are the bins, most common first)
+        centres = np.array([np.median(midpoints[train][labels[train] == c]) if (labels[train] == c).any()
+                            else np.median(midpoints[train]) for c in range(head_p["year_bin"].shape[1])])
+        estimates["year-bin mixture"] = head_p["year_bin"][holdout] @ centres
+        estimates["regression + year bins"] = (estimates["regression"] + estimates["year-bin mixture"]) / 2
+        extra["year_bin_accuracy_holdout"] = float((head_p["year_bin"][holdout].argmax(1) == labels[holdout]).mean())
+        extra["year_bins"] = int(head_p["year_bin"].shape[1])
     metrics = {name: evaluate.regression_metrics(years, year_from[holdout], year_to[holdout])
                for name, years in estimates.items()}
     report = {"name": args.name, "aux_weight": args.aux_weight, "aux_top": args.aux_top, "k": args.k,
+              "year_bins": args.year_bins,
               "epochs": config.epochs, "backbone": config.model.backbone, "image_size": config.model.image_size,
               "coins": len(rows), "holdout_coins": len(holdout), "metrics": metrics, **extra}
     lines = [f"## {args.name}: aux weight {args.aux_weight}, {config.epochs} epochs, {len(holdout)} hold-out coins",

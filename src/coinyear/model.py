@@ -48,6 +48,9 @@ class ModelConfig:
     dropout: float = 0.2
     # Auxiliary classification heads trained alongside the year (multi-task), e.g. {"portrait": 21}.
     aux_classes: dict[str, int] = field(default_factory=dict)
+    # Each auxiliary head's class names in class order, the last "other" (set by the trainer; checkpoints from
+    # before have none). The served answer names the portrait by it (`params.portraits`).
+    aux_names: dict[str, list[str]] = field(default_factory=dict)
     # With a portrait head, the served year is (1 - w) x the regression head's + w x the ruler mixture (the sum
     # over portraits of p(portrait) x that portrait's median training year): the hierarchy a numismatist uses.
     # benchmarks/ruler_head.py: 15.15 years hold-out MAE at w = 0.5 against 16.34 for the regression alone.
@@ -312,22 +315,42 @@ class CoinEnsemble(nn.Module):
                 index += 1
         return torch.cat(parts)
 
-    def scores(self, front: torch.Tensor, back: torch.Tensor,
-               with_features: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    @property
+    def has_portraits(self) -> bool:
+        """Whether the members have a portrait head whose classes are named (the answer can name the portrait)."""
+        return all("portrait" in member.aux_heads for member in self.regressors) \
+            and len(self.config.aux_names.get("portrait", ())) == self.config.aux_classes.get("portrait", -1)
+
+    def portrait_classes(self) -> list[tuple[str, float]]:
+        """(name, median training year) of each portrait class in class order ([] without a named head); the
+        year is the members' mean (each member set it from its own training coins)."""
+        if not self.has_portraits:
+            return []
+        years = torch.stack([member.portrait_years for member in self.regressors]).mean(dim=0)
+        return list(zip(self.config.aux_names["portrait"], years.tolist()))
+
+    def scores(self, front: torch.Tensor, back: torch.Tensor, with_features: bool = False,
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """(every member's year on every rotation [B, members, angles], member 0's out-of-distribution features
-        of the unrotated photos [B, 2*D] or None)."""
+        of the unrotated photos [B, 2*D] or None, and with the features the portrait probabilities [B, classes]
+        averaged over members and rotations, or None without a named portrait head)."""
         batch, angles = front.shape[0], len(self.tta_angles)
         fronts, backs = self.rotated(front), self.rotated(back)
         unrotated = next((i for i, angle in enumerate(self.tta_angles) if angle % 360 == 0), None)
-        years, features = [], None
+        portraits = with_features and self.has_portraits
+        years, features, probabilities = [], None, []
         for index, member in enumerate(self.regressors):
             front_features, back_features = member.backbone_features(fronts, backs)
             both = torch.cat([front_features, back_features], dim=1)
-            years.append(member.year_from_features(member.fusion(both)).view(angles, batch))
+            fused = member.fusion(both)
+            years.append(member.year_from_features(fused).view(angles, batch))
+            if portraits:  # the head the served year's ruler mixture reads: a small matrix product more
+                probabilities.append(torch.softmax(member.aux_heads["portrait"](fused), dim=1).view(angles, batch, -1))
             if index == 0 and with_features:
                 features = both.view(angles, batch, -1)[unrotated] if unrotated is not None \
                     else member.ood_features(front, back)
-        return torch.stack(years).permute(2, 0, 1), features
+        portrait = torch.stack(probabilities).mean(dim=(0, 1)) if probabilities else None
+        return torch.stack(years).permute(2, 0, 1), features, portrait
 
     def year_samples(self, front: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
         """Every member's year on every rotation, [B, members, angles]."""
@@ -362,12 +385,15 @@ def as_ensemble(model: DualImageRegressor | CoinEnsemble) -> CoinEnsemble:
 def infer(model: DualImageRegressor | CoinEnsemble, front: torch.Tensor, back: torch.Tensor,
           with_features: bool = False) -> dict[str, torch.Tensor]:
     """One batch: {"year": [B], "spread": [B] (rotation spread, zero without TTA), "features": [B, D] (the
-    out-of-distribution features, from the same forward pass)}."""
-    samples, features = as_ensemble(model).scores(front, back, with_features)
+    out-of-distribution features, from the same forward pass) and, with a named portrait head, "portraits"
+    [B, classes] (its probabilities, averaged over members and rotations)}; the last two `with_features`."""
+    samples, features, portraits = as_ensemble(model).scores(front, back, with_features)
     out = {"year": samples.mean(dim=(1, 2)), "spread": rotation_spread(samples)}
     if with_features:
         assert features is not None, "scores() gives the features when asked for them"
         out["features"] = features
+        if portraits is not None:
+            out["portraits"] = portraits
     return out
 
 

@@ -16,6 +16,13 @@ features lie nearest to the request's, by the OOD flag's cosine distance, neares
 URLs `thumbnail` (obverse) and `thumbnail_back` (see coinyear.neighbours). Models logged without the reference
 table refuse the parameter with a 400.
 
+With `portraits` (a whole number k, 1 to 5: `{"params": {"portraits": 3}}`) each row's answer is an object with
+`year` and `portraits`: whose head the model recognises on the obverse, the k likeliest of its portrait classes,
+likeliest first, each with `portrait` (the name as the catalogue writes it, or "other" for the rarer portraits
+pooled in one class), `probability` (averaged over the rotation TTA) and `year` (the median catalogue year of the
+training coins with that portrait: the served year leans towards it, `ModelConfig.ruler_blend`). It is the
+first thing a numismatist checks. Models trained without a named portrait head refuse the parameter with a 400.
+
 The logged model is self-contained: it carries the coinyear package as MLflow `code_paths` (put first on
 `sys.path` when MLflow loads it) and lists as requirements exactly what the serving code imports, pinned to
 the training environment's versions, so any environment MLflow builds from it (`mlflow models serve`,
@@ -58,6 +65,7 @@ CHECKPOINT = "checkpoint"
 CONFORMAL, OOD, NEIGHBOURS = "conformal", "ood", "neighbours"
 ONNX, RUNTIMES = "onnx", "runtimes"  # the graph; the runtimes that matched PyTorch on it at logging time (JSON)
 ONNX_PACKAGES = ("onnxruntime",)  # the baseline runtime of every ONNX model; "openvino" joins when it matched
+MAX_PORTRAITS = 5
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +84,17 @@ SIGNATURE = ModelSignature(
                           for name in ("coin_id", "date_text", "denomination", "mint", "portrait")),
                         Property("year_from", "long"), Property("year_to", "long"), Property("distance", "double"),
                         Property("thumbnail", "string"), Property("thumbnail_back", "string")])),
-                        "neighbours", required=False)]),
+                        "neighbours", required=False),
+                    # only with `params.portraits`: the likeliest portraits on the obverse
+                    ColSpec(Array(Object([Property("portrait", "string"), Property("probability", "double"),
+                                          Property("year", "double")])), "portraits", required=False)]),
     params=ParamSchema([ParamSpec("batch_size", "long", 32),
                         # 0 = plain years; a level in (0, 1) = year, conformal range and OOD flag per row
                         ParamSpec("interval", "double", 0.0),
                         # 0 = none; k in 1..20 = the k nearest training coins per row
-                        ParamSpec("neighbours", "long", 0)]),
+                        ParamSpec("neighbours", "long", 0),
+                        # 0 = none; k in 1..5 = the k likeliest portraits per row
+                        ParamSpec("portraits", "long", 0)]),
 )
 
 
@@ -130,9 +143,11 @@ class CoinYearModel(PythonModel):
     """Wraps a `DualImageRegressor` checkpoint."""
 
     def load_context(self, context) -> None:
-        from coinyear.model import load_checkpoint
+        from coinyear.model import as_ensemble, load_checkpoint
 
         self.model = load_checkpoint(context.artifacts[CHECKPOINT])
+        # (name, median year) per portrait class; [] for a model without a named portrait head
+        self.portraits = as_ensemble(self.model).portrait_classes()
         self.size = self.model.config.image_size
         self.grayscale = self.model.config.grayscale
         self.quality = None
@@ -173,7 +188,8 @@ class CoinYearModel(PythonModel):
     def score_tensors(self, fronts: torch.Tensor, backs: torch.Tensor, with_features: bool = False,
                       batch_size: int = 32) -> dict[str, np.ndarray]:
         """The one scoring path: per coin `year`, `spread` (how much the year moves over the TTA rotations; zero
-        without TTA) and, with `with_features`, the out-of-distribution `features` [B, D].
+        without TTA) and, with `with_features`, the out-of-distribution `features` [B, D] and, for a model with a
+        named portrait head, the `portraits` probabilities [B, classes].
 
         Callers that batch across requests (the gateway's micro-batcher) call this once per batch and slice the
         arrays per request; `answers` then turns a slice into intervals at each request's own level.
@@ -184,24 +200,30 @@ class CoinYearModel(PythonModel):
         run = onnx.infer if onnx is not None else partial(infer, self.model)
         parts = [run(fronts[start:start + batch_size], backs[start:start + batch_size], with_features)
                  for start in range(0, len(fronts), max(batch_size, 1))]
-        keys = ("year", "spread", "features") if with_features else ("year", "spread")
-        return {key: torch.cat([part[key] for part in parts]).numpy().astype(float) for key in keys}
+        return {key: torch.cat([part[key] for part in parts]).numpy().astype(float) for key in parts[0]}
 
-    def check_params(self, level: float, neighbours: int = 0) -> None:
-        """InvalidCoinInput unless this version can answer `interval` (level > 0) and `neighbours` (k > 0)."""
+    def check_params(self, level: float, neighbours: int = 0, portraits: int = 0) -> None:
+        """InvalidCoinInput unless this version can answer `interval` (level > 0), `neighbours` and `portraits`
+        (k > 0)."""
         if level and self.quality is None:
             raise InvalidCoinInput("this model version was logged without interval calibration; "
                                    "call it without the `interval` parameter")
         if neighbours and getattr(self, "references", None) is None:
             raise InvalidCoinInput("this model version was logged without its reference coins; "
                                    "call it without the `neighbours` parameter")
+        if portraits and not getattr(self, "portraits", None):
+            raise InvalidCoinInput("this model version was trained without a named portrait head; "
+                                   "call it without the `portraits` parameter")
 
-    def answers(self, scored: dict[str, np.ndarray], level: float, neighbours: int = 0) -> pd.DataFrame:
+    def answers(self, scored: dict[str, np.ndarray], level: float, neighbours: int = 0,
+                portraits: int = 0) -> pd.DataFrame:
         """Per coin the year; with `level` > 0 the conformal range at that level and the out-of-distribution
-        flag; with `neighbours` k > 0 the k nearest training coins (a list of dicts). From `score_tensors` output
-        computed `with_features`."""
-        self.check_params(level, neighbours)
+        flag; with `neighbours` k > 0 the k nearest training coins and with `portraits` k > 0 the k likeliest
+        portraits (lists of dicts). From `score_tensors` output computed `with_features`."""
+        self.check_params(level, neighbours, portraits)
         frame = pd.DataFrame({"year": scored["year"]})
+        if portraits:
+            frame["portraits"] = likeliest_portraits(scored["portraits"], self.portraits, portraits)
         if not (level or neighbours):
             return frame
         quality, references = self.quality, getattr(self, "references", None)
@@ -232,15 +254,35 @@ class CoinYearModel(PythonModel):
         batch_size = max(int(params.get("batch_size") or 32), 1)
         level = _interval_level(params.get("interval"))
         neighbours = _neighbour_count(params.get("neighbours"))
-        self.check_params(level, neighbours)
+        try:
+            portraits = portrait_count(0 if params.get("portraits") is None else params["portraits"])
+        except ValueError as error:
+            raise InvalidCoinInput(str(error)) from error
+        self.check_params(level, neighbours, portraits)
         if len(model_input) == 0:
-            columns = ["year", *(["low", "high", "out_of_distribution"] if level else []),
+            columns = ["year", *(["portraits"] if portraits else []),
+                       *(["low", "high", "out_of_distribution"] if level else []),
                        *(["neighbours"] if neighbours else [])]
-            return pd.DataFrame(columns=columns) if level or neighbours else np.zeros(0)
+            return pd.DataFrame(columns=columns) if level or neighbours or portraits else np.zeros(0)
         fronts, backs = self.tensors(model_input)
-        if level or neighbours:
-            return self.answers(self.score_tensors(fronts, backs, True, batch_size), level, neighbours)
+        if level or neighbours or portraits:
+            return self.answers(self.score_tensors(fronts, backs, True, batch_size), level, neighbours, portraits)
         return self.predict_tensors(fronts, backs, batch_size)
+
+
+def portrait_count(value) -> int:
+    """0 (no portraits) or a whole number 1..MAX_PORTRAITS; ValueError with what is accepted otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= MAX_PORTRAITS:
+        raise ValueError(f"portraits must be a whole number from 0 (none) to {MAX_PORTRAITS}, got {value!r}")
+    return int(value)
+
+
+def likeliest_portraits(probabilities: np.ndarray, classes: list[tuple[str, float]], k: int) -> list[list[dict]]:
+    """Per coin the `k` likeliest portrait classes, likeliest first: {portrait, probability, year}, from the
+    head's probabilities [B, classes] and the classes' (name, median year)."""
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
+    return [[{"portrait": classes[c][0], "probability": round(float(row[c]), 4), "year": round(classes[c][1], 1)}
+             for c in picks] for row, picks in zip(probabilities, order)]
 
 
 def _interval_level(value) -> float:

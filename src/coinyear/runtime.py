@@ -3,8 +3,8 @@
 The graph holds everything one request costs: every rotation of both photos (the fixed sampling grid of
 `CoinEnsemble.rotated`), every member, and member 0's out-of-distribution features from the unrotated pass. Its
 inputs are the photos as the PyTorch model takes them (float [B, C, H, W] in [0, 1], any B); its outputs are
-`samples` [B, members, angles] (years) and `features` [B, 2*D], from which `OnnxScorer.infer` gives exactly what
-`coinyear.model.infer` gives.
+`samples` [B, members, angles] (years), `features` [B, 2*D] and, for a model with a named portrait head,
+`portraits` [B, classes], from which `OnnxScorer.infer` gives exactly what `coinyear.model.infer` gives.
 
 Two runtimes read that file: OpenVINO (`OpenVinoScorer`, preferred: on this project's 2-core Xeon it answers a
 one-coin request in 20 ms against ONNX Runtime's 34 ms, the same years to 1e-4; benchmarks/README.md "Serving")
@@ -35,17 +35,25 @@ ONNX_FILE = "model.onnx"
 TOLERANCE_YEARS = 0.05
 # OOD features are compared relative to their size: the OOD score is a distance between such vectors.
 TOLERANCE_FEATURES = 1e-3
+# Portrait probabilities (a softmax of the same features) may differ by as little.
+TOLERANCE_PORTRAITS = 1e-3
 
 
 class ScoringGraph(nn.Module):
-    """What is exported: photos in, (years per member and rotation, OOD features) out."""
+    """What is exported: photos in, (years per member and rotation, OOD features[, portrait probabilities]) out."""
 
     def __init__(self, model: DualImageRegressor | CoinEnsemble):
         super().__init__()
         self.ensemble = as_ensemble(model)
 
-    def forward(self, front: torch.Tensor, back: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.ensemble.scores(front, back, with_features=True)  # features are never None when asked for
+    @property
+    def output_names(self) -> list[str]:
+        return ["samples", "features", *(["portraits"] if self.ensemble.has_portraits else [])]
+
+    def forward(self, front: torch.Tensor, back: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        samples, features, portraits = self.ensemble.scores(front, back, with_features=True)
+        assert features is not None, "scores() gives the features when asked for them"
+        return (samples, features) if portraits is None else (samples, features, portraits)
 
 
 def export_onnx(model: DualImageRegressor | CoinEnsemble, path: str | Path) -> Path:
@@ -61,11 +69,12 @@ def export_onnx(model: DualImageRegressor | CoinEnsemble, path: str | Path) -> P
     channels = 1 if config.grayscale else 3
     example = tuple(torch.rand(2, channels, config.image_size, config.image_size) for _ in range(2))
     graph = ScoringGraph(model).eval()
+    outputs = graph.output_names
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore")  # the exporter's deprecation notice and tracer warnings on shape asserts
         torch.onnx.export(graph, example, str(path), dynamo=False, opset_version=17,
-                          input_names=["front", "back"], output_names=["samples", "features"],
-                          dynamic_axes={name: {0: "batch"} for name in ("front", "back", "samples", "features")})
+                          input_names=["front", "back"], output_names=outputs,
+                          dynamic_axes={name: {0: "batch"} for name in ("front", "back", *outputs)})
     return Path(path)
 
 
@@ -84,8 +93,8 @@ class OnnxScorer:
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
     def infer(self, front: torch.Tensor, back: torch.Tensor, with_features: bool = False) -> dict[str, torch.Tensor]:
-        samples, features = self.session.run(None, {"front": _array(front), "back": _array(back)})
-        return _answer(samples, features, with_features)
+        outputs = self.session.run(None, {"front": _array(front), "back": _array(back)})
+        return _answer(outputs[0], outputs[1], with_features, outputs[2] if len(outputs) > 2 else None)
 
 
 class OpenVinoScorer:
@@ -103,13 +112,15 @@ class OpenVinoScorer:
             "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
             "INFERENCE_PRECISION_HINT": "f32"})  # bf16 on an avx512_bf16 CPU moved years by up to 0.22
         self.local = threading.local()
+        self.portraits = any("portraits" in output.get_names() for output in self.compiled.outputs)
 
     def infer(self, front: torch.Tensor, back: torch.Tensor, with_features: bool = False) -> dict[str, torch.Tensor]:
         request = getattr(self.local, "request", None)
         if request is None:
             request = self.local.request = self.compiled.create_infer_request()
         results = request.infer({"front": _array(front), "back": _array(back)})
-        return _answer(np.array(results["samples"]), np.array(results["features"]), with_features)
+        return _answer(np.array(results["samples"]), np.array(results["features"]), with_features,
+                       np.array(results["portraits"]) if self.portraits else None)
 
 
 Scorer = OpenVinoScorer | OnnxScorer
@@ -130,13 +141,16 @@ def open_scorer(path: str | Path, threads: int | None = None,
     raise error if error is not None else ValueError("no runtime named")
 
 
-def _answer(samples: np.ndarray, features: np.ndarray, with_features: bool) -> dict[str, torch.Tensor]:
+def _answer(samples: np.ndarray, features: np.ndarray, with_features: bool,
+            portraits: np.ndarray | None = None) -> dict[str, torch.Tensor]:
     """The graph's outputs as `coinyear.model.infer` answers: mean year and rotation spread per coin (and the
-    OOD features when asked)."""
+    OOD features and portrait probabilities, when the graph has them, when asked)."""
     years = torch.from_numpy(samples)
     out = {"year": years.mean(dim=(1, 2)), "spread": rotation_spread(years)}
     if with_features:
         out["features"] = torch.from_numpy(features)
+        if portraits is not None:
+            out["portraits"] = torch.from_numpy(portraits)
     return out
 
 
@@ -151,20 +165,27 @@ class Check:
     max_abs_diff_years: float
     max_rel_diff_features: float
     rows: int
+    max_abs_diff_portraits: float = 0.0  # probabilities; 0 for a model without a named portrait head
 
     @property
     def passed(self) -> bool:
-        return self.max_abs_diff_years <= TOLERANCE_YEARS and self.max_rel_diff_features <= TOLERANCE_FEATURES
+        return (self.max_abs_diff_years <= TOLERANCE_YEARS and self.max_rel_diff_features <= TOLERANCE_FEATURES
+                and self.max_abs_diff_portraits <= TOLERANCE_PORTRAITS)
 
 
 def compare(ours: dict[str, torch.Tensor], scorer: Scorer, front: torch.Tensor, back: torch.Tensor) -> Check:
     """`scorer` against PyTorch's answer `ours` (`infer(model, front, back, True)`) on the same photos: the
-    largest year (and spread) difference and feature difference."""
+    largest year (and spread) difference, feature difference and portrait probability difference (infinite when
+    the graph lacks the portraits PyTorch gives)."""
     theirs = scorer.infer(front, back, True)
     years = max(float((ours[key] - theirs[key]).abs().max()) for key in ("year", "spread"))
     scale = float(ours["features"].abs().max()) or 1.0
     features = float((ours["features"] - theirs["features"]).abs().max()) / scale
-    return Check(years, features, len(front))
+    portraits = 0.0
+    if "portraits" in ours:
+        portraits = float((ours["portraits"] - theirs["portraits"]).abs().max()) if "portraits" in theirs \
+            else float("inf")
+    return Check(years, features, len(front), portraits)
 
 
 def check_batch(front: torch.Tensor, back: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,10 +213,12 @@ def export_checked(model: DualImageRegressor | CoinEnsemble, front: torch.Tensor
         log.warning("ONNX export failed, the model will be served with PyTorch: %s", error)
         return None, None, f"export failed: {type(error).__name__}: {str(error)[:200]}", None
     if not check.passed:
-        log.warning("ONNX differs from PyTorch by %.4g years / %.3g relative features: not attached",
-                    check.max_abs_diff_years, check.max_rel_diff_features)
+        log.warning("ONNX differs from PyTorch by %.4g years / %.3g relative features / %.3g portrait "
+                    "probability: not attached", check.max_abs_diff_years, check.max_rel_diff_features,
+                    check.max_abs_diff_portraits)
         return None, check, (f"differs from PyTorch by {check.max_abs_diff_years:.4g} years, "
-                             f"{check.max_rel_diff_features:.3g} relative on features"), None
+                             f"{check.max_rel_diff_features:.3g} relative on features, "
+                             f"{check.max_abs_diff_portraits:.3g} in portrait probability"), None
     try:
         openvino: Check | None = compare(ours, OpenVinoScorer(path), *batch)
     except Exception as error:  # noqa: BLE001 - no OpenVINO here: ONNX Runtime serves the graph

@@ -210,10 +210,14 @@ def loss_fn(predicted, year_from, year_to, kind: str, scale: float) -> torch.Ten
     return nn.functional.smooth_l1_loss(outside / scale, torch.zeros_like(outside), beta=0.1)
 
 
+OTHER_CLASS = "other"  # the auxiliary class of every value outside the `top` commonest
+
+
 def aux_labels(rows: pd.DataFrame, top: int, columns: tuple[str, ...] = AUX_COLUMNS,
-               ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """Class indices of the auxiliary `columns` present: the `top` most common values, then one "other".
-    "portrait" is read from `obverse_desc` when the rows have no such column (-100 = no label: ignored)."""
+               ) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
+    """Class indices of the auxiliary `columns` present and each column's class names: the `top` most common
+    values, then "other". "portrait" is read from `obverse_desc` when the rows have no such column (-100 = no
+    label: ignored)."""
     labels, classes = {}, {}
     for column in columns:
         if column == "portrait" and column not in rows.columns and "obverse_desc" in rows.columns:
@@ -224,7 +228,7 @@ def aux_labels(rows: pd.DataFrame, top: int, columns: tuple[str, ...] = AUX_COLU
         common = [v for v in values[values != ""].value_counts().index[:top]]
         index = {value: i for i, value in enumerate(common)}
         labels[column] = np.array([-100 if v == "" else index.get(v, len(common)) for v in values])
-        classes[column] = len(common) + 1
+        classes[column] = [*common, OTHER_CLASS]
     return labels, classes
 
 
@@ -582,7 +586,8 @@ def train_on_manifest(manifest: Manifest, config: TrainConfig, cache_dir: Path, 
     device = resolve_device(config.device)
     aux, classes = aux_labels(rows, config.aux_top, config.aux_heads) if config.aux_weight > 0 else ({}, {})
     if classes:
-        config = replace(config, model=replace(config.model, aux_classes=classes))
+        config = replace(config, model=replace(config.model, aux_names=classes,
+                                               aux_classes={name: len(names) for name, names in classes.items()}))
     cache = ImageCache(cache_dir, config.model.image_size, config.model.grayscale)
     if tensor_dir is not None:
         fronts, backs = mapped_arrays(rows, cache, tensor_dir, progress=rank == 0)

@@ -112,7 +112,7 @@ class StandInScorer:
             scored["features"] = np.zeros((len(year), 4))
         return scored
 
-    def answers(self, scored, level, neighbours=0):
+    def answers(self, scored, level, neighbours=0, portraits=0):
         import pandas as pd
 
         year = scored["year"]

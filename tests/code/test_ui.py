@@ -140,7 +140,7 @@ def test_predict_sends_both_photos_as_base64_and_shows_the_year_in_numismatic_fo
     row = call["json"]["inputs"][0]
     assert base64.b64decode(row["front_image_base64"]) == front
     assert base64.b64decode(row["back_image_base64"]) == back
-    assert call["json"]["params"] == {"interval": 0.9, "neighbours": 5}
+    assert call["json"]["params"] == {"interval": 0.9, "neighbours": 5, "portraits": 3}
     assert call["headers"]["Authorization"] == f"Bearer {TOKEN}"
     assert at.metric[0].value == "27 BC"
     details = texts(at.markdown)
@@ -159,7 +159,7 @@ def test_predict_shows_the_interval_and_warns_when_out_of_distribution(api):
 
 def test_a_model_without_intervals_still_gives_its_year(api):
     def no_intervals(body):  # refuses each parameter it cannot answer, one at a time, as the gateway does
-        for name in ("interval", "neighbours"):
+        for name in ("interval", "neighbours", "portraits"):
             if name in body.get("params", {}):
                 return 400, {"error_code": "INVALID_PARAMETER_VALUE",
                              "message": f"model version 1 was logged without ...; call it without `{name}`"}, {}
@@ -169,8 +169,9 @@ def test_a_model_without_intervals_still_gives_its_year(api):
     at = press(upload_pair(app(), coin_image(1), coin_image(2)), "Predict")
     assert at.metric[0].value == "AD 12" and not at.error
     assert "interval" not in texts(at.markdown) and "Looks like" not in texts(at.markdown)
+    assert "Portrait" not in texts(at.markdown)
     assert [sorted(call["json"].get("params", {})) for call in api.calls(INVOCATIONS[1])] == [
-        ["interval", "neighbours"], ["neighbours"], []]
+        ["interval", "neighbours", "portraits"], ["neighbours", "portraits"], ["portraits"], []]
 
 
 def test_predict_shows_the_nearest_reference_coins_with_their_dates(api):
@@ -179,9 +180,10 @@ def test_predict_shows_the_nearest_reference_coins_with_their_dates(api):
               "denomination": "Denarius", "mint": "Rome", "portrait": "Vespasian" if i < 3 else "Titus",
               "distance": 0.1 * i, "thumbnail": thumbnail, "thumbnail_back": thumbnail} for i in range(5)]
 
-    def with_neighbours(body):  # a model without interval calibration but with its reference coins
-        if "interval" in body.get("params", {}):
-            return 400, {"error_code": "INVALID_PARAMETER_VALUE", "message": "call it without `interval`"}, {}
+    def with_neighbours(body):  # a model without interval calibration or portrait head but with reference coins
+        for name in ("interval", "portraits"):
+            if name in body.get("params", {}):
+                return 400, {"error_code": "INVALID_PARAMETER_VALUE", "message": f"call it without `{name}`"}, {}
         return 200, {"predictions": [{"year": 74.0, "neighbours": coins[:body["params"]["neighbours"]]}]}, \
             ANSWER_HEADERS
 
@@ -192,6 +194,17 @@ def test_predict_shows_the_nearest_reference_coins_with_their_dates(api):
     assert sum("Denarius · Rome" in text for text in texts(at.caption).split("\n")) == 5
     assert len(at.get("image")) == 7  # the two photos, then the five reference coins
     assert api.calls(INVOCATIONS[1])[-1]["json"]["params"] == {"neighbours": 5}
+
+
+def test_predict_names_the_likeliest_portraits(api):
+    portraits = [{"portrait": "Vespasian", "probability": 0.714, "year": 73.0},
+                 {"portrait": "Titus", "probability": 0.12, "year": 79.5},
+                 {"portrait": "other", "probability": 0.05, "year": 90.0}]
+    api.routes[INVOCATIONS] = (200, {"predictions": [{"year": 74.0, "portraits": portraits}]}, ANSWER_HEADERS)
+    at = press(upload_pair(app(), coin_image(1), coin_image(2)), "Predict")
+    assert at.metric[0].value == "AD 74" and not at.error
+    assert ("Portrait: **Vespasian** 71% (coins with this portrait: median AD 73) · Titus 12% · other 5%."
+            in texts(at.markdown))
 
 
 def test_predict_button_waits_for_both_sides(api):

@@ -70,7 +70,8 @@ def test_the_trainer_reads_the_portrait_label_from_the_description(manifest):
 
     rows = manifest
     labels, classes = aux_labels(rows, 5, ("portrait",))
-    assert set(labels) == {"portrait"} and classes == {"portrait": 6}
+    assert set(labels) == {"portrait"} and set(classes) == {"portrait"}
+    assert len(classes["portrait"]) == 6 and classes["portrait"][0] == "Domitian" and classes["portrait"][-1] == "other"
     unparsed = portrait_labels(rows["obverse_desc"]).to_numpy() == ""
     assert (labels["portrait"][unparsed] == -100).all() and (labels["portrait"][~unparsed] >= 0).all()
     domitian = portrait_labels(rows["obverse_desc"]).to_numpy() == "Domitian"  # the commonest portrait

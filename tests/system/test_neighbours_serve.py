@@ -1,6 +1,7 @@
-"""Similar coins through the gateway (a real `coinyear serve` process): `params.neighbours` gives each row the k
-nearest training coins, with or without `interval`, out of the same micro-batched scoring pass as plain
-requests; bad counts and a model version logged without the reference table get a 400 and the server goes on."""
+"""Similar coins and the recognised portrait through the gateway (a real `coinyear serve` process):
+`params.neighbours` gives each row the k nearest training coins and `params.portraits` the k likeliest portraits,
+with or without `interval`, out of the same micro-batched scoring pass as plain requests; bad counts and a model
+version logged without the reference table or the portrait head get a 400 and the server goes on."""
 
 from __future__ import annotations
 
@@ -60,6 +61,39 @@ def test_neighbours_answer_per_row_with_and_without_interval(gateway, trained):
     assert [n["coin_id"] for n in both.json()["predictions"][0]["neighbours"]] == [coins[0][0]]
 
 
+def test_portraits_answer_per_row_as_the_model_itself_does(gateway, trained):
+    """The gateway's portraits are the logged model's own (`mlflow.pyfunc`, PyTorch or its graph), likeliest
+    first, named by the training coins' portrait classes."""
+    import mlflow
+    import pandas as pd
+
+    settings, outcome = trained
+    coins = _training_rows(trained, 3)
+    answer = gateway.post({"inputs": [row for _, row in coins], "params": {"portraits": 3, "interval": 0.9}})
+    assert answer.status_code == 200, answer.text
+    predictions = answer.json()["predictions"]
+    mlflow.set_registry_uri(settings.mlflow_registry_uri)
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    try:
+        model = mlflow.pyfunc.load_model(f"models:/{settings.model_name}/{outcome.version}")
+    finally:
+        mlflow.set_registry_uri(None)
+        mlflow.set_tracking_uri(None)
+    # the model's own five likeliest: the gateway's three are among them with the same probabilities (a near-tie
+    # may order differently in the last digit)
+    expected = model.predict(pd.DataFrame([row for _, row in coins]), params={"portraits": 5})
+    names = {name for name, _ in model.unwrap_python_model().portraits}
+    assert len(names) >= 2 and "other" in names
+    for prediction, listed in zip(predictions, expected["portraits"]):
+        assert set(prediction) == {"year", "low", "high", "out_of_distribution", "portraits"}
+        assert len(prediction["portraits"]) == 3 and {p["portrait"] for p in prediction["portraits"]} <= names
+        theirs = {p["portrait"]: p["probability"] for p in listed}
+        for portrait in prediction["portraits"]:
+            assert theirs[portrait["portrait"]] == pytest.approx(portrait["probability"], abs=2e-3)
+        probabilities = [p["probability"] for p in prediction["portraits"]]
+        assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1 + 1e-3
+
+
 def test_neighbour_requests_share_the_scoring_pass_with_plain_ones(gateway):
     before, results = _batches(gateway), []
     bodies = [{"inputs": [coin_row(i)], **({"params": {"neighbours": 3}} if i % 2 else {})} for i in range(12)]
@@ -88,6 +122,10 @@ def test_bad_neighbour_counts_and_a_model_without_references_get_400(gateway, tr
         assert "neighbours must be a whole number from 0" in refused.json()["message"]
     assert gateway.post({"inputs": [row], "params": {"neighbours": 0}}).json()["predictions"][0] == \
         pytest.approx(gateway.post({"inputs": [row]}).json()["predictions"][0], abs=1e-6)
+    for value in (-1, 6, "x", 2.5, True):
+        refused = gateway.post({"inputs": [row], "params": {"portraits": value}})
+        assert refused.status_code == 400, (value, refused.text)
+        assert "portraits must be a whole number from 0 (none) to 5" in refused.json()["message"]
 
     from coinyear import registry
 
@@ -100,4 +138,7 @@ def test_bad_neighbour_counts_and_a_model_without_references_get_400(gateway, tr
     refused = gateway.post({"inputs": [row], "params": {"neighbours": 5}})
     assert refused.status_code == 400 and refused.json()["error_code"] == "INVALID_PARAMETER_VALUE"
     assert "without its reference coins" in refused.json()["message"]
+    refused = gateway.post({"inputs": [row], "params": {"portraits": 1}})
+    assert refused.status_code == 400 and refused.json()["error_code"] == "INVALID_PARAMETER_VALUE"
+    assert "without a named portrait head" in refused.json()["message"]
     assert isinstance(gateway.post({"inputs": [row]}).json()["predictions"][0], float)  # still answers plainly

@@ -89,6 +89,19 @@ def test_onnx_answers_like_pytorch_on_real_coins(served, coins):
     ranged = served.predict(None, frame, params={"interval": 0.9, "batch_size": 5})
     assert np.abs(ranged["year"].to_numpy() - plain["year"]).max() < TOLERANCE_YEARS
     assert (ranged["low"] <= ranged["year"]).all() and (ranged["year"] <= ranged["high"]).all()
+    # the portrait head's probabilities come out of the same graph, averaged over the rotations like PyTorch's
+    assert onnx["portraits"].shape == plain["portraits"].shape == (COINS, len(served.portraits))
+    np.testing.assert_allclose(onnx["portraits"], plain["portraits"], atol=1e-3)
+    np.testing.assert_allclose(onnx["portraits"].sum(axis=1), 1, atol=1e-4)
+    named = served.predict(None, frame, params={"portraits": 3, "interval": 0.9})
+    names = [name for name, _ in served.portraits]
+    assert list(named.columns) == ["year", "portraits", "low", "high", "out_of_distribution"]
+    for row, listed in zip(plain["portraits"], named["portraits"]):
+        assert [entry["portrait"] for entry in listed] == [names[c] for c in np.argsort(-row, kind="stable")[:3]]
+        probabilities = [entry["probability"] for entry in listed]
+        assert probabilities == sorted(probabilities, reverse=True) and 0 < sum(probabilities) <= 1 + 1e-3
+        assert all(entry["year"] == pytest.approx(dict(served.portraits)[entry["portrait"]], abs=0.05)
+                   for entry in listed)
     print(f"ONNX vs PyTorch on {COINS} real coins: max |year difference| {difference:.2e} years")
 
 
@@ -145,6 +158,7 @@ def test_without_openvino_onnx_runtime_serves_the_same_years(lite, served, coins
     ours = served.score_tensors(fronts, backs, with_features=True, batch_size=8)
     assert np.abs(theirs["year"] - ours["year"]).max() < TOLERANCE_YEARS
     np.testing.assert_allclose(theirs["features"], ours["features"], rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(theirs["portraits"], ours["portraits"], atol=1e-3)
 
 
 def test_without_either_runtime_the_same_model_answers_with_pytorch(lite, served, coins, monkeypatch):

@@ -296,15 +296,19 @@ class Gateway:
         if parsed.neighbours and getattr(model.python_model, "references", None) is None:
             raise ApiError(400, INVALID_PARAMETER_VALUE, f"model version {model.version} was logged without its "
                                                          "reference coins; call it without `neighbours`")
+        if parsed.portraits and not model.has_portraits:
+            raise ApiError(400, INVALID_PARAMETER_VALUE, f"model version {model.version} was trained without a "
+                                                         "named portrait head; call it without `portraits`")
         pairs = [row.arrays for row in outcome.rows if row.arrays is not None]
         if len(pairs) != len(outcome.rows):  # prepare_rows decodes every row it finds no error in
             raise RuntimeError("a row without an error has no decoded photos")
         fronts, backs = pair_tensors(pairs)
         scored = await batcher.submit(model, fronts, backs)  # plain and interval requests share batches
         outcome.years = scored["year"]
-        if level or parsed.neighbours:  # only when asked: a plain request costs nothing more
+        if level or parsed.neighbours or parsed.portraits:  # only when asked: a plain request costs nothing more
             # off the event loop: the distance to every reference coin takes ~12 ms (see `_answers`)
-            outcome.answers = await asyncio.to_thread(self._answers, model, scored, level, parsed.neighbours)
+            outcome.answers = await asyncio.to_thread(self._answers, model, scored, level, parsed.neighbours,
+                                                      parsed.portraits)
         else:
             outcome.answers = [float(y) for y in outcome.years]
 
@@ -316,13 +320,14 @@ class Gateway:
         return parsed
 
     @staticmethod
-    def _answers(model: ServedModel, scored: dict, level: float, neighbours: int) -> list[dict]:
+    def _answers(model: ServedModel, scored: dict, level: float, neighbours: int, portraits: int = 0) -> list[dict]:
         """Year, and the conformal range at this request's level with the out-of-distribution flag, and/or the
-        request's nearest training coins, per row, from this request's slice of the batch's features: one
+        request's nearest training coins, and/or its likeliest portraits, per row, from this request's slice of
+        the batch's features and portrait probabilities: one
         product with every reference coin's features (memory-bound: ~12 ms for the ~2,900 OCRE coins on 2 cores,
         shared by the flag and the neighbours; 5 neighbours add ~0.6 ms more and ~21 kB of JSON)."""
         try:
-            frame = model.python_model.answers(scored, level, neighbours)
+            frame = model.python_model.answers(scored, level, neighbours, portraits)
         except MlflowException as error:
             raise ApiError(400, INVALID_PARAMETER_VALUE, error.message) from error
         answers: list[dict] = []
@@ -333,6 +338,8 @@ class Gateway:
                               out_of_distribution=bool(row["out_of_distribution"]))
             if neighbours:
                 answer["neighbours"] = row["neighbours"]
+            if portraits:
+                answer["portraits"] = row["portraits"]
             answers.append(answer)
         return answers
 

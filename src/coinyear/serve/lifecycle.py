@@ -67,10 +67,15 @@ class ServedModel:
     def has_intervals(self) -> bool:
         return getattr(self.python_model, "quality", None) is not None
 
+    @property
+    def has_portraits(self) -> bool:
+        return bool(getattr(self.python_model, "portraits", None))
+
     def score(self, fronts: torch.Tensor, backs: torch.Tensor) -> dict[str, np.ndarray]:
-        """One scoring pass (`CoinYearModel.score_tensors`): with the OOD features whenever the version can give
-        intervals, so plain and interval requests share a batch."""
-        return self.python_model.score_tensors(fronts, backs, self.has_intervals, max(len(fronts), 1))
+        """One scoring pass (`CoinYearModel.score_tensors`): with the OOD features (and portrait probabilities)
+        whenever the version can give intervals or portraits, so plain and other requests share a batch."""
+        return self.python_model.score_tensors(fronts, backs, self.has_intervals or self.has_portraits,
+                                               max(len(fronts), 1))
 
     def forward(self, fronts: torch.Tensor, backs: torch.Tensor) -> np.ndarray:
         return self.score(fronts, backs)["year"]

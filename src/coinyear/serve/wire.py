@@ -8,7 +8,8 @@ Accepted bodies, each with the columns `front_image_base64` and `back_image_base
 plus optional "params" and "client_request_id" (a string kept in the inference log). Other top-level keys
 are ignored, as MLflow does. Params: `batch_size` (accepted for compatibility: the server batches by itself),
 `interval` (a coverage level in (0, 1): each prediction becomes {year, low, high, out_of_distribution}) and
-`neighbours` (k in 0..20: each prediction becomes an object with the k nearest training coins, `neighbours`).
+`neighbours` (k in 0..20: each prediction becomes an object with the k nearest training coins, `neighbours`)
+and `portraits` (k in 0..5: each prediction becomes an object with the k likeliest portraits, `portraits`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 
 from coinyear.data import ImageError, preprocess
 from coinyear.neighbours import neighbour_count
-from coinyear.pyfunc import BACK, FRONT, InvalidCoinInput, decode_base64
+from coinyear.pyfunc import BACK, FRONT, InvalidCoinInput, decode_base64, portrait_count
 from coinyear.serve.errors import BAD_REQUEST, INVALID_PARAMETER_VALUE, ApiError
 
 FORMATS = ("inputs", "instances", "dataframe_records", "dataframe_split")
@@ -33,6 +34,7 @@ class ParsedRequest:
     client_request_id: str | None = None
     interval: float = 0.0  # 0 = plain years
     neighbours: int = 0  # nearest training coins per row; 0 = none
+    portraits: int = 0  # likeliest portraits per row; 0 = none
 
 
 @dataclass
@@ -131,6 +133,7 @@ def parse_body(body: bytes, max_rows: int) -> ParsedRequest:
         raise bad("params.interval must be a coverage level between 0 and 1 (e.g. 0.9)", INVALID_PARAMETER_VALUE)
     try:
         neighbours = neighbour_count(0 if params.get("neighbours") is None else params["neighbours"])
+        portraits = portrait_count(0 if params.get("portraits") is None else params["portraits"])
     except ValueError as error:
         raise bad(f"params.{error}", INVALID_PARAMETER_VALUE) from error
     client_request_id = payload.get("client_request_id")
@@ -139,7 +142,7 @@ def parse_body(body: bytes, max_rows: int) -> ParsedRequest:
                                           or not _encodable(client_request_id)):
         raise bad(f"client_request_id must be a string of at most {MAX_CLIENT_REQUEST_ID} characters",
                   INVALID_PARAMETER_VALUE)
-    return ParsedRequest(rows, input_format, params, client_request_id, float(interval), neighbours)
+    return ParsedRequest(rows, input_format, params, client_request_id, float(interval), neighbours, portraits)
 
 
 def prepare_rows(rows: list[tuple[object, object]], image_size: int | None, grayscale: bool) -> list[PreparedRow]:

@@ -35,6 +35,7 @@ class Prediction:
     high: float | None = None
     out_of_distribution: bool = False
     neighbours: list[dict] = field(default_factory=list)  # the nearest reference coins, when asked and given
+    portraits: list[dict] = field(default_factory=list)  # the likeliest portraits, when asked and given
 
 
 def _explain(response: httpx.Response, url: str) -> ApiError:
@@ -84,22 +85,24 @@ class ApiClient:
         return response
 
     def predict(self, endpoint_name: str, front: bytes, back: bytes, interval: float | None = None,
-                neighbours: int = 0) -> Prediction:
+                neighbours: int = 0, portraits: int = 0) -> Prediction:
         """Date one coin from its two photos (raw file bytes), sent as base64 JSON exactly as the API schema says,
         to `/serving-endpoints/{endpoint_name}/invocations` (the endpoint's name, not the model's); with the
-        `interval` range and the `neighbours` nearest reference coins when asked for and the model can give them."""
+        `interval` range, the `neighbours` nearest reference coins and the `portraits` likeliest portraits when
+        asked for and the model can give them."""
         body: dict = {"inputs": [{"front_image_base64": base64.b64encode(front).decode("ascii"),
                                   "back_image_base64": base64.b64encode(back).decode("ascii")}]}
         path = f"/serving-endpoints/{endpoint_name}/invocations"
-        params = {name: value for name, value in (("interval", interval), ("neighbours", neighbours)) if value}
+        params = {name: value for name, value in (("interval", interval), ("neighbours", neighbours),
+                                                  ("portraits", portraits)) if value}
         while True:
             started = time.perf_counter()
             try:
                 response, request_id = self._invoke(path, {**body, "params": params} if params else body)
                 break
             except ApiError as error:
-                # a model version logged without intervals or reference coins refuses that parameter: the rest
-                # of the answer is still worth showing, so ask again without what it names
+                # a model version logged without intervals, reference coins or a portrait head refuses that
+                # parameter: the rest of the answer is still worth showing, so ask again without what it names
                 refused = [name for name in params if name in error.detail] if error.status == 400 else []
                 if not refused:
                     raise
@@ -122,6 +125,7 @@ class ApiClient:
             high=fields.get("high"),
             out_of_distribution=bool(fields.get("out_of_distribution", False)),
             neighbours=list(fields.get("neighbours") or []),
+            portraits=list(fields.get("portraits") or []),
         )
 
     def _invoke(self, path: str, body: dict) -> tuple[httpx.Response, str | None]:

@@ -19,6 +19,7 @@ from coinyear.ui.shared import api_client, parse_year, settings
 IMAGE_TYPES = ["jpg", "jpeg", "png", "webp"]
 EXAMPLE_COUNT = 12
 NEIGHBOURS = 5  # reference coins shown under the prediction
+PORTRAITS = 3  # likeliest portraits named beside it
 
 
 @st.cache_data(show_spinner=False)
@@ -91,7 +92,7 @@ def predict(front: bytes, back: bytes, source: str, catalogue_date: str | None, 
     with st.spinner("Asking the model..."):
         try:
             answer = api_client().predict(settings().serving_endpoint_name, front, back, interval=interval,
-                                          neighbours=NEIGHBOURS)
+                                          neighbours=NEIGHBOURS, portraits=PORTRAITS)
         except ApiError as error:
             st.session_state.pop("prediction", None)
             st.error(error.message, icon=":material/error:")
@@ -113,6 +114,8 @@ def show_prediction(result: dict) -> None:
         lines.append(f"{share}interval: **{year_label(answer.low)} – {year_label(answer.high)}**.")
     if result["catalogue_date"]:
         lines.append(f"Catalogue date of this {result['source']}: **{result['catalogue_date']}**.")
+    if answer.portraits:
+        lines.append(f"Portrait: {portraits_caption(answer.portraits)}.")
     lines.append(f"Request id `{answer.request_id or 'not returned'}`.")
     details.markdown("  \n".join(lines))
     if answer.out_of_distribution:
@@ -120,6 +123,17 @@ def show_prediction(result: dict) -> None:
                    icon=":material/warning:")
     if answer.neighbours:
         show_neighbours(answer.neighbours)
+
+
+def portraits_caption(portraits: list[dict]) -> str:
+    """"**Vespasian** 71% (coins with this portrait: median AD 73) · Titus 12% · other 5%": whose head the model
+    sees, likeliest first, the first with the median year of its training coins (the year the answer leans
+    towards)."""
+    first, *rest = portraits
+    median = "" if first["portrait"] == "other" else f" (coins with this portrait: median {year_label(first['year'])})"
+    parts = [f"**{first['portrait']}** {100 * first['probability']:.0f}%{median}"]
+    parts += [f"{p['portrait']} {100 * p['probability']:.0f}%" for p in rest]
+    return " · ".join(parts)
 
 
 def year_span(first: int, last: int) -> str:
