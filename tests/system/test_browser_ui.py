@@ -165,6 +165,8 @@ def test_predict_correct_monitor_models_in_a_real_browser(browser, stack, ocre_d
     assert re.fullmatch(r"AD \d+|\d+ BC", shown), shown
     text = page.get_by_test_id("stMainBlockContainer").inner_text()
     assert re.search(r"90% interval: (AD \d+|\d+ BC) – (AD \d+|\d+ BC)", text), text
+    # the portrait head's likeliest portraits beside the year, the first with its coins' median year
+    assert re.search(r"Portrait: ([A-Z][a-z]+( [A-Z][a-z]+)*|other) \d+%", text), text
     # the five nearest reference coins under the prediction: their thumbnails (after the two photos), loaded and
     # drawn by the browser, and one caption naming their dates
     thumbnails = page.locator('[data-testid="stImage"] img')
