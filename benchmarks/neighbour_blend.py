@@ -27,8 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from photo_shift import holdout_and_reference_groups  # sibling benchmark scripts
-from quantize import production, split_tensors, training_split
+from photo_shift import production_holdout  # sibling benchmark scripts
 from ruler_head import write_results
 
 from coinyear.evaluate import regression_metrics
@@ -78,11 +77,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
-    model, version, params = production(args.home)
-    split = training_split(args.home, args.data, params)
-    (fronts, backs, year_from, year_to), _ = split_tensors(args.home, args.data, params, model.size,
-                                                           model.grayscale, calibration=1, split=split)
-    groups, reference_groups = holdout_and_reference_groups(split, model)
+    model, version, (fronts, backs, year_from, year_to), (groups, reference_groups) = \
+        production_holdout(args.home, args.data)
     scored = model.score_tensors(fronts, backs, True)
     table = model.references.table
     midpoints = (table["year_from"].to_numpy(float) + table["year_to"].to_numpy(float)) / 2

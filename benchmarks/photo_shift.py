@@ -99,11 +99,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
-    model, version, params = production(args.home)
-    split = training_split(args.home, args.data, params)
-    (fronts, backs, year_from, year_to), _ = split_tensors(args.home, args.data, params, model.size,
-                                                           model.grayscale, calibration=1, split=split)
-    holdout_groups, reference_groups = holdout_and_reference_groups(split, model)
+    model, version, (fronts, backs, year_from, year_to), (holdout_groups, reference_groups) = \
+        production_holdout(args.home, args.data)
     if args.coins:
         fronts, backs, year_from, year_to = (x[:args.coins] for x in (fronts, backs, year_from, year_to))
         holdout_groups = holdout_groups[:args.coins]
@@ -131,6 +128,15 @@ def main(argv=None) -> int:
               f"{r['interval90_median_width']:.1f} |" for name, r in rows.items()]
     write_results(args.out, args.name, report, lines, started)
     return 0
+
+
+def production_holdout(home: Path, data: Path):
+    """(production python model, its version, (hold-out fronts, backs, year_from, year_to), (hold-out coin types,
+    reference coin types)) for the grouped hold-out its training run used."""
+    model, version, params = production(home)
+    split = training_split(home, data, params)
+    holdout, _ = split_tensors(home, data, params, model.size, model.grayscale, calibration=1, split=split)
+    return model, version, holdout, holdout_and_reference_groups(split, model)
 
 
 def holdout_and_reference_groups(split, model) -> tuple[np.ndarray, np.ndarray]:
