@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from coinyear import evaluate
+from coinyear import train as train_module
 from coinyear.config import Settings
 from coinyear.data import ImageCache, grouped_holdout, load_arrays, read_manifest
 from coinyear.recipe import recipe_from_settings
@@ -107,6 +108,8 @@ def main(argv=None) -> int:
         bins = np.floor((midpoint - midpoint.min()) / args.year_bins).astype(int)
         manifest.rows = manifest.rows.assign(year_bin=bins.astype(str))
         heads = ("portrait", "year_bin")
+        # an experiment's own head: the trainer accepts only catalogue columns as auxiliary heads
+        train_module.AUX_COLUMNS = (*train_module.AUX_COLUMNS, "year_bin")
         if bins.nunique() > args.aux_top:
             raise SystemExit(f"{bins.nunique()} year bins but --aux-top {args.aux_top}: widen the bins")
     _, config = recipe_from_settings(Settings(), epochs=args.epochs)
