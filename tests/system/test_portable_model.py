@@ -228,9 +228,10 @@ def test_torch_index_pins_that_build_and_survives_mlflow(tmp_path):
     written = (files / "requirements.txt").read_text().splitlines()
     assert written == lines, written
     # one output schema for every answer: the year always, the interval columns only with params.interval, the
-    # nearest reference coins (a list of objects) only with params.neighbours
+    # nearest reference coins and the likeliest portraits (lists of objects) only with params.neighbours and
+    # params.portraits
     outputs = info.signature.outputs
-    assert outputs.input_names() == ["year", "low", "high", "out_of_distribution", "neighbours"]
+    assert outputs.input_names() == ["year", "low", "high", "out_of_distribution", "neighbours", "portraits"]
     assert outputs.required_input_names() == ["year"]
 
 
@@ -299,6 +300,13 @@ def test_mlflow_models_serve_builds_the_environment_and_answers(trained, ocre_di
                              json={"inputs": [row], "params": {"neighbours": 1, "interval": 0.9}}).json()
         assert set(both["predictions"][0]) == {"year", "low", "high", "out_of_distribution", "neighbours"}
         assert len(both["predictions"][0]["neighbours"]) == 1
+        # the recognised portraits through MLflow's own scoring server, likeliest first
+        named = requests.post(f"{url}/invocations", json={"inputs": [row], "params": {"portraits": 2}}, timeout=120)
+        assert named.status_code == 200, named.text[-2000:]
+        answer = named.json()["predictions"][0]
+        assert set(answer) == {"year", "portraits"} and answer["year"] == pytest.approx(ours, abs=1e-3)
+        assert [set(p) for p in answer["portraits"]] == [{"portrait", "probability", "year"}] * 2
+        assert answer["portraits"][0]["probability"] >= answer["portraits"][1]["probability"]
         for value in (21, -1, "x"):
             refused = requests.post(f"{url}/invocations", json={"inputs": [row], "params": {"neighbours": value}},
                                     timeout=60)
