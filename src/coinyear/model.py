@@ -228,12 +228,18 @@ class DualImageRegressor(nn.Module):
         """The regression head's year: it predicts a standardised year, rescaled here."""
         return self.head(features).squeeze(1) * self.year_scale + self.year_center
 
-    def year_from_features(self, features: torch.Tensor) -> torch.Tensor:
-        """The served year: the regression head's, blended with the ruler mixture when there is a portrait head."""
+    def portrait_probabilities(self, features: torch.Tensor) -> torch.Tensor:
+        """The portrait head's class probabilities of fused embeddings, [B, classes] (needs a portrait head)."""
+        return torch.softmax(self.aux_heads["portrait"](features), dim=1)
+
+    def year_from_features(self, features: torch.Tensor, portraits: torch.Tensor | None = None) -> torch.Tensor:
+        """The served year: the regression head's, blended with the ruler mixture when there is a portrait head
+        (`portraits`: its probabilities when the caller already has them)."""
         year = self.regression_year(features)
         if "portrait" in self.aux_heads and self.config.ruler_blend > 0:
-            ruler = torch.softmax(self.aux_heads["portrait"](features), dim=1) @ self.portrait_years
-            year = (1 - self.config.ruler_blend) * year + self.config.ruler_blend * ruler
+            if portraits is None:
+                portraits = self.portrait_probabilities(features)
+            year = (1 - self.config.ruler_blend) * year + self.config.ruler_blend * (portraits @ self.portrait_years)
         return year
 
     def forward_with_aux(self, front: torch.Tensor, back: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -343,14 +349,16 @@ class CoinEnsemble(nn.Module):
             front_features, back_features = member.backbone_features(fronts, backs)
             both = torch.cat([front_features, back_features], dim=1)
             fused = member.fusion(both)
-            years.append(member.year_from_features(fused).view(angles, batch))
-            if portraits:  # the head the served year's ruler mixture reads: a small matrix product more
-                probabilities.append(torch.softmax(member.aux_heads["portrait"](fused), dim=1).view(angles, batch, -1))
+            # the probabilities the served year's ruler mixture reads, computed once for both
+            portrait = member.portrait_probabilities(fused) if portraits else None
+            years.append(member.year_from_features(fused, portrait).view(angles, batch))
+            if portrait is not None:
+                probabilities.append(portrait.view(angles, batch, -1))
             if index == 0 and with_features:
                 features = both.view(angles, batch, -1)[unrotated] if unrotated is not None \
                     else member.ood_features(front, back)
-        portrait = torch.stack(probabilities).mean(dim=(0, 1)) if probabilities else None
-        return torch.stack(years).permute(2, 0, 1), features, portrait
+        averaged = torch.stack(probabilities).mean(dim=(0, 1)) if probabilities else None
+        return torch.stack(years).permute(2, 0, 1), features, averaged
 
     def year_samples(self, front: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
         """Every member's year on every rotation, [B, members, angles]."""

@@ -27,9 +27,9 @@ FIELDS = ("coin_id", "year_from", "year_to", "date_text", "denomination", "mint"
 
 def neighbour_count(value) -> int:
     """0 (no neighbours) or a whole number 1..MAX_NEIGHBOURS; ValueError with what is accepted otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= MAX_NEIGHBOURS:
-        raise ValueError(f"neighbours must be a whole number from 0 (none) to {MAX_NEIGHBOURS}, got {value!r}")
-    return int(value)
+    from coinyear.pyfunc import whole_count
+
+    return whole_count("neighbours", value, MAX_NEIGHBOURS)
 
 
 def jpeg(array: np.ndarray, quality: int = THUMBNAIL_QUALITY) -> bytes:

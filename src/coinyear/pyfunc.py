@@ -253,11 +253,10 @@ class CoinYearModel(PythonModel):
         params = params or {}
         batch_size = max(int(params.get("batch_size") or 32), 1)
         level = _interval_level(params.get("interval"))
-        neighbours = _neighbour_count(params.get("neighbours"))
-        try:
-            portraits = portrait_count(0 if params.get("portraits") is None else params["portraits"])
-        except ValueError as error:
-            raise InvalidCoinInput(str(error)) from error
+        from coinyear.neighbours import neighbour_count
+
+        neighbours = _count_param(params, "neighbours", neighbour_count)
+        portraits = _count_param(params, "portraits", portrait_count)
         self.check_params(level, neighbours, portraits)
         if len(model_input) == 0:
             columns = ["year", *(["portraits"] if portraits else []),
@@ -270,11 +269,17 @@ class CoinYearModel(PythonModel):
         return self.predict_tensors(fronts, backs, batch_size)
 
 
+def whole_count(name: str, value, maximum: int) -> int:
+    """A count parameter `name`: 0 (none) or a whole number 1..`maximum`; ValueError with what is accepted
+    otherwise (`neighbours`, `portraits`)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= maximum:
+        raise ValueError(f"{name} must be a whole number from 0 (none) to {maximum}, got {value!r}")
+    return int(value)
+
+
 def portrait_count(value) -> int:
     """0 (no portraits) or a whole number 1..MAX_PORTRAITS; ValueError with what is accepted otherwise."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= MAX_PORTRAITS:
-        raise ValueError(f"portraits must be a whole number from 0 (none) to {MAX_PORTRAITS}, got {value!r}")
-    return int(value)
+    return whole_count("portraits", value, MAX_PORTRAITS)
 
 
 def likeliest_portraits(probabilities: np.ndarray, classes: list[tuple[str, float]], k: int) -> list[list[dict]]:
@@ -298,12 +303,11 @@ def _interval_level(value) -> float:
     return level
 
 
-def _neighbour_count(value) -> int:
-    """0 (no neighbours) or k in 1..20; MLflow's server has already made a `long` of the JSON value."""
-    from coinyear.neighbours import neighbour_count
-
+def _count_param(params: dict, name: str, count) -> int:
+    """`count` (neighbour_count, portrait_count) of `params[name]`, 0 when absent; InvalidCoinInput otherwise.
+    MLflow's server has already made a `long` of the JSON value."""
     try:
-        return neighbour_count(0 if value is None else value)
+        return count(0 if params.get(name) is None else params[name])
     except ValueError as error:
         raise InvalidCoinInput(str(error)) from error
 
