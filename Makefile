@@ -6,13 +6,16 @@ export COINYEAR_DATA_DIR ?= $(abspath ../shared/data/ocre)
 
 .PHONY: setup demo train-best lint test test-fast serve ui bench docs notebook clean
 
+# pip's own output goes to $(VENV)/setup.log (shown only when the set-up fails): the demo prints its own steps.
+# torch and torchvision first, pinned: pip takes them from this machine's disk (no CUDA download).
 $(BIN)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	# torch and torchvision first, pinned: pip takes them from this machine's disk (no CUDA download)
-	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install -q -e '.[dev]'
-	touch $@
+	@echo "set-up: virtual environment $(VENV), packages from PyPI (a few minutes the first time; log: $(VENV)/setup.log)"
+	@$(PYTHON) -m venv $(VENV)
+	@{ $(BIN)/pip install -q --upgrade pip \
+	  && $(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1 \
+	  && $(BIN)/pip install -q -e '.[dev]'; } > $(VENV)/setup.log 2>&1 \
+	  || { tail -n 40 $(VENV)/setup.log >&2; echo "set-up failed: the whole log is $(VENV)/setup.log" >&2; exit 1; }
+	@touch $@
 
 setup: $(BIN)/.installed
 
