@@ -335,6 +335,31 @@ def permanent_failure(error: BaseException) -> bool:
     return type(error) in (Exception, DeltaError) and bool(SCHEMA_MESSAGE.search(str(error)))
 
 
+def _append(fd: int, data: bytes, good: int) -> None:
+    """Append `data` to the segment open (O_APPEND, unbuffered) at `fd` and fsync it, or fail with the file cut
+    back to its first `good` bytes.
+
+    A user-space buffer would keep the unwritten part of a failed frame and write it with the next one: a record
+    whose caller was told it failed would then land after all. A torn frame left behind would hide every frame
+    written after it. So: plain os.write, and on failure the tail is cut off (and cut again before the next
+    append when even that failed).
+    """
+    try:
+        if os.fstat(fd).st_size != good:  # an earlier failed append whose tail could not be cut off then
+            os.ftruncate(fd, good)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]  # a short write (a file-size limit, a nearly full disk) goes on here
+        os.fsync(fd)
+    except OSError:
+        try:
+            os.ftruncate(fd, good)
+        except OSError as error:
+            log.error("cannot cut a failed spool write back to %d bytes (retried before the next write): %s",
+                      good, error)
+        raise
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -407,6 +432,7 @@ class SpooledAppender:
         self._file: BinaryIO | None = None
         self._segment_seq = 0
         self._segment_rows = 0
+        self._segment_bytes = 0  # what the current segment holds of acknowledged frames (the file may hold less)
         self._lock_file: TextIO | None = None
         self._committed: int | None = None  # last segment known committed (the committer is the only writer)
         self._failures: dict[int, int] = {}  # segment -> permanent failures so far
@@ -427,10 +453,11 @@ class SpooledAppender:
         high_water = self.dir / "last_segment"
         high_water.with_suffix(".tmp").write_text(str(seq))
         high_water.with_suffix(".tmp").replace(high_water)
-        new = open(self.dir / f"{seq:012d}{self.SUFFIX}", "ab")  # noqa: SIM115 - open for the life of the segment
+        # unbuffered: nothing of a failed write may stay behind to be written later (see _append)
+        new = open(self.dir / f"{seq:012d}{self.SUFFIX}", "ab", buffering=0)  # noqa: SIM115 - open for its life
         _fsync_dir(self.dir)
         old, self._file = self._file, new
-        self._segment_seq, self._segment_rows = seq, 0
+        self._segment_seq, self._segment_rows, self._segment_bytes = seq, 0, os.fstat(new.fileno()).st_size
         if old is not None:
             old.close()
 
@@ -592,20 +619,14 @@ class SpooledAppender:
                 with self._file_lock:
                     file = self._file
                     assert file is not None, "start() opens a segment before the syncer runs"
-                    good = file.tell()
-                    try:
-                        file.write(data)
-                        file.flush()
-                        os.fsync(file.fileno())
-                    except OSError:
-                        file.truncate(good)  # no torn frame may hide the records written after it
-                        raise
+                    _append(file.fileno(), data, self._segment_bytes)
                     self._segment_rows += rows
+                    self._segment_bytes += len(data)
                     with self._lock:
                         self.backlog += rows
                         self.backlog_bytes += len(data)
                     self.write_error = None
-                    if file.tell() >= self.max_commit_bytes:
+                    if self._segment_bytes >= self.max_commit_bytes:
                         self._roll()
             except Exception as error:  # noqa: BLE001 - whatever it is, each waiting writer must hear of it
                 self.write_error = f"{type(error).__name__}: {error}"

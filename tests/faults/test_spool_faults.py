@@ -6,7 +6,8 @@ Delta tables and real OS errors; nothing of ours is mocked.
   after a restart every acknowledged record is in the table exactly once.
 - full disk: a 2 MiB tmpfs under the spool and another under the lake (when running as root and `mount` works),
   and a file-size limit (RLIMIT_FSIZE: EFBIG) in a child process, which needs no privilege; writers get an OS
-  error (never a silent ack), health() says so, and nothing acknowledged is lost once space is back.
+  error (never a silent ack), health() says so, and nothing acknowledged is lost once space is back; a small record
+  whose write failed half-way leaves nothing behind that a later write could complete (no silent late commit).
 - a concurrent writer: a second process appends to the same Delta table with deltalake while the spool commits;
   the spool's rows land exactly once (conflicting commits are retried, transaction markers keep them single).
 - a table whose schema changed under a running gateway: the spool quarantines what Delta refuses, /ready says
@@ -92,6 +93,36 @@ def child_file_size_limit(lake_root: str, spool_dir: str) -> None:
     print(json.dumps(seen))
 
 
+def child_small_frames(lake_root: str, spool_dir: str) -> None:
+    """A write of a small record (well under the 8 KiB of a buffered file) fails half-way by RLIMIT_FSIZE; prints
+    what the segment holds afterwards as JSON."""
+    import resource
+
+    from coinyear.lake import INFERENCE_LOG, Lake, SpooledAppender, read_segment
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    seen: dict = {"acked": []}
+    spool = SpooledAppender(Lake(lake_root), INFERENCE_LOG, spool_dir, flush_seconds=3600).start()
+    spool.write([log_row("a0", 500)])
+    seen["acked"].append("a0")
+    segment = next(Path(spool_dir).glob("*.seg"))
+    seen["good"] = good = segment.stat().st_size
+    resource.setrlimit(resource.RLIMIT_FSIZE, (good + 300, hard))  # the next frame gets 300 bytes in, then EFBIG
+    try:
+        spool.write([log_row("refused", 500)])
+        seen["refused"] = None
+    except OSError as error:
+        seen["refused"] = error.errno
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # space is back
+    seen["size_after_failure"] = segment.stat().st_size
+    spool.write([log_row("after", 50)])
+    seen["acked"].append("after")
+    seen["in_segment"] = [row["request_id"] for row in read_segment(segment)]
+    seen["closed"] = spool.close(timeout=30)
+    print(json.dumps(seen))
+
+
 def child_other_writer(table_uri: str, count: int) -> None:
     """Another writer of the same Delta table: `count` one-row appends with deltalake, each retried on conflict."""
     import pyarrow as pa
@@ -115,6 +146,7 @@ def child_other_writer(table_uri: str, count: int) -> None:
 if __name__ == "__main__":
     {"writer": lambda a: child_writer(a[0], a[1], a[2], int(a[3]), a[4], a[5]),
      "fsize": lambda a: child_file_size_limit(a[0], a[1]),
+     "small": lambda a: child_small_frames(a[0], a[1]),
      "other": lambda a: child_other_writer(a[0], int(a[1]))}[sys.argv[1]](sys.argv[2:])
     sys.exit(0)
 
@@ -194,6 +226,22 @@ def test_full_disk_by_file_size_limit(tmp_path):
     assert seen["health_after"]["pending_rows"] == 0 and seen["health_after"]["quarantined_segments"] == 0
     assert_exactly_once(lake, seen["acked"])
     assert sorted(lake.read(INFERENCE_LOG)["request_id"]) == sorted(seen["acked"])  # the refused row is not there
+
+
+def test_a_failed_small_write_leaves_exactly_the_good_prefix(tmp_path):
+    """A record whose caller heard of a failed write never lands later: the bytes of a half-written frame must not
+    wait in a buffer for the next write (a feedback row, an inference row without photos: all under 8 KiB)."""
+    lake = Lake(tmp_path / "lake")
+    done = child("small", str(lake.root), str(tmp_path / "spool"))
+    out, err = done.communicate(timeout=120)
+    assert done.returncode == 0, err[-3000:]
+    seen = json.loads(out.strip().splitlines()[-1])
+    assert seen["good"] < 8192  # a small frame: the case the 20 kB frames above never reach
+    assert seen["refused"] == errno.EFBIG  # the caller heard of it
+    assert seen["size_after_failure"] == seen["good"]  # exactly the good prefix is left
+    assert seen["in_segment"] == ["a0", "after"]
+    assert seen["closed"]
+    assert sorted(lake.read(INFERENCE_LOG)["request_id"]) == ["a0", "after"]
 
 
 def mount_tmpfs(path: Path, size: str = "2m") -> bool:
