@@ -228,12 +228,15 @@ def cmd_predict(args) -> int:
         if args.json:
             print(json.dumps(answer, indent=2))
         else:
-            from coinyear.evaluate import year_label
+            from coinyear.years import span_text, year_label
 
-            unusual = ", unlike the training coins" if answer.get("out_of_distribution") else ""
+            if answer.get("warning"):  # said before the number, so nobody reads the date without it
+                print(f"Warning: {answer['warning']}.")
             extra = (f" ({int(args.interval * 100)}% range {year_label(answer['low'])} .. "
-                     f"{year_label(answer['high'])}{unusual})" if args.interval else "")
+                     f"{year_label(answer['high'])})" if args.interval else "")
             print(f"{year_label(answer['year'])}{extra}  [{model.name} version {model.version}]")
+            if answer.get("span"):
+                print(f"The model knows {span_text(answer['span'])}.")
         return 0
     if not args.out:
         raise ValueError("--out FILE (.csv or .parquet) is needed with --images or --csv")

@@ -15,6 +15,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from coinyear.years import year_label  # noqa: F401 - re-exported: callers date labels from here
+
 TOLERANCES = (5, 10, 50)
 
 
@@ -60,14 +62,6 @@ def decade_confusion(predicted, year_from, year_to) -> pd.DataFrame:
     table = pd.crosstab(pd.Categorical(true, decades), pd.Categorical(pred, decades), dropna=False)
     table.index.name, table.columns.name = "true_decade", "predicted_decade"
     return table
-
-
-def year_label(year: float) -> str:
-    """Numismatic form: 73 -> 'AD 73', -27 -> '27 BC'."""
-    value = int(round(year))
-    if value <= 0:
-        return f"{max(-value, 1)} BC"
-    return f"AD {value}"
 
 
 def summarize_folds(fold_metrics: list[dict[str, float]]) -> dict[str, float]:

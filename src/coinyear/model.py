@@ -55,6 +55,9 @@ class ModelConfig:
     # over portraits of p(portrait) x that portrait's median training year): the hierarchy a numismatist uses.
     # benchmarks/ruler_head.py: 15.15 years hold-out MAE at w = 0.5 against 16.34 for the regression alone.
     ruler_blend: float = 0.5
+    # What the model was trained on (`years.training_span`, set by the trainer; checkpoints from before have
+    # none): served in /version and the MLmodel metadata, and said in words when the OOD flag is up.
+    span: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.backbone not in BACKBONES:

@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from coinyear.config import Settings, configure_mlflow
+from coinyear.years import out_of_span_warning
 
 if TYPE_CHECKING:  # torch and MLflow's model classes load only when a model is scored
     from coinyear.pyfunc import CoinYearModel
@@ -218,7 +219,8 @@ def score_rows(model: ScoringModel, rows: pd.DataFrame, interval: float = 0.0, b
 
 
 def predict_pair(model: ScoringModel, front: str | Path, back: str | Path, interval: float = 0.0) -> dict:
-    """One coin: {year[, low, high, out_of_distribution], model_name, model_version}; ValueError if unusable."""
+    """One coin: {year[, low, high, out_of_distribution[, warning]], model_name, model_version, span};
+    ValueError if unusable. `warning` (only when the flag is up) says in words what the model knows."""
     interval = check_interval(model, interval)
     rows = pd.DataFrame({"front": [str(front)], "back": [str(back)], "error": [None]})
     scored = score_rows(model, rows, interval)
@@ -228,7 +230,11 @@ def predict_pair(model: ScoringModel, front: str | Path, back: str | Path, inter
     if interval:
         answer.update(low=float(scored["low"].iat[0]), high=float(scored["high"].iat[0]),
                       out_of_distribution=bool(scored["out_of_distribution"].iat[0]), interval=interval)
-    return {**answer, "model_name": model.name, "model_version": model.version, "model_uri": model.uri}
+    span = getattr(model.python_model, "span", {})
+    if answer.get("out_of_distribution"):
+        answer["warning"] = out_of_span_warning(span)
+    return {**answer, "model_name": model.name, "model_version": model.version, "model_uri": model.uri,
+            "span": span}
 
 
 # ------------------------------------------------------------------------------------------ the output

@@ -148,6 +148,7 @@ class CoinYearModel(PythonModel):
         self.model = load_checkpoint(context.artifacts[CHECKPOINT])
         # (name, median year) per portrait class; [] for a model without a named portrait head
         self.portraits = as_ensemble(self.model).portrait_classes()
+        self.span: dict = dict(self.model.config.span)  # {} for a model logged before spans were recorded
         self.size = self.model.config.image_size
         self.grayscale = self.model.config.grayscale
         self.quality = None
@@ -378,12 +379,15 @@ def log_model(checkpoint: Path, example: pd.DataFrame, registered_model_name: st
     and `coinyear.onnx_check` (why); the MLmodel's metadata the same.
     """
     try:
-        backbone = torch.load(checkpoint, map_location="cpu", weights_only=True)["config"]["backbone"]
+        config = torch.load(checkpoint, map_location="cpu", weights_only=True)["config"]
     except Exception:  # noqa: BLE001 - torch.load raises anything on a bad file; such a model cannot serve
         # either, and listing timm is the safe side
-        backbone = TIMM_BACKBONES[0]
+        config = {"backbone": TIMM_BACKBONES[0]}
+    backbone = config["backbone"]
     with tempfile.TemporaryDirectory(prefix="coinyear-onnx-") as folder:
         onnx_file, metadata, runtimes = _checked_onnx(checkpoint, example, folder) if onnx else (None, {}, ())
+        if config.get("span"):  # what the model knows (years, portraits), readable without loading it
+            metadata = {**metadata, "span": config["span"]}
         runtimes_file = Path(folder) / "runtimes.json"
         if onnx_file:
             runtimes_file.write_text(json.dumps(list(runtimes)))

@@ -151,10 +151,14 @@ def test_predict_sends_both_photos_as_base64_and_shows_the_year_in_numismatic_fo
 def test_predict_shows_the_interval_and_warns_when_out_of_distribution(api):
     answer = {"year": 73.2, "low": 60.0, "high": 88.6, "out_of_distribution": True}
     api.routes[INVOCATIONS] = (200, {"predictions": [answer]}, ANSWER_HEADERS)
+    span = {"year_from": -31, "year_to": 138, "coins": 2400, "portraits": ["Augustus", "Nero", "Hadrian"]}
+    api.routes[("GET", "/version")] = (200, {"model_name": "coinyear", "model_version": "3", "span": span}, {})
     at = press(upload_pair(app(), coin_image(1), coin_image(2)), "Predict")
     assert at.metric[0].value == "AD 73"
     assert "90% interval: **AD 60 – AD 89**" in texts(at.markdown)
-    assert "unlike the coins the model learned from" in texts(at.warning)
+    # the words name what the model knows, from the served model's span (/version)
+    assert ("This coin does not look like the coins the model knows: 31 BC – AD 138, 3 portraits from Augustus "
+            "to Hadrian; the date may be wrong.") in texts(at.warning)
 
 
 def test_a_model_without_intervals_still_gives_its_year(api):

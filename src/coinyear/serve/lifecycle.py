@@ -273,6 +273,8 @@ class ModelManager:
             "model_version": current.version if current else None,
             "model_uri": current.uri if current else None,
             "loaded_at": current.loaded_at.isoformat() if current else None,
+            # what the served model was trained on (years, portraits); {} for a model logged before spans
+            "span": getattr(current.python_model, "span", {}) if current else None,
             "alias_version": self.target_version,
             "last_check": self.last_check.isoformat() if self.last_check else None,
             "last_error": self.last_error,

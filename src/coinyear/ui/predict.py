@@ -12,9 +12,9 @@ import pandas as pd
 import streamlit as st
 from PIL import Image
 
-from coinyear.evaluate import year_label
 from coinyear.ui.client import ApiError
 from coinyear.ui.shared import api_client, parse_year, settings
+from coinyear.years import out_of_span_warning, year_label
 
 IMAGE_TYPES = ["jpg", "jpeg", "png", "webp"]
 EXAMPLE_COUNT = 12
@@ -97,14 +97,27 @@ def predict(front: bytes, back: bytes, source: str, catalogue_date: str | None, 
             st.session_state.pop("prediction", None)
             st.error(error.message, icon=":material/error:")
             return
+    span = served_span() if answer.out_of_distribution else {}
     st.session_state["prediction"] = {"answer": answer, "fingerprint": fingerprint, "source": source,
-                                      "catalogue_date": catalogue_date, "interval": interval}
+                                      "catalogue_date": catalogue_date, "interval": interval, "span": span}
     st.session_state.pop("recorded_correction", None)
+
+
+def served_span() -> dict:
+    """What the served model was trained on (years, portraits), from the API's /version; {} when it does not
+    say (a model logged before spans were recorded, or a serving endpoint that has no /version)."""
+    try:
+        return api_client().version().get("span") or {}
+    except ApiError:
+        return {}
 
 
 def show_prediction(result: dict) -> None:
     answer = result["answer"]
     st.subheader("Predicted date")
+    if answer.out_of_distribution:  # before the number, so nobody reads the date without it
+        warning = out_of_span_warning(result.get("span"))
+        st.warning(f"{warning[0].upper()}{warning[1:]}.", icon=":material/warning:")
     headline, details = st.columns([1, 2])
     headline.metric("Predicted year", year_label(answer.year))
     lines = [(f"Model **{answer.model_name or '?'}** version **{answer.model_version or '?'}** answered "
@@ -118,9 +131,6 @@ def show_prediction(result: dict) -> None:
         lines.append(f"Portrait: {portraits_caption(answer.portraits)}.")
     lines.append(f"Request id `{answer.request_id or 'not returned'}`.")
     details.markdown("  \n".join(lines))
-    if answer.out_of_distribution:
-        st.warning("These photos look unlike the coins the model learned from: treat this date with caution.",
-                   icon=":material/warning:")
     if answer.neighbours:
         show_neighbours(answer.neighbours)
 
