@@ -60,6 +60,7 @@ import threading
 import time
 import uuid
 import zlib
+from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -293,18 +294,37 @@ def _frame(data: pa.Table | list[dict]) -> bytes:
     return FRAME_HEADER.pack(len(payload), zlib.crc32(payload)) + payload
 
 
+def _payloads(path: Path) -> Iterator[bytes]:
+    """The payload of each complete frame of a spool segment, read one at a time; a torn tail (never
+    acknowledged) is ignored."""
+    with open(path, "rb") as file:
+        offset = 0
+        while len(header := file.read(FRAME_HEADER.size)) == FRAME_HEADER.size:
+            length, crc = FRAME_HEADER.unpack(header)
+            payload = file.read(length)
+            if len(payload) < length or zlib.crc32(payload) != crc:
+                log.warning("spool segment %s: torn record at byte %d ignored", path.name, offset)
+                return
+            yield payload
+            offset += FRAME_HEADER.size + length
+
+
 def _read_frames(path: Path) -> list[pa.Table | list[dict]]:
     """Every complete frame of a spool segment; a torn tail (never acknowledged) is ignored."""
-    data, frames, offset = path.read_bytes(), [], 0
-    while offset + FRAME_HEADER.size <= len(data):
-        length, crc = FRAME_HEADER.unpack_from(data, offset)
-        payload = data[offset + FRAME_HEADER.size:offset + FRAME_HEADER.size + length]
-        if len(payload) < length or zlib.crc32(payload) != crc:
-            log.warning("spool segment %s: torn record at byte %d ignored", path.name, offset)
-            break
-        frames.append(pickle.loads(payload) if payload[:1] == PICKLED else pa.ipc.open_stream(payload).read_all())
-        offset += FRAME_HEADER.size + length
-    return frames
+    return [pickle.loads(payload) if payload[:1] == PICKLED else pa.ipc.open_stream(payload).read_all()
+            for payload in _payloads(path)]
+
+
+def _count_rows(path: Path) -> int:
+    """The records in a spool segment, counted in the memory of one frame (an Arrow frame's batches are counted
+    from their metadata, never copied)."""
+    rows = 0
+    for payload in _payloads(path):
+        if payload[:1] == PICKLED:
+            rows += len(pickle.loads(payload))
+        else:
+            rows += sum(batch.num_rows for batch in pa.ipc.open_stream(payload))
+    return rows
 
 
 def read_segment(path: Path) -> list[dict]:
@@ -485,6 +505,11 @@ class SpooledAppender:
         rows = sum(frame.num_rows if isinstance(frame, pa.Table) else len(frame) for frame in frames)
         return _Segment(seq, path, frames, rows, path.stat().st_size)
 
+    @staticmethod
+    def _counted(seq: int, path: Path) -> _Segment:
+        """The segment's rows and size without its frames: what the backlog needs, in bounded memory."""
+        return _Segment(seq, path, [], _count_rows(path), path.stat().st_size)
+
     # -------------------------------------------------------------------------------------- lifecycle
     def start(self) -> SpooledAppender:
         """Count what an earlier process left in the spool, open a fresh segment and start committing.
@@ -498,7 +523,8 @@ class SpooledAppender:
         except BlockingIOError as error:
             lock_file.close()
             raise RuntimeError(f"spool {self.dir} is in use by another process (one writer per table)") from error
-        left = [self._load(seq, path) for seq, path in self._segments()]
+        # counted, not loaded: after a long lake outage they may not fit in memory all at once
+        left = [self._counted(seq, path) for seq, path in self._segments()]
         self.backlog, self.backlog_bytes = sum(s.rows for s in left), sum(s.size for s in left)
         self._open_segment(self._next_seq())
         self._syncer = threading.Thread(target=self._sync, name=f"spool-sync-{self.table}", daemon=True)
@@ -672,14 +698,15 @@ class SpooledAppender:
             batch: list[_Segment] = []
             size = 0
             while sealed:
-                segment = self._load(*sealed[0])
-                if segment.seq <= self._committed or not segment.rows:  # landed before a crash, or empty
-                    sealed.pop(0)
+                if sealed[0][0] <= self._committed:  # landed before a crash: only its file is left
+                    self._forget(self._counted(*sealed.pop(0)))
+                    continue
+                if batch and (size + sealed[0][1].stat().st_size > self.max_commit_bytes or self._failures):
+                    break  # the batch is full: loaded only once it is its turn (memory: one commit's worth)
+                segment = self._load(*sealed.pop(0))
+                if not segment.rows:
                     self._forget(segment)
                     continue
-                if batch and (size + segment.size > self.max_commit_bytes or self._failures):
-                    break
-                sealed.pop(0)
                 batch.append(segment)
                 size += segment.size
             if batch:

@@ -227,3 +227,30 @@ def test_a_segment_the_spark_lake_refuses_is_quarantined(spark, tmp_path):
     spool.write([{"metric": "mae", "value": 2.5}])
     assert spool.close(timeout=60)
     assert sorted(lake.read(MONITORING)["value"]) == [2.5, 3.0]
+
+
+def test_start_counts_what_was_left_without_loading_it(tmp_path):
+    """A long lake outage leaves many large segments: start() must count them in bounded memory (loading them all
+    at once would crash the restarted gateway, again at every restart)."""
+    import tracemalloc
+
+    lake, folder = Lake(tmp_path / "lake"), tmp_path / "spool"
+    folder.mkdir()
+    photo = bytes(250_000)
+    for seq in range(1, 17):  # 16 segments of 4 frames of ~250 kB: ~16 MB left behind
+        frames = [_frame(lake.storable(INFERENCE_LOG, [log_row(f"{seq}-{i}", front_image=photo)])) for i in range(4)]
+        if seq == 16:  # the last write of the killed process was torn (never acknowledged): not counted
+            frames.append(_frame(lake.storable(INFERENCE_LOG, [log_row("torn", front_image=photo)]))[:-5])
+        (folder / f"{seq:012d}.seg").write_bytes(b"".join(frames))
+    left = sum(path.stat().st_size for path in folder.glob("*.seg"))
+    spool = SpooledAppender(lake, INFERENCE_LOG, folder, flush_seconds=3600)
+    tracemalloc.start()
+    try:
+        spool.start()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert spool.backlog == 64 and spool.backlog_bytes == left
+    assert peak < left / 8, f"start() held {peak / 1e6:.1f} MB for {left / 1e6:.1f} MB of segments"
+    assert spool.close(timeout=60)
+    assert lake.count(INFERENCE_LOG) == 64 and "torn" not in set(lake.read(INFERENCE_LOG)["request_id"])
