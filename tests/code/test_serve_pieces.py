@@ -242,6 +242,46 @@ def test_a_request_whose_log_write_failed_takes_no_feedback(app_client):
                            headers=HEADERS).status_code == 200
 
 
+def test_feedback_storage_failures_are_json_errors(app_client):
+    """Every non-200 is `{"error_code", "message"}` JSON (docs/api_schema.md), feedback that cannot be stored
+    included: a 503 the client can retry, never the framework's plain-text 500."""
+    import errno
+    from concurrent.futures import Future
+
+    request_id = app_client.post(PATH, json=coin_body(1), headers=HEADERS).headers["x-request-id"]
+    gateway = app_client.gateway
+
+    def post_feedback(request_id: str):
+        return app_client.post("/feedback", json={"request_id": request_id, "year": 100}, headers=HEADERS)
+
+    def full_disk(rows):
+        future = Future()
+        future.set_exception(OSError(errno.ENOSPC, "No space left on device"))
+        return future
+
+    def lake_down(*args, **kwargs):
+        raise OSError(errno.ECONNREFUSED, "the lake's store does not answer")
+
+    def a_bug(record):
+        raise RuntimeError("a bug")
+
+    writer, lake = gateway.feedback_writer, gateway.lake
+    for target, name, replacement, request, status, code in (
+            (writer, "submit", full_disk, request_id, 503, "TEMPORARILY_UNAVAILABLE"),  # the spool's disk is full
+            (lake, "read", lake_down, "not-in-memory", 503, "TEMPORARILY_UNAVAILABLE"),  # the id cannot be checked
+            (gateway, "_store_feedback", a_bug, request_id, 500, "INTERNAL_ERROR")):
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(target, name, replacement)
+            response = post_feedback(request)
+        assert response.status_code == status, response.text
+        assert response.headers["content-type"] == "application/json", response.text
+        assert response.json()["error_code"] == code and response.json()["message"], response.text
+    assert post_feedback(request_id).status_code == 200
+    writer.close(timeout=5)  # a spool that takes no more writes
+    closed = post_feedback(request_id)
+    assert closed.status_code == 503 and closed.json()["error_code"] == "TEMPORARILY_UNAVAILABLE", closed.text
+
+
 def test_feedback_checks_the_token_before_looking_at_the_body(app_client):
     for body in ({"nonsense": True}, {"request_id": "x", "year": "ninety"}):
         anonymous = app_client.post("/feedback", json=body)
@@ -324,6 +364,70 @@ def test_malformed_bodies_get_a_4xx_json_answer(app_client):
         _assert_client_error(response, case)
         assert response.status_code != 200, case
     assert app_client.post(PATH, json={"inputs": [GOOD_ROW]}, headers=HEADERS).status_code == 200
+
+
+class StandInWorkspace:
+    """The databricks backend's workspace calls, in this process: the "endpoint" answers as the local gateway's
+    parser and photo decoding judge the forwarded body (a 400 in MLflow JSON, or one prediction per row)."""
+
+    def __init__(self):
+        self.invoked: list[bytes] = []
+
+    async def open(self):
+        pass
+
+    async def close(self):
+        pass
+
+    async def endpoint(self, name):
+        return {"state": {"ready": "READY"},
+                "config": {"served_entities": [{"name": "e", "entity_name": "coinyear", "entity_version": "3"}]}}
+
+    async def invoke(self, endpoint, body):
+        import httpx
+
+        self.invoked.append(body)
+        try:
+            rows = prepare_rows(parse_body(body, max_rows=64).rows, image_size=32, grayscale=False)
+        except ApiError as error:
+            return httpx.Response(error.status, json={"error_code": error.error_code, "message": error.message})
+        if any(row.error for row in rows):
+            return httpx.Response(400, json={"error_code": "INVALID_PARAMETER_VALUE", "message": "a bad photo"})
+        return httpx.Response(200, json={"predictions": [100.0] * len(rows)})
+
+    async def upload(self, path, data, overwrite):
+        pass
+
+
+@pytest.fixture
+def databricks_client(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from coinyear.serve.app import create_app
+    from tests.conftest import make_settings
+
+    settings = make_settings(tmp_path / "home", api_tokens=[TOKEN], serving_backend="databricks",
+                             loop_volume=str(tmp_path / "volume"), request_timeout_seconds=5.0)
+    app = create_app(settings, "127.0.0.1")
+    app.state.gateway.workspace = workspace = StandInWorkspace()
+    with TestClient(app, raise_server_exceptions=False) as client:
+        client.workspace = workspace
+        yield client
+
+
+def test_malformed_bodies_get_a_4xx_json_answer_from_the_databricks_backend(databricks_client):
+    """The databricks backend reads the body only to set client_request_id; what it cannot read (nesting past
+    the stack, integers over 4,300 digits) is the client's error, a 400, not forwarded."""
+    for case, body in NASTY_BODIES.items():
+        sent = len(databricks_client.workspace.invoked)
+        response = databricks_client.post(PATH, content=body, headers={**HEADERS, "Content-Type": "application/json"})
+        _assert_client_error(response, case)
+        assert response.status_code != 200, case
+        if case in ("deep nesting", "deep nesting in a photo", "huge integer"):
+            assert response.json()["error_code"] == "BAD_REQUEST", (case, response.text)
+            assert len(databricks_client.workspace.invoked) == sent, case  # refused here: nothing forwarded
+    good = databricks_client.post(PATH, json={"inputs": [GOOD_ROW]}, headers=HEADERS)
+    assert good.status_code == 200 and good.json() == {"predictions": [100.0]}
 
 
 JSON_LEAVES = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True)

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import coinyear
 from coinyear.config import Settings
-from coinyear.lake import FEEDBACK, INFERENCE_LOG, Lake, SpooledAppender
+from coinyear.lake import FEEDBACK, INFERENCE_LOG, Lake, SpoolClosedError, SpooledAppender
 from coinyear.pyfunc import pair_tensors
 from coinyear.serve.auth import BearerAuth
 from coinyear.serve.batching import DispatcherDown, MicroBatcher
@@ -427,15 +427,26 @@ class Gateway:
         return {"request_id": feedback.request_id, "year_from": year_from, "year_to": year_to, "recorded": True}
 
     async def _known(self, request_id: str) -> bool:
-        known = await asyncio.to_thread(self._logged, request_id)
-        if not known and self.log_writer is not None and self.log_writer.backlog:
-            await asyncio.to_thread(self.log_writer.flush, 10)  # it may still be on its way from the spool
+        try:
             known = await asyncio.to_thread(self._logged, request_id)
+            if not known and self.log_writer is not None and self.log_writer.backlog:
+                await asyncio.to_thread(self.log_writer.flush, 10)  # it may still be on its way from the spool
+                known = await asyncio.to_thread(self._logged, request_id)
+        except Exception as error:  # the lake is down or unreadable: the client may retry, nothing was recorded
+            log.error("cannot check feedback's request id against %s", INFERENCE_LOG, exc_info=error)
+            raise ApiError(503, TEMPORARILY_UNAVAILABLE, f"cannot check the request id against the inference log "
+                                                         f"({type(error).__name__}: {error}); nothing was recorded"
+                           ) from error
         return known
 
     async def _store_feedback(self, record: dict) -> None:
         assert self.feedback_writer is not None, "the local backend has one (the databricks one overrides this)"
-        await asyncio.wrap_future(self.feedback_writer.submit([record]))
+        try:
+            await asyncio.wrap_future(self.feedback_writer.submit([record]))
+        except (OSError, SpoolClosedError) as error:  # a full disk, a closing gateway: retry, or try another one
+            log.error("feedback spool write failed", exc_info=error)
+            raise ApiError(503, TEMPORARILY_UNAVAILABLE, f"cannot store the feedback ({error}); nothing was "
+                                                         f"recorded") from error
 
     # -------------------------------------------------------------------------------------------- ops
     def ready(self) -> dict:
@@ -519,6 +530,12 @@ def create_app(settings: Settings, host: str | None = None) -> FastAPI:
                               "and the MLflow scoring server.")
     app.state.gateway = gateway
     install_handlers(app)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception):
+        """A bug outside scoring (which catches its own) still answers MLflow JSON, not a plain-text 500."""
+        log.error("%s %s failed", request.method, request.url.path, exc_info=error)
+        return ApiError(500, INTERNAL_ERROR, f"internal error ({type(error).__name__})").response()
 
     @app.post("/serving-endpoints/{name}/invocations", tags=["scoring"])
     async def endpoint_invocations(name: str, request: Request):

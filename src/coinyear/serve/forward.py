@@ -174,8 +174,10 @@ class DatabricksGateway(Gateway):
     async def _score(self, request: Request, outcome: Outcome) -> None:
         body = await self.read_body(request)
         try:
-            payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            payload = json.loads(body.decode("utf-8"))  # what the Content-Type says (json.loads would guess UTF-16)
+        # ValueError: also integers of over 4,300 digits (and JSONDecodeError, UnicodeDecodeError); RecursionError:
+        # nesting deeper than the stack. Both are the client's: a 400, as the local backend's parser answers.
+        except (ValueError, RecursionError) as error:
             raise ApiError(400, BAD_REQUEST, f"Invalid input. Ensure that input is a valid JSON formatted string: "
                                              f"{error}") from error
         if not isinstance(payload, dict):
@@ -183,7 +185,10 @@ class DatabricksGateway(Gateway):
                                              f"{list(FORMATS)}, not a {type(payload).__name__}")
         # anything else is for the endpoint to judge: it answers, and its payload table logs, even a bad request
         payload["client_request_id"] = outcome.http_id
-        forwarded = json.dumps(payload).encode()
+        try:
+            forwarded = json.dumps(payload).encode()
+        except (ValueError, RecursionError) as error:  # read back to the limit of the stack, not written again
+            raise ApiError(400, BAD_REQUEST, f"Invalid input: the JSON is nested too deeply ({error})") from error
         if len(forwarded) > PAYLOAD_LOG_LIMIT:
             await self._store_photos(forwarded, outcome.http_id)
         try:
