@@ -282,6 +282,19 @@ def test_feedback_storage_failures_are_json_errors(app_client):
     assert closed.status_code == 503 and closed.json()["error_code"] == "TEMPORARILY_UNAVAILABLE", closed.text
 
 
+@pytest.mark.parametrize("client_request_id, status", [
+    ("catalogue-42", 200), ("0f3a" * 8, 200), ("../../photos", 400), ("a/b", 400), ("..", 400), ("", 400),
+    ("the client's own", 400), ("x" * 129, 400),
+])
+def test_a_client_request_id_must_be_a_plain_name(app_client, client_request_id, status):
+    """It names a folder in the Databricks loop's volume (photos/<id>/...): letters, digits, '.', '_', '-'."""
+    response = app_client.post(PATH, json=coin_body(1, client_request_id=client_request_id), headers=HEADERS)
+    assert response.status_code == status, response.text
+    if status == 400:
+        assert response.json()["error_code"] == "INVALID_PARAMETER_VALUE"
+        assert "client_request_id" in response.json()["message"]
+
+
 def test_feedback_checks_the_token_before_looking_at_the_body(app_client):
     for body in ({"nonsense": True}, {"request_id": "x", "year": "ninety"}):
         anonymous = app_client.post("/feedback", json=body)

@@ -22,7 +22,9 @@ Mapping, one `inference_log` row per input row of a request:
     model_name, model_version   the served entity, from `system.serving.served_entities` when readable
     front_image, back_image     base64-decoded from the request JSON (any scoring format); when Model Serving did
                        not log the request (over its 1 MB limit: `request` null, `MAX_REQUEST_SIZE_EXCEEDED`),
-                       from `<volume>/photos/<client_request_id>/<i>/front|back`, where the gateway put them
+                       from `<volume>/photos/<client_request_id>/<i>/front|back`, where the gateway put them;
+                       never for a client_request_id that is not a plain name (`safe_request_id`: the gateway
+                       sends none such, another caller may): those rows are kept without photos and counted
     request_metadata   JSON: source, databricks_request_id, served_entity_id, requester, sampling_fraction,
                        input format, params, logging_error_codes, where the photos came from
 
@@ -54,7 +56,7 @@ from coinyear.config import Settings
 from coinyear.lake import FEEDBACK, INFERENCE_LOG, Lake
 from coinyear.pyfunc import InvalidCoinInput, decode_base64
 from coinyear.serve.errors import ApiError
-from coinyear.serve.volume import FEEDBACK_FILES, photo_path
+from coinyear.serve.volume import FEEDBACK_FILES, SAFE_REQUEST_ID_RULE, photo_path, safe_request_id
 from coinyear.serve.wire import parse_body
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,7 @@ class IngestResult:
     rows_appended: int = 0
     photos_from_volume: int = 0
     photos_missing: int = 0  # rows of unlogged requests whose photos are not in the volume either
+    photos_unsafe_id: int = 0  # rows of unlogged requests whose client_request_id cannot name a volume folder
     unreadable_requests: int = 0
     watermark: str | None = None
     model_versions: str = ""
@@ -95,6 +98,9 @@ class IngestResult:
         if self.photos_from_volume or self.photos_missing or self.unreadable_requests:
             lines.append(f"  photos from the volume: {self.photos_from_volume} rows; photos missing: "
                          f"{self.photos_missing} rows; unreadable request JSON: {self.unreadable_requests}")
+        if self.photos_unsafe_id:
+            lines.append(f"  volume not read for {self.photos_unsafe_id} rows (kept without photos): their "
+                         f"client_request_id is not a plain name ({SAFE_REQUEST_ID_RULE})")
         if self.model_versions:
             lines.append(f"  {self.model_versions}")
         if self.payload_table and not self.payload_table_missing:
@@ -198,6 +204,7 @@ def _append_requests(new: pd.DataFrame, settings: Settings, lake: Lake, result: 
     result.photos_from_volume += int((photos == "volume").sum())
     result.photos_missing += int((photos == "missing").sum())
     result.unreadable_requests += int((photos == "unreadable").sum())
+    result.photos_unsafe_id += int((photos == "unsafe_id").sum())
     return new_watermark
 
 
@@ -228,11 +235,17 @@ def map_payload(payload: dict, volume: str | None, endpoint: str) -> list[dict]:
     predictions, error_code, error_message = _answer(payload.get("response"), status)
     photos: list[tuple[bytes | None, bytes | None]] = []
     request = payload.get("request")
-    if request is None:  # not logged (too large): the gateway kept the photos in the volume
-        count = len(predictions) if predictions else _volume_rows(volume, payload.get("client_request_id"))
+    client_id = payload.get("client_request_id")
+    if request is None and client_id and not safe_request_id(client_id):  # never a path: not from the gateway
+        log.warning("payload %s: client_request_id %r is not a plain name; its photos are not looked up",
+                    payload["databricks_request_id"], client_id[:200])
+        photos = [(None, None)] * max(len(predictions or ()), 1)
+        metadata["photos"] = "unsafe_id"
+    elif request is None:  # not logged (too large): the gateway kept the photos in the volume
+        count = len(predictions) if predictions else _volume_rows(volume, client_id)
         for index in range(max(count, 1)):
-            photos.append((_volume_photo(volume, payload.get("client_request_id"), index, "front"),
-                           _volume_photo(volume, payload.get("client_request_id"), index, "back")))
+            photos.append((_volume_photo(volume, client_id, index, "front"),
+                           _volume_photo(volume, client_id, index, "back")))
         metadata["photos"] = "volume" if all(f and b for f, b in photos) else "missing"
     else:
         try:

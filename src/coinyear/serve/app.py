@@ -47,6 +47,7 @@ from coinyear.serve.errors import (
     install_handlers,
 )
 from coinyear.serve.lifecycle import ModelManager, ServedModel
+from coinyear.serve.volume import SAFE_REQUEST_ID_RULE, safe_request_id
 from coinyear.serve.wire import ParsedRequest, PreparedRow, parse_body, prepare_rows
 
 if TYPE_CHECKING:  # forward imports this module
@@ -314,7 +315,11 @@ class Gateway:
 
     def _decode(self, body: bytes, model: ServedModel | None, outcome: Outcome) -> ParsedRequest:
         """JSON, base64 and photo decoding, off the event loop (one thread hop per request)."""
-        outcome.parsed = parsed = parse_body(body, self.settings.max_rows)
+        parsed = parse_body(body, self.settings.max_rows)
+        if parsed.client_request_id is not None and not safe_request_id(parsed.client_request_id):
+            # a plain name wherever it goes: on Databricks a client_request_id names a folder of the loop volume
+            raise ApiError(400, INVALID_PARAMETER_VALUE, f"client_request_id must be {SAFE_REQUEST_ID_RULE}")
+        outcome.parsed = parsed
         outcome.rows = prepare_rows(parsed.rows, model.image_size if model else None,
                                     model.grayscale if model else False)
         return parsed

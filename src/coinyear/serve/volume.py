@@ -3,7 +3,8 @@ Databricks itself) and their reader (`coinyear ingest-payloads`). No heavy impor
 
 In the Unity Catalog volume COINYEAR_LOOP_VOLUME (`/Volumes/<catalog>/<schema>/<volume>`):
     photos/<client_request_id>/<row>/front|back   decoded photo bytes of a request too big for the payload table,
-                                                  stored before the request is sent to Model Serving
+                                                  stored before the request is sent to Model Serving; only for
+                                                  an id that is a plain name (`safe_request_id`)
     feedback/<UTC time>-<uuid>.json               one `feedback` row as JSON (request_id, year_from, year_to,
                                                   timestamp ISO 8601 with zone, source, note)
 """
@@ -11,16 +12,32 @@ In the Unity Catalog volume COINYEAR_LOOP_VOLUME (`/Volumes/<catalog>/<schema>/<
 from __future__ import annotations
 
 import json
+import re
 import uuid
 
 # Model Serving leaves `request` null in the payload table above 1 MiB; a little below it, to stay on the safe side.
 PAYLOAD_LOG_LIMIT = 1_000_000
 PHOTOS, FEEDBACK_FILES = "photos", "feedback"
+# A request id that names a folder: ASCII letters, digits, '.', '_', '-', not starting with '.' (no '..', no
+# hidden name), at most 128 characters (the longest client_request_id the gateway takes).
+SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+SAFE_REQUEST_ID_RULE = "1 to 128 ASCII letters, digits, '.', '_' or '-', not starting with '.'"
+
+
+def safe_request_id(request_id: str) -> bool:
+    """Whether `request_id` can name a folder of the volume: a plain name, never a path (see SAFE_REQUEST_ID)."""
+    return isinstance(request_id, str) and SAFE_REQUEST_ID.fullmatch(request_id) is not None
 
 
 def photo_path(volume: str, request_id: str, row: int, side: str) -> str:
-    """Where the photo `side` ("front" / "back") of row `row` of a request too big to be logged is kept."""
-    return f"{volume.rstrip('/')}/{PHOTOS}/{request_id}/{row}/{side}"
+    """Where the photo `side` ("front" / "back") of row `row` of a request too big to be logged is kept.
+
+    Raises ValueError for a request id that is not a plain name: it comes from whoever called the endpoint.
+    """
+    if not safe_request_id(request_id):
+        raise ValueError(f"client_request_id {request_id[:200]!r} is not a plain name ({SAFE_REQUEST_ID_RULE}): "
+                         f"it cannot name a folder of the volume")
+    return f"{volume.rstrip('/')}/{PHOTOS}/{request_id}/{int(row)}/{side}"
 
 
 def feedback_file(volume: str, record: dict) -> tuple[str, bytes]:
