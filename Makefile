@@ -2,9 +2,8 @@
 VENV ?= .venv
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 BIN := $(VENV)/bin
-export COINYEAR_DATA_DIR ?= $(abspath ../shared/data/ocre)
 
-.PHONY: setup demo train-best lint test test-fast serve ui bench docs notebook clean
+.PHONY: setup data demo train-best lint test test-fast serve ui bench docs notebook clean
 
 # pip's own output goes to $(VENV)/setup.log (shown only when the set-up fails): the demo prints its own steps.
 # torch and torchvision first, pinned: pip takes them from this machine's disk (no CUDA download).
@@ -19,9 +18,14 @@ $(BIN)/.installed: pyproject.toml
 
 setup: $(BIN)/.installed
 
+## The reference data: ../shared/data/ocre (or COINYEAR_DATA_DIR) checked in place, else fetched once into
+## COINYEAR_HOME/data/ocre from the pinned upstream archive (or COINYEAR_DATA_SOURCE: a mirror, a .tar.gz).
+data: setup
+	$(BIN)/coinyear data fetch
+
 ## The main job on the embedded defaults: train on OCRE, register, promote to production, then score the
 ## registered model on the grouped hold-out (coin types training never saw) from the photos, as served.
-demo: setup
+demo: data
 	$(BIN)/coinyear train --promote production
 	$(BIN)/coinyear models list
 	$(BIN)/coinyear evaluate --model models:/coinyear@production --holdout
@@ -37,7 +41,7 @@ lint: setup
 	$(BIN)/mypy src
 
 ## Every test CI runs.
-test: setup
+test: data
 	$(BIN)/python -m pytest
 
 test-fast: setup

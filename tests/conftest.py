@@ -12,8 +12,14 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from coinyear.config import Settings
+
 REPO = Path(__file__).resolve().parents[1]
-OCRE = Path(os.environ.get("COINYEAR_DATA_DIR", REPO.parent / "shared" / "data" / "ocre")).resolve()
+# Where the settings find the reference data (COINYEAR_DATA_DIR, else ../shared/data/ocre, else what `coinyear data
+# fetch` put in COINYEAR_HOME/data/ocre), seen from the repository root as `make test` runs.
+OCRE = Settings().data_dir.resolve()
+# Every command a test starts reads that copy too, whatever its own COINYEAR_HOME or working directory.
+os.environ.setdefault("COINYEAR_DATA_DIR", str(OCRE))
 
 
 def pytest_addoption(parser):
@@ -64,13 +70,12 @@ def require_tool(found, message: str):
 @pytest.fixture(scope="session")
 def ocre_dir() -> Path:
     if not (OCRE / "manifest.csv").is_file():
-        pytest.fail(f"reference data not found at {OCRE}; set COINYEAR_DATA_DIR")
+        pytest.fail(f"reference data not found at {OCRE}: run `make data` (coinyear data fetch) or set "
+                    "COINYEAR_DATA_DIR")
     return OCRE
 
 
 def make_settings(home: Path, **overrides):
-    from coinyear.config import Settings
-
     return Settings(home=home, data_dir=OCRE, tracking_uri=f"sqlite:///{home / 'mlflow.db'}",
                     registry_uri=f"sqlite:///{home / 'mlflow.db'}", **overrides)
 

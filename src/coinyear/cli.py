@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import NoReturn
 
 from coinyear.config import configure_mlflow, get_settings
@@ -181,9 +182,15 @@ def cmd_monitor(args) -> int:
 
 
 def cmd_data(args) -> int:
+    settings = get_settings()
+    if args.data_command == "fetch":
+        from coinyear.reference import fetch
+
+        print(fetch(settings.data_dir, settings.home_dir, args.source, args.dest,
+                    fallback_source=settings.data_source).message)
+        return 0
     from coinyear.data import import_collection, read_manifest
 
-    settings = get_settings()
     if args.data_command == "import":
         out = args.out or settings.home_dir / "datasets" / "imported"
         manifest = import_collection(args.images, args.csv, out, settings.min_year, settings.max_year)
@@ -388,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--json", action="store_true")
     predict.set_defaults(func=cmd_predict)
 
-    data = commands.add_parser("data", help="check a dataset or import your own collection")
+    data = commands.add_parser("data", help="fetch the reference data, check a dataset or import your own collection")
     data_commands = data.add_subparsers(dest="data_command", required=True)
     check = data_commands.add_parser("check", help="validate a manifest and report dropped rows")
     check.add_argument("--data")
@@ -397,6 +404,15 @@ def build_parser() -> argparse.ArgumentParser:
     imported.add_argument("--images", required=True)
     imported.add_argument("--csv", required=True)
     imported.add_argument("--out", help="output folder (default COINYEAR_HOME/datasets/imported)")
+    fetched = data_commands.add_parser(
+        "fetch", help="get the OCRE reference photos the shipped manifest names, checked (nothing if a copy exists)",
+        description="Make sure the reference data is there: COINYEAR_DATA_DIR, else ../shared/data/ocre, else "
+                    "COINYEAR_HOME/data/ocre, which a fetch fills from the pinned upstream archive "
+                    "(COINYEAR_DATA_SOURCE), checking every photo's SHA-256.")
+    fetched.add_argument("--source", help="URL, local .tar.gz or folder holding images/ (default: a local copy, "
+                                          "else COINYEAR_DATA_SOURCE)")
+    fetched.add_argument("--dest", type=Path, help="where to put it (default COINYEAR_DATA_DIR, else "
+                                                  "COINYEAR_HOME/data/ocre)")
     data.set_defaults(func=cmd_data)
 
     serve = commands.add_parser("serve", help="REST gateway serving models:/<name>@production, logging to Delta")

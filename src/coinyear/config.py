@@ -12,9 +12,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from coinyear.reference import SOURCE_URL, resolve_data_dir
 from coinyear.years import MAX_YEAR, MIN_YEAR
 
 
@@ -22,7 +23,12 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="COINYEAR_", extra="ignore", populate_by_name=True)
 
     home: Path = Field(default=Path(".coinyear"), description="State folder: MLflow store, lake, caches.")
-    data_dir: Path = Field(default=Path("../shared/data/ocre"), description="Reference dataset (manifest.csv).")
+    # None resolves (see _resolve_data_dir): the field is always a Path once the settings are built
+    data_dir: Path = Field(default=None, validate_default=True, description="Reference dataset (manifest.csv); "
+                           "default ../shared/data/ocre when it exists, else HOME/data/ocre (`coinyear data fetch`).")
+    data_source: str = Field(default=SOURCE_URL, description="Where `coinyear data fetch` gets the reference photos "
+                             "when no copy is found: the pinned upstream archive, or a mirror's URL, a local "
+                             ".tar.gz, a local folder holding images/.")
     model_name: str = "coinyear"
     experiment_name: str = "coinyear"
     tracking_uri: str | None = Field(
@@ -148,6 +154,12 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [token.strip() for token in value.split(",") if token.strip()]
         return value
+
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _resolve_data_dir(cls, value, info: ValidationInfo):
+        """An unset COINYEAR_DATA_DIR: ../shared/data/ocre when it exists, else HOME/data/ocre."""
+        return resolve_data_dir(value, info.data.get("home", Path(".coinyear")))
 
     @property
     def home_dir(self) -> Path:
