@@ -119,12 +119,43 @@ PARTITIONS: dict[str, list[str]] = {INFERENCE_LOG: ["date"]}
 Rows: TypeAlias = list[dict] | pd.DataFrame | pa.Table
 
 
-class Lake:
+class _PicksBackend(type):
+    """`Lake(...)` builds the backend the settings name (a metaclass: SparkLake is built from settings even when
+    `Lake` was given a root string, which `__new__` cannot do, as Python then calls `__init__` with the string)."""
+
+    def __call__(cls, settings_or_root=None, *args, **kwargs):
+        if cls is not Lake:
+            return super().__call__(settings_or_root, *args, **kwargs)
+        settings = _settings_of(settings_or_root)
+        if getattr(settings, "lake_backend", "delta") == "spark":
+            from coinyear.lake_spark import SparkLake
+
+            return SparkLake(settings, *args, **kwargs)
+        return DeltaLake(settings if settings is not None else settings_or_root)
+
+
+def _settings_of(settings_or_root):
+    """The settings `Lake(settings_or_root)` follows: the settings given; the process's settings for None or for
+    their own `lake_root` as a string (the Monitor page passes that: a string is a cache key); None for any other
+    root, which is a delta-rs root."""
+    if settings_or_root is not None and not isinstance(settings_or_root, (str, Path)):
+        return settings_or_root
+    from coinyear.config import get_settings
+
+    configured = get_settings()
+    if settings_or_root is None or str(settings_or_root).rstrip("/") == str(configured.lake_root).rstrip("/"):
+        return configured
+    return None
+
+
+class Lake(metaclass=_PicksBackend):
     """The lake's tables behind one API; `Lake(settings)` gives the backend `settings.lake_backend` names.
 
     `Lake(settings)` with `lake_backend=delta` (the default) or `Lake(root)` (a path or URI) is a `DeltaLake`;
     `lake_backend=spark` gives a `coinyear.lake_spark.SparkLake` (tables `<lake_schema>.<table>` written through
-    the job's Spark session). Both keep the same contract, tested against both in tests/system/test_lake_spark.py:
+    the job's Spark session). `Lake()`, and `Lake(root)` with the configured `lake_root` itself, follow the
+    process's settings (COINYEAR_LAKE_BACKEND included). Both keep the same contract, tested against both in
+    tests/system/test_lake_spark.py:
 
     - `append(table, rows, transaction=(app_id, version))` appends rows in one write; a `transaction` whose
       version is not above `committed_version(table, app_id)` writes nothing and returns 0 (exactly once);
@@ -133,16 +164,8 @@ class Lake:
     - `read` of a table that does not exist yet is an empty frame with the table's columns.
     """
 
-    def __new__(cls, settings_or_root=None, *args, **kwargs):
-        backend = cls
-        if cls is Lake:
-            if getattr(settings_or_root, "lake_backend", "delta") == "spark":
-                from coinyear.lake_spark import SparkLake
-
-                backend = SparkLake
-            else:
-                backend = DeltaLake
-        return super().__new__(backend)
+    def __init__(self, settings_or_root=None, *args, **kwargs) -> None:
+        """What callers pass (settings, a root, or nothing); `_PicksBackend` builds the backend from it."""
 
     def uri(self, table: str) -> str:
         """Where the table lives: a Delta table URI, or a Spark table name."""

@@ -254,3 +254,27 @@ def test_start_counts_what_was_left_without_loading_it(tmp_path):
     assert peak < left / 8, f"start() held {peak / 1e6:.1f} MB for {left / 1e6:.1f} MB of segments"
     assert spool.close(timeout=60)
     assert lake.count(INFERENCE_LOG) == 64 and "torn" not in set(lake.read(INFERENCE_LOG)["request_id"])
+
+
+def test_the_configured_root_as_a_string_gets_the_configured_backend(tmp_path, monkeypatch):
+    """The Monitor page passes `settings.lake_root` (a string: it is a cache key): with COINYEAR_LAKE_BACKEND=spark
+    that must read the Spark tables, not an empty delta-rs folder nobody writes to."""
+    from types import SimpleNamespace
+
+    from coinyear import config
+    from coinyear.lake import DeltaLake
+    from coinyear.lake_spark import SparkLake
+    from tests.conftest import make_settings
+
+    session = SimpleNamespace(conf=SimpleNamespace(get=lambda key, default=None: default))
+    monkeypatch.setattr("coinyear.spark.spark_session", lambda: session)  # no Spark needed to pick the backend
+    configured = make_settings(tmp_path / "home", lake_backend="spark", lake_schema="prod.coinyear")
+    monkeypatch.setattr(config, "get_settings", lambda: configured)
+    for lake in (Lake(configured.lake_root), Lake(str(configured.lake_root) + "/"), Lake()):
+        assert isinstance(lake, SparkLake) and lake.uri(FEEDBACK) == "prod.coinyear.feedback"
+    elsewhere = Lake(tmp_path / "elsewhere")  # any other root is a delta-rs root, as before
+    assert isinstance(elsewhere, DeltaLake) and elsewhere.root == str(tmp_path / "elsewhere")
+    local = make_settings(tmp_path / "home")
+    monkeypatch.setattr(config, "get_settings", lambda: local)
+    assert isinstance(Lake(local.lake_root), DeltaLake) and Lake(local.lake_root).root == local.lake_root
+    assert isinstance(Lake(), DeltaLake) and Lake().root == local.lake_root
