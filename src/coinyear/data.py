@@ -113,8 +113,14 @@ def preprocess(source: bytes | str | Path, side: str, size: int, grayscale: bool
     return to_array(decode_side(source, side, size), size, grayscale)
 
 
+# Version of what `preprocess` makes of a photo (decode_side's crop, to_array's fit, resize and colour conversion):
+# part of every ImageCache key, so entries of an older preprocessing are never read back. Raise it with any change
+# to those functions' output.
+PREPROCESS_VERSION = 1
+
+
 class ImageCache:
-    """Decoded, resized images on disk, keyed by path + file time + size + colour mode + side.
+    """Decoded, resized images on disk, keyed by path + file time + size + colour mode + side + PREPROCESS_VERSION.
 
     Repeated epochs, folds and runs then never decode a JPEG twice.
     """
@@ -126,7 +132,7 @@ class ImageCache:
 
     def _key(self, path: Path, side: str) -> Path:
         stat = path.stat()
-        raw = f"{path.resolve()}|{stat.st_mtime_ns}|{stat.st_size}|{side}".encode()
+        raw = f"{path.resolve()}|{stat.st_mtime_ns}|{stat.st_size}|{side}|v{PREPROCESS_VERSION}".encode()
         digest = hashlib.sha1(raw).hexdigest()
         return self.root / digest[:2] / f"{digest}.npy"
 
