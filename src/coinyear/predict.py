@@ -226,7 +226,7 @@ def predict_pair(model: ScoringModel, front: str | Path, back: str | Path, inter
     scored = score_rows(model, rows, interval)
     if pd.notna(scored["error"].iat[0]):
         raise ValueError(str(scored["error"].iat[0]))
-    answer = {"year": float(scored["year"].iat[0])}
+    answer: dict = {"year": float(scored["year"].iat[0])}
     if interval:
         answer.update(low=float(scored["low"].iat[0]), high=float(scored["high"].iat[0]),
                       out_of_distribution=bool(scored["out_of_distribution"].iat[0]), interval=interval)
