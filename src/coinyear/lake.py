@@ -435,8 +435,9 @@ class SpooledAppender:
     A failed commit keeps the segments. A transient failure (I/O, full disk, lock, conflict, lake down) is
     retried with backoff, without limit. A permanent one (rows that do not convert to or fit the table, e.g. its
     schema changed) is retried segment by segment; a segment that failed alone `max_attempts` times is moved to
-    `quarantine/` in the spool folder (kept, with a `.error` note, never deleted) and the segments behind it
-    commit. `health()` reports all of it.
+    `quarantine/` in the spool folder (kept, with a `.error` note) and the segments behind it commit;
+    `replay_quarantine` commits it once the table takes its rows (then its file goes), and one moved back into
+    the spool by hand returns to quarantine. `health()` reports all of it.
 
     Replay is idempotent: each commit carries a Delta transaction marker (app id of this spool folder, version =
     the last segment number in the commit), so after a crash between the commit and the deletion of the
@@ -540,12 +541,7 @@ class SpooledAppender:
         The spool folder is locked for the life of this appender (released by the OS even on kill -9): a second
         process on the same folder would commit and delete segments the first one is still writing.
         """
-        self._lock_file = lock_file = open(self.dir / "lock", "a")  # noqa: SIM115 - held (flock) until close()
-        try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as error:
-            lock_file.close()
-            raise RuntimeError(f"spool {self.dir} is in use by another process (one writer per table)") from error
+        self._lock_file = self._take_lock()
         # counted, not loaded: after a long lake outage they may not fit in memory all at once
         left = [self._counted(seq, path) for seq, path in self._segments()]
         self.backlog, self.backlog_bytes = sum(s.rows for s in left), sum(s.size for s in left)
@@ -555,6 +551,17 @@ class SpooledAppender:
         self._thread = threading.Thread(target=self._run, name=f"lake-committer-{self.table}", daemon=True)
         self._thread.start()
         return self
+
+    def _take_lock(self) -> TextIO:
+        """The spool folder's lock (flock), held until the returned file is closed; RuntimeError when another
+        process holds it."""
+        lock_file = open(self.dir / "lock", "a")  # noqa: SIM115 - held (flock) until the caller closes it
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as error:
+            lock_file.close()
+            raise RuntimeError(f"spool {self.dir} is in use by another process (one writer per table)") from error
+        return lock_file
 
     def close(self, timeout: float = 30.0) -> bool:
         """Refuse new writes, commit everything spooled (waiting up to `timeout`) and stop; True when nothing is
@@ -721,8 +728,12 @@ class SpooledAppender:
             batch: list[_Segment] = []
             size = 0
             while sealed:
-                if sealed[0][0] <= self._committed:  # landed before a crash: only its file is left
-                    self._forget(self._counted(*sealed.pop(0)))
+                if sealed[0][0] <= self._committed:  # landed before a crash: only its file is left...
+                    segment = self._counted(*sealed.pop(0))
+                    if (self.quarantine_dir / f"{segment.path.name}.error").exists():
+                        self._back_to_quarantine(segment)  # ...unless it was quarantined: never committed
+                    else:
+                        self._forget(segment)
                     continue
                 if batch and (size + sealed[0][1].stat().st_size > self.max_commit_bytes or self._failures):
                     break  # the batch is full: loaded only once it is its turn (memory: one commit's worth)
@@ -771,6 +782,18 @@ class SpooledAppender:
         self._failures.pop(segment.seq, None)
         self._forget(segment, delete=False)
 
+    def _back_to_quarantine(self, segment: _Segment) -> None:
+        """A quarantined segment moved back into the spool: its number is below the commit marker (later segments
+        committed), so it would read as committed and be deleted. It goes back to quarantine/ (its note is still
+        there), where `replay_quarantine` commits it."""
+        self.last_quarantine_error = (f"{segment.path.name}: moved back into the spool from quarantine/, returned "
+                                      f"there (replay it with coinyear.lake.replay_quarantine)")
+        segment.path.replace(self.quarantine_dir / segment.path.name)
+        _fsync_dir(self.dir)
+        log.error("spool segment %s (%d rows) was quarantined and moved back into %s; it is returned to %s: "
+                  "replay_quarantine commits it", segment.path.name, segment.rows, self.dir, self.quarantine_dir)
+        self._forget(segment, delete=False)
+
     def _forget(self, segment: _Segment, delete: bool = True) -> None:
         """The segment is in Delta (or quarantined): off the spool and the backlog."""
         if delete:
@@ -779,3 +802,48 @@ class SpooledAppender:
         with self._lock:
             self.backlog -= segment.rows
             self.backlog_bytes -= segment.size
+
+
+def replay_quarantine(lake: Lake, table: str, spool_dir: str | Path) -> dict[str, str]:
+    """Commit the rows of a spool's quarantined segments that are not in `table` yet; returns what became of each
+    segment, by file name: "committed", "already committed", "empty", or "not committed: <why>".
+
+    For an operator, once the table takes the rows again (e.g. its schema was put right). Each segment is one
+    commit carrying its own transaction marker (app id `<spool app id>:quarantine:<segment number>`, version 1),
+    so a replay run twice, or stopped between a commit and the deletion of the file, commits nothing twice. A
+    committed segment's file and note are deleted; one that still fails stays in quarantine/ with its note. It
+    takes the spool folder's lock (the table has one writer): run it while the spool's process is stopped.
+    """
+    spool = SpooledAppender(lake, table, spool_dir)
+    lock = spool._take_lock()
+    outcomes: dict[str, str] = {}
+    try:
+        for path in sorted(spool.quarantine_dir.glob(f"*{SpooledAppender.SUFFIX}")):
+            try:
+                app_id = f"{spool.app_id}:quarantine:{int(path.stem)}"
+            except ValueError:
+                continue
+            try:
+                if lake.committed_version(table, app_id) is not None:
+                    outcomes[path.name] = "already committed"
+                else:
+                    frames = _read_frames(path)
+                    if not frames:
+                        outcomes[path.name] = "empty"
+                    else:
+                        data = pa.concat_tables([lake.storable(table, frame) for frame in frames],
+                                                promote_options="default")
+                        lake.append(table, data, transaction=(app_id, 1),
+                                    metadata={"spool_segments": path.stem, "spool_id": spool.app_id,
+                                              "replayed": "quarantine"})
+                        outcomes[path.name] = "committed"
+            except Exception as error:  # noqa: BLE001 - reported per segment; the others are still replayed
+                outcomes[path.name] = f"not committed: {type(error).__name__}: {error}"
+                log.warning("quarantined segment %s of %s not replayed: %s", path.name, table, error)
+                continue
+            path.unlink()
+            path.with_name(f"{path.name}.error").unlink(missing_ok=True)
+            _fsync_dir(spool.quarantine_dir)
+    finally:
+        lock.close()
+    return outcomes

@@ -278,3 +278,55 @@ def test_the_configured_root_as_a_string_gets_the_configured_backend(tmp_path, m
     monkeypatch.setattr(config, "get_settings", lambda: local)
     assert isinstance(Lake(local.lake_root), DeltaLake) and Lake(local.lake_root).root == local.lake_root
     assert isinstance(Lake(), DeltaLake) and Lake().root == local.lake_root
+
+
+def test_quarantined_segments_are_replayed_once_and_never_deleted_unreplayed(tmp_path):
+    """A quarantined segment moved back into the spool was deleted as "already committed" (later segments had
+    moved the commit marker past it): it now goes back to quarantine, and `replay_quarantine` commits its rows
+    once the table takes them, exactly once however often it runs."""
+    import shutil
+
+    from coinyear.lake import DeltaLake
+
+    class Refusing(DeltaLake):  # the table refuses the row "bad" until an operator puts it right
+        refuse = True
+
+        def append(self, table, rows, **kwargs):
+            if self.refuse and "bad" in self.storable(table, rows).column("request_id").to_pylist():
+                raise pa.ArrowInvalid("cannot cast: the table's schema changed (injected)")
+            return super().append(table, rows, **kwargs)
+
+    def feedback(request_id):
+        return {"request_id": request_id, "year_from": 5, "year_to": 5, "timestamp": NOW}
+
+    lake, folder = Refusing(tmp_path / "lake"), tmp_path / "spool"
+    spool = SpooledAppender(lake, FEEDBACK, folder, flush_seconds=0.05, max_attempts=1).start()
+    spool.write([feedback("bad")])
+    started = time.monotonic()
+    while not spool.health()["quarantined_segments"] and time.monotonic() - started < 20:
+        time.sleep(0.05)
+    spool.write([feedback("good")])  # commits, with a marker past the quarantined segment's number
+    assert spool.close(timeout=30)
+    (segment,) = (folder / "quarantine").glob("*.seg")
+    content = segment.read_bytes()
+
+    shutil.move(segment, folder / segment.name)  # an operator's first idea: put it back in the spool
+    again = SpooledAppender(lake, FEEDBACK, folder, flush_seconds=0.05).start()
+    assert again.close(timeout=30)
+    assert (folder / "quarantine" / segment.name).read_bytes() == content, "a never-committed segment was lost"
+    assert again.health()["quarantined_segments"] == 1 and not list(folder.glob("*.seg"))
+
+    from coinyear.lake import replay_quarantine
+
+    assert replay_quarantine(lake, FEEDBACK, folder) == {segment.name: "not committed: ArrowInvalid: cannot cast: "
+                                                                       "the table's schema changed (injected)"}
+    assert (folder / "quarantine" / segment.name).exists()  # still refused: kept
+    lake.refuse = False  # the table is put right
+    assert replay_quarantine(lake, FEEDBACK, folder) == {segment.name: "committed"}
+    assert sorted(lake.read(FEEDBACK)["request_id"]) == ["bad", "good"]
+    assert not list((folder / "quarantine").iterdir())
+    # stopped between the commit and the deletion: the file is back, the rows are not committed twice
+    (folder / "quarantine" / segment.name).write_bytes(content)
+    assert replay_quarantine(lake, FEEDBACK, folder) == {segment.name: "already committed"}
+    assert sorted(lake.read(FEEDBACK)["request_id"]) == ["bad", "good"]
+    assert replay_quarantine(lake, FEEDBACK, folder) == {}
