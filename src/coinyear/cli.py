@@ -66,29 +66,35 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from coinyear.data import read_manifest
-    from coinyear.evaluate import evaluate_model
+    import math
+
+    from coinyear.data import TEST_SPLIT_RULE, read_manifest, split_test
+    from coinyear.evaluate import evaluate_model, format_report
 
     settings = get_settings()
     configure_mlflow(settings)  # `models:/...` URIs resolve against our registry, not MLflow's default store
+    # the seed only draws the --limit subset (with --holdout the one `coinyear train --limit N` drew); which coin
+    # types are test types does not depend on it
     manifest = read_manifest(args.data or settings.data_dir, settings.min_year, settings.max_year, limit=args.limit,
                              seed=settings.seed if args.holdout else 0)
     if not args.json:
         print(manifest.report())
     rows = manifest.rows
     if args.holdout:
-        from coinyear.data import grouped_holdout
-        from coinyear.train import TrainConfig
-
-        # the coin types `coinyear train` held out with the same seed: a score on types the model never saw
-        rows = rows.iloc[grouped_holdout(rows, TrainConfig.holdout_fraction, settings.seed)[1]].reset_index(drop=True)
+        # the test coin types (a fixed hash of the type): no model trained, stopped early or calibrated on them
+        rows = rows.iloc[split_test(rows)[1]].reset_index(drop=True)
+        if len(rows) == 0:
+            raise ValueError("no coin of a test type among these rows: nothing to score (a larger --limit?)")
     report = evaluate_model(args.model, rows, progress=not args.json)
-    report["data"] = {**manifest.summary(), "scored": len(rows), "holdout": bool(args.holdout)}
+    report["data"] = {**manifest.summary(), "scored": len(rows), "holdout": bool(args.holdout),
+                      "test_split": TEST_SPLIT_RULE if args.holdout else None}
+    # NaN (a metric with no coin to measure it on) is not JSON: null
+    report["metrics"] = {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in report["metrics"].items()}
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        for key, value in report["metrics"].items():
-            print(f"{key:>12}: {value:.3f}")
+        scope = f"the test coin types ({TEST_SPLIT_RULE})" if args.holdout else "every coin of the manifest"
+        print(format_report(report["metrics"], f"{args.model} on {scope}:"))
     return 0
 
 
@@ -331,8 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", required=True, help="e.g. models:/coinyear@production")
     evaluate.add_argument("--data", help="dataset folder with manifest.csv (default COINYEAR_DATA_DIR)")
     evaluate.add_argument("--limit", type=int)
-    evaluate.add_argument("--holdout", action="store_true", help="score only the grouped hold-out `coinyear train` "
-                          "kept out (same seed; a model trained with --folds saw every coin)")
+    evaluate.add_argument("--holdout", action="store_true", help="score only the test coin types (a fixed hash of "
+                          "the coin type): no model, K-fold refit or retraining candidate trains or chooses on them")
     evaluate.add_argument("--json", action="store_true")
     evaluate.set_defaults(func=cmd_evaluate)
 

@@ -385,6 +385,50 @@ def read_manifest(data_dir: str | Path, min_year: int = -700, max_year: int = 21
 
 
 # ----------------------------------------------------------------------------------------------- splits
+# The one evaluation split. A coin type is a test type when this hash of its `group_keys` key falls below
+# TEST_PERCENT: a property of the type alone, so it is the same whatever the seed, the --limit, the row order or
+# the dataset the type turns up in (the base manifest, the retraining data, a feedback row), and every model
+# ever compared on it (`coinyear train`, each K-fold model and its refit, retraining candidates, production)
+# was trained without it. Test types are only ever scored for a report: choices (the early-stopping epoch, the
+# conformal calibration, the out-of-distribution threshold) are made on a validation split of the other types.
+# Changing either constant changes which coins every earlier model may be scored on: do not.
+TEST_PERCENT = 15
+TEST_SPLIT_RULE = f"sha256(coin type) % 100 < {TEST_PERCENT}"  # logged with every training run
+
+
+def type_bucket(group: str) -> int:
+    """0..99 from the coin type's key alone (`group_keys`): the bucket the test split and the retraining job's
+    feedback evaluation share."""
+    return int(hashlib.sha256(str(group).encode()).hexdigest()[:8], 16) % 100
+
+
+def is_test_type(groups) -> np.ndarray:
+    """Per coin type key (`group_keys`, a row's `group`): whether it is one of the test coin types."""
+    return np.array([type_bucket(group) < TEST_PERCENT for group in groups], dtype=bool)
+
+
+def split_test(rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(indices of the rows a model may use: train and validation, indices of the test coin types' rows), both
+    positions in `rows` in row order."""
+    test = is_test_type(rows["group"]) if len(rows) else np.zeros(0, dtype=bool)
+    return np.flatnonzero(~test), np.flatnonzero(test)
+
+
+def choice_splits(rows: pd.DataFrame, folds: int, fraction: float, seed: int = 0,
+                  ) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray]:
+    """How a training run splits `rows`: ([(train, validation), ...], test), positions in `rows`.
+
+    The test coin types (`split_test`) come off first; the rest makes K grouped folds (`folds` >= 2) or one
+    grouped (train, validation) hold-out of about `fraction` of those rows (seeded). Validation rows are what
+    choices are made on; test rows are in none of the pairs."""
+    usable, test = split_test(rows)
+    if len(usable) < 4:
+        raise ValueError(f"only {len(usable)} rows outside the test coin types: too few to train")
+    pool = rows.iloc[usable]
+    pairs = grouped_folds(pool, folds, seed) if folds >= 2 else [grouped_holdout(pool, fraction, seed)]
+    return [(usable[train], usable[validation]) for train, validation in pairs], test
+
+
 def grouped_folds(rows: pd.DataFrame, folds: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
     """K (train, validation) index pairs where no coin type is on both sides."""
     from sklearn.model_selection import GroupKFold

@@ -1,9 +1,16 @@
 """Training stage: dataset tensors, augmentation, the fit loop, grouped K-fold, and the tracked training run.
 
-`run_training` is what `coinyear train` calls: it validates the data, cross-validates (grouped K-fold) or
-holds out one grouped split, fits the model to register, logs everything to MLflow (params, per-epoch and
-per-fold metrics, plots, dataset summary, the pyfunc model with signature and input example) and registers
-a new model version.
+`run_training` is what `coinyear train` calls: it validates the data, sets the test coin types aside
+(`data.split_test`: a fixed hash of the coin type, the one evaluation split every model is compared on),
+cross-validates (grouped K-fold) or holds out one grouped validation split of the other types, fits the model
+to register, scores it once on the test types, logs everything to MLflow (params, per-epoch and per-fold
+metrics, plots, dataset summary, the pyfunc model with signature and input example) and registers a new model
+version.
+
+Metric names: `val_*` are measured on validation coins (out-of-fold with K folds, else the validation hold-out),
+the coins every choice is made on (the early-stopping epoch, the conformal calibration, the OOD threshold), so
+they flatter the model a little; `test_*` (`evaluate.report_metrics`) are the served model's on the test coin
+types, which no choice and no fit ever saw: the headline numbers.
 """
 
 from __future__ import annotations
@@ -26,10 +33,11 @@ from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from coinyear import evaluate
-from coinyear.data import ImageCache, Manifest, grouped_folds, grouped_holdout, load_arrays, mapped_arrays
-from coinyear.model import CoinEnsemble, DualImageRegressor, ModelConfig, build_model, infer
+from coinyear.data import ImageCache, Manifest, choice_splits, load_arrays, mapped_arrays
+from coinyear.model import CoinEnsemble, DualImageRegressor, ModelConfig, as_ensemble, build_model, infer
 from coinyear.quality import Conformal, FeatureDistance, Quality
 from coinyear.rulers import portrait_labels
+from coinyear.years import training_span
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +60,12 @@ class TrainConfig:
     weight_decay: float = 1e-4
     loss: str = "interval"
     patience: int = 3
-    # Keep the epoch with the best validation MAE and stop when it stalls. Off = fixed epochs, last weights
-    # (benchmarks: choosing the epoch on the fold being scored would flatter its score).
+    # Keep the epoch with the best validation MAE and stop when it stalls. Off = fixed epochs, last weights.
+    # The epoch is chosen on validation coins, never on the test coin types (`data.split_test`), so the test
+    # score is not flattered by the choice; the `val_*` metrics are.
     early_stopping: bool = True
     folds: int = 0
+    # Without folds: the share of the non-test rows (whole coin types, seeded) held out for validation.
     holdout_fraction: float = 0.15
     rotation_degrees: float = 20.0
     color_jitter: float = 0.2
@@ -214,10 +224,11 @@ OTHER_CLASS = "other"  # the auxiliary class of every value outside the `top` co
 
 
 def aux_labels(rows: pd.DataFrame, top: int, columns: tuple[str, ...] = AUX_COLUMNS,
-               ) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
+               among: np.ndarray | None = None) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
     """Class indices of the auxiliary `columns` present and each column's class names: the `top` most common
     values, then "other". "portrait" is read from `obverse_desc` when the rows have no such column (-100 = no
-    label: ignored)."""
+    label: ignored). `among` (row positions, default all) are the rows whose values pick the classes: the
+    training run passes the non-test rows, so the test coin types do not choose the model's classes."""
     labels, classes = {}, {}
     for column in columns:
         if column == "portrait" and column not in rows.columns and "obverse_desc" in rows.columns:
@@ -225,7 +236,8 @@ def aux_labels(rows: pd.DataFrame, top: int, columns: tuple[str, ...] = AUX_COLU
         if column not in rows.columns:
             continue
         values = rows[column].fillna("").astype(str).str.strip()
-        common = [v for v in values[values != ""].value_counts().index[:top]]
+        counted = values if among is None else values.iloc[among]
+        common = [v for v in counted[counted != ""].value_counts().index[:top]]
         index = {value: i for i, value in enumerate(common)}
         labels[column] = np.array([-100 if v == "" else index.get(v, len(common)) for v in values])
         classes[column] = [*common, OTHER_CLASS]
@@ -307,8 +319,8 @@ def infer_arrays(model: DualImageRegressor | CoinEnsemble, fronts: np.ndarray, b
                  device: torch.device | str | None = None, with_features: bool = False,
                  index: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Years of uint8 image arrays (rows `index`, default all; memory-mapped arrays are read batch by batch);
-    for an ensemble also the spread over rotations and (optionally) the embeddings:
-    {"year": [N], "spread": [N], "features": [N, D]}."""
+    for an ensemble also the spread over rotations and (optionally) the embeddings and, for a model with a named
+    portrait head, its probabilities: {"year": [N], "spread": [N], "features": [N, D], "portraits": [N, classes]}."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     # On a CPU, channels-last convolutions score 1.7x faster (96 vs 57 photos/s, the demo model): the layout
     # the trainer uses; the model goes back to the layout it came in (fit's validation keeps channels-last).
@@ -317,7 +329,7 @@ def infer_arrays(model: DualImageRegressor | CoinEnsemble, fronts: np.ndarray, b
     came_ordinary = bool(kernels) and all(p.is_contiguous() for p in kernels)
     model.eval().to(device, memory_format=layout)  # type: ignore[call-overload]  # torch's stubs lack this form
     rows = np.arange(len(fronts)) if index is None else np.asarray(index, dtype=np.int64)
-    years, spreads, features = [], [], []
+    years, spreads, features, portraits = [], [], [], []
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
         front = (torch.from_numpy(np.asarray(fronts[batch])).to(device).float() / 255).contiguous(memory_format=layout)
@@ -327,12 +339,16 @@ def infer_arrays(model: DualImageRegressor | CoinEnsemble, fronts: np.ndarray, b
         spreads.append(scored["spread"].cpu().numpy())
         if with_features:
             features.append(scored["features"].float().cpu().numpy())
+        if "portraits" in scored:
+            portraits.append(scored["portraits"].float().cpu().numpy())
     if came_ordinary:
         model.to(memory_format=torch.contiguous_format)
     out = {"year": np.concatenate(years) if years else np.zeros(0)}
     out["spread"] = np.concatenate(spreads) if spreads else np.zeros_like(out["year"])
     if with_features:
         out["features"] = np.concatenate(features) if features else np.zeros((0, 0))
+    if portraits:
+        out["portraits"] = np.concatenate(portraits)
     return out
 
 
@@ -523,11 +539,15 @@ class TrainingResult:
     model: DualImageRegressor | CoinEnsemble | None  # what is served; None when no final model was asked for
     metrics: dict[str, float]
     histories: dict[str, list[dict]]
-    # coin_id, year_from, year_to, predicted, spread, fold (out-of-fold or hold-out); predicted_no_tta with TTA
+    # coin_id, year_from, year_to, predicted, spread, fold (out-of-fold or validation); predicted_no_tta with TTA
     predictions: pd.DataFrame
     seconds: float
     fold_models: list[DualImageRegressor] = field(default_factory=list)
     quality: Quality | None = None
+    # the served model on the test coin types: coin_id, year_from, year_to, predicted, spread, low, high (its 90%
+    # range), portrait (the catalogue's, "" when none) and portrait_1..3 (its likeliest classes, with a portrait
+    # head); empty without a final model or without test rows
+    test_predictions: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 def serving_model(members: list[DualImageRegressor], tta_angles: tuple[float, ...]):
@@ -538,34 +558,62 @@ def serving_model(members: list[DualImageRegressor], tta_angles: tuple[float, ..
 
 
 def fit_quality(model, fronts, backs, groups, predictions: pd.DataFrame, config: TrainConfig,
-                device: torch.device, unseen=None) -> Quality:
-    """Interval calibration from the out-of-fold (or hold-out) predictions; the OOD reference and threshold
-    from the served model's out-of-distribution features of every coin.
+                device: torch.device, unseen=None, index: np.ndarray | None = None) -> Quality:
+    """Interval calibration from the out-of-fold (or validation) predictions; the OOD reference and threshold
+    from the served model's out-of-distribution features of every coin, or of the rows `index` (positions in
+    the arrays): the training run passes the non-test rows, so a test coin is never its own neighbour.
 
     Those features are member 0's on the unrotated photos (what the served model compares), so one plain
     pass per coin gives them: scoring every coin with the rotation TTA as well would cost 5 passes more for
-    years nobody reads. `unseen` (rows the served model never trained on: the grouped hold-out) calibrate
-    the flag's threshold when given."""
+    years nobody reads. `unseen` (rows the served model never trained on: the validation hold-out) calibrate
+    the flag's threshold when given; it and `groups` count the reference rows (those of `index`)."""
     scaled = config.conformal_scaled and len(config.tta_angles) >= 2
     conformal = Conformal.fit(predictions["predicted"], predictions["year_from"], predictions["year_to"],
                               predictions["spread"] if scaled else None)
     plain = model.regressors[0] if isinstance(model, CoinEnsemble) else model
-    features = infer_arrays(plain, fronts, backs, device=device, with_features=True)["features"]
+    features = infer_arrays(plain, fronts, backs, device=device, with_features=True, index=index)["features"]
     ood = FeatureDistance.fit(features, groups, quantile=config.ood_quantile, calibration=unseen)
     model.cpu()
     return Quality(conformal, ood)
 
 
+def score_test_rows(model, quality: Quality, rows: pd.DataFrame, fronts, backs, index: np.ndarray,
+                    device: torch.device) -> pd.DataFrame:
+    """The served model (`model` with its `quality`) on the rows `index`, as `evaluate.table_report` reads it:
+    coin_id, year_from, year_to, predicted, spread, low and high (the 90% range), out_of_distribution,
+    portrait (the catalogue's) and, with a named portrait head, portrait_1..3 (the likeliest classes)."""
+    scored = infer_arrays(model, fronts, backs, device=device, index=index, with_features=True)
+    model.cpu()
+    low, high = quality.conformal.interval(scored["year"], evaluate.INTERVAL_LEVEL, scored["spread"])
+    chosen = rows.iloc[index]
+    table = pd.DataFrame({"coin_id": chosen["coin_id"].to_numpy(), "year_from": chosen["year_from"].to_numpy(),
+                          "year_to": chosen["year_to"].to_numpy(), "predicted": scored["year"],
+                          "spread": scored["spread"], "low": low, "high": high,
+                          "out_of_distribution": quality.ood.flag(scored["features"]),
+                          "portrait": evaluate.catalogue_portraits(chosen).to_numpy()})
+    if "portraits" in scored:
+        names = [name for name, _ in as_ensemble(model).portrait_classes()]
+        order = np.argsort(-scored["portraits"], axis=1, kind="stable")[:, :evaluate.PORTRAIT_RANKS]
+        for rank in range(order.shape[1]):
+            table[f"portrait_{rank + 1}"] = [names[c] for c in order[:, rank]]
+    return table
+
+
 def train_on_manifest(manifest: Manifest, config: TrainConfig, cache_dir: Path, on_metrics=None,
                       final_model: bool = True, tensor_dir: Path | None = None,
                       trace: list | None = None) -> TrainingResult:
-    """Cross-validate (folds >= 2) or hold out one grouped split, then produce the model to register.
+    """Set the test coin types aside, cross-validate (folds >= 2) or hold out one grouped validation split of
+    the rest, then produce the model to register and score it on the test types.
 
-    With K folds, the reported metrics are the out-of-fold ones and the final model is fit on all rows for
-    the median best epoch (or, with `ensemble`, is the K fold models averaged); with a hold-out, the final
-    model is the one early-stopped on the hold-out. Predictions use the rotation TTA of the served model,
-    and the interval calibration and OOD detector are fitted for it. `final_model=False` stops after the
-    folds (benchmarks). `on_metrics(dict, step)` receives every metric as it is produced (MLflow logging).
+    The splits are `data.choice_splits`: no fold, no refit, no early stopping, calibration or class choice
+    ever sees a test coin type. With K folds, the `val_*` metrics are the out-of-fold ones and the final model
+    is fit on all non-test rows for the median best epoch (or, with `ensemble`, is the K fold models
+    averaged); with a hold-out, the final model is the one early-stopped on the validation rows. Predictions
+    use the rotation TTA of the served model, and the interval calibration and OOD detector are fitted for it
+    on validation rows. The final model is then scored once on the test rows: `test_*` metrics
+    (`evaluate.report_metrics`) and `TrainingResult.test_predictions`. `final_model=False` stops after the
+    folds (benchmarks; no test metrics). `on_metrics(dict, step)` receives every metric as it is produced
+    (MLflow logging).
 
     With `tensor_dir` the images are read from memory-mapped tensor files there (built once, see
     `data.mapped_arrays`) instead of being loaded into memory. Inside a torch.distributed group every rank
@@ -584,7 +632,10 @@ def train_on_manifest(manifest: Manifest, config: TrainConfig, cache_dir: Path, 
         raise ValueError("distributed training runs one grouped hold-out; K-fold (folds >= 2) runs in one "
                          "process: drop --folds or --distributed")
     device = resolve_device(config.device)
-    aux, classes = aux_labels(rows, config.aux_top, config.aux_heads) if config.aux_weight > 0 else ({}, {})
+    splits, test_index = choice_splits(rows, config.folds, config.holdout_fraction, config.seed)
+    usable = np.setdiff1d(np.arange(len(rows)), test_index)  # every non-test row, in row order
+    aux, classes = (aux_labels(rows, config.aux_top, config.aux_heads, among=usable) if config.aux_weight > 0
+                    else ({}, {}))
     if classes:
         config = replace(config, model=replace(config.model, aux_names=classes,
                                                aux_classes={name: len(names) for name, names in classes.items()}))
@@ -600,17 +651,12 @@ def train_on_manifest(manifest: Manifest, config: TrainConfig, cache_dir: Path, 
     def subset(index, with_augment):
         return CoinDataset(fronts, backs, year_from, year_to, augment if with_augment else None, aux, index=index)
 
-    if config.folds >= 2:
-        splits = grouped_folds(rows, config.folds, config.seed)
-    else:
-        train_index, holdout_index = grouped_holdout(rows, config.holdout_fraction, config.seed)
-        splits = [(train_index, holdout_index)]
     predictions, spread, plain = (np.full(len(rows), np.nan) for _ in range(3))
     fold_of = np.full(len(rows), -1)
     histories, fold_metrics, fold_models = {}, [], []
     best_epochs: list[int] = []
     for fold, (train_index, val_index) in enumerate(tqdm(splits, desc="folds", unit="fold", disable=len(splits) == 1)):
-        name = f"fold{fold + 1}" if len(splits) > 1 else "holdout"
+        name = f"fold{fold + 1}" if len(splits) > 1 else "holdout"  # "holdout": the validation rows
         model = new_model(config, year_from[train_index], year_to[train_index], aux, train_index)
         history = fit(model, subset(train_index, True), config, subset(val_index, False), name=name,
                       on_epoch=lambda r, n=name: emit({f"{n}/{k}": v for k, v in r.items()
@@ -652,12 +698,12 @@ def train_on_manifest(manifest: Manifest, config: TrainConfig, cache_dir: Path, 
         metrics.update({f"val_interval90_{k}": v for k, v in
                         interval_metrics(low, high, table["year_from"], table["year_to"]).items()})
 
-    final, quality = None, None
+    final, quality, test_table = None, None, pd.DataFrame()
     if final_model:
         if len(splits) > 1 and not config.ensemble:
             final_epochs = int(np.median(best_epochs)) if config.early_stopping else config.epochs
-            refit = new_model(config, year_from, year_to, aux, np.arange(len(rows)))
-            histories["final"] = fit(refit, subset(np.arange(len(rows)), True), config, None, name="final",
+            refit = new_model(config, year_from[usable], year_to[usable], aux, usable)
+            histories["final"] = fit(refit, subset(usable, True), config, None, name="final",
                                      epochs=final_epochs,
                                      on_epoch=lambda r: emit({f"final/{k}": v for k, v in r.items()
                                                               if isinstance(v, float)}, r["epoch"]))
@@ -666,15 +712,32 @@ def train_on_manifest(manifest: Manifest, config: TrainConfig, cache_dir: Path, 
         else:
             members = fold_models
         final = serving_model(members, config.tta_angles)
-        # a hold-out model never saw its hold-out coins: they calibrate the flag (K-fold finals saw every coin)
-        # (a quantile of fewer than MIN_FLAG_CALIBRATION scores is mostly noise: then every coin's, as before)
-        unseen = splits[0][1] if len(splits) == 1 and len(splits[0][1]) >= MIN_FLAG_CALIBRATION else None
-        quality = fit_quality(final, fronts, backs, rows["group"].to_numpy(), table, config, device, unseen)
+        # what the served model knows, recorded with it (/version, MLmodel metadata, the out-of-span words)
+        trained = usable if len(splits) > 1 else splits[0][0]
+        final.config.span = training_span(year_from[trained], year_to[trained],
+                                          [(name, year) for name, year in as_ensemble(final).portrait_classes()
+                                           if name != OTHER_CLASS])
+        # a hold-out model never saw its validation coins: they calibrate the flag (K-fold finals saw every
+        # non-test coin); a quantile of fewer than MIN_FLAG_CALIBRATION scores is mostly noise: then every
+        # reference coin's. The reference is the non-test coins (positions below count those rows).
+        unseen = (np.searchsorted(usable, splits[0][1])
+                  if len(splits) == 1 and len(splits[0][1]) >= MIN_FLAG_CALIBRATION else None)
+        quality = fit_quality(final, fronts, backs, rows["group"].to_numpy()[usable], table, config, device, unseen,
+                              index=usable)
         metrics["conformal_q90"] = quality.conformal.quantile(0.9)
         metrics["ood_threshold"] = quality.ood.threshold
+        if len(test_index):
+            test_table = score_test_rows(final, quality, rows, fronts, backs, test_index, device)
+            names = [name for name, _ in as_ensemble(final).portrait_classes()]
+            metrics.update({f"test_{k}": v for k, v in evaluate.table_report(test_table, names).items()})
+            log.info("test coin types: MAE %.2f, within 10y %.1f%% (%d coins)", metrics["test_mae"],
+                     100 * metrics["test_within_10y"], len(test_index))
+        else:
+            log.warning("no row of a test coin type: this run reports no test_* metrics")
     metrics["train_seconds"] = time.perf_counter() - started
     emit(metrics)
-    return TrainingResult(final, metrics, histories, table, metrics["train_seconds"], fold_models, quality)
+    return TrainingResult(final, metrics, histories, table, metrics["train_seconds"], fold_models, quality,
+                          test_table)
 
 
 # ------------------------------------------------------------------------------------------ tracked run
@@ -705,6 +768,13 @@ def _log_plots(result: TrainingResult) -> None:
     mlflow.log_table(evaluate.per_decade_mae(table["predicted"], table["year_from"], table["year_to"]),
                      "evaluation/decade_mae.json")
     mlflow.log_text(table.to_csv(index=False), "evaluation/predictions.csv")
+    test = result.test_predictions
+    if len(test):  # the served model on the test coin types: what the test_* metrics were computed from
+        figure = evaluate.plot_predicted_vs_true(test["predicted"], test["year_from"], test["year_to"],
+                                                 title="test coin types: predicted vs true")
+        mlflow.log_figure(figure, "plots/test_predicted_vs_true.png")
+        plt.close(figure)
+        mlflow.log_text(test.to_csv(index=False), "evaluation/test_predictions.csv")
 
 
 def run_training(settings, config: TrainConfig, manifest: Manifest | None = None, register: bool = True,
@@ -720,7 +790,7 @@ def run_training(settings, config: TrainConfig, manifest: Manifest | None = None
     from mlflow.data.pandas_dataset import from_pandas
 
     from coinyear.config import ensure_experiment
-    from coinyear.data import read_manifest
+    from coinyear.data import TEST_SPLIT_RULE, read_manifest, split_test
     from coinyear.neighbours import reference_file
     from coinyear.pyfunc import input_example, log_model
 
@@ -730,15 +800,16 @@ def run_training(settings, config: TrainConfig, manifest: Manifest | None = None
                                  limit=config.limit, seed=config.seed)
     log.info(manifest.report())
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
-        mlflow.log_params(config.flat())
+        mlflow.log_params({**config.flat(), "test_split": TEST_SPLIT_RULE})
         summary = manifest.summary()
         mlflow.log_params({f"data_{k}": v for k, v in summary.items() if not isinstance(v, dict)})
         mlflow.log_dict(summary, "dataset/summary.json")
         if len(manifest.dropped):
             mlflow.log_text(manifest.dropped.to_csv(index=False), "dataset/dropped_rows.csv")
         columns = [c for c in ("coin_id", "year_from", "year_to", "group") if c in manifest.rows.columns]
-        mlflow.log_input(from_pandas(manifest.rows[columns], source=str(manifest.source), name="coins"),
-                         context="training")
+        usable, test_index = split_test(manifest.rows)
+        logged = manifest.rows[columns].assign(test=np.isin(np.arange(len(manifest.rows)), test_index))
+        mlflow.log_input(from_pandas(logged, source=str(manifest.source), name="coins"), context="training")
 
         result = train_on_manifest(manifest, config, settings.cache_dir,
                                    on_metrics=lambda metrics, step=None: mlflow.log_metrics(metrics, step=step),
@@ -755,7 +826,9 @@ def run_training(settings, config: TrainConfig, manifest: Manifest | None = None
             info = log_model(checkpoint, input_example(manifest.rows),
                              registered_model_name=settings.model_name if register else None,
                              quality={**quality.save(Path(folder) / "quality"),
-                                      **reference_file(manifest.rows, settings.cache_dir, Path(folder) / "quality")},
+                                      # the OOD reference's coins, in its order: the non-test rows
+                                      **reference_file(manifest.rows.iloc[usable], settings.cache_dir,
+                                                       Path(folder) / "quality")},
                              torch_index=settings.model_torch_index)
         version = str(info.registered_model_version) if register and info.registered_model_version else None
         return RunOutcome(run.info.run_id, version, result.metrics)

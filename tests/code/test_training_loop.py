@@ -1,11 +1,13 @@
 """The CPU training loop: freed memory is reused (no page-fault churn), the trained model comes back in the
-ordinary memory layout, and the final calibration scores every coin once, not with the rotation TTA."""
+ordinary memory layout, the final calibration scores every coin once, not with the rotation TTA, and no fit,
+early stop or calibration ever sees a test coin type."""
 
 from __future__ import annotations
 
 import resource
 
 import numpy as np
+import pytest
 import torch
 
 from coinyear import train as train_module
@@ -128,3 +130,49 @@ def test_reshoot_changes_the_photo_like_a_collectors_and_keeps_its_form():
     centre_moved = np.mean([float((shot[:, 30:34, 30:34].float() - 120).abs().mean()) for shot in shots])
     assert corner_moved > 20 and corner_moved > centre_moved
     assert torch.equal(Reshoot(p=0.0)(photo), photo)
+
+
+def recording_fit(monkeypatch) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
+    """`train.fit` replaced by a recorder of the rows each call trains and validates on, (name, train, validation);
+    nothing is trained: the untrained model still predicts, is calibrated and is scored like a trained one."""
+    calls = []
+
+    def fake_fit(model, train, config, val=None, name="fit", on_epoch=None, epochs=None, trace=None):
+        calls.append((name, train.index.copy(), None if val is None else val.index.copy()))
+        return [{"epoch": 1, "train_loss": 0.0, "best": True}]
+
+    monkeypatch.setattr(train_module, "fit", fake_fit)
+    return calls
+
+
+@pytest.mark.parametrize("folds", [0, 2])
+def test_training_never_fits_stops_or_calibrates_on_a_test_coin_type(monkeypatch, ocre_dir, tmp_path, folds):
+    """Neither the hold-out nor K-fold (its folds and its refit) fit or validate on a test coin type; the
+    calibration and the OOD reference leave them out; the served model is scored on exactly them once."""
+    from coinyear.data import is_test_type, read_manifest
+
+    calls = recording_fit(monkeypatch)
+    config = small_train_config(folds=folds, model={"pretrained": False})
+    manifest = read_manifest(ocre_dir, limit=config.limit, seed=config.seed)
+    rows = manifest.rows
+    test = is_test_type(rows["group"])
+    assert 0 < test.sum() < len(rows) / 3
+    result = train_module.train_on_manifest(manifest, config, tmp_path / "cache")
+    assert [name for name, _, _ in calls] == (["holdout"] if folds == 0 else ["fold1", "fold2", "final"])
+    for name, fitted, validated in calls:
+        assert not test[fitted].any(), name
+        assert validated is None or (len(validated) and not test[validated].any()), name
+    if folds:  # the refit trains on every coin outside the test types
+        assert sorted(calls[-1][1]) == list(np.flatnonzero(~test))
+    # the validation predictions (val_* metrics, the conformal calibration) hold no test coin
+    assert not set(result.predictions["coin_id"]) & set(rows["coin_id"][test])
+    assert len(result.quality.conformal.scores) == len(result.predictions) == result.metrics["val_count"]
+    assert len(result.quality.ood.reference) == int((~test).sum())  # a test coin is nobody's neighbour
+    # the test coins: scored by the served model, reported as test_*
+    assert list(result.test_predictions["coin_id"]) == list(rows["coin_id"][test])
+    assert result.metrics["test_count"] == test.sum()
+    for key in ("test_mae", "test_within_10y", "test_interval90_coverage", "test_interval90_median_width",
+                "test_ood_flagged", "test_portrait_top1", "test_portrait_top3", "test_mae_portrait_right",
+                "test_mae_portrait_wrong"):
+        assert key in result.metrics, key
+    assert {"portrait_1", "portrait_2", "portrait_3", "low", "high"} <= set(result.test_predictions.columns)

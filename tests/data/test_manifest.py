@@ -1,5 +1,6 @@
 """Data expectations: every bad row is dropped with its reason, composites are cut, the OCRE data is as
-documented, and grouped splits never put one coin type on both sides."""
+documented, grouped splits never put one coin type on both sides, and the test coin types are the same
+whatever the seed, the subset or the row order."""
 
 from __future__ import annotations
 
@@ -141,6 +142,33 @@ def test_grouped_folds_never_share_a_coin_type(ocre_dir):
     train, holdout = grouped_holdout(rows, 0.15, seed=0)
     assert not set(rows["group"].iloc[train]) & set(rows["group"].iloc[holdout])
     assert 0.08 < len(holdout) / len(rows) < 0.25
+
+
+def test_the_test_coin_types_do_not_depend_on_seed_limit_or_row_order(ocre_dir):
+    """The one evaluation split is a property of the coin type: the same coins are test coins in the whole
+    manifest, in any --limit subset drawn with any seed, and with the rows shuffled; whole types only."""
+    from coinyear.data import TEST_PERCENT, choice_splits, is_test_type, split_test
+
+    rows = read_manifest(ocre_dir, check_images=False).rows
+    _, test = split_test(rows)
+    test_ids = set(rows["coin_id"].iloc[test])
+    assert not set(rows["group"].iloc[test]) & set(rows["group"].drop(index=rows.index[test]))
+    share = rows["group"].iloc[test].nunique() / rows["group"].nunique()
+    assert abs(share - TEST_PERCENT / 100) < 0.05, share
+    shuffled = rows.sample(frac=1, random_state=3).reset_index(drop=True)
+    assert set(shuffled["coin_id"].iloc[split_test(shuffled)[1]]) == test_ids
+    for limit, seed in ((80, 1), (300, 42), (1000, 20250101)):
+        subset = read_manifest(ocre_dir, check_images=False, limit=limit, seed=seed).rows
+        picked = set(subset["coin_id"].iloc[split_test(subset)[1]])
+        assert picked == test_ids & set(subset["coin_id"]) and picked, (limit, seed)
+    assert is_test_type(rows["group"].iloc[test]).all() and not is_test_type(rows["group"].iloc[:0]).size
+    # the choice splits (folds or validation) never hold a test row, whatever the seed
+    for folds, seed in ((0, 1), (0, 42), (5, 0)):
+        pairs, held = choice_splits(rows, folds, 0.15, seed)
+        assert list(held) == list(test)
+        for train, validation in pairs:
+            assert not (set(train) | set(validation)) & set(test)
+            assert not set(rows["group"].iloc[train]) & set(rows["group"].iloc[validation])
 
 
 def photo_folder(tmp_path):

@@ -67,15 +67,15 @@ def test_registered_model_answers_a_real_coin(distributed_run, ocre_dir):
 
 
 def test_each_rank_trained_on_a_disjoint_shard_of_the_training_rows(distributed_run):
-    from coinyear.data import grouped_holdout
+    from coinyear.data import choice_splits
 
     _, config, manifest, outcome = distributed_run
     assert outcome.processes == 2 and len(outcome.shards) == 2
     first, second = (set(shard) for shard in outcome.shards)
     assert first and second and not first & second
-    train_rows, holdout_rows = grouped_holdout(manifest.rows, config.holdout_fraction, config.seed)
+    [(train_rows, holdout_rows)], test_rows = choice_splits(manifest.rows, 0, config.holdout_fraction, config.seed)
     assert first | second <= set(train_rows.tolist())
-    assert not (first | second) & set(holdout_rows.tolist())
+    assert not (first | second) & (set(holdout_rows.tolist()) | set(test_rows.tolist()))
     # together they cover the training rows, less at most one partial batch per rank and one odd row
     assert len(first | second) >= len(train_rows) - 2 * (config.batch_size // 2) - 1
     assert all(np.isfinite(outcome.peak_rss_mb)) and len(outcome.peak_rss_mb) == 2
