@@ -108,6 +108,72 @@ def test_feedback_is_kept_for_evaluation_by_coin_type_in_every_run(settings):
     assert ingest.assign_splits(settings, later).tolist() == split.iloc[::7].tolist()
 
 
+@pytest.mark.parametrize("folds", [0, 2])
+def test_production_from_coinyear_train_never_trained_on_the_gates_coins(settings, monkeypatch, tmp_path, folds):
+    """The gate judges candidate and production on the job's evaluation rows. Before: `coinyear train` held out
+    the types of its own seed (and a K-fold refit trained on every coin) while the job held out seed 20250101's,
+    so production had trained, or stopped early, on coins it was then judged on. Same coins on both sides here,
+    as when both read the whole manifest; `fit` only records what it would train and validate on."""
+    from coinyear import train as train_module
+    from coinyear.data import read_manifest
+    from tests.conftest import small_train_config
+
+    seen: set[int] = set()
+
+    def fake_fit(model, train, config, val=None, **kwargs):
+        seen.update(train.index.tolist())
+        seen.update([] if val is None else val.index.tolist())
+        return [{"epoch": 1, "train_loss": 0.0, "best": True}]
+
+    monkeypatch.setattr(train_module, "fit", fake_fit)
+    config = small_train_config(folds=folds, model={"pretrained": False})
+    manifest = read_manifest(settings.data_dir, limit=config.limit, seed=config.seed)
+    train_module.train_on_manifest(manifest, config, tmp_path / "cache")
+    rows = manifest.rows
+    base = rows[["date_text", "denomination", "mint", "group"]].fillna("").astype(str).assign(source=ingest.BASE)
+    split = ingest.assign_splits(settings, base)
+    judged_on = set(rows["group"][(split != ingest.TRAIN).to_numpy()])
+    assert judged_on
+    assert not judged_on & set(rows["group"].iloc[sorted(seen)])
+
+
+def test_feedback_of_a_test_type_and_corrections_of_evaluation_photos_stay_evaluation(settings):
+    """A feedback coin of a test coin type is evaluation data even with no feedback share kept for evaluation,
+    and a later correction of photos already on the evaluation side stays there, whatever its new type."""
+    from coinyear.data import is_test_type
+
+    quiet = settings.model_copy(update={"retrain_feedback_eval_percent": 0})
+    types = [f"{60 + i}..{61 + i}" for i in range(200)]
+    rows = pd.DataFrame({"source": "feedback", "date_text": types, "denomination": "", "mint": "",
+                         "content_hash": [f"h{i}" for i in range(200)]})
+    test = is_test_type(ingest.group_keys(rows))
+    assert 0 < test.sum() < 100
+    split = ingest.assign_splits(quiet, rows)
+    assert (split[test] == ingest.FEEDBACK_EVAL).all() and (split[~test] == ingest.TRAIN).all()
+    # corrections of the same photos with other years (another type): the evaluation ones stay evaluation
+    stored = rows.assign(split=split)
+    later = rows.assign(date_text=[f"{300 + i}..{301 + i}" for i in range(200)])
+    again = ingest.assign_splits(quiet, later, existing=stored)
+    assert (again[test] == ingest.FEEDBACK_EVAL).all()
+    assert (again[~test] == ingest.FEEDBACK_EVAL).sum() == is_test_type(ingest.group_keys(later))[~test].sum()
+
+
+def test_a_table_written_under_the_seeded_hold_out_is_read_under_the_test_split():
+    """`training_data` rows split by the earlier seeded hold-out: a run reads base rows of a test type as
+    hold-out and every other base row as training data; feedback keeps its split unless of a test type."""
+    from coinyear.data import is_test_type
+
+    types = [f"{i} BC" for i in range(100)]
+    table = pd.DataFrame({"source": ingest.BASE, "date_text": types, "denomination": "Denarius", "mint": "Rome",
+                          "split": [ingest.HOLDOUT if i % 7 == 0 else ingest.TRAIN for i in range(100)]})
+    test = is_test_type(ingest.group_keys(table))
+    read = ingest.evaluation_side(table)
+    assert list(read == ingest.HOLDOUT) == list(test)
+    feedback = table.assign(source=ingest.FEEDBACK_SOURCE)
+    read = ingest.evaluation_side(feedback)
+    assert (read[test] == ingest.FEEDBACK_EVAL).all() and (read[~test] == feedback["split"][~test]).all()
+
+
 # -------------------------------------------------------------------------------------- consumed feedback
 def feedback_rows(count: int, start: datetime) -> list[dict]:
     return [{"request_id": uuid.uuid4().hex, "year_from": 70, "year_to": 70, "timestamp": start + timedelta(seconds=i),

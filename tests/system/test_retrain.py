@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 
 from coinyear import registry
+from coinyear.data import group_keys, is_test_type
 from coinyear.jobs.ingest import FEEDBACK_EVAL, HOLDOUT, TRAIN, current_rows
 from coinyear.jobs.retrain import PROMOTED, REJECTED, SKIPPED, run_retrain
 from coinyear.lake import FEEDBACK, INFERENCE_LOG, MODEL_DECISIONS, SCHEMAS, TRAINING_DATA, Lake
@@ -27,7 +28,7 @@ def small_settings(home, **overrides):
     """The tests' recipe (seconds on 2 cores) and a base set of 80 coins."""
     return make_settings(home, **{"backbone": "mobilenet_v3_small", "image_size": 64, "proj_dim": 32, "epochs": 1,
                                   "batch_size": 16, "seed": 1, "retrain_base_limit": BASE_LIMIT,
-                                  "retrain_decade_min_coins": 5, "retrain_holdout_fraction": 0.3,
+                                  "retrain_decade_min_coins": 5,
                                   # a shared 2-core CI machine can be slow; the latency gate has its own case
                                   "retrain_latency_budget_ms": 60_000, **overrides})
 
@@ -119,10 +120,11 @@ def test_retrain_cleans_promotes_and_ingests_each_feedback_row_once(tmp_path):
     assert (data.loc[data["source"] == "feedback", "split"].isin([TRAIN, FEEDBACK_EVAL])).all()
     assert data["content_hash"].is_unique
     holdout = set(data.loc[data["split"] == HOLDOUT, "coin_id"])
-    # no coin type on both sides of the frozen hold-out
+    # no coin type on both sides of the frozen hold-out, which is the test coin types `coinyear train` keeps out
     base = data[data["source"] == "base"]
     groups = base["date_text"] + base["denomination"] + base["mint"]
     assert not set(groups[base["split"] == HOLDOUT]) & set(groups[base["split"] == TRAIN])
+    assert list(base["split"] == HOLDOUT) == list(is_test_type(group_keys(base)))
     # the feedback photos live in a content-addressed folder the rows point to
     feedback_rows = data[data["source"] == "feedback"]
     assert all(settings.state_dir in Path(p).parents for p in feedback_rows["obverse"])

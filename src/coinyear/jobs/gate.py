@@ -1,5 +1,10 @@
-"""Retraining, gate: the candidate and `production` scored on the same held-out coins through the served pyfunc,
+"""Retraining, gate: the candidate and `production` scored on the same evaluation coins through the served pyfunc,
 compared with `mlflow.models.evaluate` / `mlflow.validate_evaluation_results`, and the decision with its reason.
+
+The evaluation coins are the test coin types (`data.split_test`: a fixed hash of the coin type, kept out of every
+`coinyear train` run, K-fold refit and retraining candidate) and the feedback kept for evaluation
+(`ingest.assign_splits`), so neither model trained on any of them. A production version trained before that
+split (its run has no `test_split` parameter) may have: the reason says so (`split_warning`).
 
 `validate` answers PROMOTED or REJECTED only when it judged the candidate (a comparison, NaN predictions, the
 latency budget); when a model cannot be loaded or scored at all it answers FAILED: no comparison was made, so
@@ -19,7 +24,7 @@ from tqdm.auto import tqdm
 
 from coinyear import evaluate, registry
 from coinyear.config import Settings
-from coinyear.data import Manifest
+from coinyear.data import TEST_SPLIT_RULE, Manifest
 from coinyear.jobs.ingest import FEEDBACK_SOURCE
 
 log = logging.getLogger(__name__)
@@ -151,6 +156,23 @@ def explain(candidate: dict, production: dict, settings: Settings, decades: list
     return "; ".join(parts)
 
 
+def split_warning(settings: Settings, version: str) -> str | None:
+    """Why `version`'s score on the evaluation coins may be flattered: its training run did not keep the test
+    coin types out (no `test_split` parameter of `data.TEST_SPLIT_RULE`: a model trained before the rule), so it
+    may have trained on some of them. None when it did, or when the registry cannot say."""
+    try:
+        client = registry.client(settings)
+        run_id = client.get_model_version(settings.model_name, version).run_id
+        rule = client.get_run(run_id).data.params.get("test_split") if run_id else None
+    except Exception:  # noqa: BLE001 - a note, never a reason to fail the gate
+        log.warning("cannot read the training run of version %s: its test split is not checked", version)
+        return None
+    if rule == TEST_SPLIT_RULE:
+        return None
+    return (f"production v{version} was not trained with the test split ({TEST_SPLIT_RULE}): it may have trained "
+            f"on some evaluation coins, which flatters its score")
+
+
 @dataclass
 class Verdict:
     decision: str  # PROMOTED | REJECTED | FAILED (no judgement possible)
@@ -207,6 +229,10 @@ def validate(settings: Settings, candidate_version: str, production_version: str
     verdict.production_metrics = production_eval.metrics
     thresholds = validation_thresholds(settings, production_eval.metrics, decades)
     comparison = explain(candidate_eval.metrics, production_eval.metrics, settings, decades)
+    warning = split_warning(settings, production_version)
+    if warning:
+        mlflow.set_tag("coinyear.production_split", warning)
+        comparison = f"{comparison}; {warning}"
     try:
         mlflow.validate_evaluation_results(thresholds, candidate_eval, production_eval)
     except ModelValidationFailedException:

@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 
 from coinyear.config import Settings
-from coinyear.data import Manifest, group_keys, grouped_holdout, read_manifest, validate_rows
+from coinyear.data import Manifest, group_keys, is_test_type, read_manifest, type_bucket, validate_rows
 from coinyear.lake import FEEDBACK, INFERENCE_LOG, TRAINING_DATA, Lake
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,9 @@ def ingest(settings: Settings, lake: Lake, new_feedback: pd.DataFrame, first_bui
 
 
 def base_candidates(settings: Settings) -> pd.DataFrame:
-    """The base manifest's rows; rows it rejects (missing file, bad year...) come along with their reason."""
+    """The base manifest's rows; rows it rejects (missing file, bad year...) come along with their reason.
+    (`retrain_holdout_seed` only draws the `retrain_base_limit` subset; which rows are evaluation rows is the
+    test split's rule, `assign_splits`.)"""
     manifest = read_manifest(settings.data_dir, settings.min_year, settings.max_year,
                              limit=settings.retrain_base_limit, seed=settings.retrain_holdout_seed)
     log.info(manifest.report())
@@ -154,37 +156,58 @@ def store_image(settings: Settings, data: bytes) -> str:
     return str(path)
 
 
-def group_bucket(group: str) -> int:
-    """0..99 from the coin type alone, so a type's feedback is kept for evaluation in every run or in none."""
-    return int(hashlib.sha256(str(group).encode()).hexdigest()[:8], 16) % 100
+def assign_splits(settings: Settings, rows: pd.DataFrame, existing: pd.DataFrame | None = None) -> pd.Series:
+    """Each row's split, whole coin types at a time (`data.group_keys`, the grouped folds' grouping).
 
-
-def assign_splits(settings: Settings, rows: pd.DataFrame) -> pd.Series:
-    """Base rows: the frozen grouped hold-out (fixed seed; base rows are built once). Feedback rows: whole
-    coin types (`data.group_keys`, the grouped folds' grouping) kept for evaluation by a fixed hash of the
-    type, so a type is on the evaluation side in every run or in none and the hold-out never leaks."""
+    Base rows: HOLDOUT when of a test coin type (`data.is_test_type`, the one evaluation split `coinyear train`
+    and `coinyear evaluate --holdout` use), else TRAIN. Feedback rows (whose type is their years): FEEDBACK_EVAL
+    when of a test type or in the first `retrain_feedback_eval_percent` buckets of the same hash
+    (`data.type_bucket`), and when the same photos (`content_hash`) are already on the evaluation side in
+    `existing` (the current `training_data` rows): a corrected label of an evaluation coin stays evaluation
+    data. A type is on the evaluation side in every run or in none, so no model is trained on what the gate
+    scores."""
     split = pd.Series(TRAIN, index=rows.index)
-    base = rows[rows["source"] == BASE]
-    if len(base) >= 2 and base["group"].nunique() >= 2:
-        _, holdout = grouped_holdout(base.reset_index(drop=True), settings.retrain_holdout_fraction,
-                                     settings.retrain_holdout_seed)
-        split[base.index[holdout]] = HOLDOUT
-    feedback = rows["source"] == FEEDBACK_SOURCE
-    groups = group_keys(rows.loc[feedback])
-    bucket = groups.map(group_bucket)
-    split[bucket[bucket < settings.retrain_feedback_eval_percent].index] = FEEDBACK_EVAL
+    if len(rows) == 0:
+        return split
+    groups = group_keys(rows)
+    test = is_test_type(groups)
+    base = (rows["source"] == BASE).to_numpy()
+    feedback = (rows["source"] == FEEDBACK_SOURCE).to_numpy()
+    split[base & test] = HOLDOUT
+    kept_back = test | (groups.map(type_bucket) < settings.retrain_feedback_eval_percent).to_numpy()
+    if existing is not None and len(existing) and "content_hash" in rows:
+        evaluated = set(existing.loc[(evaluation_side(existing) != TRAIN).to_numpy(), "content_hash"])
+        kept_back = kept_back | rows["content_hash"].isin(evaluated).to_numpy()
+    split[feedback & kept_back] = FEEDBACK_EVAL
     return split
 
 
-def build(settings: Settings, lake: Lake, kept: pd.DataFrame, feedback_version: int, run_id: str | None) -> int:
-    """Append the clean rows to `training_data`, tagged with `run_id`; returns rows added.
+def evaluation_side(table: pd.DataFrame) -> pd.Series:
+    """The split of `training_data` rows as a run reads them: the stored one, except that every row of a test
+    coin type is on the evaluation side and a base row of another type is on the training side. Rows written
+    under the earlier rule (a seeded grouped hold-out of the base rows) are so read under the test split too."""
+    if len(table) == 0:
+        return table["split"] if "split" in table else pd.Series([], dtype=str)
+    split = table["split"].copy()
+    test = is_test_type(group_keys(table))
+    base = (table["source"] == BASE).to_numpy()
+    split[base] = TRAIN
+    split[base & test] = HOLDOUT
+    split[~base & test] = FEEDBACK_EVAL
+    return split
+
+
+def build(settings: Settings, lake: Lake, kept: pd.DataFrame, feedback_version: int, run_id: str | None,
+          existing: pd.DataFrame | None = None) -> int:
+    """Append the clean rows to `training_data`, tagged with `run_id`; returns rows added. `existing`: the
+    current rows already there (`assign_splits` keeps their evaluation photos on the evaluation side).
 
     The rows count for later runs only once `run_id` has a decision (`current_rows`): a run that fails after
     this leaves rows no later run trains on, and its feedback is ingested again."""
     if len(kept) == 0:
         return 0
     rows = kept.copy()
-    rows["split"] = assign_splits(settings, rows)
+    rows["split"] = assign_splits(settings, rows, existing)
     feedback = rows["source"] == FEEDBACK_SOURCE
     rows.loc[feedback, "obverse"] = [store_image(settings, b) for b in rows.loc[feedback, "front"]]
     rows.loc[feedback, "reverse"] = [store_image(settings, b) for b in rows.loc[feedback, "back"]]
@@ -196,8 +219,11 @@ def build(settings: Settings, lake: Lake, kept: pd.DataFrame, feedback_version: 
 
 
 def dataset(lake: Lake, settings: Settings, version: int, runs: set[str] | None = None) -> tuple[Manifest, Manifest]:
-    """(train rows, evaluation rows) of `training_data` at `version`: the current rows of `runs` (None: all)."""
+    """(train rows, evaluation rows) of `training_data` at `version`: the current rows of `runs` (None: all),
+    split by `evaluation_side`."""
     table = current_rows(lake.read(TRAINING_DATA, version=version), runs)
+    if len(table):
+        table = table.assign(split=evaluation_side(table))
     table = restore_feedback_photos(settings, lake, table)
     source = f"{lake.uri(TRAINING_DATA)}@v{version}"
 

@@ -9,10 +9,11 @@ decide); this module orchestrates them and records the decision:
 2. clean     drop undecodable photos, duplicates, superseded and contradictory labels, impossible years,
              counting each reason (the latest expert correction of a photo pair wins, across runs);
 3. build     append the clean rows to the `training_data` Delta table, tagged with the run; its `split` column
-             holds the frozen grouped hold-out and the feedback coin types kept for evaluation;
+             puts the test coin types (`data.split_test`, the one evaluation split `coinyear train` keeps out
+             too) and the feedback kept for evaluation on the evaluation side, never trained on;
 4. train     the recipe of `coinyear.recipe` (the one `coinyear train` uses), registered, `staging`;
-5. validate  candidate and production scored on the same evaluation rows with `mlflow.models.evaluate`,
-             compared by `mlflow.validate_evaluation_results`;
+5. validate  candidate and production scored on the same evaluation rows, none of which either trained on,
+             with `mlflow.models.evaluate`, compared by `mlflow.validate_evaluation_results`;
 6. decide    promote or reject; the decision goes to the `model_decisions` table and the version's tags.
 
 Consumed exactly when decided: the decision row carries the ids of the feedback rows it decided on
@@ -229,7 +230,7 @@ class Retraining:
                 self.record(result, feedback_version, keys)
                 return result
             with self.step("build"):
-                result.ingested_rows = build(self.settings, self.lake, kept, feedback_version, self.parent)
+                result.ingested_rows = build(self.settings, self.lake, kept, feedback_version, self.parent, existing)
                 result.training_data_version = table_version(self.lake, TRAINING_DATA)
                 runs = sorted(self.decided | {self.parent})
                 mlflow.log_metrics({"ingested_rows": result.ingested_rows})
