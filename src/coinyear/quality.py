@@ -1,7 +1,12 @@
 """Quality stage: calibrated date ranges (conformal prediction) and the out-of-distribution flag.
 
-Both are fitted on coins the model did not train on (out-of-fold or hold-out predictions) and travel with
-the logged model as two small files, so every server answers with the same ranges and the same flag.
+Both are fitted on coins the model did not train on (out-of-fold or validation predictions) and travel with
+the logged model as two small files, so every server answers with the same ranges and the same flag. They are
+choices, so they are made on validation coins and never on the test coin types (`data.split_test`), which are
+kept out of the OOD reference too: the test types' coverage and flag share (`test_interval90_coverage`,
+`test_ood_flagged`) then measure them honestly. With one validation hold-out the calibration coins also chose the
+early-stopping epoch, which makes their errors a little small and the ranges a little narrow: the test coverage
+shows by how much.
 
 * `Conformal` turns a predicted year into an interval with a stated coverage. Scores are the absolute
   errors against the label midpoint, optionally divided by a per-coin spread (the disagreement of the
@@ -142,7 +147,7 @@ class FeatureDistance:
         """Reference = the coins given. Threshold = the `quantile` of their scores with their own coin type
         left out (an unseen type is what a genuine new coin looks like), so about 1 - quantile of genuine
         coins are flagged. `calibration` (a boolean mask or row index) limits the threshold to the scores of
-        those rows: coins the model never trained on (the grouped hold-out), whose features look like a new
+        those rows: coins the model never trained on (the validation hold-out), whose features look like a new
         coin's; a trained coin's features are more particular, so scored alone they set the threshold too
         high (benchmarks/era_shift.py: no hold-out coin flagged at 0.99). Norm floor = half the 1% quantile
         of the coins' shorter side."""

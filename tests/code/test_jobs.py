@@ -427,3 +427,27 @@ def test_the_reference_predictions_are_those_training_logged(trained):
     assert len(reference) == len(logged) > 0
     np.testing.assert_array_equal(reference, logged["predicted"].to_numpy(float))
     assert len(monitor.reference_predictions(settings, "999")) == 0  # an unknown version: no reference, no error
+
+
+def test_the_gate_says_when_production_was_trained_before_the_test_split(settings, tmp_path):
+    """A production version whose training run did not log the test split may have trained on the gate's coins:
+    the verdict's reason says so; one trained with the rule gets no such note."""
+    import mlflow
+
+    from coinyear import registry
+    from coinyear.config import ensure_experiment
+    from coinyear.data import TEST_SPLIT_RULE
+
+    client = registry.client(settings)
+    experiment = ensure_experiment(settings)
+    client.create_registered_model(settings.model_name)
+    versions = {}
+    for name, params in (("before", {}), ("after", {"test_split": TEST_SPLIT_RULE})):
+        with mlflow.start_run(experiment_id=experiment) as run:
+            mlflow.log_params({"backbone": "resnet18", **params})
+        (tmp_path / name).mkdir()
+        versions[name] = client.create_model_version(settings.model_name, str(tmp_path / name), run.info.run_id).version
+    warning = gate.split_warning(settings, str(versions["before"]))
+    assert warning and f"v{versions['before']}" in warning and TEST_SPLIT_RULE in warning
+    assert gate.split_warning(settings, str(versions["after"])) is None
+    assert gate.split_warning(settings, "999") is None  # the registry cannot say: no note, no failure
