@@ -295,6 +295,30 @@ def test_a_client_request_id_must_be_a_plain_name(app_client, client_request_id,
         assert "client_request_id" in response.json()["message"]
 
 
+def test_monitoring_counts_requests_not_coins(app_client):
+    """A request of several coins logs one row per coin: `coinyear monitor` counts it (its error and its latency)
+    once, as the gateway's own metrics do."""
+    import numpy as np
+
+    from coinyear.jobs.monitor import compute_monitoring
+
+    answered = [app_client.post(PATH, json=coin_body(*seeds), headers=HEADERS) for seeds in ((1, 2, 3), (4,))]
+    bad = dict(coin_body(5, 6), inputs=[coin_body(5)["inputs"][0], {"front_image_base64": "!!",
+                                                                      "back_image_base64": "!!"}])
+    refused = app_client.post(PATH, json=bad, headers=HEADERS)
+    assert [r.status_code for r in answered] == [200, 200] and refused.status_code == 400
+    gateway = app_client.gateway
+    assert gateway.log_writer.flush(10)
+    log = gateway.lake.read("inference_log")
+    assert len(log) == 6  # 3 + 1 + 2 coins
+    latencies = log.drop_duplicates("http_request_id")["execution_time_ms"].to_numpy()
+    (row,) = compute_monitoring(gateway.settings, gateway.lake).to_dict("records")
+    assert row["requests"] == 3 and row["errors"] == 1 and row["error_rate"] == 1 / 3
+    assert row["rows"] == 6
+    assert row["latency_p50_ms"] == np.quantile(latencies, 0.5)
+    assert row["latency_p90_ms"] == np.quantile(latencies, 0.9)
+
+
 def test_feedback_checks_the_token_before_looking_at_the_body(app_client):
     for body in ({"nonsense": True}, {"request_id": "x", "year": "ninety"}):
         anonymous = app_client.post("/feedback", json=body)

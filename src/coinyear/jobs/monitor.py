@@ -1,6 +1,8 @@
 """Monitoring job: `coinyear monitor` turns the inference log into daily health metrics per model version.
 
-For each (date, model_version) of the `inference_log` table: request volume, error rate, latency percentiles,
+For each (date, model_version) of the `inference_log` table: request volume, error rate and latency percentiles
+(per HTTP request: a request of several coins logs one row per coin, all with its status and latency), the coins
+scored (`rows`),
 the distribution of predicted years, drift measured as the population stability index (PSI) of the predictions
 against the version's own predictions on its reference coins (the out-of-fold or hold-out predictions its
 training run logged as `evaluation/predictions.csv`) and of two simple photo statistics (brightness and contrast)
@@ -139,11 +141,13 @@ def reference_predictions(settings: Settings, version: str) -> np.ndarray:
 def compute_monitoring(settings: Settings, lake: Lake | None = None) -> pd.DataFrame:
     """One row of metrics per (date, model_version) in the inference log."""
     lake = lake or Lake(settings)
-    requests = lake.read(INFERENCE_LOG, columns=["request_id", "date", "status_code", "execution_time_ms",
-                                                 "model_version", "prediction"])
+    requests = lake.read(INFERENCE_LOG, columns=["request_id", "http_request_id", "date", "status_code",
+                                                 "execution_time_ms", "model_version", "prediction"])
     if len(requests) == 0:
         return pd.DataFrame()
     requests["model_version"] = requests["model_version"].fillna(NO_MODEL).astype(str)
+    # the rows of one HTTP request share its id (rows logged before there was one stand alone)
+    requests["http_request_id"] = requests["http_request_id"].fillna(requests["request_id"])
     errors = corrected_predictions(requests[requests["status_code"] == 200], lake.read(FEEDBACK))
     errors = errors.set_index("request_id")["error"]
     reference_stats = training_photo_stats(settings, lake)
@@ -156,7 +160,9 @@ def compute_monitoring(settings: Settings, lake: Lake | None = None) -> pd.DataF
         ok = group[group["status_code"] == 200]
         predictions = ok["prediction"].to_numpy(float)
         corrected = errors[errors.index.isin(ok["request_id"])]
-        latency = group["execution_time_ms"].to_numpy(float)
+        calls = group.drop_duplicates("http_request_id")  # one row per request: its status and latency once
+        answered = int((calls["status_code"] == 200).sum())
+        latency = calls["execution_time_ms"].to_numpy(float)
         sample = ok["request_id"].sample(min(IMAGE_SAMPLE, len(ok)), random_state=0)
         photos = lake.read(INFERENCE_LOG, columns=["front_image"],
                            filters=[("request_id", "in", sorted(sample))])["front_image"] if len(sample) else []
@@ -167,8 +173,9 @@ def compute_monitoring(settings: Settings, lake: Lake | None = None) -> pd.DataF
 
         rows.append({
             "date": pd.Timestamp(date).date(), "model_version": version, "computed_at": computed_at,
-            "requests": len(group), "errors": int(len(group) - len(ok)),
-            "error_rate": float(1 - len(ok) / len(group)),
+            "requests": len(calls), "errors": len(calls) - answered,
+            "error_rate": float((len(calls) - answered) / len(calls)),
+            "rows": len(group),
             "latency_p50_ms": quantile(latency, 0.5), "latency_p90_ms": quantile(latency, 0.9),
             "latency_p99_ms": quantile(latency, 0.99),
             "prediction_mean": float(predictions.mean()) if len(predictions) else float("nan"),
