@@ -180,7 +180,8 @@ def format_report(metrics: dict[str, float], title: str = "") -> str:
             shown = f"{value:.2f} years"
         counted = {"mae_portrait_right": "portrait_right_count", "mae_portrait_wrong": "portrait_wrong_count"}
         if key in counted and counted[key] in metrics and shown != "-":
-            shown += f"  ({int(metrics[counted[key]])} coins)"
+            coins = int(metrics[counted[key]])
+            shown += f"  ({coins} coin{'' if coins == 1 else 's'})"
         lines.append(f"  {label:<{width}}  {shown}")
     return "\n".join(lines)
 
