@@ -55,8 +55,11 @@ def cmd_train(args) -> int:
         raise ValueError("--gpu and --cluster go with --distributed N")
     else:
         outcome = run_training(settings, config, manifest, register=not args.no_register)
-    print(f"run {outcome.run_id}: MAE {outcome.metrics['val_mae']:.2f} years, "
+    print(f"run {outcome.run_id}: validation MAE {outcome.metrics['val_mae']:.2f} years, "
           f"within ±10y {100 * outcome.metrics['val_within_10y']:.1f}%")
+    if "test_mae" in outcome.metrics:  # the figure that means quality: coin types no choice was made on
+        print(f"test coin types ({int(outcome.metrics['test_count'])} coins): MAE {outcome.metrics['test_mae']:.2f} "
+              f"years, within ±10y {100 * outcome.metrics['test_within_10y']:.1f}%")
     if outcome.version:
         print(f"registered {settings.model_name} version {outcome.version}")
         if args.promote:
@@ -98,6 +101,13 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from coinyear.jobs.demo import run_demo
+
+    run_demo(get_settings(), source=args.source, setup_seconds=args.setup_seconds, limit=args.limit)
+    return 0
+
+
 def cmd_models(args) -> int:
     from coinyear import registry
 
@@ -116,16 +126,18 @@ def cmd_models(args) -> int:
         if not versions:
             print(f"no versions of {settings.model_name} registered yet")
             return 0
-        print(f"{'version':>7}  {'aliases':<20} {'val_mae':>8} {'±10y':>6}  decision")
+        # test_*: the test coin types; versions trained before the test split have only val_* (shown then)
+        print(f"{'version':>7}  {'aliases':<20} {'MAE':>8} {'±10y':>6}  {'measured on':<11}  decision")
         for v in versions:
-            mae = v.metrics.get("val_mae")
-            within = v.metrics.get("val_within_10y")
+            scope = "test" if "test_mae" in v.metrics else "val"
+            mae = v.metrics.get(f"{scope}_mae")
+            within = v.metrics.get(f"{scope}_within_10y")
             decision = v.tags.get("decision", "")
             if v.tags.get("decision_reason"):
                 decision += f" ({v.tags['decision_reason']})"
             print(f"{v.version:>7}  {','.join(v.aliases) or '-':<20} "
                   f"{'-' if mae is None else f'{mae:.2f}':>8} {'-' if within is None else f'{100 * within:.0f}%':>6}"
-                  f"  {decision}")
+                  f"  {'test types' if scope == 'test' else 'validation':<11}  {decision}")
     return 0
 
 
@@ -400,6 +412,14 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=32, help="coins per forward pass")
     predict.add_argument("--json", action="store_true")
     predict.set_defaults(func=cmd_predict)
+
+    demo = commands.add_parser(
+        "demo", help="the main job (make demo): reference data, train, register, promote, score the test coin "
+                     "types, then a summary of times and figures")
+    demo.add_argument("--source", help="where to get the reference data when no copy exists (as `data fetch`)")
+    demo.add_argument("--setup-seconds", type=float, help="set-up time to show in the summary (make demo)")
+    demo.add_argument("--limit", type=int, help="train on a random subset of N coins (a quick look)")
+    demo.set_defaults(func=cmd_demo)
 
     data = commands.add_parser("data", help="fetch the reference data, check a dataset or import your own collection")
     data_commands = data.add_subparsers(dest="data_command", required=True)

@@ -19,7 +19,9 @@ from coinyear.config import Settings, configure_mlflow
 STAGING, PRODUCTION = "staging", "production"
 ALIASES = (STAGING, PRODUCTION)
 PREVIOUS_TAG = "previous_production"
-KEY_METRICS = ("val_mae", "val_rmse", "val_within_10y", "cv_mae_mean", "train_seconds")
+# test_*: the test coin types, the quality figure; val_*: the validation coins choices were made on
+KEY_METRICS = ("test_mae", "test_within_10y", "test_portrait_top1", "val_mae", "val_rmse", "val_within_10y",
+               "cv_mae_mean", "train_seconds")
 
 
 class RegistryError(RuntimeError):

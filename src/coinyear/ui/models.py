@@ -23,8 +23,9 @@ def versions_table(versions: list[registry.VersionInfo]) -> pd.DataFrame:
         "version": int(v.version),
         "aliases": ", ".join(v.aliases),
         "registered": dt.datetime.fromtimestamp(v.created, dt.UTC).strftime("%Y-%m-%d %H:%M"),
+        "test MAE (years)": v.metrics.get("test_mae"),  # the test coin types: no choice was made on them
+        "test within ±10y": v.metrics.get("test_within_10y"),
         "val MAE (years)": v.metrics.get("val_mae"),
-        "within ±10y": v.metrics.get("val_within_10y"),
         "decision": v.tags.get("decision", ""),
         "reason": v.tags.get("decision_reason", ""),
         "replaced": v.tags.get(registry.PREVIOUS_TAG, ""),
