@@ -140,7 +140,6 @@ class Settings(BaseSettings):
                                         "(coinyear.behaviour) that production passes.")
     retrain_behaviour_tolerance: float = Field(default=5.0, gt=0, description="Years a photo perturbation may move "
                                                "the answer in the behaviour checks (mean over the cases).")
-    retrain_holdout_fraction: float = Field(default=0.15, gt=0, lt=1, description="Frozen grouped hold-out share.")
     retrain_holdout_seed: int = 20250101
     retrain_feedback_eval_percent: int = Field(default=20, ge=0, le=100, description="Feedback kept for evaluation.")
     retrain_base_limit: int | None = Field(default=None, description="Use N base coins (quick runs and tests).")

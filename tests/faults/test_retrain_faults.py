@@ -200,7 +200,7 @@ def test_registry_failures_never_move_production_nor_consume_feedback(tmp_path, 
     settings = make_settings(
         tmp_path / "home", backbone="mobilenet_v3_small", image_size=32, proj_dim=16, epochs=1, batch_size=16,
         seed=1, tta=False, retrain_base_limit=BASE_LIMIT, retrain_decade_min_coins=5,
-        retrain_holdout_fraction=0.3, retrain_latency_budget_ms=60_000,
+        retrain_latency_budget_ms=60_000,
     ).model_copy(update={"tracking_uri": url, "registry_uri": url})
     direct = settings.model_copy(update={"tracking_uri": upstream, "registry_uri": upstream})  # what is true
     lake = Lake(settings)
