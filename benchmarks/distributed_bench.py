@@ -91,14 +91,14 @@ def child_data_epoch(args) -> None:
     import numpy as np
     from torch.utils.data import DataLoader
 
-    from coinyear.data import ImageCache, grouped_holdout, load_arrays, mapped_arrays, read_manifest
+    from coinyear.data import ImageCache, choice_splits, load_arrays, mapped_arrays, read_manifest
     from coinyear.distributed import memory_mb
     from coinyear.train import CoinDataset, make_augmentation, shard_sampler
 
     config = recipe(args)
     rows = read_manifest(args.data, limit=args.limit, seed=config.seed).rows
     cache = ImageCache(Path(args.cache), config.model.image_size, grayscale=False)
-    train, holdout = grouped_holdout(rows, config.holdout_fraction, config.seed)
+    train, holdout = choice_splits(rows, 0, config.holdout_fraction, config.seed)[0][0]
     year_from, year_to = rows["year_from"].to_numpy(), rows["year_to"].to_numpy()
     augment = make_augmentation(config)
     if args.rank < 0:

@@ -57,16 +57,16 @@ def production(home: Path):
 
 def training_split(home: Path, data_dir: Path, params: dict):
     """(manifest rows, training row indices, hold-out row indices) as the training run split them: same manifest,
-    seed, limit and hold-out fraction, read from the run's params."""
+    seed, limit and validation fraction, read from the run's params; the hold-out is the test coin types."""
     from coinyear.config import Settings
-    from coinyear.data import grouped_holdout, read_manifest
+    from coinyear.data import choice_splits, read_manifest
 
     settings = Settings(home=home)
     seed = int(params.get("seed", settings.seed))
     limit = None if params.get("limit") in (None, "None") else int(params["limit"])
     rows = read_manifest(data_dir, settings.min_year, settings.max_year, limit=limit, seed=seed).rows
-    train, holdout = grouped_holdout(rows, float(params.get("holdout_fraction", 0.15)), seed)
-    return rows, train, holdout
+    pairs, holdout = choice_splits(rows, 0, float(params.get("holdout_fraction", 0.15)), seed)
+    return rows, pairs[0][0], holdout
 
 
 def split_tensors(home: Path, data_dir: Path, params: dict, size: int, grayscale: bool, calibration: int,

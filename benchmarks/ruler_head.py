@@ -40,7 +40,7 @@ import torch
 from coinyear import evaluate
 from coinyear import train as train_module
 from coinyear.config import Settings
-from coinyear.data import ImageCache, grouped_holdout, load_arrays, read_manifest
+from coinyear.data import ImageCache, choice_splits, load_arrays, read_manifest
 from coinyear.recipe import recipe_from_settings
 from coinyear.train import aux_labels, train_on_manifest
 
@@ -119,7 +119,8 @@ def main(argv=None) -> int:
     result = train_on_manifest(manifest, config, Path(args.cache), final_model=False)
     model = result.fold_models[0]
     rows = manifest.rows
-    train, holdout = grouped_holdout(rows, config.holdout_fraction, config.seed)
+    # the validation coins (final_model=False scores no test type): the estimates are compared on them
+    train, holdout = choice_splits(rows, 0, config.holdout_fraction, config.seed)[0][0]
     table = result.predictions.set_index("coin_id").loc[rows["coin_id"].iloc[holdout]]
 
     cache = ImageCache(Path(args.cache), config.model.image_size, config.model.grayscale)
