@@ -43,7 +43,7 @@ def lake(request, tmp_path) -> Lake:
 
 
 def log_row(request_id: str, **extra) -> dict:
-    row = {"request_id": request_id, "http_request_id": "h", "row_index": 0, "timestamp": NOW, "date": NOW.date(),
+    row = {"request_id": request_id, "http_request_id": request_id, "row_index": 0, "timestamp": NOW, "date": NOW.date(),
            "status_code": 200, "execution_time_ms": 4.5, "model_name": "coinyear", "model_version": "1",
            "prediction": -12.5, "front_image": b"\xff\xd8\x00front", "back_image": b"\x89PNG\x00back",
            "front_image_bytes": 9, "back_image_bytes": 9, "request_metadata": "{}", **extra}
