@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -90,6 +91,10 @@ def run_demo(settings, source: str | None = None, setup_seconds: float | None = 
     logging.getLogger("coinyear.train").setLevel(logging.INFO)  # one line per epoch: the long step shows progress
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
+    # the demo prints its own steps: MLflow's database set-up lines and its schema hints are not for this reader
+    for noisy in ("mlflow", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\.")
 
     def data():
         fetched = reference.fetch(settings.data_dir, settings.home, source=source,
@@ -102,7 +107,6 @@ def run_demo(settings, source: str | None = None, setup_seconds: float | None = 
     set_torch_threads(settings)
     _, config = recipe_from_settings(settings, limit=limit)
     manifest = read_manifest(data_dir, settings.min_year, settings.max_year, limit=config.limit, seed=config.seed)
-    print(manifest.report())
     summary.data = f"{len(manifest.rows):,} coins from {data_dir}"
 
     started = time.perf_counter()
