@@ -46,18 +46,20 @@ from coinyear.train import aux_labels, train_on_manifest
 
 
 @torch.inference_mode()
-def embeddings_and_portraits(model, fronts: np.ndarray, backs: np.ndarray, batch: int = 64):
-    """Fused embedding [N, F] and each auxiliary head's class probabilities {head: [N, classes]}, plain pass."""
+def embeddings_and_portraits(model, fronts: np.ndarray, backs: np.ndarray, batch: int = 64, logits: bool = False):
+    """Fused embedding [N, F] and each auxiliary head's class probabilities {head: [N, classes]}, plain pass
+    (with `logits`, the heads' raw logits instead of their probabilities)."""
     model.eval()
-    embedded, probabilities = [], {name: [] for name in model.aux_heads}
+    embedded, outputs = [], {name: [] for name in model.aux_heads}
     for start in range(0, len(fronts), batch):
         front = torch.from_numpy(np.asarray(fronts[start:start + batch])).float() / 255
         back = torch.from_numpy(np.asarray(backs[start:start + batch])).float() / 255
         features = model.features(front, back)
         embedded.append(features.numpy())
         for name, head in model.aux_heads.items():
-            probabilities[name].append(torch.softmax(head(features), dim=1).numpy())
-    return np.concatenate(embedded), {name: np.concatenate(parts) for name, parts in probabilities.items()}
+            raw = head(features)
+            outputs[name].append((raw if logits else torch.softmax(raw, dim=1)).numpy())
+    return np.concatenate(embedded), {name: np.concatenate(parts) for name, parts in outputs.items()}
 
 
 def neighbour_years(embedded: np.ndarray, midpoints: np.ndarray, train: np.ndarray, query: np.ndarray,
