@@ -42,8 +42,16 @@ feedback (one row per expert correction)
     year_from          int32      earliest year the expert gives (negative = BC, never 0)
     year_to            int32      latest year (equal to year_from for an exact year)
     timestamp          timestamp[us, UTC]
-    source             string     who or what gave it (e.g. "ui", "api"); nullable
+    source             string     what sent it (e.g. "ui", "api"), as the client says; nullable
     note               string     free text; nullable
+    actor              string     who answers for it, never a token: the gateway's name for the caller's token
+                                  (`name` of a `name:token` entry, else `token:<sha256 prefix>`), `anonymous`
+                                  without auth; on Databricks what the feedback file says (coinyear.jobs.payloads).
+                                  Null in rows written before it existed. Retraining learns only from rows whose
+                                  actor is neither null nor `anonymous` (coinyear.jobs.ingest)
+
+A column added to a fixed schema (as `actor`) is added to a table written before it on the next append, and
+reads as null in its older rows (and in spool records written before it).
 
 model_decisions, monitoring, training_data: schema on first write (new columns are merged in later).
 """
@@ -112,6 +120,7 @@ SCHEMAS: dict[str, pa.Schema] = {
         pa.field("timestamp", UTC_TIMESTAMP),
         pa.field("source", pa.string()),
         pa.field("note", pa.string()),
+        pa.field("actor", pa.string()),
     ]),
 }
 PARTITIONS: dict[str, list[str]] = {INFERENCE_LOG: ["date"]}
@@ -195,10 +204,17 @@ class Lake(metaclass=_PicksBackend):
         """Rows as an Arrow table, cast to the table's schema when it has one."""
         schema = SCHEMAS.get(table)
         if isinstance(rows, pa.Table):
-            return rows.select(schema.names).cast(schema) if schema is not None else rows
+            if schema is None:
+                return rows
+            for field in schema:  # a record spooled before a nullable column was added to the schema
+                if field.nullable and field.name not in rows.column_names:
+                    rows = rows.append_column(field.name, pa.nulls(rows.num_rows, field.type))
+            return rows.select(schema.names).cast(schema)
         if isinstance(rows, pd.DataFrame):
             if schema is None:
                 return pa.Table.from_pandas(rows, preserve_index=False)
+            missing = {f.name: None for f in schema if f.nullable and f.name not in rows.columns}
+            rows = rows.assign(**missing) if missing else rows
             return pa.Table.from_pandas(rows[schema.names], schema=schema, preserve_index=False)
         rows = list(rows)
         if schema is None:
@@ -218,6 +234,19 @@ class Lake(metaclass=_PicksBackend):
     @staticmethod
     def already_committed(done: int | None, transaction: tuple[str, int] | None) -> bool:
         return transaction is not None and done is not None and transaction[1] <= done
+
+    @staticmethod
+    def with_schema_columns(table: str, frame: pd.DataFrame, columns: list[str] | None = None) -> pd.DataFrame:
+        """`frame` read from a table written before a column joined its fixed schema, with that column (of those
+        in `columns`, or any) as nulls, in the order `columns` asks for."""
+        schema = SCHEMAS.get(table)
+        if schema is None:
+            return frame
+        missing = [name for name in (columns or schema.names) if name in schema.names and name not in frame.columns]
+        if missing:
+            frame = frame.assign(**{name: pd.Series([None] * len(frame), index=frame.index, dtype=object)
+                                    for name in missing})
+        return frame[columns] if columns else frame
 
     def empty(self, table: str, columns: list[str] | None = None) -> pd.DataFrame:
         """What reading a table that does not exist yet gives: no rows, the schema's columns (none when the
@@ -261,8 +290,10 @@ class DeltaLake(Lake):
             custom_metadata=metadata,
             app_transactions=[Transaction(*transaction)] if transaction else None,
         )
+        # merge: new columns join the table (a fixed schema's rows are cast to it first, so there only a column
+        # added to the schema since the table was written can be new; a type conflict still fails)
         write_deltalake(self.uri(table), data, mode="append", partition_by=PARTITIONS.get(table),
-                        schema_mode=None if table in SCHEMAS else "merge", commit_properties=properties)
+                        schema_mode="merge", commit_properties=properties)
         return data.num_rows
 
     def committed_version(self, table: str, app_id: str) -> int | None:
@@ -285,7 +316,13 @@ class DeltaLake(Lake):
         """
         if not self.exists(table):
             return self.empty(table, columns)
-        return DeltaTable(self.uri(table), version=version).to_pandas(columns=columns, filters=filters)
+        delta = DeltaTable(self.uri(table), version=version)
+        if columns and table in SCHEMAS:  # a schema column the table was written without reads as null
+            present = {field.name for field in delta.schema().fields}
+            frame = delta.to_pandas(columns=[c for c in columns if c in present], filters=filters)
+        else:
+            frame = delta.to_pandas(columns=columns, filters=filters)
+        return self.with_schema_columns(table, frame, columns)
 
     def count(self, table: str) -> int:
         return DeltaTable(self.uri(table)).count() if self.exists(table) else 0

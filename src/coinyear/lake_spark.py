@@ -25,8 +25,9 @@ every append writes next to the rows, in the same write as the rows:
   On Delta an append is one commit: all or nothing. On Parquet (local Spark) Spark's file committer moves the
   task files into place one by one at job commit: a crash in that window can leave part of an append, with its
   marker, so exactly-once holds only on Delta.
-- New columns (tables without a fixed schema: training_data, model_decisions, monitoring) are added with
-  `ALTER TABLE ... ADD COLUMNS` before the append; older rows read them as null.
+- New columns (of tables without a fixed schema: training_data, model_decisions, monitoring; or added to a fixed
+  schema since the table was written, as feedback's `actor`) are added with `ALTER TABLE ... ADD COLUMNS` before
+  the append; older rows read them as null, and a schema column the table does not have yet reads as null too.
 - `metadata` goes to the Delta commit's `userMetadata` (DESCRIBE HISTORY); Parquet has no commit to hold it.
 
 Rows written to these tables by anything but this class lack `_coinyear_commit`: they are read by `read()` but
@@ -187,6 +188,8 @@ class SparkLake(Lake):
         if filters:
             frame = frame.where(predicate(filters))
         names = columns or [c for c in frame.columns if c not in RESERVED]
+        if table in SCHEMAS:  # a schema column the table was written without is added below, as nulls
+            names = [c for c in names if c in frame.columns]
         data = frame.select([F.col(f"`{c}`") for c in names]).toArrow()
         schema = SCHEMAS.get(table)
         for index, field in enumerate(data.schema):
@@ -195,7 +198,7 @@ class SparkLake(Lake):
                 wanted = UTC
             if wanted is not None and wanted != field.type:
                 data = data.set_column(index, field.name, data[field.name].cast(wanted))
-        return data.to_pandas()
+        return self.with_schema_columns(table, data.to_pandas(), columns)
 
     def count(self, table: str) -> int:
         return self.spark.table(self._name(table)).count() if self.exists(table) else 0

@@ -22,7 +22,8 @@ def log_row(request_id: str, **extra) -> dict:
 def test_a_missing_table_reads_as_an_empty_frame_with_its_columns(tmp_path):
     lake = Lake(tmp_path / "lake")
     assert list(lake.read(INFERENCE_LOG).columns) == SCHEMAS[INFERENCE_LOG].names
-    assert list(lake.read(FEEDBACK).columns) == ["request_id", "year_from", "year_to", "timestamp", "source", "note"]
+    assert list(lake.read(FEEDBACK).columns) == ["request_id", "year_from", "year_to", "timestamp", "source", "note",
+                                                 "actor"]
     assert lake.read(MONITORING).empty and lake.count(INFERENCE_LOG) == 0
 
 
@@ -42,6 +43,27 @@ def test_append_and_read_keep_types_and_fill_missing_columns(tmp_path):
     lake.append(MONITORING, [{"metric": "mae", "value": 3.0}])
     lake.append(MONITORING, [{"metric": "drift", "value": 0.1, "window": "7d"}])
     assert set(lake.read(MONITORING).columns) == {"metric", "value", "window"}
+
+
+def test_a_feedback_table_from_before_actors_still_reads_and_takes_new_rows(tmp_path):
+    """`actor` was added to the feedback schema: a table (and a spool frame) written without it reads with a
+    null actor, and takes rows with one."""
+    from deltalake import write_deltalake
+
+    lake, folder = Lake(tmp_path / "lake"), tmp_path / "spool"
+    old_schema = pa.schema([field for field in SCHEMAS[FEEDBACK] if field.name != "actor"])
+    old_row = {"request_id": "old", "year_from": 5, "year_to": 5, "timestamp": NOW, "source": "ui", "note": None}
+    write_deltalake(lake.uri(FEEDBACK), pa.Table.from_pylist([old_row], schema=old_schema))
+    assert lake.read(FEEDBACK, columns=["request_id", "actor"]).to_dict("records") == [
+        {"request_id": "old", "actor": None}]
+    folder.mkdir()  # a frame the spool of the previous version left behind
+    (folder / "000000000001.seg").write_bytes(_frame(pa.Table.from_pylist([{**old_row, "request_id": "spooled"}],
+                                                                          schema=old_schema)))
+    spool = SpooledAppender(lake, FEEDBACK, folder, flush_seconds=0.05).start()
+    spool.write([{**old_row, "request_id": "new", "actor": "ada"}])
+    assert spool.close(timeout=30) and not list((folder / "quarantine").glob("*.seg"))
+    rows = lake.read(FEEDBACK).set_index("request_id")["actor"].to_dict()
+    assert rows == {"old": None, "spooled": None, "new": "ada"}
 
 
 def test_spooled_writes_reach_delta_in_few_commits(tmp_path):

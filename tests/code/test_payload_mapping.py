@@ -88,9 +88,16 @@ def test_feedback_files_are_validated_like_the_feedback_route(content, error):
 
 def test_a_valid_feedback_file_is_a_feedback_row():
     row = feedback_record({"request_id": "r-1", "year_from": -27, "year_to": -20,
-                           "timestamp": "2026-11-20T11:00:00+01:00", "source": "ui"}, Settings())
+                           "timestamp": "2026-11-20T11:00:00+01:00", "source": "ui", "actor": "ada"}, Settings())
     assert row == {"request_id": "r-1", "year_from": -27, "year_to": -20, "source": "ui", "note": None,
-                   "timestamp": datetime(2026, 11, 20, 10, 0, tzinfo=UTC)}
+                   "timestamp": datetime(2026, 11, 20, 10, 0, tzinfo=UTC), "actor": "ada"}
+    # a file written before feedback named its actor: a row without one (never trained on)
+    older = feedback_record({"request_id": "r-2", "year_from": 5, "year_to": 5,
+                             "timestamp": "2026-11-20T11:00:00+01:00"}, Settings())
+    assert older["actor"] is None
+    with pytest.raises(ValueError, match="actor"):
+        feedback_record({"request_id": "r-3", "year_from": 5, "year_to": 5, "actor": ["ada"],
+                         "timestamp": "2026-11-20T11:00:00+01:00"}, Settings())
 
 
 def test_the_cli_reports_what_it_did_and_needs_one_of_its_settings(tmp_path, monkeypatch, capsys):

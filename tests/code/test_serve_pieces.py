@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json as json_module
 
@@ -12,6 +13,7 @@ import pytest
 from PIL import Image
 
 from coinyear.config import Settings
+from coinyear.lake import FEEDBACK
 from coinyear.serve.auth import BearerAuth, is_loopback
 from coinyear.serve.errors import ApiError
 from coinyear.serve.wire import parse_body, prepare_rows
@@ -120,16 +122,17 @@ class StandInScorer:
                              "out_of_distribution": year > 1e9})
 
 
-@pytest.fixture
-def app_client(tmp_path):
+@contextlib.contextmanager
+def gateway_client(home, **overrides):
+    """The gateway in this process (a TestClient) serving a StandInScorer as version 7."""
     from fastapi.testclient import TestClient
 
     from coinyear.serve.app import create_app
     from coinyear.serve.lifecycle import ServedModel
     from tests.conftest import make_settings
 
-    settings = make_settings(tmp_path / "home", api_tokens=[TOKEN], request_timeout_seconds=1.0,
-                             log_flush_seconds=0.2, batch_max_wait_ms=50)
+    settings = make_settings(home, **{"api_tokens": [TOKEN], "request_timeout_seconds": 1.0,
+                                      "log_flush_seconds": 0.2, "batch_max_wait_ms": 50, **overrides})
     app = create_app(settings, "127.0.0.1")
     gateway = app.state.gateway
     gateway.models.start = lambda: None  # no registry here: the stand-in is put in place below
@@ -137,6 +140,12 @@ def app_client(tmp_path):
     with TestClient(app, raise_server_exceptions=False) as client:
         gateway.models.current = ServedModel("coinyear", "7", "models:/coinyear/7", scorer)
         client.gateway, client.scorer = gateway, scorer
+        yield client
+
+
+@pytest.fixture
+def app_client(tmp_path):
+    with gateway_client(tmp_path / "home") as client:
         yield client
 
 
@@ -331,6 +340,46 @@ def test_feedback_checks_the_token_before_looking_at_the_body(app_client):
     assert "request_id" in openapi["components"]["schemas"]["FeedbackIn"]["required"]
 
 
+def post_correction(client, token: str | None, year: int = 70, **extra):
+    """Score a coin, then correct it, both with `token` (none: no Authorization header)."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    scored = client.post(PATH, json=coin_body(1), headers=headers)
+    assert scored.status_code == 200, scored.text
+    return client.post("/feedback", json={"request_id": scored.headers["x-request-id"], "year": year, **extra},
+                       headers=headers)
+
+
+def test_a_feedback_row_records_the_tokens_actor_and_never_the_token(tmp_path):
+    """Who gave a correction is what the gateway knows of the caller: the name of a `name:token` entry of
+    COINYEAR_API_TOKENS, else a short SHA-256 fingerprint of the token; never the token itself, and never what
+    the body claims. Before: the feedback table had no actor (and `name:token` was taken as one whole token)."""
+    import hashlib
+
+    fingerprint = f"token:{hashlib.sha256(b'bare-secret-2').hexdigest()[:8]}"
+    with gateway_client(tmp_path / "home", api_tokens="ada:ada-secret-1, bare-secret-2") as client:
+        named, bare = post_correction(client, "ada-secret-1"), post_correction(client, "bare-secret-2", 71)
+        assert (named.status_code, bare.status_code) == (200, 200), named.text + bare.text
+        assert (named.json()["actor"], bare.json()["actor"]) == ("ada", fingerprint)
+        entry = client.post("/feedback", json={"request_id": "x", "year": 70},
+                            headers={"Authorization": "Bearer ada:ada-secret-1"})
+        assert entry.status_code == 403  # the entry is not the token
+        claimed = post_correction(client, "bare-secret-2", actor="ada")
+        assert claimed.status_code == 400 and "actor" in claimed.json()["message"]
+        assert client.gateway.feedback_writer.flush(10)
+        rows = client.gateway.lake.read(FEEDBACK)
+    assert dict(zip(rows["year_from"], rows["actor"], strict=True)) == {70: "ada", 71: fingerprint}
+    stored = rows.astype(str).to_csv()
+    assert "ada-secret-1" not in stored and "bare-secret-2" not in stored
+
+
+def test_an_open_loopback_gateway_records_its_feedback_as_anonymous(tmp_path):
+    with gateway_client(tmp_path / "home", api_tokens=[]) as client:
+        answer = post_correction(client, None)
+        assert answer.status_code == 200 and answer.json()["actor"] == "anonymous", answer.text
+        assert client.gateway.feedback_writer.flush(10)
+        assert list(client.gateway.lake.read(FEEDBACK)["actor"]) == ["anonymous"]
+
+
 @pytest.mark.parametrize("content_type, status", [
     ("application/json", 200), ("application/json; charset=utf-8", 200), ("Application/JSON; charset=UTF-8", 200),
     (None, 200), ("text/plain", 415), ("application/x-www-form-urlencoded", 415), ("text/csv", 415),
@@ -465,6 +514,23 @@ def test_malformed_bodies_get_a_4xx_json_answer_from_the_databricks_backend(data
             assert len(databricks_client.workspace.invoked) == sent, case  # refused here: nothing forwarded
     good = databricks_client.post(PATH, json={"inputs": [GOOD_ROW]}, headers=HEADERS)
     assert good.status_code == 200 and good.json() == {"predictions": [100.0]}
+
+
+def test_the_databricks_backends_feedback_file_names_the_tokens_actor(databricks_client, monkeypatch):
+    """The volume's feedback file carries who posted it (what `coinyear ingest-payloads` puts in `actor`)."""
+    import hashlib
+
+    files: dict[str, bytes] = {}
+
+    async def upload(path, data, overwrite):
+        files[path] = data
+
+    monkeypatch.setattr(databricks_client.workspace, "upload", upload)
+    answer = databricks_client.post("/feedback", json={"request_id": "r-1", "year": 70}, headers=HEADERS)
+    assert answer.status_code == 200, answer.text
+    (content,) = files.values()
+    assert json_module.loads(content)["actor"] == f"token:{hashlib.sha256(TOKEN.encode()).hexdigest()[:8]}"
+    assert TOKEN.encode() not in content
 
 
 JSON_LEAVES = (st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True)

@@ -43,8 +43,9 @@ def lake(request, tmp_path) -> Lake:
 
 
 def log_row(request_id: str, **extra) -> dict:
-    row = {"request_id": request_id, "http_request_id": request_id, "row_index": 0, "timestamp": NOW, "date": NOW.date(),
-           "status_code": 200, "execution_time_ms": 4.5, "model_name": "coinyear", "model_version": "1",
+    row = {"request_id": request_id, "http_request_id": request_id, "row_index": 0, "timestamp": NOW,
+           "date": NOW.date(), "status_code": 200, "execution_time_ms": 4.5, "model_name": "coinyear",
+           "model_version": "1",
            "prediction": -12.5, "front_image": b"\xff\xd8\x00front", "back_image": b"\x89PNG\x00back",
            "front_image_bytes": 9, "back_image_bytes": 9, "request_metadata": "{}", **extra}
     return {name: row.get(name) for name in SCHEMAS[INFERENCE_LOG].names}
@@ -52,7 +53,7 @@ def log_row(request_id: str, **extra) -> dict:
 
 def feedback_row(request_id: str, when: datetime = NOW, year: int = 60, source: str | None = "test") -> dict:
     return {"request_id": request_id, "year_from": year, "year_to": year + 5, "timestamp": when, "source": source,
-            "note": None}
+            "note": None, "actor": "ada"}
 
 
 def test_the_backend_is_chosen_by_settings(tmp_path):

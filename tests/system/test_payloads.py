@@ -49,7 +49,8 @@ def feedback_file(volume, request_id, year, at: datetime, name: str | None = Non
     folder.mkdir(parents=True, exist_ok=True)
     name = name or f"{at:%Y%m%dT%H%M%S%fZ}-{uuid.uuid4().hex}.json"
     (folder / name).write_text(json.dumps({"request_id": request_id, "year_from": year, "year_to": year,
-                                           "timestamp": at.isoformat(), "source": "ui", "note": None}))
+                                           "timestamp": at.isoformat(), "source": "ui", "note": None,
+                                           "actor": "ada"}))
     return name
 
 
@@ -183,6 +184,7 @@ def test_feedback_files_wait_for_their_request_and_land_once(spark, loop, backen
     assert (third.feedback_appended, third.feedback_already_in) == (0, 1)
     feedback = Lake(settings).read(FEEDBACK).sort_values("request_id")
     assert list(feedback["request_id"]) == ["r-1", "r-2"] and list(feedback["year_to"]) == [41, -27]
+    assert list(feedback["actor"]) == ["ada", "ada"]  # who the file says gave it
 
     from coinyear.jobs.ingest import feedback_candidates
 

@@ -39,6 +39,13 @@ Feedback files (`<volume>/feedback/*.json`, one `feedback` row each; written by 
 already in `feedback` (same request_id and timestamp: a run that stopped between the append and the move) is only
 moved. An unreadable file, and one whose request is still unknown after UNKNOWN_REQUEST_GRACE, is moved to
 `feedback/rejected/` with the reason in the run's report; nothing is deleted.
+
+Who gave a correction (`actor`) is what its file says: the gateway's databricks backend writes the actor of the
+caller's bearer token (`name` of a `name:token` entry of COINYEAR_API_TOKENS, else `token:<sha256 prefix>`,
+`anonymous` without auth: coinyear.serve.auth), the UI as a Databricks App writes the person signed in to it the
+same way, or `anonymous` (coinyear.ui.access). Nothing here can check it: the volume's write permission is the
+trust boundary, so grant WRITE VOLUME only to the principals of the gateway and the App. A file without one
+(written before files named it) is a row with a null actor, which retraining never learns from.
 """
 
 from __future__ import annotations
@@ -375,8 +382,11 @@ def feedback_record(data: dict, settings: Settings) -> dict:
     stamp = datetime.fromisoformat(data["timestamp"])
     if stamp.tzinfo is None:
         raise ValueError("timestamp has no time zone")
+    actor = data.get("actor")
+    if actor is not None and not isinstance(actor, str):
+        raise ValueError(f"actor={actor!r} is not a name")
     return {"request_id": request_id, "year_from": years[0], "year_to": years[1], "timestamp": stamp.astimezone(UTC),
-            "source": data.get("source"), "note": data.get("note")}
+            "source": data.get("source"), "note": data.get("note"), "actor": actor}
 
 
 def _move(path: Path, folder: Path) -> None:

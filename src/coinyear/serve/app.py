@@ -397,9 +397,9 @@ class Gateway:
         return len(found) > 0
 
     async def feedback(self, request: Request) -> dict:
-        """Record an expert's date: the token is checked before the body is read (an anonymous caller learns
-        nothing about the schema)."""
-        self.auth.check(request)
+        """Record an expert's date with who gave it (`actor`, from the token: coinyear.serve.auth); the token is
+        checked before the body is read (an anonymous caller learns nothing about the schema)."""
+        actor = self.auth.check(request)
         check_content_type(request)
         body = await self.read_body(request)
         try:
@@ -427,9 +427,10 @@ class Gateway:
         if not await self._known(feedback.request_id):
             raise ApiError(404, RESOURCE_DOES_NOT_EXIST, f"no logged request with id {feedback.request_id!r}")
         record = {"request_id": feedback.request_id, "year_from": year_from, "year_to": year_to,
-                  "timestamp": datetime.now(UTC), "source": feedback.source, "note": feedback.note}
+                  "timestamp": datetime.now(UTC), "source": feedback.source, "note": feedback.note, "actor": actor}
         await self._store_feedback(record)
-        return {"request_id": feedback.request_id, "year_from": year_from, "year_to": year_to, "recorded": True}
+        return {"request_id": feedback.request_id, "year_from": year_from, "year_to": year_to, "recorded": True,
+                "actor": actor}
 
     async def _known(self, request_id: str) -> bool:
         try:

@@ -5,13 +5,22 @@ new one, move clients, drop the old one). Every configured token is compared in 
 never logged. Local-dev mode (no auth) exists only on a loopback address: explicitly with
 `COINYEAR_AUTH_DISABLED=true`, or implicitly when no token is configured; binding any other address without
 tokens refuses to start.
+
+Who a caller is (`actor`, recorded with each correction): an entry may be `name:token` (everything before the
+first ':' is the name, so a token that itself holds a ':' needs a name in front), and its callers are `name`;
+a bare `token` entry's callers are `token:<first 8 hex digits of the token's SHA-256>`. A name may be shared by
+several entries (the old and the new token of one person during a rotation). Without auth every caller is
+`anonymous`: nobody answers for what they send, so retraining never learns from it (coinyear.jobs.ingest).
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 from fastapi import Request
 
@@ -19,6 +28,46 @@ from coinyear.config import Settings
 from coinyear.serve.errors import PERMISSION_DENIED, UNAUTHENTICATED, ApiError
 
 log = logging.getLogger(__name__)
+
+ANONYMOUS = "anonymous"  # the actor of a caller without credentials (auth off)
+
+
+@dataclass(frozen=True)
+class Credential:
+    """One accepted token and who its holder is recorded as (never the token)."""
+
+    token: str
+    actor: str
+
+    def __repr__(self) -> str:  # a credential in a log line or a traceback shows who, never the token
+        return f"Credential(actor={self.actor!r})"
+
+
+def token_actor(token: str, name: str | None = None) -> str:
+    """How a token's holder is recorded: the entry's name, else a short SHA-256 fingerprint of the token."""
+    return name or f"token:{hashlib.sha256(token.encode()).hexdigest()[:8]}"
+
+
+def credentials(entries: Iterable[str]) -> list[Credential]:
+    """The COINYEAR_API_TOKENS entries (`token` or `name:token`) as credentials; an entry without a token is
+    none."""
+    found = []
+    for entry in entries:
+        name, separator, token = entry.partition(":")
+        name, token = (name.strip(), token.strip()) if separator else ("", entry.strip())
+        if token:
+            found.append(Credential(token, token_actor(token, name)))
+    return found
+
+
+def match(accepted: list[Credential], given: str) -> Credential | None:
+    """The credential whose token is `given`, compared in constant time against every one of them; None if
+    none is."""
+    found = None
+    for credential in accepted:  # no early exit: the time taken does not reveal which token nearly matched
+        if hmac.compare_digest(given.encode(), credential.token.encode()):
+            found = credential
+    return found
 
 
 def is_loopback(host: str) -> bool:
@@ -32,26 +81,25 @@ def is_loopback(host: str) -> bool:
 
 class BearerAuth:
     def __init__(self, settings: Settings, host: str):
-        self.tokens = [token.encode() for token in settings.api_tokens if token]
-        self.enabled = not settings.auth_disabled and bool(self.tokens)
+        self.credentials = credentials(settings.api_tokens)
+        self.enabled = not settings.auth_disabled and bool(self.credentials)
         if not self.enabled and not is_loopback(host):
             raise RuntimeError(f"refusing to serve on {host} without auth: set COINYEAR_API_TOKENS "
                                "(auth can be off only on a loopback address)")
         if not self.enabled:
             log.warning("auth is OFF (local-dev mode on %s): set COINYEAR_API_TOKENS to require tokens", host)
 
-    def check(self, request: Request) -> None:
-        """Raise a 401 (no credentials) or 403 (wrong token) ApiError unless the request may go on."""
+    def check(self, request: Request) -> str:
+        """Who the caller is (its `actor`; `anonymous` with auth off), or raise a 401 (no credentials) or 403
+        (wrong token) ApiError: the request may not go on."""
         if not self.enabled:
-            return
+            return ANONYMOUS
         header = request.headers.get("authorization", "")
-        scheme, _, credential = header.partition(" ")
-        if scheme.lower() != "bearer" or not credential.strip():
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
             raise ApiError(401, UNAUTHENTICATED, "missing bearer token: send 'Authorization: Bearer <token>'",
                            {"WWW-Authenticate": "Bearer"})
-        given = credential.strip().encode()
-        matched = False
-        for token in self.tokens:  # no early exit: the time taken does not reveal which token nearly matched
-            matched |= hmac.compare_digest(given, token)
-        if not matched:
+        credential = match(self.credentials, given.strip())
+        if credential is None:
             raise ApiError(403, PERMISSION_DENIED, "invalid bearer token")
+        return credential.actor

@@ -14,9 +14,10 @@ none of them. It runs without Spark or a Delta writer (e.g. as a Databricks App)
   request is forwarded, both photos of every row go to the volume, `<COINYEAR_LOOP_VOLUME>/photos/<id>/<row>/front`
   and `.../back` (decoded image bytes); a request whose photos cannot be stored is answered 503, not forwarded.
 - feedback: one JSON file per correction, `<COINYEAR_LOOP_VOLUME>/feedback/<UTC time>-<uuid>.json`, holding one
-  `feedback` row (`request_id`, `year_from`, `year_to`, `timestamp` ISO 8601, `source`, `note`); the answer
-  leaves after the file is stored. `coinyear ingest-payloads` appends it to `feedback` once its request is in
-  `inference_log` (the payload table is up to an hour late, so the request id cannot be checked here).
+  `feedback` row (`request_id`, `year_from`, `year_to`, `timestamp` ISO 8601, `source`, `note`, `actor`: the
+  caller's token's actor, as the local backend records it); the answer leaves after the file is stored.
+  `coinyear ingest-payloads` appends it to `feedback` once its request is in `inference_log` (the payload table
+  is up to an hour late, so the request id cannot be checked here).
 
 Workspace calls, all with databricks-sdk's unified auth (DATABRICKS_HOST + DATABRICKS_TOKEN, or the service
 principal a Databricks App gets): `POST /serving-endpoints/{name}/invocations`, `GET /api/2.0/serving-endpoints/

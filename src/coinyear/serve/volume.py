@@ -6,7 +6,8 @@ In the Unity Catalog volume COINYEAR_LOOP_VOLUME (`/Volumes/<catalog>/<schema>/<
                                                   stored before the request is sent to Model Serving; only for
                                                   an id that is a plain name (`safe_request_id`)
     feedback/<UTC time>-<uuid>.json               one `feedback` row as JSON (request_id, year_from, year_to,
-                                                  timestamp ISO 8601 with zone, source, note)
+                                                  timestamp ISO 8601 with zone, source, note, actor: who
+                                                  gave it, as its writer says; coinyear.jobs.payloads)
 """
 
 from __future__ import annotations
