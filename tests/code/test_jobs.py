@@ -174,6 +174,33 @@ def test_a_table_written_under_the_seeded_hold_out_is_read_under_the_test_split(
     assert (read[test] == ingest.FEEDBACK_EVAL).all() and (read[~test] == feedback["split"][~test]).all()
 
 
+def test_only_feedback_from_accountable_actors_becomes_training_data(settings, monkeypatch):
+    """A correction trains only when someone answers for it: rows sent without credentials (`anonymous`) and rows
+    from before feedback named its actor (null) are left out, counted by reason in the run's report; an
+    anonymous correction never supersedes an accountable one. Before: every feedback row trained."""
+    lake, now = Lake(settings), datetime.now(UTC)
+    lake.append(INFERENCE_LOG, [{"request_id": f"r{i}", "timestamp": now, "date": now.date(), "status_code": 200,
+                                 "prediction": 50.0, "front_image": coin_image(10 + i),
+                                 "back_image": coin_image(20 + i)} for i in range(4)])
+    lake.append(FEEDBACK, pa.Table.from_pylist([
+        {"request_id": "r0", "year_from": 70, "year_to": 70, "timestamp": now, "actor": "ada"},
+        {"request_id": "r1", "year_from": 71, "year_to": 71, "timestamp": now, "actor": "anonymous"},
+        {"request_id": "r2", "year_from": 72, "year_to": 72, "timestamp": now, "actor": None},
+        {"request_id": "r3", "year_from": 80, "year_to": 80, "timestamp": now, "actor": "token:ab12cd34"},
+        {"request_id": "r3", "year_from": 90, "year_to": 90, "timestamp": now + timedelta(minutes=1),
+         "actor": "anonymous"},
+    ], schema=SCHEMAS[FEEDBACK]))
+    monkeypatch.setattr(ingest, "base_candidates", lambda _: pd.DataFrame(columns=ingest.CANDIDATE_COLUMNS))
+    result = retrain.run_retrain(settings, dry_run=True)
+    assert (result.new_feedback_rows, result.ingested_rows) == (5, 2)
+    assert result.dropped == {"anonymous": 2, "no_actor": 1}
+    assert "dropped 2: anonymous" in result.report() and "dropped 1: no_actor" in result.report()
+    kept, dropped = clean.clean(ingest.feedback_candidates(lake, ingest.read_new_feedback(lake, set())[1]),
+                                pd.DataFrame(), settings)
+    assert dict(zip(kept["request_id"], kept["year_from"], strict=True)) == {"r0": 70, "r3": 80}
+    assert set(dropped["detail"]) >= {"sent without credentials: kept for monitoring, never trained on"}
+
+
 # -------------------------------------------------------------------------------------- consumed feedback
 def feedback_rows(count: int, start: datetime) -> list[dict]:
     return [{"request_id": uuid.uuid4().hex, "year_from": 70, "year_to": 70, "timestamp": start + timedelta(seconds=i),

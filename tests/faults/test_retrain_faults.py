@@ -182,7 +182,7 @@ def feedback_for(settings, count: int) -> tuple[list[dict], list[dict]]:
                      "front_image": (OCRE / coin.obverse).read_bytes(),
                      "back_image": (OCRE / coin.reverse).read_bytes()})
         feedback.append({"request_id": request_id, "year_from": int(coin.year_from), "year_to": int(coin.year_to),
-                         "timestamp": now, "source": "test"})
+                         "timestamp": now, "source": "test", "actor": "test-expert"})
     return logs, feedback
 
 

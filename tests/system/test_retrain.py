@@ -52,7 +52,7 @@ def log_request(front: bytes | None, back: bytes | None, prediction: float = 60.
 
 def correction(request_id: str, year_from: int, year_to: int, seconds: float = 0.0) -> dict:
     return {"request_id": request_id, "year_from": year_from, "year_to": year_to, "source": "test",
-            "timestamp": datetime.now(UTC) + timedelta(seconds=seconds)}
+            "timestamp": datetime.now(UTC) + timedelta(seconds=seconds), "actor": "test-expert"}
 
 
 def write(lake: Lake, table: str, rows: list[dict]) -> None:

@@ -27,9 +27,10 @@ def clean(candidates: pd.DataFrame, existing: pd.DataFrame, settings: Settings) 
     """(rows to add, with `content_hash`; dropped rows: coin_id, reason, detail).
 
     `existing`: the current rows of `training_data` (content_hash, year_from, year_to, feedback_timestamp).
-    Reasons: a base-manifest reason, unknown_request, superseded, missing_image, undecodable_image,
-    impossible_label, year_out_of_span, contradictory_label, duplicate_image (same photos and years already
-    present); see the module docstring for the label rule.
+    Reasons: a base-manifest reason, unknown_request, superseded, no_actor and anonymous (feedback nobody
+    answers for: coinyear.jobs.ingest), missing_image, undecodable_image, impossible_label, year_out_of_span,
+    contradictory_label, duplicate_image (same photos and years already present); see the module docstring for
+    the label rule.
     """
     dropped, kept = [], []
     for row in tqdm(candidates.to_dict("records"), desc="clean", unit="row", leave=False,

@@ -5,6 +5,11 @@ Which feedback is new is an anti-join on the feedback ids (`feedback_key`) that 
 (`consumed` comes from the `model_decisions` table, see `coinyear.jobs.retrain`), never a Delta time-travel
 read: old table versions disappear with VACUUM. The `training_data` table is append-only; its current rows are
 those of decided runs (`current_rows`), the latest label of each photo pair winning.
+
+Only accountable labels train: a feedback row whose `actor` is null (written before feedback named who gave it)
+or `anonymous` (sent without credentials) becomes a candidate with a `problem` (`no_actor`, `anonymous`), so
+cleaning drops it and the run's report counts it; it never supersedes an accountable correction of the same
+request. Such rows still count for monitoring (coinyear.jobs.monitor).
 """
 
 from __future__ import annotations
@@ -20,11 +25,15 @@ import pyarrow as pa
 from coinyear.config import Settings
 from coinyear.data import Manifest, group_keys, is_test_type, read_manifest, type_bucket, validate_rows
 from coinyear.lake import FEEDBACK, INFERENCE_LOG, TRAINING_DATA, Lake
+from coinyear.serve.auth import ANONYMOUS
 
 log = logging.getLogger(__name__)
 
 TRAIN, HOLDOUT, FEEDBACK_EVAL = "train", "holdout", "feedback_eval"
 BASE, FEEDBACK_SOURCE = "base", "feedback"
+# why a feedback row may not train (a candidate's `problem`: the reason before ': ' is what the report counts)
+NO_ACTOR = "no_actor: recorded before feedback named who gave it"
+ANONYMOUS_FEEDBACK = "anonymous: sent without credentials: kept for monitoring, never trained on"
 
 TRAINING_DATA_SCHEMA = pa.schema([
     ("coin_id", pa.string()), ("source", pa.string()), ("split", pa.string()),
@@ -97,18 +106,32 @@ def base_candidates(settings: Settings) -> pd.DataFrame:
     return pd.concat([valid, invalid], ignore_index=True).reindex(columns=CANDIDATE_COLUMNS)
 
 
+def unaccountable(feedback: pd.DataFrame) -> pd.Series:
+    """Why each feedback row may not train (NO_ACTOR, ANONYMOUS_FEEDBACK), None where someone answers for it."""
+    actor = feedback["actor"] if "actor" in feedback else pd.Series(None, index=feedback.index, dtype=object)
+    named = actor.fillna("").astype(str).str.strip()
+    why = pd.Series(None, index=feedback.index, dtype=object)
+    why[(named == "").to_numpy()] = NO_ACTOR
+    why[(named.str.lower() == ANONYMOUS).to_numpy()] = ANONYMOUS_FEEDBACK
+    return why
+
+
 def feedback_candidates(lake: Lake, feedback: pd.DataFrame) -> pd.DataFrame:
     """New feedback joined to its inference-log row: the expert's years with the photos that were scored.
 
-    Of several corrections of one request in this batch the latest counts, the others are `superseded`;
-    `feedback_timestamp` (ISO 8601, UTC) lets a later run's correction of the same photos replace this one."""
+    Rows nobody answers for (`unaccountable`) carry their reason as `problem`. Of several accountable corrections
+    of one request in this batch the latest counts, the others are `superseded`; `feedback_timestamp` (ISO 8601,
+    UTC) lets a later run's correction of the same photos replace this one."""
     if len(feedback) == 0:
         return pd.DataFrame(columns=CANDIDATE_COLUMNS)
     ids = sorted(set(feedback["request_id"]))
     logged = lake.read(INFERENCE_LOG, columns=["request_id", "front_image", "back_image"],
                        filters=[("request_id", "in", ids)]).drop_duplicates("request_id")
     rows = feedback.merge(logged, on="request_id", how="left")
-    latest = rows.sort_values("timestamp").duplicated("request_id", keep="last")
+    why = unaccountable(rows)
+    accountable = why.isna()
+    # an anonymous correction arriving later must not push an accountable one out
+    latest = rows[accountable].sort_values("timestamp").duplicated("request_id", keep="last")
     year_text = rows["year_from"].astype(str) + ".." + rows["year_to"].astype(str)
     out = pd.DataFrame({
         "coin_id": "feedback:" + rows["request_id"].astype(str), "source": FEEDBACK_SOURCE,
@@ -122,7 +145,9 @@ def feedback_candidates(lake: Lake, feedback: pd.DataFrame) -> pd.DataFrame:
     out["group"] = group_keys(out)  # the coin type as the grouped folds see it (a feedback row's type is its years)
     out.loc[~rows["request_id"].isin(logged["request_id"]), "problem"] = \
         "unknown_request: no inference-log row with this request_id"
-    out.loc[latest.reindex(out.index).to_numpy(), "problem"] = "superseded: a later correction of this request"
+    out.loc[latest.reindex(out.index, fill_value=False).to_numpy(), "problem"] = \
+        "superseded: a later correction of this request"
+    out.loc[~accountable.to_numpy(), "problem"] = why[~accountable]
     return out.reindex(columns=CANDIDATE_COLUMNS)
 
 
