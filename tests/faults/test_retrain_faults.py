@@ -292,3 +292,107 @@ def test_a_failure_in_training_leaves_the_feedback_for_the_next_run(tmp_path, mo
     scheduler.guarded(scheduler.retrain_job(settings), history)()
     assert history.failed == 1 and history.outcomes[0].startswith("failed: RuntimeError: train failed")
     assert pending(lake) == 3
+
+
+# ------------------------------------------------------------------- after the gate: the promotion and its record
+def register_constant(settings, year: float) -> str:
+    """A registered pyfunc that dates every coin `year`: loads and scores like a model, in a second."""
+    import mlflow
+
+    from coinyear.config import ensure_experiment
+
+    class Constant(mlflow.pyfunc.PythonModel):
+        def __init__(self, year: float):
+            self.year = year
+
+        def predict(self, context, model_input, params=None):
+            return np.full(len(model_input), self.year)
+
+    with mlflow.start_run(experiment_id=ensure_experiment(settings)):
+        info = mlflow.pyfunc.log_model(name="model", python_model=Constant(year),
+                                       registered_model_name=settings.model_name)
+    return str(info.registered_model_version)
+
+
+@pytest.fixture
+def quick_retrain(tmp_path, monkeypatch):
+    """(settings, lake): a registry with v1 (dates every coin AD 1000) in production and 8 feedback rows; training
+    registers a model dating every coin AD 100 instead of training one, so the real gate promotes it in seconds."""
+    import coinyear.train
+
+    settings = make_settings(tmp_path / "home", retrain_base_limit=BASE_LIMIT, retrain_decade_min_coins=5,
+                             retrain_latency_budget_ms=60_000)
+
+    def train_a_constant(settings, config, manifest=None, register=True, run_name=None, tags=None, **_):
+        return coinyear.train.RunOutcome(run_id="", version=register_constant(settings, 100.0), metrics={})
+
+    monkeypatch.setattr(coinyear.train, "run_training", train_a_constant)
+    lake = Lake(settings)
+    registry.promote(settings, register_constant(settings, 1000.0), registry.PRODUCTION)
+    logs, feedback = feedback_for(settings, 8)
+    lake.append(INFERENCE_LOG, [{k: row.get(k) for k in SCHEMAS[INFERENCE_LOG].names} for row in logs])
+    lake.append(FEEDBACK, [{k: row.get(k) for k in SCHEMAS[FEEDBACK].names} for row in feedback])
+    yield settings, lake
+    import mlflow
+
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+
+
+@pytest.mark.parametrize("failing", ["tagging", "read-back", "record"])
+def test_a_failure_after_the_promotion_is_recorded_as_the_promotion_it_was(quick_retrain, monkeypatch, failing):
+    """Before: a failure once `production` had moved (reading the alias back, tagging the version, writing the
+    decision row) was recorded as `failed`, "production unchanged", tagged the new live version `decision=failed`
+    and left the feedback new, so the next run retrained on it again."""
+    settings, lake = quick_retrain
+    moved: list[str] = []
+    armed = [True]  # the faults, until the run is over
+    real_promote, real_alias, real_tag = registry.promote, registry.version_by_alias, registry.tag_version
+    real_record = retrain.Retraining.record
+
+    def promote(settings, version, to, *args, **kwargs):
+        previous = real_promote(settings, version, to, *args, **kwargs)
+        if to == registry.PRODUCTION:
+            moved.append(str(version))
+        return previous
+
+    def version_by_alias(settings, alias):
+        if failing == "read-back" and moved and armed:
+            raise registry.RegistryError("cannot read alias production of coinyear: registry overloaded")
+        return real_alias(settings, alias)
+
+    def tag_version(settings, version, tags):
+        if failing == "tagging" and moved and armed:
+            raise registry.RegistryError("registry overloaded")
+        real_tag(settings, version, tags)
+
+    def record(self, result, feedback_version, consumed):
+        if failing == "record" and moved and armed and not getattr(self, "_failed_once", False):
+            self._failed_once = True
+            raise OSError("lake briefly unwritable")
+        real_record(self, result, feedback_version, consumed)
+
+    monkeypatch.setattr(registry, "promote", promote)
+    monkeypatch.setattr(registry, "version_by_alias", version_by_alias)
+    monkeypatch.setattr(registry, "tag_version", tag_version)
+    monkeypatch.setattr(retrain.Retraining, "record", record)
+
+    result = run_retrain(settings)
+    print(result.report())
+    armed.clear()
+    candidate = result.candidate_version
+    assert moved == [candidate] and registry.version_by_alias(settings, registry.PRODUCTION) == candidate
+    assert result.decision == PROMOTED, result.reason
+    assert "production unchanged" not in result.reason and "after the promotion" in result.reason, result.reason
+    assert result.production_after == candidate
+    last = lake.read(MODEL_DECISIONS).sort_values("decided_at").iloc[-1]
+    assert (last["decision"], last["production_before"], last["production_after"]) == (PROMOTED, "1", candidate)
+    assert last["reason"] == result.reason
+    assert len(json.loads(last["consumed_feedback"])) == 8 and pending(lake) == 0
+    assert counted_training_rows(lake) == result.ingested_rows > 0
+    tags = {v.version: v.tags for v in registry.list_versions(settings)}[candidate]
+    assert tags.get("decision") != FAILED
+    if failing != "tagging":
+        assert tags["decision"] == PROMOTED
+    assert run_retrain(settings).decision == SKIPPED  # the feedback was used: consumed, not retrained on again
+

@@ -20,7 +20,10 @@ Consumed exactly when decided: the decision row carries the ids of the feedback 
 (`consumed_feedback`). Only a decision (promoted, rejected, or skipped because no row survived cleaning)
 consumes them, and the training rows of a run count only once the run has one. A run that fails anywhere —
 the registry unreachable when production is read or the alias is set, training, scoring — is recorded as
-`failed` with the reason, moves nothing, and leaves its feedback for the next run.
+`failed` with the reason, moves nothing, and leaves its feedback for the next run. Once `production` has moved
+to the candidate, the run is that promotion whatever fails after it (reading the alias back, tagging the version,
+writing the decision row): it is recorded as `promoted`, with what failed after in the reason, and consumes its
+feedback.
 """
 
 from __future__ import annotations
@@ -190,6 +193,7 @@ class Retraining:
         self.experiment_id = ensure_experiment(settings)
         self.parent = ""  # the retrain run's id, set when run() starts
         self.current = "start"  # the step running, named in a failure's reason
+        self.promoted: str | None = None  # the version `production` was moved to, once it was
 
     @contextlib.contextmanager
     def step(self, name: str):
@@ -243,6 +247,9 @@ class Retraining:
             self.train_validate_decide(result, train_rows, eval_rows, feedback_version, keys)
             return result
         except Exception as error:  # any failure: recorded, nothing moved, the feedback stays new
+            if self.promoted:  # ...unless production did move: then the run is the promotion it made
+                self.after_promotion(result, error, feedback_version, keys)
+                return result
             log.exception("retraining failed in step %s", self.current)
             result.decision = FAILED
             result.reason = (f"{self.current} failed: {type(error).__name__}: {error}; production unchanged, the "
@@ -285,14 +292,44 @@ class Retraining:
         if verdict.decision == FAILED:
             raise RuntimeError(verdict.reason)
         with self.step("decide"):
+            result.decision, result.reason = verdict.decision, verdict.reason
             if verdict.decision == PROMOTED:
                 self.promote(version)
-            result.decision, result.reason = verdict.decision, verdict.reason
+                # production moved: from here on a failure is a note on this promotion, not a failed run (`run`)
+                self.promoted = result.production_after = version
+            self.current = "decide: read production back"
             result.production_after = registry.version_by_alias(settings, registry.PRODUCTION)
-            registry.tag_version(settings, version,
-                                 {"decision": result.decision, "decision_reason": result.reason[:5000],
-                                  "decision_run_id": self.parent})
+            self.current = "decide: tag the version"
+            self.tag_decision(result, version)
+            self.current = "decide: record the decision"
             self.record(result, feedback_version, keys)
+
+    def tag_decision(self, result: RetrainResult, version: str) -> None:
+        """The decision and its reason on the version's tags (`coinyear models list`, the Models page)."""
+        registry.tag_version(self.settings, version,
+                             {"decision": result.decision, "decision_reason": result.reason[:5000],
+                              "decision_run_id": self.parent})
+
+    def after_promotion(self, result: RetrainResult, error: Exception, feedback_version: int,
+                        keys: list[str]) -> None:
+        """`production` moved to the candidate, then `self.current` failed: record the promotion it was, with
+        what failed after it, and consume the feedback the live model was trained on. "failed, production
+        unchanged" would be untrue, would tag the live version `failed`, and the next run would retrain on the
+        same feedback."""
+        log.exception("production moved to version %s, then %s failed", self.promoted, self.current)
+        result.decision = PROMOTED
+        result.reason = f"{result.reason}; after the promotion, {self.current} failed: {type(error).__name__}: {error}"
+        # the tags may be what failed: one more try (they also carry the note), never a reason to stop here
+        try:
+            self.tag_decision(result, str(self.promoted))
+        except Exception:
+            log.exception("tagging promoted version %s failed", self.promoted)
+        try:
+            self.record(result, feedback_version, keys)
+        except Exception:  # the ledger is unwritable: the promotion stands, its feedback stays new
+            log.exception("recording the promotion of version %s in %s failed", self.promoted, MODEL_DECISIONS)
+            result.reason += (f"; the decision could not be recorded in {MODEL_DECISIONS}, so the next run sees its "
+                              f"{len(keys)} feedback rows again")
 
     def promote(self, version: str) -> None:
         """`production` -> `version`. A failure that did not move the alias raises; one that did (the answer
