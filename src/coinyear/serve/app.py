@@ -16,6 +16,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -40,6 +41,7 @@ from coinyear.serve.errors import (
     ENDPOINT_NOT_FOUND,
     INTERNAL_ERROR,
     INVALID_PARAMETER_VALUE,
+    REQUEST_LIMIT_EXCEEDED,
     RESOURCE_DOES_NOT_EXIST,
     RESOURCE_LIMIT_EXCEEDED,
     TEMPORARILY_UNAVAILABLE,
@@ -58,6 +60,14 @@ log = logging.getLogger(__name__)
 # A body this many times over the limit is cut off instead of read to the end for a clean 413.
 DRAIN_FACTOR = 4
 RECENT_IDS = 200_000
+# Feedback for an id that is not in memory costs a Delta scan and may wait for the spool's backlog to commit: that
+# work runs on its own thread, never on the threads that decode photos for scoring, one lookup at a time, with
+# at most FEEDBACK_LOOKUPS waiting or running (more are refused at once with a 429), and each miss is remembered
+# for UNKNOWN_TTL_SECONDS, so a flood of bogus ids costs scoring nothing and the lake one scan per id at most.
+FEEDBACK_LOOKUPS = 4
+FEEDBACK_FLUSH_SECONDS = 2.0  # a lookup waits this long at most for the spool's backlog to reach Delta
+UNKNOWN_IDS = 10_000
+UNKNOWN_TTL_SECONDS = 10.0  # a missed id can turn up later only from an earlier process's spool, once committed
 
 
 class Metrics:
@@ -159,6 +169,9 @@ class Gateway:
         self.auth = BearerAuth(settings, host)
         self.metrics = Metrics()
         self.recent_ids: OrderedDict[str, None] = OrderedDict()
+        self.unknown_ids: OrderedDict[str, float] = OrderedDict()  # id -> when a lookup missed it (monotonic)
+        self.feedback_lookups = 0  # waiting or running on feedback_executor
+        self.feedback_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="feedback")
         self._init_backend()
 
     def _init_backend(self) -> None:
@@ -198,6 +211,7 @@ class Gateway:
         self.models.stop()
         if self.batcher is not None:
             await self.batcher.stop()
+        self.feedback_executor.shutdown(wait=False, cancel_futures=True)
         for writer in (self.log_writer, self.feedback_writer):
             if writer is not None:
                 await asyncio.to_thread(writer.close)
@@ -391,10 +405,18 @@ class Gateway:
 
     # ----------------------------------------------------------------------------------------- feedback
     def _logged(self, request_id: str) -> bool:
-        if request_id in self.recent_ids:
-            return True
+        """Whether the inference log's Delta table holds `request_id` (a scan: on feedback_executor only)."""
         found = self.lake.read(INFERENCE_LOG, columns=["request_id"], filters=[("request_id", "=", request_id)])
         return len(found) > 0
+
+    def _look_up(self, request_id: str) -> bool:
+        """`_logged`, and again once the spool's backlog is in Delta (it may be on its way from an earlier process's
+        spool); runs on feedback_executor."""
+        known = self._logged(request_id)
+        if not known and self.log_writer is not None and self.log_writer.backlog:
+            self.log_writer.flush(FEEDBACK_FLUSH_SECONDS)
+            known = self._logged(request_id)
+        return known
 
     async def feedback(self, request: Request) -> dict:
         """Record an expert's date with who gave it (`actor`, from the token: coinyear.serve.auth); the token is
@@ -433,16 +455,35 @@ class Gateway:
                 "actor": actor}
 
     async def _known(self, request_id: str) -> bool:
+        """Whether feedback may be taken for `request_id`: from memory (answered by this process, or missed by a
+        recent lookup), else one lookup on feedback_executor (see FEEDBACK_LOOKUPS)."""
+        if request_id in self.recent_ids:
+            return True
+        missed = self.unknown_ids.get(request_id)
+        if missed is not None and time.monotonic() - missed < UNKNOWN_TTL_SECONDS:
+            return False
+        if self.feedback_lookups >= FEEDBACK_LOOKUPS:
+            raise ApiError(429, REQUEST_LIMIT_EXCEEDED, f"{FEEDBACK_LOOKUPS} feedback lookups of request ids this "
+                                                        "gateway did not answer recently are under way; nothing "
+                                                        "was recorded, retry later", {"Retry-After": "1"})
+        self.feedback_lookups += 1
         try:
-            known = await asyncio.to_thread(self._logged, request_id)
-            if not known and self.log_writer is not None and self.log_writer.backlog:
-                await asyncio.to_thread(self.log_writer.flush, 10)  # it may still be on its way from the spool
-                known = await asyncio.to_thread(self._logged, request_id)
+            known = await asyncio.get_running_loop().run_in_executor(self.feedback_executor, self._look_up,
+                                                                     request_id)
         except Exception as error:  # the lake is down or unreadable: the client may retry, nothing was recorded
             log.error("cannot check feedback's request id against %s", INFERENCE_LOG, exc_info=error)
             raise ApiError(503, TEMPORARILY_UNAVAILABLE, f"cannot check the request id against the inference log "
                                                          f"({type(error).__name__}: {error}); nothing was recorded"
                            ) from error
+        finally:
+            self.feedback_lookups -= 1
+        if known:
+            self._remember([request_id])
+        else:
+            self.unknown_ids[request_id] = time.monotonic()
+            self.unknown_ids.move_to_end(request_id)
+            while len(self.unknown_ids) > UNKNOWN_IDS:
+                self.unknown_ids.popitem(last=False)
         return known
 
     async def _store_feedback(self, record: dict) -> None:
