@@ -320,6 +320,7 @@ def test_with_the_databricks_backend_the_ui_talks_to_the_workspace_itself(api, m
     (upload,) = [r for r in api.received if r["method"] == "PUT"]
     assert upload["path"].startswith(folder) and upload["path"].endswith(".json?overwrite=false")
     assert upload["json"]["request_id"] == request_id and upload["json"]["year_from"] == -27
+    assert upload["json"]["actor"] == "anonymous"  # local-dev: nobody signed in, so it is never trained on
     assert not at.error
 
     # photos over the payload table's limit are in the volume before the request leaves
@@ -411,6 +412,84 @@ def test_a_refused_correction_shows_the_api_message(api, predicted):
     at = correct(predicted, "AD 70")
     assert "unknown request_id req-123" in texts(at.error)
     assert not at.main.success
+
+
+def test_without_tokens_a_correction_goes_without_the_uis_own_token(api, predicted):
+    """Local-dev (no COINYEAR_API_TOKENS): nobody signs in, so the correction is sent with no credential, never
+    with the UI's own COINYEAR_API_TOKEN; the gateway records it as anonymous, which is never trained on.
+    Before: sent with the UI's token, so the gateway took it as the token's holder."""
+    api.routes[("POST", "/feedback")] = (200, {"recorded": True, "actor": "anonymous"}, {})
+    at = correct(predicted, "AD 70")
+    (call,) = api.calls("/feedback")
+    assert "Authorization" not in call["headers"]
+    assert "recorded as **anonymous**" in texts(at.success) and "not used for retraining" in texts(at.success)
+
+
+def test_a_correction_without_sign_in_never_becomes_training_data(api, predicted, tmp_path):
+    """The UI's correction, sent again as it was sent to a real gateway: one that takes the UI's own token
+    refuses it (no credential), an open one records it as anonymous, and retraining leaves that row out."""
+    import hashlib
+
+    from coinyear.jobs import clean, ingest
+    from tests.code.test_serve_pieces import PATH, coin_body, gateway_client
+
+    correct(predicted, "AD 70")
+    (call,) = api.calls("/feedback")
+    sent = {k: v for k, v in call["headers"].items() if k.lower() == "authorization"}
+    with gateway_client(tmp_path / "takes-the-uis-token", api_tokens=[TOKEN]) as gateway:
+        scored = gateway.post(PATH, json=coin_body(1), headers={"Authorization": f"Bearer {TOKEN}"})
+        replay = gateway.post("/feedback", json={**call["json"], "request_id": scored.headers["x-request-id"]},
+                              headers=sent)
+        assert replay.status_code == 401, replay.text
+    with gateway_client(tmp_path / "open", api_tokens=[]) as gateway:
+        scored = gateway.post(PATH, json=coin_body(1))
+        replay = gateway.post("/feedback", json={**call["json"], "request_id": scored.headers["x-request-id"]},
+                              headers=sent)
+        assert replay.status_code == 200, replay.text
+        served = gateway.gateway
+        assert served.log_writer.flush(10) and served.feedback_writer.flush(10)
+        candidates = ingest.feedback_candidates(served.lake, served.lake.read(FEEDBACK))
+        kept, dropped = clean.clean(candidates, pd.DataFrame(), served.settings)
+    assert kept.empty and list(dropped["reason"]) == ["anonymous"]
+    assert hashlib.sha256(TOKEN.encode()).hexdigest()[:8] not in served.lake.read(FEEDBACK).to_csv()
+
+
+def predict_with_tokens(api, monkeypatch, tokens: str) -> AppTest:
+    monkeypatch.setenv("COINYEAR_API_TOKENS", tokens)
+    get_settings.cache_clear()
+    api.routes[INVOCATIONS] = (200, {"predictions": [80.0]}, ANSWER_HEADERS)
+    return press(upload_pair(app(), coin_image(1), coin_image(2)), "Predict")
+
+
+def test_with_tokens_an_unsigned_visitor_is_asked_to_sign_in_before_correcting(api, monkeypatch):
+    """Before: anyone reaching the Predict page posted corrections with the UI's own token."""
+    at = predict_with_tokens(api, monkeypatch, "ada:ada-secret")
+    assert "Predicted year" in [m.label for m in at.metric]
+    assert not [b for b in at.button if b.label == "Submit correction"]
+    assert "Sign in with an API token to correct the date" in texts(at.info)
+    assert not api.calls("/feedback")
+
+
+def test_a_signed_in_correction_is_sent_with_the_persons_own_token(api, monkeypatch):
+    api.routes[("POST", "/feedback")] = (200, {"recorded": True, "actor": "ada"}, {})
+    at = sign_in(predict_with_tokens(api, monkeypatch, "ada:ada-secret,other-secret"), "Ada", "ada-secret")
+    assert "Predicted year" in [m.label for m in at.metric]  # the prediction stays through the sign-in
+    at = correct(at, "AD 70")
+    (call,) = api.calls("/feedback")
+    assert call["headers"]["Authorization"] == "Bearer ada-secret"  # the gateway records who from it
+    assert "recorded as **ada**" in texts(at.success) and "used when the model is next retrained" in texts(at.success)
+
+
+def test_as_a_databricks_app_the_feedback_file_names_the_signed_in_person(api, monkeypatch):
+    for key, value in {"COINYEAR_SERVING_BACKEND": "databricks", "COINYEAR_LOOP_VOLUME": "/Volumes/main/coinyear/loop",
+                       "DATABRICKS_HOST": api.url, "DATABRICKS_TOKEN": "workspace-token"}.items():
+        monkeypatch.setenv(key, value)
+    api.routes[("GET", "/api/2.0/serving-endpoints/coinyear")] = (200, {"state": {"ready": "READY"}}, {})
+    api.routes[("PUT", "/api/2.0/fs/files/Volumes/main/coinyear/loop/feedback/*")] = (204, {}, {})
+    at = sign_in(predict_with_tokens(api, monkeypatch, "ada:ada-secret"), "Ada", "ada-secret")
+    correct(at, "AD 70")
+    (upload,) = [r for r in api.received if r["method"] == "PUT"]
+    assert upload["json"]["actor"] == "ada" and b"ada-secret" not in upload["body"]
 
 
 @pytest.mark.parametrize("text, year", [("27 BC", -27), ("AD 73", 73), ("73", 73), ("-27", -27), ("73 ad", 73),
@@ -590,6 +669,26 @@ def sign_in(at: AppTest, name: str, token: str) -> AppTest:
     at.text_input(key="sign_in_name").input(name)
     at.text_input(key="sign_in_token").input(token)
     return press(at, "Sign in")
+
+
+def test_a_rotated_out_token_ends_the_ui_session(registered, monkeypatch):
+    """The sign-in is checked again on every page run: once its token leaves COINYEAR_API_TOKENS the session is
+    signed out, on any page. Before: a signed-in session outlived its token."""
+    monkeypatch.setenv("COINYEAR_API_TOKENS", "old-token,ui-secret")
+    get_settings.cache_clear()
+    at = sign_in(app("models.py"), "Ada", "old-token")
+    assert [b for b in at.button if b.label == "Promote…"]
+    monkeypatch.setenv("COINYEAR_API_TOKENS", "old-token,ui-secret,new-token")  # another token added: still in
+    get_settings.cache_clear()
+    assert [b for b in at.run().button if b.label == "Promote…"]
+    monkeypatch.setenv("COINYEAR_API_TOKENS", "ui-secret,new-token")  # rotated out
+    get_settings.cache_clear()
+    at = at.run()
+    assert not [b for b in at.button if b.label in ("Promote…", "Roll back production…")]
+    assert "Your sign-in ended: its token is no longer accepted" in texts(at.warning)
+    assert "Sign in with an API token to promote or roll back" in texts(at.info)
+    at.switch_page("predict.py").run()
+    assert not at.exception and "Acting as" not in texts(at.caption)
 
 
 def test_with_tokens_a_person_signs_in_and_each_move_is_recorded_with_who_did_it(registered, monkeypatch):

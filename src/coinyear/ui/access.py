@@ -1,9 +1,19 @@
-"""Who may move production from the UI: the gateway's rule (`coinyear.serve.auth`), applied to the Models page.
+"""Who may move production or correct a date from the UI: the gateway's rule (`coinyear.serve.auth`).
 
 With tokens in COINYEAR_API_TOKENS (and COINYEAR_AUTH_DISABLED off) a person signs in with one of those tokens
-before any registry action; without them the UI is local-dev only: `coinyear ui` refuses a non-loopback address
-and the page refuses registry actions to a browser that is not on this machine. Each action is recorded with who
-did it (`actor`): in the `model_decisions` table and as a tag of the version.
+before any registry action (Models page) and before correcting a date (Predict page); without them the UI is
+local-dev only: `coinyear ui` refuses a non-loopback address and the pages refuse both to a browser that is not
+on this machine. Each registry action is recorded with who did it (`actor`): in the `model_decisions` table and
+as a tag of the version.
+
+A correction becomes training data, so it goes with the signed-in person's own token, never the UI's
+COINYEAR_API_TOKEN: the gateway records who gave it from that token (as a Databricks App the UI writes the
+token's actor into the feedback file itself, as the gateway would). An unsigned visitor is asked to sign in;
+there is no review queue. In local-dev mode a correction goes without any credential: an open gateway records
+it as `anonymous` (kept for monitoring, never trained on), one that requires tokens refuses it.
+
+The sign-in (the token, kept in the server-side session state, and the name given) is checked again on every
+page run: once the token is no longer one of COINYEAR_API_TOKENS the session is signed out, saying so.
 """
 
 from __future__ import annotations
@@ -11,7 +21,6 @@ from __future__ import annotations
 import datetime as dt
 import getpass
 import hashlib
-import hmac
 
 import pyarrow as pa
 import streamlit as st
@@ -19,9 +28,10 @@ import streamlit as st
 from coinyear import registry
 from coinyear.config import Settings
 from coinyear.lake import MODEL_DECISIONS, Lake
-from coinyear.serve.auth import is_loopback
+from coinyear.serve.auth import Credential, credentials, is_loopback, match
 
-ACTOR_KEY = "actor"
+ACTOR_KEY = "actor"  # the signed-in person as registry actions record them (name and token fingerprint)
+CREDENTIAL_KEY = "credential"  # their Credential: the token corrections go with, and what is checked each run
 ACTOR_TAG = "moved_by"
 # the columns the retraining job writes too (same names and types), plus `actor`
 DECISION_SCHEMA = pa.schema([
@@ -32,8 +42,9 @@ DECISION_SCHEMA = pa.schema([
 
 
 def auth_required(settings: Settings) -> bool:
-    """True when registry actions need a signed-in person (tokens configured, as for the gateway)."""
-    return not settings.auth_disabled and any(settings.api_tokens)
+    """True when registry actions and corrections need a signed-in person (tokens configured, as for the
+    gateway)."""
+    return not settings.auth_disabled and bool(credentials(settings.api_tokens))
 
 
 def check_bind(settings: Settings, host: str) -> None:
@@ -43,14 +54,6 @@ def check_bind(settings: Settings, host: str) -> None:
                            "Set COINYEAR_API_TOKENS (people sign in with one of them), or bind 127.0.0.1")
 
 
-def token_matches(settings: Settings, given: str) -> bool:
-    """Whether `given` is one of the configured tokens, compared in constant time against every one of them."""
-    matched = False
-    for token in settings.api_tokens:  # no early exit: the time taken does not reveal which token nearly matched
-        matched |= bool(token) and hmac.compare_digest(given.encode(), token.encode())
-    return matched
-
-
 def actor_name(name: str, token: str) -> str:
     """How an action is recorded: the name the person gave and a short fingerprint of their token (never the
     token), so actions stay attributable to a credential when names are made up."""
@@ -58,31 +61,76 @@ def actor_name(name: str, token: str) -> str:
     return f"{name.strip()} (token {fingerprint})"
 
 
+def signed_in(settings: Settings) -> Credential | None:
+    """The signed-in person's credential, checked against COINYEAR_API_TOKENS as they are now: a session whose
+    token is no longer one of them (or whose UI no longer asks for a sign-in) is signed out here, saying so.
+    Every page run calls it (app.py), so a rotated-out token ends the session on whatever page it is on."""
+    credential = st.session_state.get(CREDENTIAL_KEY)
+    if credential is None:
+        st.session_state.pop(ACTOR_KEY, None)
+        return None
+    current = match(credentials(settings.api_tokens), credential.token) if auth_required(settings) else None
+    if current is None:
+        for key in (ACTOR_KEY, CREDENTIAL_KEY):
+            st.session_state.pop(key, None)
+        st.warning("Your sign-in ended: its token is no longer accepted (COINYEAR_API_TOKENS changed). Sign in "
+                   "again with a current token.", icon=":material/lock_reset:")
+        return None
+    st.session_state[CREDENTIAL_KEY] = current  # its name may have changed with the entry
+    return current
+
+
+def refused_remote(what: str) -> bool:
+    """In local-dev mode, whether this browser is on another machine (then `what` is refused, said plainly)."""
+    remote = st.context.ip_address  # a str, or None for a browser on this machine (a stand-in under AppTest)
+    if isinstance(remote, str) and not is_loopback(remote):
+        st.error(f"{what} are refused to {remote}: without COINYEAR_API_TOKENS the UI is for this machine only.",
+                 icon=":material/lock:")
+        return True
+    return False
+
+
 def current_actor(settings: Settings) -> str | None:
     """The person allowed to act in this session, or None after showing why not (the sign-in form, or the
     refusal of a remote browser in local-dev mode)."""
     if not auth_required(settings):
-        remote = st.context.ip_address  # a str, or None for a browser on this machine (a stand-in under AppTest)
-        if isinstance(remote, str) and not is_loopback(remote):
-            st.error(f"Registry actions are refused to {remote}: without COINYEAR_API_TOKENS the UI is for this "
-                     "machine only.", icon=":material/lock:")
-            return None
-        return f"{getpass.getuser()} (local, no auth)"
-    if st.session_state.get(ACTOR_KEY):
+        return None if refused_remote("Registry actions") else f"{getpass.getuser()} (local, no auth)"
+    if signed_in(settings) is not None and st.session_state.get(ACTOR_KEY):
         return st.session_state[ACTOR_KEY]
     st.info("Sign in with an API token to promote or roll back.", icon=":material/lock:")
+    sign_in_form(settings)
+    return None
+
+
+def correction_credential(settings: Settings) -> tuple[bool, Credential | None]:
+    """(whether this session may send a correction, the credential it goes with): with tokens only a signed-in
+    person, with their own (the sign-in form is shown otherwise); in local-dev mode a browser on this machine,
+    with none (the gateway records it as anonymous). Never the UI's own token: see the module docstring."""
+    if not auth_required(settings):
+        return not refused_remote("Corrections"), None
+    credential = signed_in(settings)
+    if credential is not None:
+        return True, credential
+    st.info("Sign in with an API token to correct the date: corrections train the model, so each is recorded "
+            "with who gave it.", icon=":material/lock:")
+    sign_in_form(settings)
+    return False, None
+
+
+def sign_in_form(settings: Settings) -> None:
+    """The sign-in form: a name and one of COINYEAR_API_TOKENS; on success the session is signed in (rerun)."""
     with st.form("sign_in"):
         name = st.text_input("Your name", key="sign_in_name")
         token = st.text_input("API token", type="password", key="sign_in_token")
         if st.form_submit_button("Sign in"):
             if not name.strip():
                 st.error("Give your name: every promotion and rollback is recorded with it.")
-            elif not token_matches(settings, token):
+            elif (credential := match(credentials(settings.api_tokens), token)) is None:
                 st.error("That token is not accepted (one of COINYEAR_API_TOKENS is).")
             else:
                 st.session_state[ACTOR_KEY] = actor_name(name, token)
+                st.session_state[CREDENTIAL_KEY] = credential
                 st.rerun()
-    return None
 
 
 def record(settings: Settings, actor: str, decision: str, version: str, before: str | None,

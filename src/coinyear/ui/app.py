@@ -2,10 +2,12 @@
 
 import streamlit as st
 
+from coinyear.ui import access
 from coinyear.ui.client import ApiError
 from coinyear.ui.shared import api_client, settings
 
 st.set_page_config(page_title="coinyear", page_icon=":material/toll:", layout="wide")
+access.signed_in(settings())  # on every page run: a sign-in whose token was rotated out ends here
 
 navigation = st.navigation([
     st.Page("predict.py", title="Predict", icon=":material/photo_camera:", default=True),

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from coinyear.serve.auth import ANONYMOUS, Credential
+
 REQUEST_ID_HEADER = "x-request-id"
 MODEL_NAME_HEADER = "served-model-name"
 MODEL_VERSION_HEADER = "served-model-version"
@@ -72,9 +74,16 @@ class ApiClient:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
-    def _send(self, method: str, path: str, **kwargs) -> httpx.Response:
+    def _send(self, method: str, path: str, *, own_token: bool = True, token: str | None = None,
+              **kwargs) -> httpx.Response:
+        """The request, with this client's token; `own_token=False`: with `token` instead (None: with none)."""
+        request = self.http.build_request(method, path, **kwargs)
+        if not own_token:
+            request.headers.pop("Authorization", None)
+            if token:
+                request.headers["Authorization"] = f"Bearer {token}"
         try:
-            response = self.http.request(method, path, **kwargs)
+            response = self.http.send(request)
         except httpx.TimeoutException as error:
             raise ApiError(f"The API at {self.url} did not answer within {self.http.timeout.read:.0f} s.") from error
         except httpx.TransportError as error:
@@ -136,10 +145,13 @@ class ApiClient:
     def _served(self, response: httpx.Response) -> tuple[str | None, str | None]:
         return response.headers.get(MODEL_NAME_HEADER), response.headers.get(MODEL_VERSION_HEADER)
 
-    def feedback(self, request_id: str, year_from: int, year_to: int) -> dict:
-        """Record an expert's true date (a year or a range) against a logged request."""
+    def feedback(self, request_id: str, year_from: int, year_to: int, credential: Credential | None) -> dict:
+        """Record an expert's true date (a year or a range) against a logged request, sent with the person's own
+        `credential`, never this client's token: the gateway records who gave it from the token it gets (None:
+        sent with no token, which an open gateway records as anonymous)."""
         body = {"request_id": request_id, "year_from": year_from, "year_to": year_to, "source": "ui"}
-        return self._send("POST", "/feedback", json=body).json()
+        return self._send("POST", "/feedback", json=body, own_token=False,
+                          token=credential.token if credential else None).json()
 
     def version(self) -> dict:
         """What the API serves now: model name, version, alias, loaded-at."""
@@ -206,17 +218,21 @@ class WorkspaceClient(ApiClient):
         self._send("PUT", files_api_path(path), content=data, params={"overwrite": str(overwrite).lower()},
                    headers={"Content-Type": "application/octet-stream"})
 
-    def feedback(self, request_id: str, year_from: int, year_to: int) -> dict:
-        """The correction as a file in the volume; `coinyear ingest-payloads` appends it to `feedback`."""
+    def feedback(self, request_id: str, year_from: int, year_to: int, credential: Credential | None) -> dict:
+        """The correction as a file in the volume; `coinyear ingest-payloads` appends it to `feedback`. There is
+        no gateway to derive who gave it, so the file names the actor of the person's `credential` itself (as
+        the gateway would), or `anonymous` without one; never the token."""
         from datetime import UTC, datetime
 
         from coinyear.serve.volume import feedback_file
 
+        actor = credential.actor if credential else ANONYMOUS
         record = {"request_id": request_id, "year_from": year_from, "year_to": year_to,
-                  "timestamp": datetime.now(UTC), "source": "ui", "note": None}
+                  "timestamp": datetime.now(UTC), "source": "ui", "note": None, "actor": actor}
         path, data = feedback_file(self.volume, record)
         self._upload(path, data, overwrite=False)
-        return {"request_id": request_id, "year_from": year_from, "year_to": year_to, "recorded": True}
+        return {"request_id": request_id, "year_from": year_from, "year_to": year_to, "recorded": True,
+                "actor": actor}
 
     def version(self) -> dict:
         """What the endpoint serves (the entity with the most traffic) and whether it is ready."""

@@ -1,6 +1,6 @@
 """Predict page: two photos (uploaded, or an example coin from the reference data) -> the API -> the year and
 the most similar reference coins as evidence; then the expert's correction goes back to the API against the
-request id."""
+request id, sent as the signed-in person (`access.correction_credential`: with tokens, only after a sign-in)."""
 
 import base64
 import hashlib
@@ -12,6 +12,8 @@ import pandas as pd
 import streamlit as st
 from PIL import Image
 
+from coinyear.serve.auth import ANONYMOUS
+from coinyear.ui import access
 from coinyear.ui.client import ApiError
 from coinyear.ui.shared import api_client, parse_year, settings
 from coinyear.years import out_of_span_warning, year_label
@@ -185,6 +187,9 @@ def correction_form(answer) -> None:
     if not answer.request_id:
         st.warning("The API returned no request id, so a correction cannot be linked to this prediction.")
         return
+    allowed, credential = access.correction_credential(settings())
+    if not allowed:
+        return
     with st.form("correction"):
         st.caption("Know better? Give the true year, or a range. Write years as '27 BC', 'AD 73' or '-27'.")
         first, last = st.columns(2)
@@ -201,15 +206,23 @@ def correction_form(answer) -> None:
             st.error(f"Cannot read the date: {error}.", icon=":material/error:")
             return
         try:
-            api_client().feedback(answer.request_id, year_from, year_to)
+            recorded = api_client().feedback(answer.request_id, year_from, year_to, credential)
         except ApiError as error:
             st.error(error.message, icon=":material/error:")
             return
         span = year_label(year_from) if year_from == year_to else f"{year_label(year_from)} – {year_label(year_to)}"
-        st.session_state["recorded_correction"] = span
+        st.session_state["recorded_correction"] = (span, recorded.get("actor"))
     if st.session_state.get("recorded_correction"):
-        st.success(f"Thank you: correction **{st.session_state['recorded_correction']}** recorded for request "
-                   f"`{answer.request_id}`. It will be used when the model is next retrained.",
+        span, actor = st.session_state["recorded_correction"]
+        if actor == ANONYMOUS:
+            after = ("It is kept for monitoring but not used for retraining: only the corrections of a signed-in "
+                     "expert are.")
+        elif actor:
+            after = "It will be used when the model is next retrained."
+        else:  # a gateway that does not say who it recorded
+            after = ""
+        who = f" as **{actor}**" if actor else ""
+        st.success(f"Thank you: correction **{span}** recorded{who} for request `{answer.request_id}`. {after}",
                    icon=":material/task_alt:")
 
 
