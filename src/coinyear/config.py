@@ -78,7 +78,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8080
     api_tokens: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Accepted bearer tokens, comma-separated in COINYEAR_API_TOKENS.")
+        default_factory=list, description="Accepted bearer tokens, comma-separated in COINYEAR_API_TOKENS; an "
+                                          "entry `name:token` records its callers as `name` (coinyear.serve.auth).")
     auth_disabled: bool = False
     endpoint_name: str | None = Field(default=None, description="{name} in /serving-endpoints/{name}/...; "
                                                                 "default: model_name.")

@@ -4,6 +4,7 @@ auth, bad input, feedback, ops endpoints, the Delta inference log, hot swap unde
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import os
 import shutil
@@ -336,7 +337,8 @@ def test_feedback_is_recorded_against_a_logged_request(server):
     second_row = f"{answer.headers['x-request-id']}-1"
     ok = server.post({"request_id": second_row, "year_from": -27, "year_to": 14, "source": "test"}, "/feedback")
     assert ok.status_code == 200, ok.text
-    assert ok.json() == {"request_id": second_row, "year_from": -27, "year_to": 14, "recorded": True}
+    actor = f"token:{hashlib.sha256(TOKENS[0].encode()).hexdigest()[:8]}"  # who sent it, never the token
+    assert ok.json() == {"request_id": second_row, "year_from": -27, "year_to": 14, "recorded": True, "actor": actor}
     single = server.post({"inputs": [coin_row(42)]}).headers["x-request-id"]
     assert server.post({"request_id": single, "year": 117}, "/feedback").status_code == 200
     cases = [
@@ -358,7 +360,7 @@ def test_feedback_is_recorded_against_a_logged_request(server):
     assert (feedback.loc[second_row, "year_from"], feedback.loc[second_row, "year_to"]) == (-27, 14)
     assert feedback.loc[second_row, "source"] == "test"
     assert (feedback.loc[single, "year_from"], feedback.loc[single, "year_to"]) == (117, 117)
-    assert len(feedback) == 2
+    assert len(feedback) == 2 and set(feedback["actor"]) == {actor}
 
 
 def test_ops_endpoints(server):
