@@ -27,3 +27,36 @@ def test_an_unknown_feedback_id_is_looked_up_once_on_the_feedback_thread(app_cli
     answered = app_client.post(PATH, json=coin_body(1), headers=HEADERS).headers["x-request-id"]
     feedback = app_client.post("/feedback", json={"request_id": answered, "year": 100}, headers=HEADERS)
     assert feedback.status_code == 200 and len(scans) <= 2  # an id this gateway answered needs no lookup
+
+
+def test_only_an_answered_request_takes_feedback(app_client):  # noqa: F811
+    """A 504 (its pass ran past the deadline) or a 400 was never dated: it is logged as what it answered, with no
+    prediction, and feedback for it is refused, from memory and from the Delta table alike."""
+    import time
+
+    import pandas as pd
+
+    gateway = app_client.gateway
+    app_client.scorer.delay = 1.5  # the deadline is 1 s
+    timed_out = app_client.post(PATH, json=coin_body(1), headers=HEADERS)
+    app_client.scorer.delay = 0.0
+    assert timed_out.status_code == 504, timed_out.text
+    refused = app_client.post(PATH, json={"inputs": [{"front_image_base64": "!!", "back_image_base64": "!!"}]},
+                              headers=HEADERS)
+    assert refused.status_code == 400
+    time.sleep(1.0)  # the abandoned pass ends
+    answered = app_client.post(PATH, json=coin_body(2), headers=HEADERS)
+    assert answered.status_code == 200
+    ids = {response.headers["x-request-id"]: response.status_code for response in (timed_out, refused, answered)}
+    assert gateway.log_writer.flush(10)
+    logged = gateway.lake.read("inference_log").set_index("request_id")
+    assert {request_id: logged.loc[request_id, "status_code"] for request_id in ids} == ids
+    assert pd.isna(logged.loc[timed_out.headers["x-request-id"], "prediction"])
+    for from_memory in (True, False):
+        if not from_memory:
+            gateway.recent_ids.clear()
+            gateway.unknown_ids.clear()
+        statuses = {request_id: app_client.post("/feedback", json={"request_id": request_id, "year": 100},
+                                                headers=HEADERS).status_code for request_id in ids}
+        assert statuses == {request_id: 200 if status == 200 else 404 for request_id, status in ids.items()}, \
+            from_memory

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 import uuid
@@ -19,8 +20,8 @@ import pytest
 import requests
 
 from tests.conftest import REPO
-from tests.faults.test_gateway_faults import DEADLINE, Traffic
-from tests.system.test_serve import AUTH, Server, coin_row, copy_home
+from tests.faults.test_gateway_faults import DEADLINE, SLACK, Traffic
+from tests.system.test_serve import AUTH, Server, coin_row, copy_home, lake_rows
 
 INJECT = Path(__file__).parent / "inject"
 
@@ -83,3 +84,41 @@ def test_a_flood_of_bogus_feedback_ids_does_not_starve_scoring(gateway):
     assert slowest < DEADLINE, f"a scoring request took {slowest:.2f} s while feedback was flooded"
     known = gateway.post({"inputs": [coin_row(9)]})
     assert post_feedback(gateway, known.headers["x-request-id"]).status_code == 200  # real feedback still goes in
+
+
+# ------------------------------------------------------------------ item 11: a decode past the deadline
+def batched_rows(server: Server) -> float:
+    """Rows that went through a forward pass so far (the batch-size histogram's sum)."""
+    (value,) = re.findall(r"^coinyear_batch_rows_sum (\S+)$", server.get("/metrics").text, flags=re.M)
+    return float(value)
+
+
+def test_a_decode_past_the_deadline_is_a_504_never_scored_logged_as_such_and_takes_no_feedback(gateway):
+    flag = gateway.home / "slow-decode"
+    decoded = Path(f"{flag}.decoded")
+    decoded.unlink(missing_ok=True)
+    before = batched_rows(gateway)
+    flag.write_text("0.7")  # 3 rows: 6 photos, 4.2 s of decoding against the 2 s deadline
+    try:
+        started = time.monotonic()
+        response = gateway.post({"inputs": [coin_row(1), coin_row(2), coin_row(3)]})
+        took = time.monotonic() - started
+        time.sleep(6 * 0.7 - took + 1.0)  # past the moment the decode thread would have finished every photo
+    finally:
+        flag.unlink(missing_ok=True)
+    assert response.status_code == 504 and response.json()["error_code"] == "DEADLINE_EXCEEDED", response.text
+    assert took < DEADLINE + SLACK, took
+    photos = len(decoded.read_text().splitlines())
+    assert photos <= 4, f"the abandoned request's decode thread went on: {photos} of 6 photos decoded"
+    request_id = response.headers["x-request-id"]
+    for asked in (request_id, f"{request_id}-0"):
+        refused = post_feedback(gateway, asked)
+        assert refused.status_code == 404 and refused.json()["error_code"] == "RESOURCE_DOES_NOT_EXIST", asked
+    assert gateway.post({"inputs": [coin_row(4)]}).status_code == 200  # a batch runs after the abandoned request
+    assert batched_rows(gateway) == before + 1, "the abandoned request's rows went through a forward pass"
+    gateway.wait_logged()
+    logged = lake_rows(gateway.home)
+    mine = logged[logged["http_request_id"] == request_id]
+    assert mine["status_code"].tolist() == [504] and mine["error_code"].tolist() == ["DEADLINE_EXCEEDED"]
+    assert mine["prediction"].isna().all()
+    assert post_feedback(gateway, request_id).status_code == 404  # nor once the log is in Delta

@@ -5,7 +5,8 @@ Scoring (`POST /serving-endpoints/{name}/invocations`, `POST /invocations`) answ
 `x-request-id`. Every answered request is spooled durably (see coinyear.lake.SpooledAppender) before the
 answer leaves, so the inference log never misses an acknowledged request; rows that failed are logged too.
 Every scoring request goes through the micro-batcher and has a deadline (`COINYEAR_REQUEST_TIMEOUT_SECONDS`):
-past it the client gets a 504 `DEADLINE_EXCEEDED`, never a hang.
+past it the client gets a 504 `DEADLINE_EXCEEDED`, never a hang, and the request is not scored: its photos stop
+decoding, it joins no forward pass, it is logged as the 504 it was and takes no feedback (only 200s do).
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -258,8 +261,8 @@ class Gateway:
         except Exception as error:  # noqa: BLE001 - a bug must cost one answer, never the worker
             outcome.error = self._internal_error(outcome, error)
         elapsed = time.perf_counter() - outcome.started
-        if await self._log(outcome, request, elapsed):
-            self._remember(outcome.row_ids())  # feedback is taken only for requests the log holds
+        if await self._log(outcome, request, elapsed) and outcome.status == 200:
+            self._remember(outcome.row_ids())  # feedback is taken only for answered requests the log holds
         self.metrics.requests.labels(str(outcome.status), outcome.error.error_code if outcome.error else "").inc()
         self.metrics.latency.observe(elapsed)
         headers = {"x-request-id": outcome.http_id}
@@ -294,11 +297,16 @@ class Gateway:
         batcher = self.batcher
         assert batcher is not None, "the local backend scores here (the databricks one overrides _score)"
         outcome.model = model = self.models.current  # this request finishes on this model, even across a swap
+        abandoned = threading.Event()
         batcher.preparing += 1
         try:
-            parsed = await asyncio.to_thread(self._decode, body, model, outcome)
+            parsed, outcome.rows = await asyncio.to_thread(self._decode, body, model, abandoned.is_set)
+        except asyncio.CancelledError:  # the deadline: the thread stops before its next photo, its rows go to nobody
+            abandoned.set()
+            raise
         finally:
             batcher.preparing -= 1
+        outcome.parsed = parsed
         first_error = next((row.error for row in outcome.rows if row.error), None)
         if first_error:
             raise ApiError(400, INVALID_PARAMETER_VALUE, first_error)
@@ -327,16 +335,17 @@ class Gateway:
         else:
             outcome.answers = [float(y) for y in outcome.years]
 
-    def _decode(self, body: bytes, model: ServedModel | None, outcome: Outcome) -> ParsedRequest:
-        """JSON, base64 and photo decoding, off the event loop (one thread hop per request)."""
+    def _decode(self, body: bytes, model: ServedModel | None,
+                abandoned: Callable[[], bool]) -> tuple[ParsedRequest, list[PreparedRow]]:
+        """JSON, base64 and photo decoding, off the event loop (one thread hop per request). It touches nothing of
+        the request's Outcome: a request past its deadline is logged as it stood then, whatever this thread does."""
         parsed = parse_body(body, self.settings.max_rows)
         if parsed.client_request_id is not None and not safe_request_id(parsed.client_request_id):
             # a plain name wherever it goes: on Databricks a client_request_id names a folder of the loop volume
             raise ApiError(400, INVALID_PARAMETER_VALUE, f"client_request_id must be {SAFE_REQUEST_ID_RULE}")
-        outcome.parsed = parsed
-        outcome.rows = prepare_rows(parsed.rows, model.image_size if model else None,
-                                    model.grayscale if model else False)
-        return parsed
+        rows = prepare_rows(parsed.rows, model.image_size if model else None, model.grayscale if model else False,
+                            abandoned)
+        return parsed, rows
 
     @staticmethod
     def _answers(model: ServedModel, scored: dict, level: float, neighbours: int, portraits: int = 0) -> list[dict]:
@@ -388,7 +397,8 @@ class Gateway:
                 "endpoint_name": outcome.endpoint_name,
                 "model_name": model.name if model else None,
                 "model_version": model.version if model else None,
-                "prediction": float(outcome.years[index]) if outcome.years is not None else None,
+                # a pass may have scored a request whose deadline then passed: what it was not answered is not logged
+                "prediction": float(outcome.years[index]) if outcome.years is not None and error is None else None,
                 "front_image": row.front,
                 "back_image": row.back,
                 "front_image_bytes": row.front_size,
@@ -405,8 +415,10 @@ class Gateway:
 
     # ----------------------------------------------------------------------------------------- feedback
     def _logged(self, request_id: str) -> bool:
-        """Whether the inference log's Delta table holds `request_id` (a scan: on feedback_executor only)."""
-        found = self.lake.read(INFERENCE_LOG, columns=["request_id"], filters=[("request_id", "=", request_id)])
+        """Whether the inference log's Delta table holds `request_id` answered with a 200 (a scan: on
+        feedback_executor only); a request that was refused or timed out was never dated, so it takes no feedback."""
+        found = self.lake.read(INFERENCE_LOG, columns=["request_id"],
+                               filters=[("request_id", "=", request_id), ("status_code", "=", 200)])
         return len(found) > 0
 
     def _look_up(self, request_id: str) -> bool:

@@ -15,6 +15,7 @@ and `portraits` (k in 0..5: each prediction becomes an object with the k likelie
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from coinyear.data import ImageError, preprocess
@@ -145,11 +146,17 @@ def parse_body(body: bytes, max_rows: int) -> ParsedRequest:
     return ParsedRequest(rows, input_format, params, client_request_id, float(interval), neighbours, portraits)
 
 
-def prepare_rows(rows: list[tuple[object, object]], image_size: int | None, grayscale: bool) -> list[PreparedRow]:
+class Abandoned(Exception):
+    """The request's deadline passed while its photos were being decoded: nobody waits for them any more."""
+
+
+def prepare_rows(rows: list[tuple[object, object]], image_size: int | None, grayscale: bool,
+                 abandoned: Callable[[], bool] | None = None) -> list[PreparedRow]:
     """Decode every row's photos (base64, then the training preprocessing when a model size is known).
 
     Every row is decoded even after a bad one, so the log keeps what each row carried; a side that is not
-    valid base64 or not a readable image is kept out of the log (None).
+    valid base64 or not a readable image is kept out of the log (None). `abandoned` is asked before each
+    photo: once it says True, decoding stops with `Abandoned` (a thread cannot be cancelled from outside).
     """
     prepared = []
     for index, (front_value, back_value) in enumerate(rows):
@@ -168,6 +175,8 @@ def prepare_rows(rows: list[tuple[object, object]], image_size: int | None, gray
             data = decoded[side]
             if data is None or image_size is None:
                 continue
+            if abandoned is not None and abandoned():
+                raise Abandoned(f"abandoned at row {index}, {side}")
             try:
                 arrays[side] = preprocess(data, side, image_size, grayscale)
             except ImageError as error:
