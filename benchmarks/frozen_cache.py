@@ -19,11 +19,12 @@ mixture (sum over portraits of p(portrait) x that portrait's median training yea
 median, and the 50/50 blend of the regression and the mixture; plus the MAE when the top-1 portrait is right
 vs wrong. Writes `<out>/<name>.json` and `.md`.
 
-    PYTHONPATH=src .venv/bin/python benchmarks/frozen_cache.py --name lite0-224-r1      # ~5 min extract + ~1 min/epoch
-    PYTHONPATH=src .venv/bin/python benchmarks/frozen_cache.py --limit 200 --epochs 2 --name smoke   # ~1-2 min
+    PYTHONPATH=src .venv/bin/python benchmarks/frozen_cache.py --name lite0-224-r1       # 30 min (see below)
+    PYTHONPATH=src .venv/bin/python benchmarks/frozen_cache.py --limit 200 --epochs 2 --name smoke   # ~1 min
 
-Times on this machine's 2 shared cores: see the results file (`extract_seconds`, `epoch_seconds`); the second
-run on the same coins reuses the cache and only trains (about a minute an epoch).
+Measured 2026-12-06 on this machine's 2 cores under load 4-12 (other engineers' jobs): extraction 14.3 min
+(5,736 photos; about 7 min at load ~3, from the smoke run's rate), training epochs 94-370 s (about 65 s at load ~3),
+30.5 min in all with early stopping after 4 epochs. A second run on the same coins reuses the cache and only trains.
 """
 
 from __future__ import annotations
