@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, ValidationInfo, field_validator
+from pydantic import AliasChoices, Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from coinyear.reference import SOURCE_URL, resolve_data_dir
@@ -85,6 +85,12 @@ class Settings(BaseSettings):
                                                                 "default: model_name.")
     max_body_bytes: int = 16 * 1024 * 1024
     max_rows: int = 64
+    # Admission control (coinyear.serve.admission): a request holds its body 3-4 times over while it is handled
+    max_inflight_requests: int = Field(default=64, ge=1, description="Scoring and feedback requests handled at "
+                                       "once; more are answered 429 REQUEST_LIMIT_EXCEEDED with Retry-After.")
+    max_inflight_bytes: int = Field(default=128 * 1024 * 1024, ge=1, description="Body bytes of the requests "
+                                    "handled at once (declared Content-Length, else max_body_bytes); a request "
+                                    "that does not fit is answered 429. At least max_body_bytes.")
     alias_poll_seconds: float = 5.0
     batch_max_size: int = 32
     batch_max_wait_ms: float = 5.0
@@ -147,6 +153,14 @@ class Settings(BaseSettings):
     monitor_psi_bins: int = Field(default=10, ge=2)
     monitor_psi_alert: float = Field(default=0.25, gt=0, description="PSI above which `coinyear monitor` lists a "
                                      "drift alert and the UI warns (> 0.25: no longer looks like the reference).")
+
+    @model_validator(mode="after")
+    def _one_body_fits_in_flight(self) -> Settings:
+        """A body the gateway accepts must fit within the in-flight bound, or it would be refused forever."""
+        if self.max_inflight_bytes < self.max_body_bytes:
+            raise ValueError(f"max_inflight_bytes ({self.max_inflight_bytes}) must be at least max_body_bytes "
+                             f"({self.max_body_bytes}): a request of the largest body could never be admitted")
+        return self
 
     @field_validator("api_tokens", "aux_heads", mode="before")
     @classmethod

@@ -60,3 +60,61 @@ def test_only_an_answered_request_takes_feedback(app_client):  # noqa: F811
                                                 headers=HEADERS).status_code for request_id in ids}
         assert statuses == {request_id: 200 if status == 200 else 404 for request_id, status in ids.items()}, \
             from_memory
+
+
+def test_a_body_counts_as_its_declared_length_at_most_the_largest_body():
+    from coinyear.config import Settings
+    from coinyear.serve.admission import Admission
+
+    admission = Admission(Settings(max_body_bytes=100, max_inflight_requests=2, max_inflight_bytes=250))
+    assert admission.cost([(b"Content-Length", b"50")]) == 50
+    assert admission.cost([(b"content-length", b"5000")]) == 100  # read_body answers 413 past 100: no more held
+    assert admission.cost([(b"transfer-encoding", b"chunked")]) == 100
+    assert admission.refusal(100) is None
+    admission.requests, admission.bytes = 1, 200
+    assert admission.refusal(50) is None
+    refused = admission.refusal(51)
+    assert refused is not None and refused.status == 429 and refused.error_code == "REQUEST_LIMIT_EXCEEDED"
+    assert refused.headers == {"Retry-After": "1"} and "COINYEAR_MAX_INFLIGHT_BYTES" in refused.message
+    admission.requests, admission.bytes = 2, 0
+    assert "COINYEAR_MAX_INFLIGHT_REQUESTS" in admission.refusal(1).message
+
+
+def test_the_inflight_bytes_must_hold_one_largest_body():
+    import pydantic
+    import pytest
+
+    from coinyear.config import Settings
+
+    with pytest.raises(pydantic.ValidationError, match="max_inflight_bytes"):
+        Settings(max_body_bytes=1000, max_inflight_bytes=999)
+    with pytest.raises(pydantic.ValidationError):
+        Settings(max_inflight_requests=0)
+
+
+def test_past_the_inflight_bound_a_post_gets_429_at_once_and_ops_still_answer(app_client):  # noqa: F811
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    gateway = app_client.gateway
+    gateway.admission.max_requests = 1
+    app_client.scorer.delay = 0.6
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(app_client.post, PATH, json=coin_body(1), headers=HEADERS)
+        deadline = time.monotonic() + 5
+        while gateway.admission.requests == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        started = time.monotonic()
+        refused = app_client.post(PATH, json=coin_body(2), headers=HEADERS)
+        took = time.monotonic() - started
+        feedback = app_client.post("/feedback", json={"request_id": "x", "year": 1}, headers=HEADERS)
+        ready = app_client.get("/ready")
+        metrics = app_client.get("/metrics").text
+        assert slow.result().status_code == 200
+    assert refused.status_code == 429 and took < 0.5, (refused.text, took)
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json()["error_code"] == "REQUEST_LIMIT_EXCEEDED" and refused.json()["message"]
+    assert feedback.status_code == 429 and ready.status_code == 200
+    assert "coinyear_inflight_requests 1.0" in metrics
+    assert 'coinyear_requests_total{error_code="REQUEST_LIMIT_EXCEEDED",status="429"} 1.0' in metrics
+    assert gateway.admission.requests == 0 and gateway.admission.bytes == 0

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -122,3 +123,69 @@ def test_a_decode_past_the_deadline_is_a_504_never_scored_logged_as_such_and_tak
     assert mine["status_code"].tolist() == [504] and mine["error_code"].tolist() == ["DEADLINE_EXCEEDED"]
     assert mine["prediction"].isna().all()
     assert post_feedback(gateway, request_id).status_code == 404  # nor once the log is in Delta
+
+
+# ------------------------------------------------------------------- item 10: admission control
+MB = 1_000_000
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
+def test_many_concurrent_large_requests_get_429_with_retry_after_and_memory_stays_bounded(trained, tmp_path):
+    server = start(copy_home(trained, tmp_path / "home"), COINYEAR_MAX_BODY_BYTES=4 * MB,
+                   COINYEAR_MAX_INFLIGHT_REQUESTS=4, COINYEAR_MAX_INFLIGHT_BYTES=8 * MB)
+    try:
+        pid = server.process.pid
+        body = json.dumps({"inputs": [coin_row(1)], "padding": "x" * (3 * MB)}).encode()  # other keys are ignored
+        for _ in range(3):  # warm: the first requests' allocations are not the load's
+            assert server.post({"inputs": [coin_row(2)]}).status_code == 200
+        baseline = peak = rss_bytes(pid)
+        clients = 48
+        answers: list[tuple[int, str | None, dict | None, float]] = []
+        barrier = threading.Barrier(clients)
+        sampling = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            while not sampling.is_set():
+                peak = max(peak, rss_bytes(pid))
+                time.sleep(0.005)
+
+        def client() -> None:
+            barrier.wait()
+            started = time.monotonic()
+            response = requests.post(f"{server.url}/serving-endpoints/coinyear/invocations", data=body, timeout=60,
+                                     headers={**AUTH, "Content-Type": "application/json"})
+            payload = response.json() if response.status_code != 200 else None
+            answers.append((response.status_code, response.headers.get("retry-after"), payload,
+                            time.monotonic() - started))
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        sampling.set()
+        sampler.join()
+        statuses = [status for status, *_ in answers]
+        assert len(answers) == clients and set(statuses) <= {200, 429}, sorted(statuses)
+        refused = [answer for answer in answers if answer[0] == 429]
+        assert refused and statuses.count(200) >= 1, sorted(statuses)
+        for _, retry_after, payload, _ in refused:
+            assert retry_after is not None and int(retry_after) >= 1
+            assert payload["error_code"] == "REQUEST_LIMIT_EXCEEDED" and payload["message"], payload
+        slowest = max(seconds for *_, seconds in refused)
+        assert slowest < DEADLINE, f"a refusal took {slowest:.2f} s (it is answered from the headers)"
+        growth = peak - baseline
+        assert growth < 100 * MB, f"the gateway grew by {growth / MB:.0f} MB under {clients} requests of 3 MB"
+        metrics = server.get("/metrics").text
+        assert 'coinyear_requests_total{error_code="REQUEST_LIMIT_EXCEEDED",status="429"}' in metrics
+    finally:
+        server.kill()

@@ -36,6 +36,7 @@ import coinyear
 from coinyear.config import Settings
 from coinyear.lake import FEEDBACK, INFERENCE_LOG, Lake, SpoolClosedError, SpooledAppender
 from coinyear.pyfunc import pair_tensors
+from coinyear.serve.admission import Admission, AdmissionMiddleware
 from coinyear.serve.auth import BearerAuth
 from coinyear.serve.batching import DispatcherDown, MicroBatcher
 from coinyear.serve.errors import (
@@ -91,6 +92,10 @@ class Metrics:
         self.swaps = Counter("coinyear_model_swaps", "Model versions swapped in", registry=self.registry)
         self.load_failures = Counter("coinyear_model_load_failures", "Versions that failed to load or warm",
                                      registry=self.registry)
+        self.inflight_requests = Gauge("coinyear_inflight_requests", "Scoring and feedback requests being handled",
+                                       registry=self.registry)
+        self.inflight_bytes = Gauge("coinyear_inflight_bytes", "Body bytes the requests being handled count for",
+                                    registry=self.registry)
         self.log_backlog = Gauge("coinyear_inference_log_backlog", "Rows spooled but not yet in Delta",
                                  ["table"], registry=self.registry)
         self.spools: dict[str, SpooledAppender] = {}  # table -> its spool, whose health() is read at each scrape
@@ -171,6 +176,9 @@ class Gateway:
         self.endpoint_name = settings.serving_endpoint_name
         self.auth = BearerAuth(settings, host)
         self.metrics = Metrics()
+        self.admission = Admission(settings)
+        self.metrics.inflight_requests.set_function(lambda: self.admission.requests)
+        self.metrics.inflight_bytes.set_function(lambda: self.admission.bytes)
         self.recent_ids: OrderedDict[str, None] = OrderedDict()
         self.unknown_ids: OrderedDict[str, float] = OrderedDict()  # id -> when a lookup missed it (monotonic)
         self.feedback_lookups = 0  # waiting or running on feedback_executor
@@ -589,6 +597,13 @@ def create_app(settings: Settings, host: str | None = None) -> FastAPI:
                               "and the MLflow scoring server.")
     app.state.gateway = gateway
     install_handlers(app)
+
+    def refused(path: str) -> None:
+        """A scoring request refused for capacity counts among the scoring requests (feedback has no series)."""
+        if path.endswith("/invocations"):
+            gateway.metrics.requests.labels("429", REQUEST_LIMIT_EXCEEDED).inc()
+
+    app.add_middleware(AdmissionMiddleware, admission=gateway.admission, on_refused=refused)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception):
