@@ -118,3 +118,34 @@ def test_past_the_inflight_bound_a_post_gets_429_at_once_and_ops_still_answer(ap
     assert "coinyear_inflight_requests 1.0" in metrics
     assert 'coinyear_requests_total{error_code="REQUEST_LIMIT_EXCEEDED",status="429"} 1.0' in metrics
     assert gateway.admission.requests == 0 and gateway.admission.bytes == 0
+
+
+def test_refusals_are_logged_and_counted(app_client):  # noqa: F811
+    """401, 403, 404 and 415 are answers like any other: in the inference log (no body was read: no photos) and
+    in coinyear_requests, with the request id header that finds the row."""
+    import json
+
+    gateway = app_client.gateway
+    body = json.dumps(coin_body(1)).encode()
+    refused = {
+        "UNAUTHENTICATED": app_client.post(PATH, content=body),
+        "PERMISSION_DENIED": app_client.post(PATH, content=body, headers={"Authorization": "Bearer wrong"}),
+        "ENDPOINT_NOT_FOUND": app_client.post("/serving-endpoints/elsewhere/invocations", content=body,
+                                              headers=HEADERS),
+        "BAD_REQUEST": app_client.post(PATH, content=body, headers={**HEADERS, "Content-Type": "text/plain"}),
+    }
+    statuses = {code: response.status_code for code, response in refused.items()}
+    assert statuses == {"UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "ENDPOINT_NOT_FOUND": 404,
+                        "BAD_REQUEST": 415}
+    assert refused["UNAUTHENTICATED"].headers["www-authenticate"] == "Bearer"
+    assert gateway.log_writer.flush(10)
+    logged = gateway.lake.read("inference_log")
+    assert sorted(zip(logged["status_code"], logged["error_code"])) == sorted(
+        (status, code) for code, status in statuses.items())
+    assert logged["front_image"].isna().all() and logged["prediction"].isna().all()
+    by_id = logged.set_index("http_request_id")
+    for code, response in refused.items():
+        assert by_id.loc[response.headers["x-request-id"], "error_code"] == code
+    metrics = app_client.get("/metrics").text
+    for code, status in statuses.items():
+        assert f'coinyear_requests_total{{error_code="{code}",status="{status}"}} 1.0' in metrics, code

@@ -247,14 +247,10 @@ class Gateway:
 
     async def score(self, request: Request, endpoint_name: str | None) -> Response:
         outcome = Outcome(uuid.uuid4().hex, datetime.now(UTC), time.perf_counter(), endpoint_name)
-        self.auth.check(request)  # unauthenticated requests are refused before anything is read or logged
-        if endpoint_name is not None and endpoint_name != self.endpoint_name:
-            raise ApiError(404, ENDPOINT_NOT_FOUND, f"no serving endpoint named {endpoint_name!r}; "
-                                                   f"this server serves {self.endpoint_name!r}")
-        check_content_type(request)
         timeout = self.settings.request_timeout_seconds
         try:
             async with asyncio.timeout(timeout) as deadline:
+                self._refusal(request, endpoint_name)
                 await self._score(request, outcome)
         except ApiError as error:
             outcome.error = error
@@ -280,6 +276,15 @@ class Gateway:
             return outcome.error.response(headers)
         self.metrics.rows.inc(len(outcome.rows))
         return JSONResponse({"predictions": outcome.answers}, headers=headers)
+
+    def _refusal(self, request: Request, endpoint_name: str | None) -> None:
+        """ApiError 401/403 (token), 404 (endpoint name) or 415 (Content-Type), from the headers alone: a refused
+        request's body is never read, and it is logged and counted like any other answer (without photos)."""
+        self.auth.check(request)
+        if endpoint_name is not None and endpoint_name != self.endpoint_name:
+            raise ApiError(404, ENDPOINT_NOT_FOUND, f"no serving endpoint named {endpoint_name!r}; "
+                                                   f"this server serves {self.endpoint_name!r}")
+        check_content_type(request)
 
     def _internal_error(self, outcome: Outcome, error: Exception) -> ApiError:
         log.error("scoring request %s failed", outcome.http_id, exc_info=error)
