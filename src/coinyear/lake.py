@@ -26,7 +26,9 @@ inference_log (one row per input row of a scoring request; partitioned by `date`
     status_code        int32      HTTP status answered (200, 400, 413, 503, ...)
     error_code         string     MLflow error code (BAD_REQUEST, INVALID_PARAMETER_VALUE, ...); null on 200
     error_message      string     the message answered; null on 200
-    execution_time_ms  float64    time from request arrival to answer
+    execution_time_ms  float64    time from request arrival until the answer was ready and this row went to the
+                                  spool: not the spool's fsync that the answer then waits for (a row cannot hold
+                                  its own fsync; the gateway's coinyear_request_latency_seconds includes it)
     endpoint_name      string     `{name}` of /serving-endpoints/{name}/invocations, null for /invocations
     model_name         string     registered model that answered (null when none was loaded)
     model_version      string     its version

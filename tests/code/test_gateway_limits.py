@@ -149,3 +149,37 @@ def test_refusals_are_logged_and_counted(app_client):  # noqa: F811
     metrics = app_client.get("/metrics").text
     for code, status in statuses.items():
         assert f'coinyear_requests_total{{error_code="{code}",status="{status}"}} 1.0' in metrics, code
+
+
+def test_execution_time_ms_excludes_the_spool_fsync_and_the_latency_metric_includes_it(app_client):  # noqa: F811
+    """A row cannot hold the time of its own fsync: `execution_time_ms` runs from arrival until the answer was
+    ready and its row handed to the spool. What the client waited, fsync included, is in
+    coinyear_request_latency_seconds."""
+    import re
+    import threading
+    import time
+    from concurrent.futures import Future
+
+    writer = app_client.gateway.log_writer
+    real_submit = writer.submit
+
+    def slow_fsync(rows):  # the rows are spooled for real, then the fsync takes 0.5 s more
+        done: Future = Future()
+        spooled = real_submit(rows)
+        threading.Timer(0.5, lambda: done.set_result(spooled.result())).start()
+        return done
+
+    writer.submit = slow_fsync
+    try:
+        started = time.monotonic()
+        response = app_client.post(PATH, json=coin_body(1), headers=HEADERS)
+        waited = time.monotonic() - started
+    finally:
+        writer.submit = real_submit
+    assert response.status_code == 200 and waited >= 0.5
+    assert writer.flush(10)
+    (row,) = app_client.gateway.lake.read("inference_log").to_dict("records")
+    assert row["execution_time_ms"] < 500, row["execution_time_ms"]
+    metrics = app_client.get("/metrics").text
+    (observed,) = re.findall(r"^coinyear_request_latency_seconds_sum (\S+)$", metrics, flags=re.M)
+    assert 0.5 <= float(observed) <= waited, (observed, waited)
