@@ -3,10 +3,16 @@
 None -> Staging -> Production is expressed with the aliases `staging` and `production` (MLflow 3 and Unity
 Catalog have no stages). Each promotion to production tags the new version with the version it replaced
 (`previous_production`), so `rollback` can walk back through the history one step at a time, repeatedly.
+
+`promote(..., expected_current=v)` is a compare-and-set for a job that judged a candidate against `v`: the alias
+moves only while it still points to `v`, else `AliasChanged` and nothing moves, so a rollback made meanwhile
+stands.
 """
 
 from __future__ import annotations
 
+import enum
+import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -15,6 +21,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from coinyear.config import Settings, configure_mlflow
+
+log = logging.getLogger(__name__)
 
 STAGING, PRODUCTION = "staging", "production"
 ALIASES = (STAGING, PRODUCTION)
@@ -26,6 +34,23 @@ KEY_METRICS = ("test_mae", "test_within_10y", "test_portrait_top1", "val_mae", "
 
 class RegistryError(RuntimeError):
     """A registry operation that cannot be done (unknown version, nothing to roll back to...)."""
+
+
+class AliasChanged(RegistryError):
+    """A compare-and-set `promote` found the alias no longer where the caller saw it: nothing was moved."""
+
+    def __init__(self, alias: str, expected: str | None, actual: str | None):
+        self.alias, self.expected, self.actual = alias, expected, actual
+        super().__init__(f"{alias} is version {actual or 'none'} now, not {expected or 'none'} as expected: "
+                         f"not moved")
+
+
+class _Anything(enum.Enum):
+    ANYTHING = "anything"
+
+
+# `promote`'s default `expected_current`: move the alias wherever it points (a person's explicit choice)
+ANYTHING = _Anything.ANYTHING
 
 
 @dataclass
@@ -99,23 +124,59 @@ def list_versions(settings: Settings) -> list[VersionInfo]:
     return infos
 
 
-def promote(settings: Settings, version: str | int, to: str) -> str | None:
-    """Point alias `to` at `version`; returns the version the alias pointed to before (or None)."""
+def promote(settings: Settings, version: str | int, to: str,
+            expected_current: str | int | _Anything | None = ANYTHING) -> str | None:
+    """Point alias `to` at `version`; returns the version the alias pointed to before (or None).
+
+    With `expected_current` (a version, or None: no such alias yet) it is a compare-and-set: the alias moves only
+    while it still points there; otherwise AliasChanged is raised and nothing moved, the version's tags as before.
+    """
     if to not in ALIASES:
         raise RegistryError(f"unknown alias {to!r}; use one of {', '.join(ALIASES)}")
     mlflow_client, name, version = client(settings), settings.model_name, str(version)
     try:
-        mlflow_client.get_model_version(name, version)
+        tags_before = dict(mlflow_client.get_model_version(name, version).tags or {})
     except MlflowException as error:
         if _is_not_found(error):
             raise RegistryError(f"model {name} has no version {version}") from error
         raise RegistryError(f"cannot read version {version} of {name}: {error.message}") from error
-    previous = version_by_alias(settings, to)
+    previous: str | None
+    if isinstance(expected_current, _Anything):
+        checked, previous = False, version_by_alias(settings, to)
+    else:  # the tags below assume it; the read right before the set checks it
+        checked, previous = True, None if expected_current is None else str(expected_current)
+    tags = {f"{to}_since": _now()}
     if to == PRODUCTION and previous and previous != version:
-        mlflow_client.set_model_version_tag(name, version, PREVIOUS_TAG, previous)
-    mlflow_client.set_model_version_tag(name, version, f"{to}_since", _now())
+        tags[PREVIOUS_TAG] = previous
+    for key, value in tags.items():
+        mlflow_client.set_model_version_tag(name, version, key, value)
+    if checked:
+        # MLflow (Unity Catalog too) has no atomic compare-and-set of an alias: reading it as the very last call
+        # before the set leaves a change one round trip to slip in, instead of the tag writes and the caller's
+        # whole run (a long training)
+        try:
+            actual = version_by_alias(settings, to)
+        except RegistryError:
+            _restore_tags(mlflow_client, name, version, tags_before, tags)
+            raise
+        if actual != previous:
+            _restore_tags(mlflow_client, name, version, tags_before, tags)
+            raise AliasChanged(to, previous, actual)
     mlflow_client.set_registered_model_alias(name, to, version)
     return previous
+
+
+def _restore_tags(mlflow_client: MlflowClient, name: str, version: str, before: Mapping[str, str],
+                  written: Mapping[str, str]) -> None:
+    """Put back the tags a promotion that did not happen wrote (best effort: a failure here only logs)."""
+    for key in written:
+        try:
+            if key in before:
+                mlflow_client.set_model_version_tag(name, version, key, before[key])
+            else:
+                mlflow_client.delete_model_version_tag(name, version, key)
+        except MlflowException as error:
+            log.warning("cannot restore tag %s of %s version %s: %s", key, name, version, error.message)
 
 
 def rollback(settings: Settings) -> tuple[str, str]:

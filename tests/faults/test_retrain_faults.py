@@ -396,3 +396,37 @@ def test_a_failure_after_the_promotion_is_recorded_as_the_promotion_it_was(quick
         assert tags["decision"] == PROMOTED
     assert run_retrain(settings).decision == SKIPPED  # the feedback was used: consumed, not retrained on again
 
+
+def test_a_rollback_during_the_run_is_not_undone_by_the_promotion(quick_retrain, monkeypatch):
+    """Before: the candidate was judged against the production of the run's start, but `promote` set the alias
+    whatever it pointed to by then, silently undoing a rollback made (in the UI) while the job trained."""
+    settings, lake = quick_retrain
+    v2 = register_constant(settings, 900.0)
+    registry.promote(settings, v2, registry.PRODUCTION)  # replaces v1
+    real_validate = retrain.validate
+
+    def validate_then_roll_back(settings, candidate, production, eval_rows):
+        verdict = real_validate(settings, candidate, production, eval_rows)
+        assert registry.rollback(settings) == (v2, "1")  # someone rolls back while the gate runs
+        return verdict
+
+    monkeypatch.setattr(retrain, "validate", validate_then_roll_back)
+    result = run_retrain(settings)
+    print(result.report())
+    monkeypatch.setattr(retrain, "validate", real_validate)
+    assert registry.version_by_alias(settings, registry.PRODUCTION) == "1"  # the rollback stands
+    assert result.decision == retrain.SUPERSEDED, result.reason
+    assert (result.production_before, result.production_after) == (v2, "1")
+    assert f"v{v2}" in result.reason and "v1" in result.reason
+    last = lake.read(MODEL_DECISIONS).sort_values("decided_at").iloc[-1]
+    assert (last["decision"], last["production_before"], last["production_after"]) == (retrain.SUPERSEDED, v2, "1")
+    assert last["consumed_feedback"] is None
+    assert pending(lake) == 8 and counted_training_rows(lake) == 0  # not used for a live model: still new
+    tags = {v.version: v.tags for v in registry.list_versions(settings)}[result.candidate_version]
+    assert tags["decision"] == retrain.SUPERSEDED and registry.PREVIOUS_TAG not in tags
+
+    # the next run judges a fresh candidate against the production the user chose, and promotes it
+    again = run_retrain(settings)
+    assert again.decision == PROMOTED and again.production_before == "1" and again.new_feedback_rows == 8
+    assert registry.version_by_alias(settings, registry.PRODUCTION) == again.candidate_version
+    assert pending(lake) == 0

@@ -30,6 +30,8 @@ from coinyear.jobs.ingest import FEEDBACK_SOURCE
 log = logging.getLogger(__name__)
 
 PROMOTED, REJECTED, SKIPPED, FAILED = "promoted", "rejected", "skipped", "failed"
+# the candidate was judged against a `production` that someone moved during the run: not promoted (retrain.py)
+SUPERSEDED = "superseded"
 LATENCY_PROBES = 20
 MAE = "mean_absolute_error"  # mlflow.models.evaluate's name for it
 

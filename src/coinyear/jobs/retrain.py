@@ -14,16 +14,19 @@ decide); this module orchestrates them and records the decision:
 4. train     the recipe of `coinyear.recipe` (the one `coinyear train` uses), registered, `staging`;
 5. validate  candidate and production scored on the same evaluation rows, none of which either trained on,
              with `mlflow.models.evaluate`, compared by `mlflow.validate_evaluation_results`;
-6. decide    promote or reject; the decision goes to the `model_decisions` table and the version's tags.
+6. decide    promote or reject; the decision goes to the `model_decisions` table and the version's tags. The
+             promotion is a compare-and-set: when `production` is no longer the version the candidate was
+             judged against (a rollback or promotion made during the run, e.g. in the UI), the alias stays where
+             that person put it and the decision is `superseded`.
 
 Consumed exactly when decided: the decision row carries the ids of the feedback rows it decided on
 (`consumed_feedback`). Only a decision (promoted, rejected, or skipped because no row survived cleaning)
-consumes them, and the training rows of a run count only once the run has one. A run that fails anywhere —
-the registry unreachable when production is read or the alias is set, training, scoring — is recorded as
-`failed` with the reason, moves nothing, and leaves its feedback for the next run. Once `production` has moved
-to the candidate, the run is that promotion whatever fails after it (reading the alias back, tagging the version,
-writing the decision row): it is recorded as `promoted`, with what failed after in the reason, and consumes its
-feedback.
+consumes them, and the training rows of a run count only once the run has one; a `superseded` run consumes
+nothing (its feedback did not reach a live model). A run that fails anywhere — the registry unreachable when
+production is read or the alias is set, training, scoring — is recorded as `failed` with the reason, moves
+nothing, and leaves its feedback for the next run. Once `production` has moved to the candidate, the run is that
+promotion whatever fails after it (reading the alias back, tagging the version, writing the decision row): it is
+recorded as `promoted`, with what failed after in the reason, and consumes its feedback.
 """
 
 from __future__ import annotations
@@ -43,13 +46,15 @@ from coinyear import registry
 from coinyear.config import Settings, ensure_experiment
 from coinyear.data import Manifest
 from coinyear.jobs.clean import clean, count_reasons
-from coinyear.jobs.gate import FAILED, MAE, PROMOTED, REJECTED, SKIPPED, validate
+from coinyear.jobs.gate import FAILED, MAE, PROMOTED, REJECTED, SKIPPED, SUPERSEDED, validate
 from coinyear.jobs.ingest import build, current_rows, dataset, feedback_key, ingest, read_new_feedback, table_version
 from coinyear.lake import MODEL_DECISIONS, TRAINING_DATA, Lake
 
 log = logging.getLogger(__name__)
 
-# decisions that settle the feedback they were made on (a failed run settles nothing)
+# decisions that settle the feedback they were made on. A failed run settles nothing; nor does a superseded one:
+# its candidate never served, and the person who moved production meanwhile would expect the next run to judge
+# that feedback again, against the production they chose, rather than find it used up by a model nobody uses.
 CONSUMING = (PROMOTED, REJECTED, SKIPPED)
 DECISIONS_SCHEMA = pa.schema([
     ("decided_at", pa.timestamp("us", tz="UTC")), ("retrain_run_id", pa.string()), ("model_name", pa.string()),
@@ -67,6 +72,17 @@ DECISIONS_SCHEMA = pa.schema([
 ])
 
 
+def superseded_reason(changed: registry.AliasChanged, verdict: str, feedback_rows: int) -> str:
+    """Why a candidate that beat production was not promoted: production moved during the run."""
+    def name(version: str | None) -> str:
+        return f"v{version}" if version else "none"
+
+    return (f"production moved from {name(changed.expected)} to {name(changed.actual)} during the run (a rollback "
+            f"or a promotion made meanwhile), so the candidate was not promoted over it; it had been judged against "
+            f"{name(changed.expected)}: {verdict}; the {feedback_rows} feedback rows stay for the next run, which "
+            f"judges a new candidate against {name(changed.actual)}")
+
+
 class RetrainBusy(RuntimeError):
     """Another retraining run holds the lock."""
 
@@ -74,7 +90,7 @@ class RetrainBusy(RuntimeError):
 # ------------------------------------------------------------------------------------------------ result
 @dataclass
 class RetrainResult:
-    decision: str  # promoted | rejected | skipped | dry_run | failed (the job itself broke)
+    decision: str  # promoted | rejected | skipped | superseded | dry_run | failed (the job itself broke)
     reason: str
     run_id: str | None = None
     candidate_version: str | None = None
@@ -294,9 +310,15 @@ class Retraining:
         with self.step("decide"):
             result.decision, result.reason = verdict.decision, verdict.reason
             if verdict.decision == PROMOTED:
-                self.promote(version)
-                # production moved: from here on a failure is a note on this promotion, not a failed run (`run`)
-                self.promoted = result.production_after = version
+                try:
+                    self.promote(version, result.production_before)
+                except registry.AliasChanged as changed:
+                    # moving the alias now would silently undo what someone chose during the run
+                    result.decision, result.reason = SUPERSEDED, superseded_reason(changed, verdict.reason,
+                                                                                   len(keys))
+                else:
+                    # production moved: from here on a failure is a note on this promotion, not a failed run
+                    self.promoted = result.production_after = version
             self.current = "decide: read production back"
             result.production_after = registry.version_by_alias(settings, registry.PRODUCTION)
             self.current = "decide: tag the version"
@@ -331,11 +353,14 @@ class Retraining:
             result.reason += (f"; the decision could not be recorded in {MODEL_DECISIONS}, so the next run sees its "
                               f"{len(keys)} feedback rows again")
 
-    def promote(self, version: str) -> None:
-        """`production` -> `version`. A failure that did not move the alias raises; one that did (the answer
-        lost after the change) is a promotion."""
+    def promote(self, version: str, judged_against: str | None) -> None:
+        """`production` -> `version`, only while it is still `judged_against` (registry.AliasChanged otherwise,
+        nothing moved). A failure that did not move the alias raises; one that did (the answer lost after the
+        change) is a promotion."""
         try:
-            registry.promote(self.settings, version, registry.PRODUCTION)
+            registry.promote(self.settings, version, registry.PRODUCTION, expected_current=judged_against)
+        except registry.AliasChanged:
+            raise
         except Exception as error:
             try:
                 moved = registry.version_by_alias(self.settings, registry.PRODUCTION) == version
