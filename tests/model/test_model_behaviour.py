@@ -51,12 +51,21 @@ def test_projection_layer_sets_the_embedding_width():
         assert model.features(torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)).shape == (2, 24)
 
 
-def test_front_and_back_are_not_interchangeable():
+@pytest.mark.parametrize("mode", ["shared", "dual"])
+def test_each_side_reaches_its_own_half_of_the_features(mode):
+    """The fused features keep the sides apart, front half then back half, so the head can learn what each side
+    tells. (This replaces "a swap changes the answer": on a random head a swap always changes it, whatever the
+    wiring.) A fusion that mixes the sides, or a side that gets the other photo, fails here."""
     # pretrained features: a randomly initialised backbone in eval mode maps every image to ~0
-    model = build_model(ModelConfig(backbone="efficientnet_lite0", mode="dual", proj_dim=0)).eval()
-    a, b = torch.rand(1, 3, 64, 64), torch.rand(1, 3, 64, 64)
+    model = build_model(ModelConfig(backbone="efficientnet_lite0", mode=mode, proj_dim=0)).eval()
+    a, b, c = (torch.rand(1, 3, 64, 64) for _ in range(3))
     with torch.no_grad():
-        assert not torch.allclose(model(a, b), model(b, a))
+        ab, ac, ba = model.features(a, b), model.features(a, c), model.features(b, a)
+    half = ab.shape[1] // 2
+    assert torch.allclose(ab[:, :half], ac[:, :half], atol=1e-5)  # the front half is the front photo's alone
+    assert not torch.allclose(ab[:, half:], ac[:, half:], atol=1e-3)  # the back half follows the back photo
+    # swapped photos swap the halves (both sides start from the same ImageNet weights, in dual mode too)
+    assert torch.allclose(ba, torch.cat([ab[:, half:], ab[:, :half]], dim=1), atol=1e-5)
 
 
 def test_efficientnet_lite0_loads_the_shipped_imagenet_weights():
