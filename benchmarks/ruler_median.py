@@ -10,7 +10,9 @@ photos as served (rotation TTA, probabilities averaged over rotations):
 * served: (1 - w) x regression + w x mixture mean (what the model answers today);
 * regression: the regression head alone, recovered from the served year (the mean is linear in p);
 * mixture mean, mixture median;
-* (1 - w) x regression + w x mixture median, and the median alone where the head is confident.
+* (1 - w) x regression + w x mixture median, and the median alone where the head is confident;
+* what the network itself serves with `ModelConfig.ruler_statistic = "median"` (the median per rotation, then
+  the rotations' mean), scored with PyTorch.
 
     COINYEAR_HOME=.coinyear python benchmarks/ruler_median.py --name demo
 
@@ -61,16 +63,21 @@ def main(argv=None) -> int:
     years = np.array([year for _, year in model.portraits], dtype=float)
     blend = model.model.config.ruler_blend
 
-    served, portraits = [], []
+    config = model.model.config
+    model.onnx = None  # PyTorch for every row below: the statistic is switched on the loaded network
+    served, portraits, served_median = [], [], []
     for start in range(0, len(rows), 32):
         chunk = rows.iloc[start:start + 32]
         # decoded exactly as the served model decodes a request's photos
         fronts, backs = pair_tensors([decode_pair(Path(front).read_bytes(), Path(back).read_bytes(), model.size,
                                                   model.grayscale)
                                       for front, back in zip(chunk["obverse_path"], chunk["reverse_path"])])
+        config.ruler_statistic = "mean"
         scored = model.score_tensors(fronts, backs, with_features=True)
         served.append(scored["year"])
         portraits.append(scored["portraits"])
+        config.ruler_statistic = "median"  # what the network serves with ModelConfig.ruler_statistic = "median"
+        served_median.append(model.score_tensors(fronts, backs)["year"])
     year, p = np.concatenate(served), np.concatenate(portraits)
     mean = p @ years
     regression = (year - blend * mean) / (1 - blend)
@@ -82,9 +89,11 @@ def main(argv=None) -> int:
         "mixture mean": mean,
         "mixture median": median,
         "(1 - w) regression + w mixture median": (1 - blend) * regression + blend * median,
+        "served with ruler_statistic = median (per rotation, then averaged)": np.concatenate(served_median),
         "median where top portrait >= 50%, else served": np.where(confident, median, year),
     }
     year_from, year_to = rows["year_from"].to_numpy(float), rows["year_to"].to_numpy(float)
+    config.ruler_statistic = "mean"
     results = {label: evaluate.regression_metrics(values, year_from, year_to) for label, values in estimates.items()}
     report = {"model": args.model, "coins": len(rows), "ruler_blend": blend, "portrait_classes": names,
               "confident_share": float(confident.mean()), "estimates": results}
