@@ -196,6 +196,23 @@ def test_a_failing_batch_fails_its_requests_and_the_dispatcher_goes_on(app_clien
     assert app_client.get("/version").json()["dispatcher"] == {"alive": True, "failure": None, "failed_batches": 1}
 
 
+def test_version_shows_error_texts_only_to_a_caller_with_a_token(app_client):
+    """An unauthenticated probe learns that there is an error, not what it says (hosts, paths, versions)."""
+    from coinyear.serve.app import HIDDEN
+
+    models = app_client.gateway.models
+    models.last_error = "cannot read alias production: sqlite:////srv/secret/mlflow.db is locked"
+    models.failed["9"] = ("version 9 failed its smoke request: /srv/secret/model.pt", 0.0)
+    open_view = app_client.get("/version").json()
+    assert open_view["last_error"] == HIDDEN and open_view["rejected_versions"] == {"9": HIDDEN}
+    assert "/srv/secret" not in json_module.dumps(open_view) and open_view["model_version"] == "7"
+    assert open_view["dispatcher"]["failure"] is None  # no error: nothing hidden
+    for headers in ({"Authorization": "Bearer wrong"}, {}):
+        assert "/srv/secret" not in app_client.get("/version", headers=headers).text
+    signed_in = app_client.get("/version", headers=HEADERS).json()
+    assert signed_in["last_error"].endswith("is locked") and "smoke request" in signed_in["rejected_versions"]["9"]
+
+
 def test_a_dead_dispatcher_shows_in_ready_and_requests_fail_fast(app_client):
     import time
 

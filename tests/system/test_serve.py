@@ -447,7 +447,7 @@ def test_hot_swap_under_steady_traffic_fails_no_request(server):
     after = versions[first_new:]
     assert set(versions[:first_new]) == {"1"} and set(after) <= {"1", new_version}
     assert after.count("1") <= len(clients) - 1, after[:5]
-    status = server.get("/version").json()
+    status = requests.get(server.url + "/version", headers=AUTH, timeout=10).json()  # error texts need a token
     assert status["model_version"] == new_version and broken in status["rejected_versions"]
     assert status["alias_version"] == broken and "not swapped in" in status["last_error"]
     new_answer = server.post({"inputs": [coin_row(50)]})

@@ -562,6 +562,19 @@ class Gateway:
         }
 
 
+ERROR_FIELDS = ("last_error", "failure", "rejected_versions")
+HIDDEN = "hidden: send a valid bearer token to see it"
+
+
+def redact_errors(status: Any) -> Any:
+    """`status` (the /version answer) with every error text replaced by HIDDEN; an absent error (None, empty)
+    stays as it is, so an unauthenticated probe still sees whether something is wrong."""
+    if isinstance(status, dict):
+        return {key: (({k: HIDDEN for k in value} if isinstance(value, dict) else HIDDEN) if key in ERROR_FIELDS
+                      and value else redact_errors(value)) for key, value in status.items()}
+    return status
+
+
 def check_content_type(request: Request) -> None:
     """415 unless the body is declared JSON in UTF-8, as MLflow's scoring server and Databricks Model Serving
     answer; a request with no Content-Type at all is read as JSON."""
@@ -648,9 +661,16 @@ def create_app(settings: Settings, host: str | None = None) -> FastAPI:
         return gateway.ready()
 
     @app.get("/version", tags=["ops"])
-    async def version():
-        """Served model name, version, alias, load time, last load error, lake backlog."""
-        return gateway.version()
+    async def version(request: Request):
+        """Served model name, version, alias, span, load time, last load error, lake backlog. With tokens
+        configured, the error texts (they can name hosts, paths and versions) go only to a caller with a valid
+        token; anyone else sees whether there is an error, not what it says."""
+        answer = gateway.version()
+        try:
+            gateway.auth.check(request)
+        except ApiError:
+            return redact_errors(answer)
+        return answer
 
     @app.get("/metrics", tags=["ops"])
     async def metrics():
