@@ -101,6 +101,21 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_lake(args) -> int:
+    from coinyear.lake import Lake, replay_quarantine
+
+    settings = get_settings()
+    outcomes = replay_quarantine(Lake(settings), args.table, settings.spool_dir / args.table)
+    if args.json:
+        print(json.dumps(outcomes, indent=2))
+    elif not outcomes:
+        print(f"nothing in quarantine for {args.table}")
+    for segment, outcome in ([] if args.json else sorted(outcomes.items())):
+        print(f"{segment}: {outcome}")
+    # a segment that still fails stays in quarantine: the command failed at what it was asked to do
+    return 1 if any(outcome.startswith("not committed") for outcome in outcomes.values()) else 0
+
+
 def cmd_demo(args) -> int:
     from coinyear.jobs.demo import run_demo
 
@@ -412,6 +427,16 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--batch-size", type=int, default=32, help="coins per forward pass")
     predict.add_argument("--json", action="store_true")
     predict.set_defaults(func=cmd_predict)
+
+    lake = commands.add_parser("lake", help="operate the local lake's write spools")
+    lake_commands = lake.add_subparsers(dest="lake_command", required=True)
+    replay = lake_commands.add_parser(
+        "replay-quarantine", help="commit a table's quarantined spool segments once the table takes them again",
+        description="Commits the rows of the quarantined segments of a table's spool that are not in the table "
+                    "yet, each exactly once; run it while the gateway that owns the spool is stopped.")
+    replay.add_argument("--table", required=True, choices=["inference_log", "feedback"])
+    replay.add_argument("--json", action="store_true")
+    replay.set_defaults(func=cmd_lake)
 
     demo = commands.add_parser(
         "demo", help="the main job (make demo): reference data, train, register, promote, score the test coin "

@@ -352,3 +352,34 @@ def test_quarantined_segments_are_replayed_once_and_never_deleted_unreplayed(tmp
     assert replay_quarantine(lake, FEEDBACK, folder) == {segment.name: "already committed"}
     assert sorted(lake.read(FEEDBACK)["request_id"]) == ["bad", "good"]
     assert replay_quarantine(lake, FEEDBACK, folder) == {}
+
+
+def test_the_replay_command_commits_what_the_table_takes_again(tmp_path, monkeypatch, capsys):
+    """`coinyear lake replay-quarantine`: a segment quarantined while the table refused it is committed once the
+    table takes it again (exit 0); asked again, nothing is left to replay."""
+    from coinyear.cli import main
+    from coinyear.config import get_settings
+    from coinyear.lake import DeltaLake
+
+    class Refusing(DeltaLake):
+        def append(self, table, rows, **kwargs):
+            raise pa.ArrowInvalid("cannot cast: the table's schema changed (injected)")
+
+    monkeypatch.setenv("COINYEAR_HOME", str(tmp_path / "home"))
+    get_settings.cache_clear()
+    try:
+        settings = get_settings()
+        spool = SpooledAppender(Refusing(settings.lake_root), FEEDBACK, settings.spool_dir / FEEDBACK,
+                                flush_seconds=0.05, max_attempts=1).start()
+        spool.write([{"request_id": "late", "year_from": 5, "year_to": 5, "timestamp": NOW}])
+        started = time.monotonic()
+        while not spool.health()["quarantined_segments"] and time.monotonic() - started < 20:
+            time.sleep(0.05)
+        spool.close(timeout=10)
+        assert main(["lake", "replay-quarantine", "--table", "feedback"]) == 0
+        assert ": committed" in capsys.readouterr().out
+        assert Lake(settings).read(FEEDBACK)["request_id"].tolist() == ["late"]
+        assert main(["lake", "replay-quarantine", "--table", "feedback"]) == 0
+        assert "nothing in quarantine for feedback" in capsys.readouterr().out
+    finally:
+        get_settings.cache_clear()
