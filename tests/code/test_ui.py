@@ -541,6 +541,25 @@ def test_monitor_summarises_the_log_feedback_and_drift(api):
     assert "Drift on 2026-11-21: prediction_psi above 0.25." in texts(at.warning)
 
 
+def test_monitor_counts_requests_not_coins(api):
+    """Three requests: one of 4 coins, one of 1 coin, one refused with 2 rows: 3 requests, 1 failed (33.3%), and
+    the caption says 7 coins (the page counted 7 requests and 28.6% before)."""
+    stamp = pd.Timestamp("2026-11-20T12:00:00Z")
+
+    def rows(request: str, coins: int, status: int, latency: float) -> list[dict]:
+        return [{"request_id": f"{request}-{i}", "http_request_id": request, "timestamp": stamp, "date": stamp.date(),
+                 "status_code": status, "execution_time_ms": latency, "model_name": "coinyear", "model_version": "1",
+                 "prediction": None if status >= 400 else 50.0 + i} for i in range(coins)]
+
+    Lake(get_settings()).append(INFERENCE_LOG, rows("a", 4, 200, 40.0) + rows("b", 1, 200, 10.0)
+                                + rows("c", 2, 400, 1.0))
+    at = app("monitor.py")
+    kpis = {m.label: m.value for m in at.metric}
+    assert kpis["Requests"] == "3" and kpis["Error rate"] == "33.3%"
+    assert kpis["Latency p50"] == "25 ms"  # the two answered requests, each once (not 40 ms, as per coin)
+    assert "3 logged requests (7 coins)" in texts(at.caption)
+
+
 def test_the_page_and_the_monitoring_job_agree_on_feedback_mae_and_the_drift_threshold(api, monkeypatch):
     """One feedback error and one PSI threshold (COINYEAR_MONITOR_PSI_ALERT) for the page and `coinyear monitor`."""
     from coinyear.jobs.monitor import compute_monitoring

@@ -137,6 +137,13 @@ def reference_predictions(settings: Settings, version: str) -> np.ndarray:
         return np.array([])
 
 
+def one_row_per_request(log: pd.DataFrame) -> pd.DataFrame:
+    """The inference log's rows collapsed to one per HTTP request (its status and latency once: a request of
+    several coins logs a row per coin). Rows logged before there was an `http_request_id` stand alone."""
+    ids = log["http_request_id"].fillna(log["request_id"]) if "http_request_id" in log else log["request_id"]
+    return log.assign(http_request_id=ids).drop_duplicates("http_request_id")
+
+
 # ------------------------------------------------------------------------------------------------- job
 def compute_monitoring(settings: Settings, lake: Lake | None = None) -> pd.DataFrame:
     """One row of metrics per (date, model_version) in the inference log."""
@@ -160,7 +167,7 @@ def compute_monitoring(settings: Settings, lake: Lake | None = None) -> pd.DataF
         ok = group[group["status_code"] == 200]
         predictions = ok["prediction"].to_numpy(float)
         corrected = errors[errors.index.isin(ok["request_id"])]
-        calls = group.drop_duplicates("http_request_id")  # one row per request: its status and latency once
+        calls = one_row_per_request(group)
         answered = int((calls["status_code"] == 200).sum())
         latency = calls["execution_time_ms"].to_numpy(float)
         sample = ok["request_id"].sample(min(IMAGE_SAMPLE, len(ok)), random_state=0)

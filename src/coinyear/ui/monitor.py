@@ -5,11 +5,12 @@ import altair as alt
 import pandas as pd
 import streamlit as st
 
-from coinyear.jobs.monitor import corrected_predictions
+from coinyear.jobs.monitor import corrected_predictions, one_row_per_request
 from coinyear.lake import FEEDBACK, INFERENCE_LOG, MONITORING, Lake
 from coinyear.ui.shared import settings
 
-LOG_COLUMNS = ["request_id", "timestamp", "date", "status_code", "execution_time_ms", "model_version", "prediction"]
+LOG_COLUMNS = ["request_id", "http_request_id", "timestamp", "date", "status_code", "execution_time_ms",
+               "model_version", "prediction"]
 
 
 @st.cache_data(ttl=10, show_spinner=False)
@@ -42,15 +43,19 @@ def daily_chart(table: pd.DataFrame, columns: list[str], y_title: str, bars: boo
 
 
 def show_traffic(log: pd.DataFrame) -> None:
+    """Requests (not coins: a request of several coins logs a row per coin), error rate, latency; the predicted
+    years per coin."""
     answered = log[log["status_code"] < 400]
-    days = daily_traffic(log)
-    total, failed = len(log), len(log) - len(answered)
+    calls = one_row_per_request(log)
+    days = daily_traffic(calls)
+    total, failed = len(calls), int((calls["status_code"] >= 400).sum())
     kpis = st.columns(4)
     kpis[0].metric("Requests", f"{total:,}")
     kpis[1].metric("Error rate", f"{100 * failed / total:.1f}%")
-    if len(answered):
-        kpis[2].metric("Latency p50", f"{answered['execution_time_ms'].quantile(0.5):.0f} ms")
-        kpis[3].metric("Latency p99", f"{answered['execution_time_ms'].quantile(0.99):.0f} ms")
+    answered_calls = calls[calls["status_code"] < 400]
+    if len(answered_calls):
+        kpis[2].metric("Latency p50", f"{answered_calls['execution_time_ms'].quantile(0.5):.0f} ms")
+        kpis[3].metric("Latency p99", f"{answered_calls['execution_time_ms'].quantile(0.99):.0f} ms")
     left, right = st.columns(2)
     with left:
         st.markdown("**Requests per day**")
@@ -116,7 +121,8 @@ log, feedback, monitoring = load(settings().lake_root)
 if log.empty:
     st.info(f"No requests logged yet in `{settings().lake_root}`. Predictions made through the API appear here.")
 else:
-    st.caption(f"{len(log):,} logged requests from {log['date'].min()} to {log['date'].max()}.")
+    st.caption(f"{len(one_row_per_request(log)):,} logged requests ({len(log):,} coins) from {log['date'].min()} "
+               f"to {log['date'].max()}.")
     show_traffic(log)
     show_feedback(log, feedback)
 show_drift(monitoring)
