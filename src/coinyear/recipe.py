@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # torch is imported only when a recipe is built
 
 RECIPE_FIELDS = ("backbone", "mode", "proj_dim", "grayscale", "image_size", "pretrained", "epochs", "batch_size",
                  "lr", "loss", "folds", "seed", "limit", "horizontal_flip", "tta", "ensemble", "aux_weight",
-                 "aux_heads", "reshoot")
+                 "aux_heads", "reshoot", "ruler_statistic")
 
 # (rule, check) per numeric field: what a valid value is, in words, and the test
 RULES = {
@@ -64,7 +64,7 @@ def recipe_from_settings(settings: Settings, **overrides) -> tuple[ModelConfig, 
     v = recipe_values(settings, **overrides)
     no_tta: dict[str, Any] = {} if v["tta"] else {"tta_angles": ()}
     model = ModelConfig(backbone=v["backbone"], mode=v["mode"], proj_dim=v["proj_dim"], grayscale=v["grayscale"],
-                        image_size=v["image_size"], pretrained=v["pretrained"])
+                        image_size=v["image_size"], pretrained=v["pretrained"], ruler_statistic=v["ruler_statistic"])
     train = TrainConfig(model=model, epochs=v["epochs"], batch_size=v["batch_size"], lr=float(v["lr"]),
                         loss=v["loss"], folds=v["folds"], seed=v["seed"], limit=v["limit"],
                         horizontal_flip=v["horizontal_flip"], ensemble=v["ensemble"],

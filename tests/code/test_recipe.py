@@ -23,7 +23,7 @@ def recipe_fields(config) -> dict:
             "batch_size": config.batch_size, "lr": config.lr, "loss": config.loss, "folds": config.folds,
             "seed": config.seed, "limit": config.limit, "horizontal_flip": config.horizontal_flip,
             "tta_angles": config.tta_angles, "ensemble": config.ensemble, "aux_weight": config.aux_weight,
-            "aux_heads": config.aux_heads, "reshoot": config.reshoot}
+            "aux_heads": config.aux_heads, "reshoot": config.reshoot, "ruler_statistic": model.ruler_statistic}
 
 
 def test_cli_train_and_retrain_build_the_same_recipe(tmp_path):
@@ -33,11 +33,11 @@ def test_cli_train_and_retrain_build_the_same_recipe(tmp_path):
     settings = make_settings(tmp_path / "home", backbone="resnet18", mode="dual", image_size=96, proj_dim=0,
                              epochs=3, folds=3, lr=3e-4, tta=False, ensemble=True, aux_weight=0.5, pretrained=False,
                              reshoot=0.25, horizontal_flip=True, grayscale=True, seed=7, batch_size=8,
-                             aux_heads=["portrait", "mint"])
+                             aux_heads=["portrait", "mint"], ruler_statistic="mean")
     expected = {"backbone": "resnet18", "mode": "dual", "proj_dim": 0, "grayscale": True, "image_size": 96,
                 "pretrained": False, "epochs": 3, "batch_size": 8, "lr": 3e-4, "loss": "interval", "folds": 3,
                 "seed": 7, "limit": None, "horizontal_flip": True, "tta_angles": (), "ensemble": True,
-                "aux_weight": 0.5, "aux_heads": ("portrait", "mint"), "reshoot": 0.25}
+                "aux_weight": 0.5, "aux_heads": ("portrait", "mint"), "reshoot": 0.25, "ruler_statistic": "mean"}
     assert recipe_fields(retrain.recipe(settings)) == expected
     assert recipe_fields(cli_recipe(settings)) == expected
     # without settings: the defaults, written out, in both
@@ -45,7 +45,7 @@ def test_cli_train_and_retrain_build_the_same_recipe(tmp_path):
                 "image_size": 128, "pretrained": True, "epochs": 6, "batch_size": 32, "lr": 1e-3, "loss": "interval",
                 "folds": 0, "seed": 42, "limit": None, "horizontal_flip": False,
                 "tta_angles": (-20.0, -10.0, 0.0, 10.0, 20.0), "ensemble": False, "aux_weight": 0.3,
-                "aux_heads": ("portrait",), "reshoot": 0.5}
+                "aux_heads": ("portrait",), "reshoot": 0.5, "ruler_statistic": "median"}
     plain = make_settings(tmp_path / "plain")
     assert recipe_fields(retrain.recipe(plain)) == defaults
     assert recipe_fields(cli_recipe(plain)) == defaults
