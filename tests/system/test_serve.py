@@ -82,7 +82,8 @@ class Server:
         return requests.post(self.url + path, json=body, headers={**AUTH, **(headers or {})}, timeout=60, **kwargs)
 
     def get(self, path: str):
-        return requests.get(self.url + path, timeout=10)
+        """GET as the operator, with a token (/version shows its error texts only to a caller with one)."""
+        return requests.get(self.url + path, headers=AUTH, timeout=10)
 
     def wait_logged(self, timeout: float = 30) -> None:
         """Until every spooled row is committed to Delta."""
@@ -447,7 +448,7 @@ def test_hot_swap_under_steady_traffic_fails_no_request(server):
     after = versions[first_new:]
     assert set(versions[:first_new]) == {"1"} and set(after) <= {"1", new_version}
     assert after.count("1") <= len(clients) - 1, after[:5]
-    status = requests.get(server.url + "/version", headers=AUTH, timeout=10).json()  # error texts need a token
+    status = server.get("/version").json()
     assert status["model_version"] == new_version and broken in status["rejected_versions"]
     assert status["alias_version"] == broken and "not swapped in" in status["last_error"]
     new_answer = server.post({"inputs": [coin_row(50)]})
