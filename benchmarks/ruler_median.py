@@ -28,22 +28,16 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import torch
 
 from coinyear import evaluate
 from coinyear.config import configure_mlflow, get_settings
 from coinyear.data import read_manifest, split_test
+from coinyear.model import mixture_median
 from coinyear.pyfunc import decode_pair, pair_tensors
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ruler_head import write_results  # a sibling benchmark script
-
-
-def weighted_median(probabilities: np.ndarray, years: np.ndarray) -> np.ndarray:
-    """Per row, the smallest year whose cumulative probability (years in order) reaches one half."""
-    order = np.argsort(years)
-    cumulative = np.cumsum(probabilities[:, order], axis=1)
-    index = np.minimum((cumulative < 0.5 * cumulative[:, -1:]).sum(axis=1), len(years) - 1)
-    return years[order][index]
 
 
 def main(argv=None) -> int:
@@ -81,7 +75,7 @@ def main(argv=None) -> int:
     year, p = np.concatenate(served), np.concatenate(portraits)
     mean = p @ years
     regression = (year - blend * mean) / (1 - blend)
-    median = weighted_median(p, years)
+    median = mixture_median(torch.from_numpy(p), torch.from_numpy(years)).numpy()  # what the network computes
     confident = p.max(axis=1) >= 0.5
     estimates = {
         "served: (1 - w) regression + w mixture mean": year,

@@ -108,10 +108,10 @@ def cmd_lake(args) -> int:
     outcomes = replay_quarantine(Lake(settings), args.table, settings.spool_dir / args.table)
     if args.json:
         print(json.dumps(outcomes, indent=2))
-    elif not outcomes:
+    elif outcomes:
+        print("\n".join(f"{segment}: {outcome}" for segment, outcome in sorted(outcomes.items())))
+    else:
         print(f"nothing in quarantine for {args.table}")
-    for segment, outcome in ([] if args.json else sorted(outcomes.items())):
-        print(f"{segment}: {outcome}")
     # a segment that still fails stays in quarantine: the command failed at what it was asked to do
     return 1 if any(outcome.startswith("not committed") for outcome in outcomes.values()) else 0
 

@@ -153,8 +153,6 @@ def compute_monitoring(settings: Settings, lake: Lake | None = None) -> pd.DataF
     if len(requests) == 0:
         return pd.DataFrame()
     requests["model_version"] = requests["model_version"].fillna(NO_MODEL).astype(str)
-    # the rows of one HTTP request share its id (rows logged before there was one stand alone)
-    requests["http_request_id"] = requests["http_request_id"].fillna(requests["request_id"])
     errors = corrected_predictions(requests[requests["status_code"] == 200], lake.read(FEEDBACK))
     errors = errors.set_index("request_id")["error"]
     reference_stats = training_photo_stats(settings, lake)

@@ -569,10 +569,15 @@ HIDDEN = "hidden: send a valid bearer token to see it"
 def redact_errors(status: Any) -> Any:
     """`status` (the /version answer) with every error text replaced by HIDDEN; an absent error (None, empty)
     stays as it is, so an unauthenticated probe still sees whether something is wrong."""
-    if isinstance(status, dict):
-        return {key: (({k: HIDDEN for k in value} if isinstance(value, dict) else HIDDEN) if key in ERROR_FIELDS
-                      and value else redact_errors(value)) for key, value in status.items()}
-    return status
+    if not isinstance(status, dict):
+        return status
+    redacted = {}
+    for key, value in status.items():
+        if key in ERROR_FIELDS and value:
+            redacted[key] = {name: HIDDEN for name in value} if isinstance(value, dict) else HIDDEN
+        else:
+            redacted[key] = redact_errors(value)
+    return redacted
 
 
 def check_content_type(request: Request) -> None:
