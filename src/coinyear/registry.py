@@ -179,15 +179,25 @@ def _restore_tags(mlflow_client: MlflowClient, name: str, version: str, before: 
             log.warning("cannot restore tag %s of %s version %s: %s", key, name, version, error.message)
 
 
-def rollback(settings: Settings) -> tuple[str, str]:
-    """Move `production` back to the version it pointed to before the current one: (from, to)."""
+def rollback(settings: Settings, expected_current: str | int | None = None) -> tuple[str, str]:
+    """Move `production` back to the version it pointed to before the current one: (from, to).
+
+    With `expected_current` (the version a person saw when they asked, e.g. on the Models page) it is a
+    compare-and-set like `promote`'s: when production has moved since (a retraining promoted a candidate, someone
+    else rolled back), AliasChanged is raised and nothing moves, rather than rolling back a version they never saw.
+    """
     mlflow_client, name = client(settings), settings.model_name
     current = version_by_alias(settings, PRODUCTION)
     if current is None:
         raise RegistryError(f"model {name} has no production version to roll back")
+    if expected_current is not None and current != str(expected_current):
+        raise AliasChanged(PRODUCTION, str(expected_current), current)
     target = mlflow_client.get_model_version(name, current).tags.get(PREVIOUS_TAG)
     if not target:
         raise RegistryError(f"version {current} has no earlier production version to roll back to")
+    if expected_current is not None and version_by_alias(settings, PRODUCTION) != current:
+        # the last read before the set, as in `promote`: a move during the tag read is not undone
+        raise AliasChanged(PRODUCTION, current, version_by_alias(settings, PRODUCTION))
     mlflow_client.set_registered_model_alias(name, PRODUCTION, target)
     mlflow_client.set_model_version_tag(name, current, "rolled_back_at", _now())
     mlflow_client.set_model_version_tag(name, target, f"{PRODUCTION}_since", _now())

@@ -147,3 +147,17 @@ def test_a_rollback_while_the_promotion_writes_its_tags_stands(tmp_path, monkeyp
     assert rolled_back == [("2", "1")]
     assert state(settings) == ("1", {"2": "1", "3": "1"})  # the rollback stands; version 3's tag as it was
     assert "production_since" not in {v.version: v.tags for v in registry.list_versions(settings)}["3"]
+
+
+def test_a_rollback_from_a_version_no_longer_in_production_moves_nothing(tmp_path):
+    """A person asked to roll back version 2; meanwhile a retraining promoted 3. Rolling 3 back to 2 (or 2 to 1)
+    is not what they asked for: compare-and-set on the version they saw, nothing moves."""
+    settings = make_settings(tmp_path / "home")
+    bare_versions(settings, 3)
+    for version in ("1", "2"):
+        registry.promote(settings, version, registry.PRODUCTION)
+    registry.promote(settings, "3", registry.PRODUCTION, expected_current="2")  # the retraining, after they looked
+    with pytest.raises(registry.AliasChanged, match="production is version 3 now, not 2"):
+        registry.rollback(settings, expected_current="2")
+    assert state(settings) == ("3", {"2": "1", "3": "2"})
+    assert registry.rollback(settings, expected_current="3") == ("3", "2")  # what they see now: it rolls back

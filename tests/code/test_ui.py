@@ -654,6 +654,18 @@ def test_a_cancelled_rollback_changes_nothing_and_a_confirmed_one_rolls_back(reg
     assert "no earlier production version" in texts(at.error)
 
 
+def test_a_rollback_confirmed_after_production_moved_does_not_roll_back_the_new_version(registered):
+    """The question named version 2; before the person confirms, a retraining moves production (here: back to 1
+    and forward to a new promotion of 2 would look the same, so: to 1). The confirmation must not roll back a
+    version the person never saw."""
+    at = press(app("models.py"), "Roll back production…")
+    assert "Roll production back from version 2" in texts(at.warning)
+    registry.promote(registered, "1", registry.PRODUCTION)  # someone else, meanwhile
+    at = press(at, "Yes, do it")
+    assert registry.version_by_alias(registered, registry.PRODUCTION) == "1"
+    assert "production is version 1 now, not 2" in texts(at.error)
+
+
 # ------------------------------------------------------------------------------------ who may move production
 def test_without_tokens_coinyear_ui_refuses_a_non_loopback_address(api, monkeypatch, capsys):
     """The gateway's rule: no credentials, loopback only (the refusal comes before Streamlit is started)."""

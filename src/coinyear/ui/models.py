@@ -79,7 +79,8 @@ def confirm_pending(actor: str) -> None:
         change: tuple[str, str, str | None, str | None]  # (decision, version, production before, after)
         try:
             if action["kind"] == "rollback":
-                current, target = registry.rollback(settings())
+                # only from the version the person was shown: a retraining may have promoted another since
+                current, target = registry.rollback(settings(), expected_current=action["from"])
                 done = f"Rolled production back from version {current} to version {target}."
                 change = ("rolled_back", target, current, target)
             else:
@@ -119,8 +120,8 @@ def show_actions(versions: list[registry.VersionInfo]) -> None:
         st.caption(f"Production is version **{production or 'none'}**. Rollback returns it to the version it "
                    "replaced.")
         if st.button("Roll back production…", key="rollback", disabled=production is None):
-            ask({"kind": "rollback", "question": f"Roll production back from version {production} to the "
-                                                 "version it replaced?"})
+            ask({"kind": "rollback", "from": production,
+                 "question": f"Roll production back from version {production} to the version it replaced?"})
     confirm_pending(actor)
 
 
