@@ -102,10 +102,11 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_lake(args) -> int:
-    from coinyear.lake import Lake, replay_quarantine
+    from coinyear.lake import open_lake
+    from coinyear.lake.spool import replay_quarantine
 
     settings = get_settings()
-    outcomes = replay_quarantine(Lake(settings), args.table, settings.spool_dir / args.table)
+    outcomes = replay_quarantine(open_lake(settings), args.table, settings.spool_dir / args.table)
     if args.json:
         print(json.dumps(outcomes, indent=2))
     elif outcomes:

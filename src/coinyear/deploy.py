@@ -514,8 +514,8 @@ def record(settings: Settings, result: DeployResult) -> None:
     """The deployment as a `model_decisions` row (kind `deploy`)."""
     import pyarrow as pa
 
-    from coinyear.jobs.retrain import DECISIONS_SCHEMA
-    from coinyear.lake import MODEL_DECISIONS, Lake
+    from coinyear.lake import open_lake
+    from coinyear.lake.tables import DECISIONS_SCHEMA, MODEL_DECISIONS
 
     row = {"decided_at": datetime.now(UTC), "model_name": settings.model_name,
            "decision": result.decision, "reason": result.reason, "candidate_version": result.version,
@@ -523,7 +523,7 @@ def record(settings: Settings, result: DeployResult) -> None:
            "candidate_latency_ms": result.smoke.get("median_ms", math.nan),
            "candidate_metrics": json.dumps({"smoke": result.smoke, "steps": result.steps}),
            "kind": "deploy", "endpoint_name": result.endpoint or result.target}
-    Lake(settings).append(MODEL_DECISIONS, pa.Table.from_pylist([row], schema=DECISIONS_SCHEMA))
+    open_lake(settings).append(MODEL_DECISIONS, pa.Table.from_pylist([row], schema=DECISIONS_SCHEMA))
 
 
 def as_json(result: DeployResult) -> str:

@@ -18,7 +18,8 @@ import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from coinyear.jobs import clean, gate, ingest, monitor, retrain, scheduler
-from coinyear.lake import FEEDBACK, INFERENCE_LOG, MODEL_DECISIONS, MONITORING, SCHEMAS, Lake
+from coinyear.lake import open_lake
+from coinyear.lake.tables import DECISIONS_SCHEMA, FEEDBACK, INFERENCE_LOG, MODEL_DECISIONS, MONITORING, SCHEMAS, Lake
 from tests.conftest import coin_image
 
 
@@ -178,7 +179,7 @@ def test_only_feedback_from_accountable_actors_becomes_training_data(settings, m
     """A correction trains only when someone answers for it: rows sent without credentials (`anonymous`) and rows
     from before feedback named its actor (null) are left out, counted by reason in the run's report; an
     anonymous correction never supersedes an accountable one. Before: every feedback row trained."""
-    lake, now = Lake(settings), datetime.now(UTC)
+    lake, now = open_lake(settings), datetime.now(UTC)
     lake.append(INFERENCE_LOG, [{"request_id": f"r{i}", "timestamp": now, "date": now.date(), "status_code": 200,
                                  "prediction": 50.0, "front_image": coin_image(10 + i),
                                  "back_image": coin_image(20 + i)} for i in range(4)])
@@ -210,12 +211,12 @@ def feedback_rows(count: int, start: datetime) -> list[dict]:
 def decide(lake: Lake, run: str, decision: str, keys) -> None:
     row = {"decided_at": datetime.now(UTC), "retrain_run_id": run, "decision": decision, "kind": "retrain",
            "consumed_feedback": None if keys is None else json.dumps(sorted(keys))}
-    lake.append(MODEL_DECISIONS, pa.Table.from_pylist([row], schema=retrain.DECISIONS_SCHEMA))
+    lake.append(MODEL_DECISIONS, pa.Table.from_pylist([row], schema=DECISIONS_SCHEMA))
 
 
 def test_feedback_is_new_until_a_decision_consumes_it(settings):
     """An anti-join on the feedback ids decisions consumed (no time travel: old versions may be vacuumed)."""
-    lake = Lake(settings)
+    lake = open_lake(settings)
     assert ingest.read_new_feedback(lake, set())[1].empty
     now = datetime.now(UTC)
     first = feedback_rows(3, now)
@@ -354,7 +355,7 @@ def test_psi_is_near_zero_for_the_same_distribution_and_large_for_a_shift():
 
 
 def test_monitoring_metrics_per_day_and_version(settings):
-    lake = Lake(settings)
+    lake = open_lake(settings)
     day1, day2 = datetime(2026, 3, 1, 10, tzinfo=UTC), datetime(2026, 3, 2, 10, tzinfo=UTC)
     rows = []
 
@@ -429,7 +430,7 @@ def test_prediction_psi_is_measured_against_the_versions_own_predictions(setting
     np.testing.assert_allclose(monitor.reference_predictions(settings, version), own)
 
     days = {date(2026, 3, 1): rng.choice(own, 400), date(2026, 3, 2): rng.choice(own, 400) + 30}
-    Lake(settings).append(INFERENCE_LOG, [
+    open_lake(settings).append(INFERENCE_LOG, [
         {"request_id": f"{day}-{i}", "timestamp": datetime(day.year, day.month, day.day, 12, tzinfo=UTC),
          "date": day, "status_code": 200, "execution_time_ms": 5.0, "model_name": settings.model_name,
          "model_version": version, "prediction": float(value), "front_image": None, "back_image": None}

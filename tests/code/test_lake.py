@@ -9,7 +9,10 @@ import time
 import pyarrow as pa
 import pytest
 
-from coinyear.lake import FEEDBACK, INFERENCE_LOG, MONITORING, SCHEMAS, Lake, SpooledAppender, _frame, read_segment
+from coinyear.lake import open_lake
+from coinyear.lake.delta import DeltaLake
+from coinyear.lake.spool import SpooledAppender, _frame, read_segment
+from coinyear.lake.tables import FEEDBACK, INFERENCE_LOG, MONITORING, SCHEMAS
 
 NOW = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.UTC)
 
@@ -20,7 +23,7 @@ def log_row(request_id: str, **extra) -> dict:
 
 
 def test_a_missing_table_reads_as_an_empty_frame_with_its_columns(tmp_path):
-    lake = Lake(tmp_path / "lake")
+    lake = DeltaLake(tmp_path / "lake")
     assert list(lake.read(INFERENCE_LOG).columns) == SCHEMAS[INFERENCE_LOG].names
     assert list(lake.read(FEEDBACK).columns) == ["request_id", "year_from", "year_to", "timestamp", "source", "note",
                                                  "actor"]
@@ -28,7 +31,7 @@ def test_a_missing_table_reads_as_an_empty_frame_with_its_columns(tmp_path):
 
 
 def test_append_and_read_keep_types_and_fill_missing_columns(tmp_path):
-    lake = Lake(tmp_path / "lake")
+    lake = DeltaLake(tmp_path / "lake")
     assert lake.append(INFERENCE_LOG, [log_row("a"), log_row("b", status_code=400, prediction=None)]) == 2
     rows = lake.read(INFERENCE_LOG).set_index("request_id")
     assert rows.loc["a", "prediction"] == 12.5 and bytes(rows.loc["a", "front_image"]) == b"\xff\xd8front"
@@ -50,7 +53,7 @@ def test_a_feedback_table_from_before_actors_still_reads_and_takes_new_rows(tmp_
     null actor, and takes rows with one."""
     from deltalake import write_deltalake
 
-    lake, folder = Lake(tmp_path / "lake"), tmp_path / "spool"
+    lake, folder = DeltaLake(tmp_path / "lake"), tmp_path / "spool"
     old_schema = pa.schema([field for field in SCHEMAS[FEEDBACK] if field.name != "actor"])
     old_row = {"request_id": "old", "year_from": 5, "year_to": 5, "timestamp": NOW, "source": "ui", "note": None}
     write_deltalake(lake.uri(FEEDBACK), pa.Table.from_pylist([old_row], schema=old_schema))
@@ -67,7 +70,7 @@ def test_a_feedback_table_from_before_actors_still_reads_and_takes_new_rows(tmp_
 
 
 def test_spooled_writes_reach_delta_in_few_commits(tmp_path):
-    lake = Lake(tmp_path / "lake")
+    lake = DeltaLake(tmp_path / "lake")
     spool = SpooledAppender(lake, INFERENCE_LOG, tmp_path / "spool", flush_seconds=0.2).start()
     threads = [threading.Thread(target=lambda k=k: [spool.write([log_row(f"{k}-{i}")]) for i in range(50)])
                for k in range(4)]
@@ -89,14 +92,14 @@ def test_a_torn_last_record_is_ignored(tmp_path):
     # the process died in the middle of writing the second record, which was therefore never acknowledged
     (folder / "000000000001.seg").write_bytes(_frame([log_row("kept")]) + _frame([log_row("torn")])[:-5])
     assert [r["request_id"] for r in read_segment(folder / "000000000001.seg")] == ["kept"]
-    lake = Lake(tmp_path / "lake")
+    lake = DeltaLake(tmp_path / "lake")
     spool = SpooledAppender(lake, INFERENCE_LOG, folder, flush_seconds=0.1).start()
     assert spool.close(timeout=30)
     assert list(lake.read(INFERENCE_LOG)["request_id"]) == ["kept"]
 
 
 def test_replay_after_a_crash_is_idempotent(tmp_path):
-    lake, folder = Lake(tmp_path / "lake"), tmp_path / "spool"
+    lake, folder = DeltaLake(tmp_path / "lake"), tmp_path / "spool"
     first = SpooledAppender(lake, INFERENCE_LOG, folder, flush_seconds=0.1).start()
     first.write([log_row("r1"), log_row("r2")])
     assert first.close(timeout=30)  # its threads are gone: nothing below races them
@@ -116,7 +119,7 @@ def test_replay_after_a_crash_is_idempotent(tmp_path):
 
 
 def test_segment_numbers_are_never_reused(tmp_path):
-    lake, folder = Lake(tmp_path / "lake"), tmp_path / "spool"
+    lake, folder = DeltaLake(tmp_path / "lake"), tmp_path / "spool"
     for name in ("a", "b", "c"):
         spool = SpooledAppender(lake, INFERENCE_LOG, folder, flush_seconds=0.1).start()
         spool.write([log_row(name)])
@@ -126,7 +129,7 @@ def test_segment_numbers_are_never_reused(tmp_path):
 
 
 def test_one_spool_folder_has_one_writer(tmp_path):
-    lake = Lake(tmp_path / "lake")
+    lake = DeltaLake(tmp_path / "lake")
     first = SpooledAppender(lake, FEEDBACK, tmp_path / "spool").start()
     with pytest.raises(RuntimeError, match="in use"):
         SpooledAppender(lake, FEEDBACK, tmp_path / "spool").start()
@@ -135,7 +138,7 @@ def test_one_spool_folder_has_one_writer(tmp_path):
 
 
 def test_a_record_that_does_not_fit_the_table_fails_its_caller_at_once(tmp_path):
-    lake, folder = Lake(tmp_path / "lake"), tmp_path / "spool"
+    lake, folder = DeltaLake(tmp_path / "lake"), tmp_path / "spool"
     spool = SpooledAppender(lake, FEEDBACK, folder, flush_seconds=0.1).start()
     with pytest.raises(ValueError, match=r"year_from|not a year"):
         spool.write([{"request_id": "x", "year_from": "not a year", "year_to": 5, "timestamp": NOW}])
@@ -147,7 +150,7 @@ def test_a_record_that_does_not_fit_the_table_fails_its_caller_at_once(tmp_path)
 
 def test_submit_during_close_fails_at_once(tmp_path):
     (tmp_path / "not_a_folder").write_text("")  # every commit fails: close() waits out its timeout
-    lake = Lake(tmp_path / "not_a_folder")
+    lake = DeltaLake(tmp_path / "not_a_folder")
     spool = SpooledAppender(lake, FEEDBACK, tmp_path / "spool", flush_seconds=0.05).start()
     spool.write([{"request_id": "a", "year_from": 5, "year_to": 5, "timestamp": NOW}])
     closing = threading.Thread(target=spool.close, kwargs={"timeout": 1.5})
@@ -163,7 +166,7 @@ def test_submit_during_close_fails_at_once(tmp_path):
 
 
 def test_commits_are_bounded_by_bytes(tmp_path):
-    lake = Lake(tmp_path / "lake")
+    lake = DeltaLake(tmp_path / "lake")
     spool = SpooledAppender(lake, INFERENCE_LOG, tmp_path / "spool", flush_seconds=60,
                             max_commit_bytes=300_000).start()
     photo = bytes(100_000)
@@ -178,7 +181,7 @@ def test_commits_are_bounded_by_bytes(tmp_path):
 
 
 def test_a_segment_delta_refuses_is_quarantined_and_later_ones_commit(tmp_path):
-    lake, folder = Lake(tmp_path / "lake"), tmp_path / "spool"
+    lake, folder = DeltaLake(tmp_path / "lake"), tmp_path / "spool"
     lake.append(MONITORING, [{"metric": "mae", "value": 3.0}])
     spool = SpooledAppender(lake, MONITORING, folder, flush_seconds=0.05).start()
     spool.write([{"metric": "drift", "value": "high"}])  # converts, but the table's `value` is a double
@@ -196,7 +199,7 @@ def test_a_segment_delta_refuses_is_quarantined_and_later_ones_commit(tmp_path):
 
 
 def test_an_unconvertible_segment_left_by_an_older_version_is_quarantined(tmp_path):
-    lake, folder = Lake(tmp_path / "lake"), tmp_path / "spool"
+    lake, folder = DeltaLake(tmp_path / "lake"), tmp_path / "spool"
     folder.mkdir()
     (folder / "000000000001.seg").write_bytes(_frame([{"request_id": "x", "year_from": "not a year",
                                                        "year_to": 5, "timestamp": NOW}]))
@@ -211,7 +214,7 @@ def test_an_unconvertible_segment_left_by_an_older_version_is_quarantined(tmp_pa
 
 def test_health_reports_a_lake_that_is_down_and_its_recovery(tmp_path):
     (tmp_path / "lake").write_text("")  # a file where the lake's folder should be: every commit fails
-    lake = Lake(tmp_path / "lake")
+    lake = DeltaLake(tmp_path / "lake")
     spool = SpooledAppender(lake, FEEDBACK, tmp_path / "spool", flush_seconds=0.05).start()
     spool.write([{"request_id": "a", "year_from": 5, "year_to": 5, "timestamp": NOW}])
     started = time.monotonic()
@@ -236,7 +239,7 @@ def test_a_segment_the_spark_lake_refuses_is_quarantined(spark, tmp_path):
     from tests.conftest import make_settings
 
     spark.sql("CREATE SCHEMA IF NOT EXISTS spool_quarantine")
-    lake = Lake(make_settings(tmp_path / "home", lake_backend="spark", lake_schema="spool_quarantine"))
+    lake = open_lake(make_settings(tmp_path / "home", lake_backend="spark", lake_schema="spool_quarantine"))
     lake.append(MONITORING, [{"metric": "mae", "value": 3.0}])
     # one attempt: each Spark write takes seconds, and the bounded retries are tested on delta-rs above
     spool = SpooledAppender(lake, MONITORING, tmp_path / "spool", flush_seconds=0.05, max_attempts=1).start()
@@ -256,7 +259,7 @@ def test_start_counts_what_was_left_without_loading_it(tmp_path):
     at once would crash the restarted gateway, again at every restart)."""
     import tracemalloc
 
-    lake, folder = Lake(tmp_path / "lake"), tmp_path / "spool"
+    lake, folder = DeltaLake(tmp_path / "lake"), tmp_path / "spool"
     folder.mkdir()
     photo = bytes(250_000)
     for seq in range(1, 17):  # 16 segments of 4 frames of ~250 kB: ~16 MB left behind
@@ -278,28 +281,25 @@ def test_start_counts_what_was_left_without_loading_it(tmp_path):
     assert lake.count(INFERENCE_LOG) == 64 and "torn" not in set(lake.read(INFERENCE_LOG)["request_id"])
 
 
-def test_the_configured_root_as_a_string_gets_the_configured_backend(tmp_path, monkeypatch):
-    """The Monitor page passes `settings.lake_root` (a string: it is a cache key): with COINYEAR_LAKE_BACKEND=spark
-    that must read the Spark tables, not an empty delta-rs folder nobody writes to."""
+def test_open_lake_gives_the_backend_the_settings_name(tmp_path, monkeypatch):
+    """`open_lake(settings)`, and `open_lake()` with the process's settings (what the Monitor page reads): with
+    COINYEAR_LAKE_BACKEND=spark that must be the Spark tables, not an empty delta-rs folder nobody writes to."""
     from types import SimpleNamespace
 
     from coinyear import config
-    from coinyear.lake import DeltaLake
-    from coinyear.lake_spark import SparkLake
+    from coinyear.lake.spark import SparkLake
     from tests.conftest import make_settings
 
     session = SimpleNamespace(conf=SimpleNamespace(get=lambda key, default=None: default))
     monkeypatch.setattr("coinyear.spark.spark_session", lambda: session)  # no Spark needed to pick the backend
     configured = make_settings(tmp_path / "home", lake_backend="spark", lake_schema="prod.coinyear")
     monkeypatch.setattr(config, "get_settings", lambda: configured)
-    for lake in (Lake(configured.lake_root), Lake(str(configured.lake_root) + "/"), Lake()):
+    for lake in (open_lake(configured), open_lake()):
         assert isinstance(lake, SparkLake) and lake.uri(FEEDBACK) == "prod.coinyear.feedback"
-    elsewhere = Lake(tmp_path / "elsewhere")  # any other root is a delta-rs root, as before
-    assert isinstance(elsewhere, DeltaLake) and elsewhere.root == str(tmp_path / "elsewhere")
     local = make_settings(tmp_path / "home")
     monkeypatch.setattr(config, "get_settings", lambda: local)
-    assert isinstance(Lake(local.lake_root), DeltaLake) and Lake(local.lake_root).root == local.lake_root
-    assert isinstance(Lake(), DeltaLake) and Lake().root == local.lake_root
+    for lake in (open_lake(local), open_lake()):
+        assert type(lake) is DeltaLake and lake.root == str(local.lake_root)
 
 
 def test_quarantined_segments_are_replayed_once_and_never_deleted_unreplayed(tmp_path):
@@ -308,7 +308,7 @@ def test_quarantined_segments_are_replayed_once_and_never_deleted_unreplayed(tmp
     once the table takes them, exactly once however often it runs."""
     import shutil
 
-    from coinyear.lake import DeltaLake
+    from coinyear.lake.delta import DeltaLake
 
     class Refusing(DeltaLake):  # the table refuses the row "bad" until an operator puts it right
         refuse = True
@@ -338,7 +338,7 @@ def test_quarantined_segments_are_replayed_once_and_never_deleted_unreplayed(tmp
     assert (folder / "quarantine" / segment.name).read_bytes() == content, "a never-committed segment was lost"
     assert again.health()["quarantined_segments"] == 1 and not list(folder.glob("*.seg"))
 
-    from coinyear.lake import replay_quarantine
+    from coinyear.lake.spool import replay_quarantine
 
     assert replay_quarantine(lake, FEEDBACK, folder) == {segment.name: "not committed: ArrowInvalid: cannot cast: "
                                                                        "the table's schema changed (injected)"}
@@ -359,7 +359,7 @@ def test_the_replay_command_commits_what_the_table_takes_again(tmp_path, monkeyp
     table takes it again (exit 0); asked again, nothing is left to replay."""
     from coinyear.cli import main
     from coinyear.config import get_settings
-    from coinyear.lake import DeltaLake
+    from coinyear.lake.delta import DeltaLake
 
     class Refusing(DeltaLake):
         def append(self, table, rows, **kwargs):
@@ -378,7 +378,7 @@ def test_the_replay_command_commits_what_the_table_takes_again(tmp_path, monkeyp
         spool.close(timeout=10)
         assert main(["lake", "replay-quarantine", "--table", "feedback"]) == 0
         assert ": committed" in capsys.readouterr().out
-        assert Lake(settings).read(FEEDBACK)["request_id"].tolist() == ["late"]
+        assert open_lake(settings).read(FEEDBACK)["request_id"].tolist() == ["late"]
         assert main(["lake", "replay-quarantine", "--table", "feedback"]) == 0
         assert "nothing in quarantine for feedback" in capsys.readouterr().out
     finally:

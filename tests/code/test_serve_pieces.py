@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from coinyear.config import Settings
-from coinyear.lake import FEEDBACK
+from coinyear.lake.tables import FEEDBACK
 from coinyear.serve.auth import BearerAuth, is_loopback
 from coinyear.serve.errors import ApiError
 from coinyear.serve.wire import parse_body, prepare_rows

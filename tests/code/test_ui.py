@@ -22,7 +22,8 @@ from streamlit.testing.v1 import AppTest
 
 from coinyear import registry
 from coinyear.config import ensure_experiment, get_settings
-from coinyear.lake import FEEDBACK, INFERENCE_LOG, MODEL_DECISIONS, MONITORING, Lake
+from coinyear.lake import open_lake
+from coinyear.lake.tables import FEEDBACK, INFERENCE_LOG, MODEL_DECISIONS, MONITORING
 from coinyear.ui.shared import parse_year
 from tests.conftest import coin_image, send_json
 
@@ -520,7 +521,7 @@ def test_monitor_has_empty_states_before_any_traffic(api):
 
 
 def test_monitor_summarises_the_log_feedback_and_drift(api):
-    lake = Lake(get_settings())
+    lake = open_lake(get_settings())
     lake.append(INFERENCE_LOG, log_rows("2026-11-20", 10, 2, "1", 50.0) + log_rows("2026-11-21", 10, 0, "2", 90.0))
     lake.append(FEEDBACK, [  # version 1 predicted 52 and 53: 17 and 18 years off the range's midpoint, AD 35
         {"request_id": "2026-11-20-1-2", "year_from": 30, "year_to": 40, "timestamp": pd.Timestamp.now(tz="UTC")},
@@ -551,7 +552,7 @@ def test_monitor_counts_requests_not_coins(api):
                  "status_code": status, "execution_time_ms": latency, "model_name": "coinyear", "model_version": "1",
                  "prediction": None if status >= 400 else 50.0 + i} for i in range(coins)]
 
-    Lake(get_settings()).append(INFERENCE_LOG, rows("a", 4, 200, 40.0) + rows("b", 1, 200, 10.0)
+    open_lake(get_settings()).append(INFERENCE_LOG, rows("a", 4, 200, 40.0) + rows("b", 1, 200, 10.0)
                                 + rows("c", 2, 400, 1.0))
     at = app("monitor.py")
     kpis = {m.label: m.value for m in at.metric}
@@ -567,7 +568,7 @@ def test_the_page_and_the_monitoring_job_agree_on_feedback_mae_and_the_drift_thr
     monkeypatch.setenv("COINYEAR_MONITOR_PSI_ALERT", "0.4")
     monkeypatch.setenv("COINYEAR_RETRAIN_BASE_LIMIT", "20")
     get_settings.cache_clear()
-    lake = Lake(get_settings())
+    lake = open_lake(get_settings())
     lake.append(INFERENCE_LOG, log_rows("2026-11-20", 6, 0, "1", 50.0) + log_rows("2026-11-21", 6, 0, "2", 90.0))
     day1, day2 = pd.Timestamp("2026-11-22T00:00Z"), pd.Timestamp("2026-11-23T00:00Z")
     lake.append(FEEDBACK, [  # a range, a single year, and a request corrected twice (the later one counts)
@@ -607,7 +608,7 @@ def registered(api):
     registry.promote(settings, 1, registry.PRODUCTION)
     registry.promote(settings, 2, registry.PRODUCTION)
     registry.tag_version(settings, 3, {"decision": "rejected", "decision_reason": "MAE not 2% lower"})
-    Lake(settings).append(MODEL_DECISIONS, pd.DataFrame({
+    open_lake(settings).append(MODEL_DECISIONS, pd.DataFrame({
         "decided_at": pd.to_datetime(["2026-11-20T03:00Z", "2026-11-21T03:00Z"]), "candidate_version": ["2", "3"],
         "decision": ["promoted", "rejected"], "reason": ["first production", "MAE not 2% lower"]}))
     return settings
@@ -744,7 +745,7 @@ def test_with_tokens_a_person_signs_in_and_each_move_is_recorded_with_who_did_it
     assert registry.version_by_alias(registered, registry.PRODUCTION) == "2"
     assert not at.error
 
-    decisions = Lake(get_settings()).read(MODEL_DECISIONS).sort_values("decided_at")
+    decisions = open_lake(get_settings()).read(MODEL_DECISIONS).sort_values("decided_at")
     by_hand = decisions[decisions["kind"] == "ui"]
     assert list(by_hand["decision"]) == ["promoted", "rolled_back"]
     assert list(by_hand["actor"]) == [actor, actor]

@@ -36,7 +36,8 @@ def test_plain_names_are_safe(request_id):
 
 def test_ingestion_skips_the_volume_for_an_unsafe_id_and_reports_it(tmp_path):
     from coinyear.jobs.payloads import IngestResult, _append_requests
-    from coinyear.lake import INFERENCE_LOG, Lake
+    from coinyear.lake import open_lake
+    from coinyear.lake.tables import INFERENCE_LOG
 
     volume, secret = tmp_path / "volume", coin_image(7)
     (volume / "photos").mkdir(parents=True)
@@ -44,7 +45,7 @@ def test_ingestion_skips_the_volume_for_an_unsafe_id_and_reports_it(tmp_path):
         (volume / "0").mkdir(exist_ok=True)
         (volume / "0" / side).write_bytes(secret)
     settings = make_settings(tmp_path / "home", loop_volume=str(volume), payload_table="main.s.payloads")
-    lake, result = Lake(settings), IngestResult(settings.payload_table, loop_volume=settings.loop_volume)
+    lake, result = open_lake(settings), IngestResult(settings.payload_table, loop_volume=settings.loop_volume)
     unlogged = {"databricks_request_id": "dbx-1", "client_request_id": "..", "request_time_us": 1_700_000_000_000_000,
                 "status_code": 200, "execution_duration_ms": 12, "sampling_fraction": 1.0, "served_entity_id": "e",
                 "requester": "sp", "logging_error_codes": None, "entity_name": "coinyear", "entity_version": "2",

@@ -30,7 +30,8 @@ import requests
 from coinyear import registry
 from coinyear.jobs import ingest, retrain, scheduler
 from coinyear.jobs.retrain import FAILED, PROMOTED, SKIPPED, run_retrain
-from coinyear.lake import FEEDBACK, INFERENCE_LOG, MODEL_DECISIONS, SCHEMAS, TRAINING_DATA, Lake
+from coinyear.lake import open_lake
+from coinyear.lake.tables import FEEDBACK, INFERENCE_LOG, MODEL_DECISIONS, SCHEMAS, TRAINING_DATA, Lake
 from tests.conftest import OCRE, make_settings
 
 pytestmark = pytest.mark.slow
@@ -203,7 +204,7 @@ def test_registry_failures_never_move_production_nor_consume_feedback(tmp_path, 
         retrain_latency_budget_ms=60_000,
     ).model_copy(update={"tracking_uri": url, "registry_uri": url})
     direct = settings.model_copy(update={"tracking_uri": upstream, "registry_uri": upstream})  # what is true
-    lake = Lake(settings)
+    lake = open_lake(settings)
     v1 = Millennium.log(settings)
     registry.promote(settings, v1, registry.PRODUCTION)
     logs, feedback = feedback_for(settings, 8)
@@ -260,7 +261,7 @@ def test_a_failure_in_training_leaves_the_feedback_for_the_next_run(tmp_path, mo
     """Before: an exception while training became a REJECTED decision that consumed the batch, and the next run
     said "no new feedback"."""
     settings = make_settings(tmp_path / "home", epochs=0, retrain_base_limit=10)  # a recipe that cannot train
-    lake = Lake(settings)
+    lake = open_lake(settings)
     logs, feedback = feedback_for(settings, 3)
     lake.append(INFERENCE_LOG, [{k: row.get(k) for k in SCHEMAS[INFERENCE_LOG].names} for row in logs])
     lake.append(FEEDBACK, [{k: row.get(k) for k in SCHEMAS[FEEDBACK].names} for row in feedback])
@@ -327,7 +328,7 @@ def quick_retrain(tmp_path, monkeypatch):
         return coinyear.train.RunOutcome(run_id="", version=register_constant(settings, 100.0), metrics={})
 
     monkeypatch.setattr(coinyear.train, "run_training", train_a_constant)
-    lake = Lake(settings)
+    lake = open_lake(settings)
     registry.promote(settings, register_constant(settings, 1000.0), registry.PRODUCTION)
     logs, feedback = feedback_for(settings, 8)
     lake.append(INFERENCE_LOG, [{k: row.get(k) for k in SCHEMAS[INFERENCE_LOG].names} for row in logs])

@@ -42,7 +42,9 @@ def log_row(request_id: str, photo: int = PHOTO) -> dict:
 def child_writer(lake_root: str, spool_dir: str, prefix: str, count: int, pause: str, marker: str) -> None:
     """Spool `count` records, printing each id once `write` acknowledged it; `pause` (before/after) makes the
     first Delta commit stop (before it is written / after it landed) and touch `marker`, to be killed there."""
-    from coinyear.lake import INFERENCE_LOG, DeltaLake, SpooledAppender
+    from coinyear.lake.delta import DeltaLake
+    from coinyear.lake.spool import SpooledAppender
+    from coinyear.lake.tables import INFERENCE_LOG
 
     class PausingLake(DeltaLake):
         def append(self, table, rows, **kwargs):
@@ -66,12 +68,14 @@ def child_file_size_limit(lake_root: str, spool_dir: str) -> None:
     """A full disk by RLIMIT_FSIZE (EFBIG), in this process only; prints what each step saw as JSON."""
     import resource
 
-    from coinyear.lake import INFERENCE_LOG, Lake, SpooledAppender
+    from coinyear.lake.delta import DeltaLake
+    from coinyear.lake.spool import SpooledAppender
+    from coinyear.lake.tables import INFERENCE_LOG
 
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of the default: being killed
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     seen: dict = {"acked": []}
-    spool = SpooledAppender(Lake(lake_root), INFERENCE_LOG, spool_dir, flush_seconds=3600).start()
+    spool = SpooledAppender(DeltaLake(lake_root), INFERENCE_LOG, spool_dir, flush_seconds=3600).start()
     for i in range(3):
         spool.write([log_row(f"a{i}", 100_000)])
         seen["acked"].append(f"a{i}")
@@ -98,12 +102,14 @@ def child_small_frames(lake_root: str, spool_dir: str) -> None:
     what the segment holds afterwards as JSON."""
     import resource
 
-    from coinyear.lake import INFERENCE_LOG, Lake, SpooledAppender, read_segment
+    from coinyear.lake.delta import DeltaLake
+    from coinyear.lake.spool import SpooledAppender, read_segment
+    from coinyear.lake.tables import INFERENCE_LOG
 
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     seen: dict = {"acked": []}
-    spool = SpooledAppender(Lake(lake_root), INFERENCE_LOG, spool_dir, flush_seconds=3600).start()
+    spool = SpooledAppender(DeltaLake(lake_root), INFERENCE_LOG, spool_dir, flush_seconds=3600).start()
     spool.write([log_row("a0", 500)])
     seen["acked"].append("a0")
     segment = next(Path(spool_dir).glob("*.seg"))
@@ -128,7 +134,7 @@ def child_other_writer(table_uri: str, count: int) -> None:
     import pyarrow as pa
     from deltalake import write_deltalake
 
-    from coinyear.lake import INFERENCE_LOG, SCHEMAS
+    from coinyear.lake.tables import INFERENCE_LOG, SCHEMAS
 
     for i in range(count):
         data = pa.Table.from_pylist([log_row(f"other-{i}", 500)], schema=SCHEMAS[INFERENCE_LOG])
@@ -153,7 +159,9 @@ if __name__ == "__main__":
 # ------------------------------------------------------------------------------------------------- the tests
 import pytest  # noqa: E402 - after the child process above, which needs none of the test dependencies
 
-from coinyear.lake import INFERENCE_LOG, Lake, SpooledAppender, read_segment  # noqa: E402
+from coinyear.lake.delta import DeltaLake  # noqa: E402
+from coinyear.lake.spool import SpooledAppender, read_segment  # noqa: E402
+from coinyear.lake.tables import INFERENCE_LOG, Lake  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -177,7 +185,7 @@ def assert_exactly_once(lake: Lake, acked: list[str]) -> None:
 
 @pytest.mark.parametrize("pause", ["before", "after"])
 def test_kill_9_inside_a_commit_loses_and_repeats_nothing(tmp_path, pause):
-    lake, spool_dir, marker = Lake(tmp_path / "lake"), tmp_path / "spool", tmp_path / "in_commit"
+    lake, spool_dir, marker = DeltaLake(tmp_path / "lake"), tmp_path / "spool", tmp_path / "in_commit"
     process = child("writer", str(lake.root), str(spool_dir), "r", "30", pause, str(marker))
     deadline = time.monotonic() + 30
     while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
@@ -193,7 +201,7 @@ def test_kill_9_inside_a_commit_loses_and_repeats_nothing(tmp_path, pause):
 
 
 def test_kill_9_at_random_points_loses_and_repeats_nothing(tmp_path):
-    lake, spool_dir, acked, left = Lake(tmp_path / "lake"), tmp_path / "spool", [], 0
+    lake, spool_dir, acked, left = DeltaLake(tmp_path / "lake"), tmp_path / "spool", [], 0
     rng = random.Random(12)
     for run in range(4):  # each run restarts on what the killed one left in the spool
         process = child("writer", str(lake.root), str(spool_dir), f"k{run}", "100000", "none", "-")
@@ -211,7 +219,7 @@ def test_kill_9_at_random_points_loses_and_repeats_nothing(tmp_path):
 
 def test_full_disk_by_file_size_limit(tmp_path):
     """The fallback that needs no privilege: RLIMIT_FSIZE makes every write past 64 kB fail with EFBIG."""
-    lake = Lake(tmp_path / "lake")
+    lake = DeltaLake(tmp_path / "lake")
     done = child("fsize", str(lake.root), str(tmp_path / "spool"))
     out, err = done.communicate(timeout=120)
     assert done.returncode == 0, err[-3000:]
@@ -231,7 +239,7 @@ def test_full_disk_by_file_size_limit(tmp_path):
 def test_a_failed_small_write_leaves_exactly_the_good_prefix(tmp_path):
     """A record whose caller heard of a failed write never lands later: the bytes of a half-written frame must not
     wait in a buffer for the next write (a feedback row, an inference row without photos: all under 8 KiB)."""
-    lake = Lake(tmp_path / "lake")
+    lake = DeltaLake(tmp_path / "lake")
     done = child("small", str(lake.root), str(tmp_path / "spool"))
     out, err = done.communicate(timeout=120)
     assert done.returncode == 0, err[-3000:]
@@ -347,7 +355,7 @@ def test_full_disk_on_tmpfs_under_the_spool_and_the_lake(tmp_path, gateway_facto
 
 
 def test_a_concurrent_writer_to_the_same_table(tmp_path):
-    lake, spool_dir = Lake(tmp_path / "lake"), tmp_path / "spool"
+    lake, spool_dir = DeltaLake(tmp_path / "lake"), tmp_path / "spool"
     lake.append(INFERENCE_LOG, [log_row("seed", 100)])  # both writers append to an existing table
     other = child("other", lake.uri(INFERENCE_LOG), "40")
     spool = SpooledAppender(lake, INFERENCE_LOG, spool_dir, flush_seconds=0.01).start()

@@ -24,7 +24,8 @@ from streamlit.testing.v1 import AppTest
 
 from coinyear.config import get_settings
 from coinyear.evaluate import year_label
-from coinyear.lake import FEEDBACK, INFERENCE_LOG, Lake
+from coinyear.lake import open_lake
+from coinyear.lake.tables import FEEDBACK, INFERENCE_LOG, Lake
 from coinyear.pyfunc import encode_file
 from tests.conftest import REPO, coin_image, require_tool
 
@@ -150,7 +151,7 @@ def screenshot(page, name: str) -> None:
 
 def test_predict_correct_monitor_models_in_a_real_browser(browser, stack, ocre_dir):  # no browser: skip first
     settings, api_url, ui_url = stack
-    lake = Lake(settings)
+    lake = open_lake(settings)
     coin = coins(ocre_dir, 1).iloc[0]
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
     page.set_default_timeout(60_000)

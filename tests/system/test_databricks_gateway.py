@@ -26,7 +26,8 @@ import requests
 from PIL import Image
 
 from coinyear.jobs.payloads import PAYLOAD_COLUMNS, ingest_payloads
-from coinyear.lake import FEEDBACK, INFERENCE_LOG, Lake
+from coinyear.lake import open_lake
+from coinyear.lake.tables import FEEDBACK, INFERENCE_LOG
 from tests.conftest import make_settings
 from tests.system.test_payloads import PAYLOAD_SCHEMA
 from tests.system.test_serve import AUTH, TOKENS, Server, b64, coin_row, copy_home
@@ -219,7 +220,7 @@ def test_forwarding_gateway_answers_as_the_endpoint_and_closes_the_loop(setup, s
                              endpoint_name=ENDPOINT)
     first = ingest_payloads(settings, spark, served_entities=entities)
     assert (first.requests_mapped, first.feedback_appended, first.feedback_waiting) == (len(logged), 1, 0)
-    log = Lake(settings).read(INFERENCE_LOG).set_index("request_id")
+    log = open_lake(settings).read(INFERENCE_LOG).set_index("request_id")
     for row in range(2):
         assert log.loc[f"{request_id}-{row}", "prediction"] == pytest.approx(via.json()["predictions"][row])
         assert b64(log.loc[f"{request_id}-{row}", "front_image"]) == rows[row]["front_image_base64"]
@@ -227,12 +228,12 @@ def test_forwarding_gateway_answers_as_the_endpoint_and_closes_the_loop(setup, s
     assert log.loc[big_id, "prediction"] == pytest.approx(big.json()["predictions"][0])
     assert log.loc[near.headers["x-request-id"], "prediction"] == pytest.approx(near.json()["predictions"][0]["year"])
     assert set(log["model_version"]) == {"1"}
-    feedback = Lake(settings).read(FEEDBACK)
+    feedback = open_lake(settings).read(FEEDBACK)
     assert list(feedback["request_id"]) == [f"{request_id}-1"] and list(feedback["year_from"]) == [41]
 
     again = ingest_payloads(settings, spark, served_entities=entities)
     assert (again.requests_mapped, again.feedback_appended) == (0, 0)
-    assert Lake(settings).count(FEEDBACK) == 1 and Lake(settings).count(INFERENCE_LOG) == len(log)
+    assert open_lake(settings).count(FEEDBACK) == 1 and open_lake(settings).count(INFERENCE_LOG) == len(log)
     spark.sql(f"DROP TABLE {table}")
     spark.sql(f"DROP TABLE {entities}")
 

@@ -13,7 +13,8 @@ import pytest
 
 from coinyear import cli, registry
 from coinyear.deploy import DEPLOYED, FAILED, LOCAL, LOCK_TAG, ROLLED_BACK, SKIPPED, run_deploy
-from coinyear.lake import MODEL_DECISIONS, Lake
+from coinyear.lake import open_lake
+from coinyear.lake.tables import MODEL_DECISIONS
 from tests.conftest import make_settings
 from tests.fake_workspace import FakeWorkspace
 
@@ -79,7 +80,7 @@ def deploy(settings, monkeypatch, capsys, *args) -> tuple[int, dict]:
 
 
 def decisions(settings):
-    rows = Lake(settings).read(MODEL_DECISIONS).sort_values("decided_at")
+    rows = open_lake(settings).read(MODEL_DECISIONS).sort_values("decided_at")
     return rows[rows["kind"] == "deploy"]
 
 
@@ -95,7 +96,7 @@ def test_local_mode_needs_nothing_and_version_moves_the_alias(template, tmp_path
     code, out = deploy(settings, monkeypatch, capsys)
     assert code == 0 and out["decision"] == LOCAL
     assert "local gateway (`coinyear serve`) follows" in out["reason"] and out["served_after"] == "1"
-    assert not Lake(settings).exists(MODEL_DECISIONS)  # nothing was deployed, nothing to record
+    assert not open_lake(settings).exists(MODEL_DECISIONS)  # nothing was deployed, nothing to record
 
     code, out = deploy(settings, monkeypatch, capsys, "--version", "2")
     assert code == 0 and out["decision"] == DEPLOYED

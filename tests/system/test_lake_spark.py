@@ -20,7 +20,18 @@ import pyarrow as pa
 import pytest
 
 from coinyear.jobs import clean, ingest, monitor, retrain
-from coinyear.lake import FEEDBACK, INFERENCE_LOG, MODEL_DECISIONS, MONITORING, SCHEMAS, TRAINING_DATA, DeltaLake, Lake
+from coinyear.lake import open_lake
+from coinyear.lake.delta import DeltaLake
+from coinyear.lake.tables import (
+    DECISIONS_SCHEMA,
+    FEEDBACK,
+    INFERENCE_LOG,
+    MODEL_DECISIONS,
+    MONITORING,
+    SCHEMAS,
+    TRAINING_DATA,
+    Lake,
+)
 from tests.conftest import coin_image, make_settings
 
 NOW = datetime(2026, 11, 26, 12, 0, 0, 123456, tzinfo=UTC)
@@ -39,7 +50,7 @@ def backend_settings(backend: str, home, request):
 
 @pytest.fixture(params=["delta", "spark"])
 def lake(request, tmp_path) -> Lake:
-    return Lake(backend_settings(request.param, tmp_path / "home", request))
+    return open_lake(backend_settings(request.param, tmp_path / "home", request))
 
 
 def log_row(request_id: str, **extra) -> dict:
@@ -57,9 +68,9 @@ def feedback_row(request_id: str, when: datetime = NOW, year: int = 60, source: 
 
 
 def test_the_backend_is_chosen_by_settings(tmp_path):
-    assert type(Lake(make_settings(tmp_path))) is DeltaLake and type(Lake(tmp_path / "lake")) is DeltaLake
+    assert type(open_lake(make_settings(tmp_path))) is DeltaLake
     with pytest.raises(ValueError, match="COINYEAR_LAKE_SCHEMA"):
-        Lake(make_settings(tmp_path, lake_backend="spark"))  # no schema: a clear error before Spark starts
+        open_lake(make_settings(tmp_path, lake_backend="spark"))  # no schema: a clear error before Spark starts
 
 
 def test_a_missing_table_reads_as_an_empty_frame_with_its_columns(lake):
@@ -78,7 +89,7 @@ def test_each_table_round_trips_with_its_types(lake):
                                     schema=ingest.TRAINING_DATA_SCHEMA)
     decision = pa.Table.from_pylist([{"decided_at": NOW, "decision": "promoted", "candidate_mae": 12.25,
                                       "eval_rows": 40, "production_mae": float("nan")}],
-                                    schema=retrain.DECISIONS_SCHEMA)
+                                    schema=DECISIONS_SCHEMA)
     metrics = pd.DataFrame({"date": [NOW.date()], "model_version": ["1"], "computed_at": [pd.Timestamp(NOW)],
                             "requests": [5], "feedback_mae": [float("nan")]})
     for table, rows in ((INFERENCE_LOG, logs), (FEEDBACK, feedback), (TRAINING_DATA, training),
@@ -101,7 +112,7 @@ def test_each_table_round_trips_with_its_types(lake):
     assert list(got.columns) == ingest.TRAINING_DATA_SCHEMA.names
     assert got.loc[0, "year_from"] == -27 and got.loc[0, "added_at"] == NOW and got.loc[0, "mint"] is None
     got = lake.read(MODEL_DECISIONS)
-    assert list(got.columns) == retrain.DECISIONS_SCHEMA.names
+    assert list(got.columns) == DECISIONS_SCHEMA.names
     assert got.loc[0, "candidate_mae"] == 12.25 and np.isnan(got.loc[0, "production_mae"])
     assert str(got["decided_at"].dtype) == "datetime64[us, UTC]"
     got = lake.read(MONITORING)
@@ -150,7 +161,7 @@ def test_the_retrain_feedback_ledger_and_training_data_on_both_backends(lake, tm
     assert ingest.build(settings, lake, kept, version, "run-1") == 1
     decision = {"decided_at": NOW, "retrain_run_id": "run-1", "decision": "rejected", "kind": "retrain",
                 "consumed_feedback": json.dumps(sorted(ingest.feedback_key(new)))}
-    lake.append(MODEL_DECISIONS, pa.Table.from_pylist([decision], schema=retrain.DECISIONS_SCHEMA))
+    lake.append(MODEL_DECISIONS, pa.Table.from_pylist([decision], schema=DECISIONS_SCHEMA))
     lake.append(FEEDBACK, [feedback_row("c", when=NOW + timedelta(minutes=1))])
     history = retrain.retrain_decisions(lake)
     assert retrain.decided_runs(history) == {"run-1"}
@@ -179,7 +190,7 @@ def test_the_monitoring_job_runs_unchanged_on_the_spark_lake(tmp_path, request):
     for backend in ("delta", "spark"):
         settings = backend_settings(backend, tmp_path / backend, request).model_copy(
             update={"retrain_base_limit": 40})
-        lake = Lake(settings)
+        lake = open_lake(settings)
         lake.append(INFERENCE_LOG, rows)
         lake.append(FEEDBACK, feedback)
         tables[backend] = monitor.run_monitor(settings).drop(columns="computed_at")

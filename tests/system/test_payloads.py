@@ -16,7 +16,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from coinyear.jobs.payloads import PAYLOAD_COLUMNS, ingest_payloads
-from coinyear.lake import FEEDBACK, INFERENCE_LOG, Lake
+from coinyear.lake import open_lake
+from coinyear.lake.tables import FEEDBACK, INFERENCE_LOG
 from tests.conftest import coin_image, make_settings
 
 FRONT, BACK = "front_image_base64", "back_image_base64"
@@ -98,7 +99,7 @@ def test_payload_rows_map_onto_inference_log_exactly_once_with_photos(spark, loo
     write_table(spark, table, rows, mode="overwrite")
 
     first = ingest_payloads(settings, spark, served_entities=entities)
-    log = Lake(settings).read(INFERENCE_LOG).set_index("request_id")
+    log = open_lake(settings).read(INFERENCE_LOG).set_index("request_id")
     assert sorted(log.index) == ["dbx-badjson", "req-a-0", "req-a-1", "req-b", "req-big", "req-e", "req-lost"]
     assert (first.requests_mapped, first.rows_appended) == (6, 7)
     assert log.loc["req-a-0", "prediction"] == 10.5 and log.loc["req-a-1", "prediction"] == -27.0
@@ -127,7 +128,7 @@ def test_payload_rows_map_onto_inference_log_exactly_once_with_photos(spark, loo
 
     again = ingest_payloads(settings, spark, served_entities=entities)
     assert (again.requests_mapped, again.rows_appended) == (0, 0)
-    assert Lake(settings).count(INFERENCE_LOG) == 7
+    assert open_lake(settings).count(INFERENCE_LOG) == 7
 
     # a row delivered late (older than the watermark, inside the window) is mapped on the next run, once
     write_table(spark, table, [payload("req-late", records | {"client_request_id": "req-late"},
@@ -135,7 +136,7 @@ def test_payload_rows_map_onto_inference_log_exactly_once_with_photos(spark, loo
     late = ingest_payloads(settings, spark, served_entities=entities)
     assert (late.requests_mapped, late.rows_appended) == (1, 1)
     assert late.watermark == (T0 + timedelta(minutes=5, microseconds=1)).isoformat()  # never back; rises by 1 us
-    assert Lake(settings).count(INFERENCE_LOG) == 8
+    assert open_lake(settings).count(INFERENCE_LOG) == 8
     assert ingest_payloads(settings, spark, served_entities=entities).rows_appended == 0
 
     from coinyear.jobs.monitor import run_monitor
@@ -165,7 +166,7 @@ def test_feedback_files_wait_for_their_request_and_land_once(spark, loop, backen
                                                               "timestamp": now.isoformat()}))
 
     first = ingest_payloads(settings, spark, now=now, served_entities=entities)
-    feedback = Lake(settings).read(FEEDBACK)
+    feedback = open_lake(settings).read(FEEDBACK)
     assert list(feedback["request_id"]) == ["r-1"] and list(feedback["year_from"]) == [41]
     assert (first.feedback_appended, first.feedback_waiting, first.feedback_already_in) == (1, 1, 0)
     assert set(first.feedback_rejected) == {stale, "broken.json", "zero.json"}
@@ -182,14 +183,14 @@ def test_feedback_files_wait_for_their_request_and_land_once(spark, loop, backen
     (volume / "feedback" / "ingested" / known).rename(volume / "feedback" / known)
     third = ingest_payloads(settings, spark, now=now, served_entities=entities)
     assert (third.feedback_appended, third.feedback_already_in) == (0, 1)
-    feedback = Lake(settings).read(FEEDBACK).sort_values("request_id")
+    feedback = open_lake(settings).read(FEEDBACK).sort_values("request_id")
     assert list(feedback["request_id"]) == ["r-1", "r-2"] and list(feedback["year_to"]) == [41, -27]
     assert list(feedback["actor"]) == ["ada", "ada"]  # who the file says gave it
 
     from coinyear.jobs.ingest import feedback_candidates
 
     # the retraining job finds each correction's photos through the mapped inference_log
-    candidates = feedback_candidates(Lake(settings), feedback).set_index("coin_id")
+    candidates = feedback_candidates(open_lake(settings), feedback).set_index("coin_id")
     assert candidates.loc["feedback:r-1", "front"] == coin_image(1) and candidates["problem"].isna().all()
 
 
@@ -200,4 +201,4 @@ def test_a_payload_table_not_created_yet_is_nothing_to_map(spark, loop):
     result = ingest_payloads(settings, spark=spark, served_entities=entities)  # `table` was never written
     assert result.payload_table_missing and result.rows_appended == 0
     assert "does not exist yet" in result.report()
-    assert Lake(settings).read(INFERENCE_LOG).empty
+    assert open_lake(settings).read(INFERENCE_LOG).empty

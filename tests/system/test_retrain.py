@@ -16,7 +16,8 @@ from coinyear import registry
 from coinyear.data import group_keys, is_test_type
 from coinyear.jobs.ingest import FEEDBACK_EVAL, HOLDOUT, TRAIN, current_rows
 from coinyear.jobs.retrain import PROMOTED, REJECTED, SKIPPED, run_retrain
-from coinyear.lake import FEEDBACK, INFERENCE_LOG, MODEL_DECISIONS, SCHEMAS, TRAINING_DATA, Lake
+from coinyear.lake import open_lake
+from coinyear.lake.tables import FEEDBACK, INFERENCE_LOG, MODEL_DECISIONS, SCHEMAS, TRAINING_DATA, Lake
 from tests.conftest import OCRE, make_settings
 
 pytestmark = pytest.mark.slow
@@ -71,7 +72,7 @@ def coin_requests(coins: pd.DataFrame) -> tuple[list[dict], list[dict]]:
 
 def test_retrain_cleans_promotes_and_ingests_each_feedback_row_once(tmp_path):
     settings = small_settings(tmp_path / "home")
-    lake = Lake(settings)
+    lake = open_lake(settings)
     good_logs, good_feedback = coin_requests(held_back_coins(settings, 12))
 
     # dirty rows, one per cleaning reason

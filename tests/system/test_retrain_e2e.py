@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from coinyear import registry
-from coinyear.lake import FEEDBACK, MODEL_DECISIONS, Lake
+from coinyear.lake import open_lake
+from coinyear.lake.tables import FEEDBACK, MODEL_DECISIONS
 from coinyear.pyfunc import BACK, FRONT, encode_file
 from tests.conftest import OCRE, small_train_config
 from tests.system.test_retrain import BASE_LIMIT, held_back_coins, small_settings
@@ -79,7 +80,7 @@ def test_feedback_retrain_promote_reject_rollback(tmp_path):
                                     "year_to": int(coin.year_to), "source": "e2e"}, path="/feedback")
             assert feedback.status_code == 200, feedback.text
         server.wait_logged()
-        assert Lake(settings).count(FEEDBACK) == 12
+        assert open_lake(settings).count(FEEDBACK) == 12
 
         promoted = coinyear(home, "retrain")
         assert "new feedback rows: 12" in promoted and "decision: PROMOTED" in promoted
@@ -104,7 +105,7 @@ def test_feedback_retrain_promote_reject_rollback(tmp_path):
         time.sleep(1.5)  # three alias polls: the server must still be on v2
         assert served_version(server, probe) == v2
 
-        decisions = Lake(settings).read(MODEL_DECISIONS).sort_values("decided_at")
+        decisions = open_lake(settings).read(MODEL_DECISIONS).sort_values("decided_at")
         assert list(decisions["decision"]) == ["promoted", "rejected"]
         assert list(decisions["production_after"]) == [v2, v2]
         assert decisions["candidate_mae"].iloc[1] > decisions["production_mae"].iloc[1]

@@ -144,9 +144,9 @@ def server(trained, tmp_path_factory):
 
 
 def lake_rows(home: Path, table: str = "inference_log"):
-    from coinyear.lake import Lake
+    from coinyear.lake.delta import DeltaLake
 
-    return Lake(str(home / "lake")).read(table)
+    return DeltaLake(str(home / "lake")).read(table)
 
 
 # ------------------------------------------------------------------------------------------------ formats
@@ -486,7 +486,7 @@ def test_kill9_loses_no_answered_request(trained, tmp_path):
     for thread in clients:
         thread.join()
     assert len(answered) > 10
-    from coinyear.lake import read_segment
+    from coinyear.lake.spool import read_segment
 
     spooled = {record["request_id"] for path in (home / "spool" / "inference_log").glob("*.seg")
                for record in read_segment(path)}

@@ -30,7 +30,8 @@ from PIL import ImageOps
 from coinyear import registry
 from coinyear.config import Settings
 from coinyear.data import ImageError, decode_side, read_manifest
-from coinyear.lake import FEEDBACK, INFERENCE_LOG, MONITORING, TRAINING_DATA, Lake
+from coinyear.lake import open_lake
+from coinyear.lake.tables import FEEDBACK, INFERENCE_LOG, MONITORING, TRAINING_DATA, Lake
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ def one_row_per_request(log: pd.DataFrame) -> pd.DataFrame:
 # ------------------------------------------------------------------------------------------------- job
 def compute_monitoring(settings: Settings, lake: Lake | None = None) -> pd.DataFrame:
     """One row of metrics per (date, model_version) in the inference log."""
-    lake = lake or Lake(settings)
+    lake = lake or open_lake(settings)
     requests = lake.read(INFERENCE_LOG, columns=["request_id", "http_request_id", "date", "status_code",
                                                  "execution_time_ms", "model_version", "prediction"])
     if len(requests) == 0:
@@ -199,7 +200,7 @@ def compute_monitoring(settings: Settings, lake: Lake | None = None) -> pd.DataF
 
 def run_monitor(settings: Settings) -> pd.DataFrame:
     """Compute the metrics and append them to the `monitoring` table (this job is its only writer)."""
-    lake = Lake(settings)
+    lake = open_lake(settings)
     table = compute_monitoring(settings, lake)
     if len(table):
         lake.append(MONITORING, table)

@@ -4,7 +4,7 @@ On Databricks, Model Serving logs every request to the endpoint's AI Gateway inf
 (`COINYEAR_PAYLOAD_TABLE`, delivered best effort, up to an hour late) and the gateway with the databricks
 backend (coinyear.serve.forward) leaves feedback and the photos of big requests in a Unity Catalog volume
 (`COINYEAR_LOOP_VOLUME`). `coinyear ingest-payloads` (a job task on a cluster, where the volume is mounted at
-/Volumes/...) turns both into the rows the retraining and monitoring jobs read, through `Lake(settings)`.
+/Volumes/...) turns both into the rows the retraining and monitoring jobs read, through `open_lake(settings)`.
 
 Payload table (columns as Databricks creates them):
     request_date DATE, databricks_request_id STRING, client_request_id STRING, request_time TIMESTAMP,
@@ -60,7 +60,8 @@ from pathlib import Path
 import pandas as pd
 
 from coinyear.config import Settings
-from coinyear.lake import FEEDBACK, INFERENCE_LOG, Lake
+from coinyear.lake import open_lake
+from coinyear.lake.tables import FEEDBACK, INFERENCE_LOG, Lake
 from coinyear.pyfunc import InvalidCoinInput, decode_base64
 from coinyear.serve.errors import ApiError
 from coinyear.serve.volume import FEEDBACK_FILES, SAFE_REQUEST_ID_RULE, photo_path, safe_request_id
@@ -131,7 +132,7 @@ def ingest_payloads(settings: Settings, spark=None, now: datetime | None = None,
     if not settings.payload_table and not settings.loop_volume:
         raise ValueError("nothing to ingest: set COINYEAR_PAYLOAD_TABLE (the endpoint's payload table) and/or "
                          "COINYEAR_LOOP_VOLUME (where the gateway keeps feedback and big requests' photos)")
-    lake, result = Lake(settings), IngestResult(settings.payload_table, loop_volume=settings.loop_volume)
+    lake, result = open_lake(settings), IngestResult(settings.payload_table, loop_volume=settings.loop_volume)
     if settings.payload_table:
         if spark is None:
             from coinyear.spark import spark_session

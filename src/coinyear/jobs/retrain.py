@@ -48,7 +48,8 @@ from coinyear.data import Manifest
 from coinyear.jobs.clean import clean, count_reasons
 from coinyear.jobs.gate import FAILED, MAE, PROMOTED, REJECTED, SKIPPED, SUPERSEDED, validate
 from coinyear.jobs.ingest import build, current_rows, dataset, feedback_key, ingest, read_new_feedback, table_version
-from coinyear.lake import MODEL_DECISIONS, TRAINING_DATA, Lake
+from coinyear.lake import open_lake
+from coinyear.lake.tables import DECISIONS_SCHEMA, MODEL_DECISIONS, TRAINING_DATA, Lake
 
 log = logging.getLogger(__name__)
 
@@ -56,20 +57,6 @@ log = logging.getLogger(__name__)
 # its candidate never served, and the person who moved production meanwhile would expect the next run to judge
 # that feedback again, against the production they chose, rather than find it used up by a model nobody uses.
 CONSUMING = (PROMOTED, REJECTED, SKIPPED)
-DECISIONS_SCHEMA = pa.schema([
-    ("decided_at", pa.timestamp("us", tz="UTC")), ("retrain_run_id", pa.string()), ("model_name", pa.string()),
-    ("decision", pa.string()), ("reason", pa.string()),
-    ("candidate_version", pa.string()), ("production_before", pa.string()), ("production_after", pa.string()),
-    ("candidate_mae", pa.float64()), ("production_mae", pa.float64()),
-    ("candidate_latency_ms", pa.float64()), ("production_latency_ms", pa.float64()),
-    ("candidate_metrics", pa.string()), ("production_metrics", pa.string()),
-    ("eval_rows", pa.int64()), ("new_feedback_rows", pa.int64()), ("ingested_rows", pa.int64()),
-    ("dropped", pa.string()), ("training_data_version", pa.int64()), ("feedback_version", pa.int64()),
-    # which job decided (retrain | deploy) and, for a deployment, the serving endpoint it changed
-    ("kind", pa.string()), ("endpoint_name", pa.string()),
-    # JSON list of the `feedback_key`s this decision settled (null for a failed run)
-    ("consumed_feedback", pa.string()),
-])
 
 
 def superseded_reason(changed: registry.AliasChanged, verdict: str, feedback_rows: int) -> str:
@@ -126,7 +113,7 @@ def run_retrain(settings: Settings, dry_run: bool = False, force: bool = False) 
     """One retraining run under the job lock: see the module docstring. A failed run is returned (decision
     `failed`, recorded in `model_decisions`), not raised."""
     with retrain_lock(settings):
-        lake = Lake(settings)
+        lake = open_lake(settings)
         history = retrain_decisions(lake)
         feedback_version, new_feedback = read_new_feedback(lake, consumed_keys(history))
         runs = decided_runs(history)

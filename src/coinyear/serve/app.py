@@ -2,7 +2,7 @@
 
 Scoring (`POST /serving-endpoints/{name}/invocations`, `POST /invocations`) answers
 `{"predictions": [year, ...]}` in input order with the headers `served-model-name`, `served-model-version` and
-`x-request-id`. Every answered request is spooled durably (see coinyear.lake.SpooledAppender) before the
+`x-request-id`. Every answered request is spooled durably (see coinyear.lake.spool.SpooledAppender) before the
 answer leaves, so the inference log never misses an acknowledged request; rows that failed are logged too.
 Every scoring request goes through the micro-batcher and has a deadline (`COINYEAR_REQUEST_TIMEOUT_SECONDS`):
 past it the client gets a 504 `DEADLINE_EXCEEDED`, never a hang, and the request is not scored: its photos stop
@@ -34,7 +34,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 import coinyear
 from coinyear.config import Settings
-from coinyear.lake import FEEDBACK, INFERENCE_LOG, Lake, SpoolClosedError, SpooledAppender
+from coinyear.lake import open_lake
+from coinyear.lake.spool import SpoolClosedError, SpooledAppender
+from coinyear.lake.tables import FEEDBACK, INFERENCE_LOG
 from coinyear.pyfunc import pair_tensors
 from coinyear.serve.admission import Admission, AdmissionMiddleware
 from coinyear.serve.auth import BearerAuth
@@ -188,7 +190,7 @@ class Gateway:
     def _init_backend(self) -> None:
         """The local backend: the model in this process, the lake writers (the databricks backend overrides)."""
         settings = self.settings
-        self.lake = Lake(settings)
+        self.lake = open_lake(settings)
         self.log_writer = SpooledAppender(self.lake, INFERENCE_LOG, settings.spool_dir / INFERENCE_LOG,
                                           settings.log_flush_seconds, settings.spool_max_commit_bytes
                                           ) if settings.inference_log else None

@@ -27,17 +27,18 @@ import streamlit as st
 
 from coinyear import registry
 from coinyear.config import Settings
-from coinyear.lake import MODEL_DECISIONS, Lake
+from coinyear.lake import open_lake
+from coinyear.lake.tables import DECISIONS_ACTOR, DECISIONS_SCHEMA, MODEL_DECISIONS
 from coinyear.serve.auth import Credential, credentials, is_loopback, match
 
 ACTOR_KEY = "actor"  # the signed-in person as registry actions record them (name and token fingerprint)
 CREDENTIAL_KEY = "credential"  # their Credential: the token corrections go with, and what is checked each run
 ACTOR_TAG = "moved_by"
-# the columns the retraining job writes too (same names and types), plus `actor`
+# the columns of `model_decisions` a change by hand fills (the jobs' names and types), plus `actor`
 DECISION_SCHEMA = pa.schema([
-    ("decided_at", pa.timestamp("us", tz="UTC")), ("model_name", pa.string()), ("decision", pa.string()),
-    ("reason", pa.string()), ("candidate_version", pa.string()), ("production_before", pa.string()),
-    ("production_after", pa.string()), ("kind", pa.string()), ("actor", pa.string()),
+    *(DECISIONS_SCHEMA.field(name) for name in ("decided_at", "model_name", "decision", "reason", "candidate_version",
+                                                "production_before", "production_after", "kind")),
+    DECISIONS_ACTOR,
 ])
 
 
@@ -142,4 +143,4 @@ def record(settings: Settings, actor: str, decision: str, version: str, before: 
     row = {"decided_at": now, "model_name": settings.model_name, "decision": decision,
            "reason": f"by hand in the UI by {actor}", "candidate_version": str(version),
            "production_before": before, "production_after": after, "kind": "ui", "actor": actor}
-    Lake(settings).append(MODEL_DECISIONS, pa.Table.from_pylist([row], schema=DECISION_SCHEMA))
+    open_lake(settings).append(MODEL_DECISIONS, pa.Table.from_pylist([row], schema=DECISION_SCHEMA))

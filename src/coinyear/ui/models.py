@@ -9,7 +9,8 @@ import pandas as pd
 import streamlit as st
 
 from coinyear import registry
-from coinyear.lake import MODEL_DECISIONS, Lake
+from coinyear.lake import open_lake
+from coinyear.lake.tables import MODEL_DECISIONS
 from coinyear.ui import access
 from coinyear.ui.shared import settings
 
@@ -47,7 +48,7 @@ def show_versions(versions: list[registry.VersionInfo]) -> None:
 
 def show_decisions() -> None:
     st.subheader("Retraining decisions")
-    decisions = Lake(settings()).read(MODEL_DECISIONS)
+    decisions = open_lake(settings()).read(MODEL_DECISIONS)
     if decisions.empty:
         st.info("No retraining decisions yet: `coinyear retrain` records each promotion or rejection here.")
         return

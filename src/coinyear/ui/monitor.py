@@ -6,7 +6,8 @@ import pandas as pd
 import streamlit as st
 
 from coinyear.jobs.monitor import corrected_predictions, one_row_per_request
-from coinyear.lake import FEEDBACK, INFERENCE_LOG, MONITORING, Lake
+from coinyear.lake import open_lake
+from coinyear.lake.tables import FEEDBACK, INFERENCE_LOG, MONITORING
 from coinyear.ui.shared import settings
 
 LOG_COLUMNS = ["request_id", "http_request_id", "timestamp", "date", "status_code", "execution_time_ms",
@@ -15,7 +16,8 @@ LOG_COLUMNS = ["request_id", "http_request_id", "timestamp", "date", "status_cod
 
 @st.cache_data(ttl=10, show_spinner=False)
 def load(lake_root: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    lake = Lake(lake_root)
+    """The log, feedback and monitoring tables of the configured lake (`lake_root` is the cache's key)."""
+    lake = open_lake(settings())
     return lake.read(INFERENCE_LOG, columns=LOG_COLUMNS), lake.read(FEEDBACK), lake.read(MONITORING)
 
 

@@ -35,7 +35,7 @@ if os.environ.get("COINYEAR_FAULT_SLOW_DECODE_FILE"):
     wire.preprocess = slow_preprocess
 
 if os.environ.get("COINYEAR_FAULT_SLOW_LAKE_FILE"):
-    from coinyear.lake import DeltaLake
+    from coinyear.lake.delta import DeltaLake
 
     lake_flag = Path(os.environ["COINYEAR_FAULT_SLOW_LAKE_FILE"])
     real_append = DeltaLake.append

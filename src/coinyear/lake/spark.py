@@ -6,8 +6,8 @@ mount has no rename/link; delta-rs #2540) and volumes cannot hold tables, so the
 engine their cluster runs. Off Databricks the same code writes the session's default table format (Parquet in
 local PySpark, whose session cannot load Delta's jars offline): that is what the tests run.
 
-Same contract as `coinyear.lake.DeltaLake` (see `coinyear.lake.Lake`), kept with three reserved columns that
-every append writes next to the rows, in the same write as the rows:
+Same contract as `coinyear.lake.delta.DeltaLake` (see `coinyear.lake.tables.Lake`), kept with three reserved
+columns that every append writes next to the rows, in the same write as the rows:
 
     _coinyear_commit       bigint   the table's logical version: 0 for the first append, +1 per append
     _coinyear_txn_app      string   `transaction` app id of the append (null without one)
@@ -18,7 +18,7 @@ every append writes next to the rows, in the same write as the rows:
   are append-only, so that is the table as it was after append v. It needs no Delta history, so it survives
   VACUUM and log retention (Delta time travel does not). `read` never returns the reserved columns.
 - Exactly once: an append whose `transaction` version is not above the committed one writes nothing. The check
-  reads the table before the write, so it assumes one writer per table (the lake's rule, see coinyear.lake);
+  reads the table before the write, so it assumes one writer per table (the lake's rule, see coinyear.lake.tables);
   on Delta the write also carries Delta's own idempotent-write options (`txnAppId`/`txnVersion`), which skip
   it atomically if another writer committed that version in between.
 - Atomicity: the marker is in the rows, so marker and rows land together exactly when the rows land together.
@@ -31,7 +31,7 @@ every append writes next to the rows, in the same write as the rows:
 - `metadata` goes to the Delta commit's `userMetadata` (DESCRIBE HISTORY); Parquet has no commit to hold it.
 
 Rows written to these tables by anything but this class lack `_coinyear_commit`: they are read by `read()` but
-not by `read(version=...)`, so the retraining job would never ingest such feedback: write through `Lake`.
+not by `read(version=...)`, so the retraining job would never ingest such feedback: write through `open_lake(settings)`.
 Nothing here caches or spills to a volume: Spark's own temporary files stay on the cluster's local disks.
 Needs Spark 4 (Arrow tables in and out: `createDataFrame(pyarrow.Table)`, `DataFrame.toArrow()`): Databricks
 Runtime 17.3 LTS, as deploy/databricks pins. Only local Spark with Parquet is tested here; the Delta-only parts
@@ -47,7 +47,7 @@ import re
 import pandas as pd
 import pyarrow as pa
 
-from coinyear.lake import SCHEMAS, Lake, Rows
+from coinyear.lake.tables import SCHEMAS, Lake, Rows
 
 log = logging.getLogger(__name__)
 

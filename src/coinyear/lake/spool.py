@@ -1,61 +1,8 @@
-"""Lake stage: the Delta Lake tables every later stage reads and writes.
+"""Lake stage, the spool: durable, batched appends to one table (`SpooledAppender`), the gateway's way to write
+`inference_log` and `feedback`, and `replay_quarantine` for segments the table refused.
 
-`Lake(settings)` is the one API; `settings.lake_backend` picks the engine behind it. `delta` (the default,
-`DeltaLake`, this module) uses delta-rs, no Spark. `spark` (`coinyear.lake_spark.SparkLake`) writes catalog
-tables `<lake_schema>.<table>` through the job's Spark session: Unity Catalog tables on Databricks, where
-delta-rs cannot commit to a volume. The contract both keep is in `Lake`'s docstring.
-
-With delta-rs, tables live under `settings.lake_root`: a local folder by default (COINYEAR_HOME/lake), or any delta-rs
-URI (`s3://...`, `abfss://...`, `dbfs:/...` mounted) at scale; credentials come from the usual environment
-variables delta-rs reads. delta-rs appends from several concurrent writers can fail under contention, so each
-table has one writer process: the gateway writes `inference_log` and `feedback`, the retraining job writes
-`model_decisions` and `training_data`, monitoring writes `monitoring`.
-
-`Lake(settings).append(table, rows)` appends; `Lake(settings).read(table)` returns a pandas DataFrame (an empty
-one with the right columns while a table does not exist yet). `SpooledAppender` makes appends durable before
-they reach Delta: see its docstring.
-
-inference_log (one row per input row of a scoring request; partitioned by `date`)
-    request_id         string     unique per row: "<uuid>" for a one-row request, "<uuid>-<i>" for row i of a
-                                  several-row request (the uuid is the `x-request-id` response header)
-    http_request_id    string     the uuid shared by all rows of one HTTP request
-    row_index          int32      position of the row in its request (0-based)
-    client_request_id  string     `client_request_id` from the request body, if the client sent one
-    timestamp          timestamp[us, UTC]  when the request arrived
-    date               date32     UTC date of `timestamp`
-    status_code        int32      HTTP status answered (200, 400, 413, 503, ...)
-    error_code         string     MLflow error code (BAD_REQUEST, INVALID_PARAMETER_VALUE, ...); null on 200
-    error_message      string     the message answered; null on 200
-    execution_time_ms  float64    time from request arrival until the answer was ready and this row went to the
-                                  spool: not the spool's fsync that the answer then waits for (a row cannot hold
-                                  its own fsync; the gateway's coinyear_request_latency_seconds includes it)
-    endpoint_name      string     `{name}` of /serving-endpoints/{name}/invocations, null for /invocations
-    model_name         string     registered model that answered (null when none was loaded)
-    model_version      string     its version
-    prediction         float64    predicted year (negative = BC); null unless status 200
-    front_image        binary     decoded front photo bytes; null when missing or not base64
-    back_image         binary     decoded back photo bytes; null when missing or not base64
-    front_image_bytes  int64      size of front_image (null when null)
-    back_image_bytes   int64      size of back_image
-    request_metadata   string     JSON: input format, params, row count, user agent
-
-feedback (one row per expert correction)
-    request_id         string     `request_id` of the inference_log row it corrects
-    year_from          int32      earliest year the expert gives (negative = BC, never 0)
-    year_to            int32      latest year (equal to year_from for an exact year)
-    timestamp          timestamp[us, UTC]
-    source             string     what sent it (e.g. "ui", "api"), as the client says; nullable
-    note               string     free text; nullable
-    actor              string     who answers for it, never a token: the gateway's name for the caller's token
-                                  (`name` of a `name:token` entry, else `token:<sha256 prefix>`), `anonymous`
-                                  without auth; on Databricks what the feedback file says (coinyear.jobs.payloads).
-                                  Null in rows written before it existed. Retraining learns only from rows whose
-                                  actor is neither null nor `anonymous` (coinyear.jobs.ingest)
-
-A column added to a fixed schema (as `actor`) is added to a table written before it on the next append, and
-reads as null in its older rows (and in spool records written before it).
-
-model_decisions, monitoring, training_data: schema on first write (new columns are merged in later).
+Written records are fsync'ed in local segment files before their caller hears back, then committed to the lake
+(either backend) by one committer thread, exactly once: see `SpooledAppender`.
 """
 
 from __future__ import annotations
@@ -75,262 +22,15 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO, TextIO, TypeAlias
+from typing import BinaryIO, TextIO
 
-import pandas as pd
 import pyarrow as pa
-from deltalake import CommitProperties, DeltaTable, Transaction, write_deltalake
 from deltalake.exceptions import CommitFailedError, DeltaError, SchemaMismatchError
+
+from coinyear.lake.tables import Lake
 
 log = logging.getLogger(__name__)
 
-INFERENCE_LOG = "inference_log"
-FEEDBACK = "feedback"
-MODEL_DECISIONS = "model_decisions"
-MONITORING = "monitoring"
-TRAINING_DATA = "training_data"
-TABLES = (INFERENCE_LOG, FEEDBACK, MODEL_DECISIONS, MONITORING, TRAINING_DATA)
-
-UTC_TIMESTAMP = pa.timestamp("us", tz="UTC")
-
-SCHEMAS: dict[str, pa.Schema] = {
-    INFERENCE_LOG: pa.schema([
-        pa.field("request_id", pa.string(), nullable=False),
-        pa.field("http_request_id", pa.string()),
-        pa.field("row_index", pa.int32()),
-        pa.field("client_request_id", pa.string()),
-        pa.field("timestamp", UTC_TIMESTAMP),
-        pa.field("date", pa.date32()),
-        pa.field("status_code", pa.int32()),
-        pa.field("error_code", pa.string()),
-        pa.field("error_message", pa.string()),
-        pa.field("execution_time_ms", pa.float64()),
-        pa.field("endpoint_name", pa.string()),
-        pa.field("model_name", pa.string()),
-        pa.field("model_version", pa.string()),
-        pa.field("prediction", pa.float64()),
-        pa.field("front_image", pa.binary()),
-        pa.field("back_image", pa.binary()),
-        pa.field("front_image_bytes", pa.int64()),
-        pa.field("back_image_bytes", pa.int64()),
-        pa.field("request_metadata", pa.string()),
-    ]),
-    FEEDBACK: pa.schema([
-        pa.field("request_id", pa.string(), nullable=False),
-        pa.field("year_from", pa.int32()),
-        pa.field("year_to", pa.int32()),
-        pa.field("timestamp", UTC_TIMESTAMP),
-        pa.field("source", pa.string()),
-        pa.field("note", pa.string()),
-        pa.field("actor", pa.string()),
-    ]),
-}
-PARTITIONS: dict[str, list[str]] = {INFERENCE_LOG: ["date"]}
-
-Rows: TypeAlias = list[dict] | pd.DataFrame | pa.Table
-
-
-class _PicksBackend(type):
-    """`Lake(...)` builds the backend the settings name (a metaclass: SparkLake is built from settings even when
-    `Lake` was given a root string, which `__new__` cannot do, as Python then calls `__init__` with the string)."""
-
-    def __call__(cls, settings_or_root=None, *args, **kwargs):
-        if cls is not Lake:
-            return super().__call__(settings_or_root, *args, **kwargs)
-        settings = _settings_of(settings_or_root)
-        if getattr(settings, "lake_backend", "delta") == "spark":
-            from coinyear.lake_spark import SparkLake
-
-            return SparkLake(settings, *args, **kwargs)
-        return DeltaLake(settings if settings is not None else settings_or_root)
-
-
-def _settings_of(settings_or_root):
-    """The settings `Lake(settings_or_root)` follows: the settings given; the process's settings for None or for
-    their own `lake_root` as a string (the Monitor page passes that: a string is a cache key); None for any other
-    root, which is a delta-rs root."""
-    if settings_or_root is not None and not isinstance(settings_or_root, (str, Path)):
-        return settings_or_root
-    from coinyear.config import get_settings
-
-    configured = get_settings()
-    if settings_or_root is None or str(settings_or_root).rstrip("/") == str(configured.lake_root).rstrip("/"):
-        return configured
-    return None
-
-
-class Lake(metaclass=_PicksBackend):
-    """The lake's tables behind one API; `Lake(settings)` gives the backend `settings.lake_backend` names.
-
-    `Lake(settings)` with `lake_backend=delta` (the default) or `Lake(root)` (a path or URI) is a `DeltaLake`;
-    `lake_backend=spark` gives a `coinyear.lake_spark.SparkLake` (tables `<lake_schema>.<table>` written through
-    the job's Spark session). `Lake()`, and `Lake(root)` with the configured `lake_root` itself, follow the
-    process's settings (COINYEAR_LAKE_BACKEND included). Both keep the same contract, tested against both in
-    tests/system/test_lake_spark.py:
-
-    - `append(table, rows, transaction=(app_id, version))` appends rows in one write; a `transaction` whose
-      version is not above `committed_version(table, app_id)` writes nothing and returns 0 (exactly once);
-    - `version(table)` names the table's state after each append (-1: no table), and
-      `read(table, version=v)` reads the rows of that state back (the tables are append-only);
-    - `read` of a table that does not exist yet is an empty frame with the table's columns.
-    """
-
-    def __init__(self, settings_or_root=None, *args, **kwargs) -> None:
-        """What callers pass (settings, a root, or nothing); `_PicksBackend` builds the backend from it."""
-
-    def uri(self, table: str) -> str:
-        """Where the table lives: a Delta table URI, or a Spark table name."""
-        raise NotImplementedError
-
-    def exists(self, table: str) -> bool:
-        raise NotImplementedError
-
-    def append(self, table: str, rows: Rows, *, transaction: tuple[str, int] | None = None,
-               metadata: dict[str, str] | None = None) -> int:
-        raise NotImplementedError
-
-    def committed_version(self, table: str, app_id: str) -> int | None:
-        raise NotImplementedError
-
-    def version(self, table: str) -> int:
-        raise NotImplementedError
-
-    def read(self, table: str, columns: list[str] | None = None, filters=None,
-             version: int | None = None) -> pd.DataFrame:
-        raise NotImplementedError
-
-    def count(self, table: str) -> int:
-        raise NotImplementedError
-
-    def to_arrow(self, table: str, rows: Rows) -> pa.Table:
-        """Rows as an Arrow table, cast to the table's schema when it has one."""
-        schema = SCHEMAS.get(table)
-        if isinstance(rows, pa.Table):
-            if schema is None:
-                return rows
-            for field in schema:  # a record spooled before a nullable column was added to the schema
-                if field.nullable and field.name not in rows.column_names:
-                    rows = rows.append_column(field.name, pa.nulls(rows.num_rows, field.type))
-            return rows.select(schema.names).cast(schema)
-        if isinstance(rows, pd.DataFrame):
-            if schema is None:
-                return pa.Table.from_pandas(rows, preserve_index=False)
-            missing = {f.name: None for f in schema if f.nullable and f.name not in rows.columns}
-            rows = rows.assign(**missing) if missing else rows
-            return pa.Table.from_pandas(rows[schema.names], schema=schema, preserve_index=False)
-        rows = list(rows)
-        if schema is None:
-            return pa.Table.from_pylist(rows)
-        return pa.Table.from_pylist(rows, schema=schema)
-
-    def storable(self, table: str, rows: Rows) -> pa.Table:
-        """`to_arrow`, with all-null columns of a table without a fixed schema typed as strings (neither Delta nor
-        Parquet can store Arrow's null type)."""
-        data = self.to_arrow(table, rows)
-        if table not in SCHEMAS:
-            for name in data.column_names:
-                if pa.types.is_null(data.schema.field(name).type):
-                    data = data.set_column(data.schema.get_field_index(name), name, data[name].cast(pa.string()))
-        return data
-
-    @staticmethod
-    def already_committed(done: int | None, transaction: tuple[str, int] | None) -> bool:
-        return transaction is not None and done is not None and transaction[1] <= done
-
-    @staticmethod
-    def with_schema_columns(table: str, frame: pd.DataFrame, columns: list[str] | None = None) -> pd.DataFrame:
-        """`frame` read from a table written before a column joined its fixed schema, with that column (of those
-        in `columns`, or any) as nulls, in the order `columns` asks for."""
-        schema = SCHEMAS.get(table)
-        if schema is None:
-            return frame
-        missing = [name for name in (columns or schema.names) if name in schema.names and name not in frame.columns]
-        if missing:
-            frame = frame.assign(**{name: pd.Series([None] * len(frame), index=frame.index, dtype=object)
-                                    for name in missing})
-        return frame[columns] if columns else frame
-
-    def empty(self, table: str, columns: list[str] | None = None) -> pd.DataFrame:
-        """What reading a table that does not exist yet gives: no rows, the schema's columns (none when the
-        table has no fixed schema)."""
-        schema = SCHEMAS.get(table)
-        if schema is None:
-            return pd.DataFrame(columns=columns or [])
-        empty = schema.empty_table()
-        return (empty.select(columns) if columns else empty).to_pandas()
-
-
-class DeltaLake(Lake):
-    """The Delta tables under one root (`settings.lake_root`, or a root URI/path given directly), via delta-rs."""
-
-    def __init__(self, settings_or_root):
-        root = settings_or_root if isinstance(settings_or_root, (str, Path)) else settings_or_root.lake_root
-        self.root = str(root).rstrip("/")
-
-    def uri(self, table: str) -> str:
-        return f"{self.root}/{table}"
-
-    def exists(self, table: str) -> bool:
-        return DeltaTable.is_deltatable(self.uri(table))
-
-    def append(self, table: str, rows: Rows, *, transaction: tuple[str, int] | None = None,
-               metadata: dict[str, str] | None = None) -> int:
-        """Append rows in one Delta commit; returns how many (0 when `transaction` was already committed).
-
-        `transaction=(app_id, version)` records an idempotent-write marker in the same commit (Delta's
-        `txn` action): `committed_version(table, app_id)` then tells which writes already landed. The check
-        before the write assumes the table's one writer (see the module docstring).
-        """
-        data = self.storable(table, rows)
-        if data.num_rows == 0:
-            return 0
-        if transaction is not None and self.already_committed(self.committed_version(table, transaction[0]),
-                                                              transaction):
-            log.info("%s: transaction %s already committed, nothing appended", table, transaction)
-            return 0
-        properties = CommitProperties(
-            custom_metadata=metadata,
-            app_transactions=[Transaction(*transaction)] if transaction else None,
-        )
-        # merge: new columns join the table (a fixed schema's rows are cast to it first, so there only a column
-        # added to the schema since the table was written can be new; a type conflict still fails)
-        write_deltalake(self.uri(table), data, mode="append", partition_by=PARTITIONS.get(table),
-                        schema_mode="merge", commit_properties=properties)
-        return data.num_rows
-
-    def committed_version(self, table: str, app_id: str) -> int | None:
-        """The last `transaction` version committed for `app_id`, None when none (or no table yet)."""
-        if not self.exists(table):
-            return None
-        return DeltaTable(self.uri(table)).transaction_version(app_id)
-
-    def version(self, table: str) -> int:
-        """The table's current Delta version, -1 while it does not exist."""
-        return DeltaTable(self.uri(table)).version() if self.exists(table) else -1
-
-    def read(self, table: str, columns: list[str] | None = None, filters=None,
-             version: int | None = None) -> pd.DataFrame:
-        """The whole table (or `columns`, rows matching pyarrow-style `filters`) as pandas, at its latest
-        version or at Delta version `version` (time travel).
-
-        A table that does not exist yet reads as an empty frame with its schema's columns (no columns when the
-        table has no fixed schema).
-        """
-        if not self.exists(table):
-            return self.empty(table, columns)
-        delta = DeltaTable(self.uri(table), version=version)
-        if columns and table in SCHEMAS:  # a schema column the table was written without reads as null
-            present = {field.name for field in delta.schema().fields}
-            frame = delta.to_pandas(columns=[c for c in columns if c in present], filters=filters)
-        else:
-            frame = delta.to_pandas(columns=columns, filters=filters)
-        return self.with_schema_columns(table, frame, columns)
-
-    def count(self, table: str) -> int:
-        return DeltaTable(self.uri(table)).count() if self.exists(table) else 0
-
-
-# ------------------------------------------------------------------------------------------------ spool
 FRAME_HEADER = struct.Struct("<II")  # payload length, crc32 of the payload
 PICKLED = b"\x80"  # first byte of a pickle: the frames of older versions (a list of dicts); Arrow IPC starts 0xFF
 SCHEMA_MESSAGE = re.compile(r"cast error|cannot cast|schema", re.IGNORECASE)
@@ -826,7 +526,7 @@ class SpooledAppender:
         committed), so it would read as committed and be deleted. It goes back to quarantine/ (its note is still
         there), where `replay_quarantine` commits it."""
         self.last_quarantine_error = (f"{segment.path.name}: moved back into the spool from quarantine/, returned "
-                                      f"there (replay it with coinyear.lake.replay_quarantine)")
+                                      f"there (replay it with coinyear.lake.spool.replay_quarantine)")
         segment.path.replace(self.quarantine_dir / segment.path.name)
         _fsync_dir(self.dir)
         log.error("spool segment %s (%d rows) was quarantined and moved back into %s; it is returned to %s: "
@@ -886,3 +586,4 @@ def replay_quarantine(lake: Lake, table: str, spool_dir: str | Path) -> dict[str
     finally:
         lock.close()
     return outcomes
+
