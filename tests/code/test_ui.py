@@ -23,7 +23,7 @@ from streamlit.testing.v1 import AppTest
 from coinyear import registry
 from coinyear.config import ensure_experiment, get_settings
 from coinyear.lake import open_lake
-from coinyear.lake.tables import FEEDBACK, INFERENCE_LOG, MODEL_DECISIONS, MONITORING
+from coinyear.lake.tables import FEEDBACK, FEEDBACK_REVIEWS, INFERENCE_LOG, MODEL_DECISIONS, MONITORING
 from coinyear.ui.shared import parse_year
 from tests.conftest import coin_image, send_json
 
@@ -423,7 +423,7 @@ def test_without_tokens_a_correction_goes_without_the_uis_own_token(api, predict
     at = correct(predicted, "AD 70")
     (call,) = api.calls("/feedback")
     assert "Authorization" not in call["headers"]
-    assert "recorded as **anonymous**" in texts(at.success) and "not used for retraining" in texts(at.success)
+    assert "recorded as **anonymous**" in texts(at.success) and "waits on the Review page" in texts(at.success)
 
 
 def test_a_correction_without_sign_in_never_becomes_training_data(api, predicted, tmp_path):
@@ -755,3 +755,73 @@ def test_with_tokens_a_person_signs_in_and_each_move_is_recorded_with_who_did_it
     assert tags["3"]["moved_by"] == actor and tags["3"]["moved_by_action"] == "promoted"
     assert tags["2"]["moved_by"] == actor and tags["2"]["moved_by_action"] == "rolled_back"
     assert app("models.py").dataframe[0].value.set_index("version").loc[2, "moved by"] == actor
+
+
+# ------------------------------------------------------------------------------------------------- review
+def anonymous_correction(request_id: str = "req-anon", year: int = 71) -> dict:
+    return {"request_id": request_id, "year_from": year, "year_to": year + 2, "source": "ui", "note": None,
+            "timestamp": pd.Timestamp("2026-11-20T12:00:00Z"), "actor": "anonymous"}
+
+
+def test_review_queue_holds_what_nobody_answers_for_until_it_is_reviewed_or_settled():
+    from coinyear.jobs.ingest import feedback_key, review_queue
+
+    feedback = pd.DataFrame([
+        anonymous_correction("a"), anonymous_correction("b"), {**anonymous_correction("c"), "actor": None},
+        {**anonymous_correction("d"), "actor": "ada"},  # answered for: never queued
+        anonymous_correction("e"),
+        {**anonymous_correction("e"), "actor": "ada", "timestamp": pd.Timestamp("2026-11-21T12:00:00Z")},
+    ])
+    reviewed = pd.DataFrame({"feedback_key": [feedback_key(feedback.iloc[[1]]).iloc[0]]})  # b: reviewed
+    queue = review_queue(feedback, reviewed)
+    # a waits; b was reviewed; c (no actor) waits; d is accountable; e was settled by Ada's later correction
+    assert list(queue["request_id"]) == ["a", "c"]
+    assert list(queue["feedback_key"]) == list(feedback_key(feedback.iloc[[0, 2]]))
+    assert review_queue(feedback.iloc[:0], reviewed).empty
+
+
+def review_page(api, monkeypatch, tokens: str) -> AppTest:
+    monkeypatch.setenv("COINYEAR_API_TOKENS", tokens)
+    get_settings.cache_clear()
+    lake = open_lake(get_settings())
+    lake.append(INFERENCE_LOG, [{"request_id": "req-anon", "timestamp": pd.Timestamp("2026-11-20T11:59:00Z"),
+                                 "date": pd.Timestamp("2026-11-20").date(), "status_code": 200,
+                                 "prediction": 64.0, "front_image": coin_image(1), "back_image": coin_image(2)}])
+    lake.append(FEEDBACK, [anonymous_correction()])
+    return app("review.py")
+
+
+def test_a_signed_in_expert_accepts_an_anonymous_correction_as_their_own(api, monkeypatch):
+    """Before: an anonymous correction was kept for monitoring and never trained on, with no way for an expert to
+    vouch for it. Accepting sends it again with the expert's own token (the gateway records them) and records
+    the verdict; the queue is then empty."""
+    api.routes[("POST", "/feedback")] = (200, {"recorded": True, "actor": "ada"}, {})
+    at = review_page(api, monkeypatch, "ada:ada-secret")
+    assert "**AD 71 – AD 73** for request `req-anon`" in texts(at.markdown)
+    assert "the model answered AD 64" in texts(at.markdown)
+    assert not [b for b in at.button if b.label == "Accept"]  # not signed in yet
+    at = press(sign_in(at, "Ada", "ada-secret"), "Accept")
+    (call,) = api.calls("/feedback")
+    assert call["headers"]["Authorization"] == "Bearer ada-secret"
+    assert {k: call["json"][k] for k in ("request_id", "year_from", "year_to", "source")} == {
+        "request_id": "req-anon", "year_from": 71, "year_to": 73, "source": "review"}
+    (review,) = open_lake(get_settings()).read(FEEDBACK_REVIEWS).to_dict("records")
+    assert (review["verdict"], review["request_id"]) == ("accepted", "req-anon")
+    assert review["actor"].startswith("Ada (token ")  # who vouched for it, never the token
+    assert "No corrections waiting for review" in texts(at.info)
+    assert "Accepted AD 71 – AD 73" in texts(at.success)
+
+
+def test_a_rejected_correction_leaves_the_queue_and_is_never_sent(api, monkeypatch):
+    at = sign_in(review_page(api, monkeypatch, "ada:ada-secret"), "Ada", "ada-secret")
+    at = press(at, "Reject")
+    assert not api.calls("/feedback")
+    assert list(open_lake(get_settings()).read(FEEDBACK_REVIEWS)["verdict"]) == ["rejected"]
+    assert "No corrections waiting for review" in texts(at.info)
+
+
+def test_without_tokens_the_queue_is_shown_but_nobody_can_review_it(api, monkeypatch):
+    at = review_page(api, monkeypatch, "")
+    assert "**AD 71 – AD 73** for request `req-anon`" in texts(at.markdown)
+    assert "Reviewing needs tokens" in texts(at.info)
+    assert not [b for b in at.button if b.label in ("Accept", "Reject")]

@@ -9,7 +9,8 @@ those of decided runs (`current_rows`), the latest label of each photo pair winn
 Only accountable labels train: a feedback row whose `actor` is null (written before feedback named who gave it)
 or `anonymous` (sent without credentials) becomes a candidate with a `problem` (`no_actor`, `anonymous`), so
 cleaning drops it and the run's report counts it; it never supersedes an accountable correction of the same
-request. Such rows still count for monitoring (coinyear.jobs.monitor).
+request. Such rows still count for monitoring (coinyear.jobs.monitor), and wait in the UI's review queue
+(`review_queue`) for an expert who accepts one (it is sent again as their own correction) or rejects it.
 """
 
 from __future__ import annotations
@@ -114,6 +115,23 @@ def unaccountable(feedback: pd.DataFrame) -> pd.Series:
     why[(named == "").to_numpy()] = NO_ACTOR
     why[(named.str.lower() == ANONYMOUS).to_numpy()] = ANONYMOUS_FEEDBACK
     return why
+
+
+def review_queue(feedback: pd.DataFrame, reviews: pd.DataFrame) -> pd.DataFrame:
+    """The corrections waiting for an expert's review (the UI's Review page), oldest first, with `feedback_key`:
+    rows nobody answers for (`unaccountable`), not reviewed yet (`feedback_reviews`), and whose request has no
+    later accountable correction (which settles it already: the latest accountable correction wins)."""
+    if len(feedback) == 0:
+        return feedback.assign(feedback_key=pd.Series(dtype=str))
+    rows = feedback.assign(feedback_key=feedback_key(feedback))
+    why = unaccountable(rows)
+    reviewed = set(reviews["feedback_key"]) if len(reviews) else set()
+    stamps = pd.to_datetime(rows["timestamp"], utc=True)
+    settled_at = stamps[why.isna()].groupby(rows.loc[why.isna(), "request_id"]).max()
+    later = rows["request_id"].map(settled_at)
+    waiting = why.notna() & ~rows["feedback_key"].isin(reviewed) & ~(later.notna() & (later >= stamps))
+    return rows[waiting.to_numpy()].assign(_at=stamps[waiting.to_numpy()]).sort_values("_at").drop(
+        columns="_at").reset_index(drop=True)
 
 
 def feedback_candidates(lake: Lake, feedback: pd.DataFrame) -> pd.DataFrame:

@@ -10,6 +10,7 @@ has one writer process (delta-rs appends from several concurrent writers can fai
     training_data    the retraining job
     model_decisions  the retraining job, `coinyear deploy` and the Models page (each appends whole rows; the table
                      is read as an append-only log)
+    feedback_reviews the Review page (an expert's verdict on a correction nobody answers for)
 
 inference_log (one row per input row of a scoring request; partitioned by `date`)
     request_id         string     unique per row: "<uuid>" for a one-row request, "<uuid>-<i>" for row i of a
@@ -56,6 +57,14 @@ model_decisions (one row per decision about the served model)
     (kind `deploy`); the Models page (kind `ui`) writes the person-facing ones plus `actor` (`DECISIONS_ACTOR`).
     Not a fixed schema in `SCHEMAS`: its columns are merged in as writers add them.
 
+feedback_reviews (one row per verdict on a correction nobody answers for: the UI's Review page)
+    feedback_key       string     the reviewed feedback row (`coinyear.jobs.ingest.feedback_key`: request id @ time)
+    request_id         string     its request
+    verdict            string     `accepted` (sent again as the reviewer's own correction) or `rejected`
+    year_from, year_to int32      the reviewed correction's years
+    reviewed_at        timestamp[us, UTC]
+    actor              string     who gave the verdict (the signed-in name and a token fingerprint, never a token)
+
 monitoring, training_data: schema on first write (new columns are merged in later).
 """
 
@@ -71,7 +80,8 @@ FEEDBACK = "feedback"
 MODEL_DECISIONS = "model_decisions"
 MONITORING = "monitoring"
 TRAINING_DATA = "training_data"
-TABLES = (INFERENCE_LOG, FEEDBACK, MODEL_DECISIONS, MONITORING, TRAINING_DATA)
+FEEDBACK_REVIEWS = "feedback_reviews"
+TABLES = (INFERENCE_LOG, FEEDBACK, MODEL_DECISIONS, MONITORING, TRAINING_DATA, FEEDBACK_REVIEWS)
 
 UTC_TIMESTAMP = pa.timestamp("us", tz="UTC")
 
@@ -104,6 +114,15 @@ SCHEMAS: dict[str, pa.Schema] = {
         pa.field("timestamp", UTC_TIMESTAMP),
         pa.field("source", pa.string()),
         pa.field("note", pa.string()),
+        pa.field("actor", pa.string()),
+    ]),
+    FEEDBACK_REVIEWS: pa.schema([
+        pa.field("feedback_key", pa.string(), nullable=False),
+        pa.field("request_id", pa.string()),
+        pa.field("verdict", pa.string()),
+        pa.field("year_from", pa.int32()),
+        pa.field("year_to", pa.int32()),
+        pa.field("reviewed_at", UTC_TIMESTAMP),
         pa.field("actor", pa.string()),
     ]),
 }

@@ -8,9 +8,10 @@ as a tag of the version.
 
 A correction becomes training data, so it goes with the signed-in person's own token, never the UI's
 COINYEAR_API_TOKEN: the gateway records who gave it from that token (as a Databricks App the UI writes the
-token's actor into the feedback file itself, as the gateway would). An unsigned visitor is asked to sign in;
-there is no review queue. In local-dev mode a correction goes without any credential: an open gateway records
-it as `anonymous` (kept for monitoring, never trained on), one that requires tokens refuses it.
+token's actor into the feedback file itself, as the gateway would). An unsigned visitor is asked to sign in.
+In local-dev mode a correction goes without any credential: an open gateway records it as `anonymous`; it
+never trains on its own but waits on the Review page (`coinyear.ui.review`) for a signed-in expert to accept
+it as theirs or reject it. A gateway that requires tokens refuses it.
 
 The sign-in (the token, kept in the server-side session state, and the name given) is checked again on every
 page run: once the token is no longer one of COINYEAR_API_TOKENS the session is signed out, saying so.

@@ -12,6 +12,7 @@ access.signed_in(settings())  # on every page run: a sign-in whose token was rot
 navigation = st.navigation([
     st.Page("predict.py", title="Predict", icon=":material/photo_camera:", default=True),
     st.Page("monitor.py", title="Monitor", icon=":material/monitoring:"),
+    st.Page("review.py", title="Review", icon=":material/rate_review:"),
     st.Page("models.py", title="Models", icon=":material/deployed_code_history:"),
 ])
 

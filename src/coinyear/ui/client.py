@@ -145,11 +145,14 @@ class ApiClient:
     def _served(self, response: httpx.Response) -> tuple[str | None, str | None]:
         return response.headers.get(MODEL_NAME_HEADER), response.headers.get(MODEL_VERSION_HEADER)
 
-    def feedback(self, request_id: str, year_from: int, year_to: int, credential: Credential | None) -> dict:
+    def feedback(self, request_id: str, year_from: int, year_to: int, credential: Credential | None,
+                 source: str = "ui", note: str | None = None) -> dict:
         """Record an expert's true date (a year or a range) against a logged request, sent with the person's own
         `credential`, never this client's token: the gateway records who gave it from the token it gets (None:
         sent with no token, which an open gateway records as anonymous)."""
-        body = {"request_id": request_id, "year_from": year_from, "year_to": year_to, "source": "ui"}
+        body = {"request_id": request_id, "year_from": year_from, "year_to": year_to, "source": source}
+        if note:
+            body["note"] = note
         return self._send("POST", "/feedback", json=body, own_token=False,
                           token=credential.token if credential else None).json()
 
@@ -218,7 +221,8 @@ class WorkspaceClient(ApiClient):
         self._send("PUT", files_api_path(path), content=data, params={"overwrite": str(overwrite).lower()},
                    headers={"Content-Type": "application/octet-stream"})
 
-    def feedback(self, request_id: str, year_from: int, year_to: int, credential: Credential | None) -> dict:
+    def feedback(self, request_id: str, year_from: int, year_to: int, credential: Credential | None,
+                 source: str = "ui", note: str | None = None) -> dict:
         """The correction as a file in the volume; `coinyear ingest-payloads` appends it to `feedback`. There is
         no gateway to derive who gave it, so the file names the actor of the person's `credential` itself (as
         the gateway would), or `anonymous` without one; never the token."""
@@ -228,7 +232,7 @@ class WorkspaceClient(ApiClient):
 
         actor = credential.actor if credential else ANONYMOUS
         record = {"request_id": request_id, "year_from": year_from, "year_to": year_to,
-                  "timestamp": datetime.now(UTC), "source": "ui", "note": None, "actor": actor}
+                  "timestamp": datetime.now(UTC), "source": source, "note": note, "actor": actor}
         path, data = feedback_file(self.volume, record)
         self._upload(path, data, overwrite=False)
         return {"request_id": request_id, "year_from": year_from, "year_to": year_to, "recorded": True,

@@ -215,8 +215,7 @@ def correction_form(answer) -> None:
     if st.session_state.get("recorded_correction"):
         span, actor = st.session_state["recorded_correction"]
         if actor == ANONYMOUS:
-            after = ("It is kept for monitoring but not used for retraining: only the corrections of a signed-in "
-                     "expert are.")
+            after = "It waits on the Review page: it trains the model only once a signed-in expert accepts it."
         elif actor:
             after = "It will be used when the model is next retrained."
         else:  # a gateway that does not say who it recorded
