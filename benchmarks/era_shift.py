@@ -39,6 +39,7 @@ from sklearn.metrics import roc_auc_score
 from coinyear import evaluate
 from coinyear.config import Settings
 from coinyear.data import ImageCache, load_arrays, read_manifest, split_test
+from coinyear.model import as_ensemble, mixture_median
 from coinyear.quality import interval_metrics
 from coinyear.recipe import recipe_from_settings
 from coinyear.train import infer_arrays, train_on_manifest
@@ -99,17 +100,20 @@ def main(argv=None) -> int:
     scored, summary, arrays = {}, {}, {}
     for name, subset in sets.items():
         fronts, backs = load_arrays(subset, cache)
-        inferred = infer_arrays(served, fronts, backs, with_features=True)
+        inferred = infer_arrays(served, fronts, backs, with_features=True, with_heads=True)
         plain = served.regressors[0] if hasattr(served, "regressors") else served
         portrait_logits = embeddings_and_portraits(plain, fronts, backs, logits=True)[1].get("portrait")
         portrait_p = None if portrait_logits is None else torch.softmax(torch.from_numpy(portrait_logits), 1).numpy()
-        low, high = quality.conformal.interval(inferred["year"], 0.9, inferred["spread"])
+        years = np.array([year for _, year in as_ensemble(served).portrait_classes()])
+        low, high = quality.conformal.ranges(inferred, 0.9, years)
         year_from, year_to = subset["year_from"].to_numpy(float), subset["year_to"].to_numpy(float)
         # the in-span hold-out coins are in the flag's reference (every training-span coin is): scored as a coin
         # of a type nobody has seen, without the reference coins of its own type (how training calibrates it)
         distance = quality.ood.score(inferred["features"], groups=subset["group"].to_numpy(),
                                      reference_groups=reference_groups)
         flagged = (distance > quality.ood.threshold) | quality.ood.featureless(inferred["features"])
+        if "portraits" in inferred:  # the portrait flag (`calibrate.portrait_floor`), as served
+            flagged |= quality.ood.unsure_portrait(inferred["portraits"])
         summary[name] = {
             "coins": len(subset), **evaluate.regression_metrics(inferred["year"], year_from, year_to),
             "served_flag_rate": float(flagged.mean()),
@@ -126,6 +130,12 @@ def main(argv=None) -> int:
             scored[name]["portrait 'other'"] = portrait_p[:, -1]
             ruler = portrait_p @ plain.portrait_years.numpy()
             scored[name]["year vs ruler disagreement"] = np.abs(inferred["year"] - ruler)
+        if "portraits" in inferred:  # as served: averaged over the rotations, at the fitted temperature
+            served_p = inferred["portraits"]
+            scored[name]["served portrait uncertainty (what the portrait flag thresholds)"] = 1 - served_p.max(axis=1)
+            regression = inferred["regression"].mean(axis=(1, 2))
+            median = mixture_median(torch.from_numpy(served_p).float(), torch.from_numpy(years).float()).numpy()
+            scored[name]["regression vs ruler median disagreement"] = np.abs(regression - median)
     reference = scored["in_span_holdout"]
     combined = {name: np.max([ranks(reference[s], values[s]) for s in reference], axis=0)
                 for name, values in scored.items()}
@@ -135,7 +145,10 @@ def main(argv=None) -> int:
                       **signal_report(scored["in_span_holdout"][name], scored["out_of_span"][name], 0.10)}
                for name in scored["in_span_holdout"]}
     report = {"name": args.name, "aux_weight": config.aux_weight, "epochs": config.epochs, "cutoff": CUTOFF,
-              "trained_coins": len(before), "sets": summary, "signals": signals}
+              "trained_coins": len(before), "sets": summary, "signals": signals,
+              "levers": {k: v for k, v in result.metrics.items()
+                         if k in ("portrait_temperature", "ruler_pooled", "ruler_blend", "portrait_floor")},
+              "conformal_by": quality.conformal.by}
     lines = [f"## {args.name}: trained on {len(before)} coins before AD {CUTOFF}, aux weight {config.aux_weight}", "",
              "| coins | n | MAE | served flag rate | 90% coverage | median width |", "|---|---|---|---|---|---|"]
     lines += [f"| {name} | {s['coins']} | {s['mae']:.1f} | {100 * s['served_flag_rate']:.1f}% | "

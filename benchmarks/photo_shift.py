@@ -110,7 +110,9 @@ def main(argv=None) -> int:
         scored = model.score_tensors(reshoot(fronts), reshoot(backs), True)
         distance = quality.ood.score(scored["features"], groups=holdout_groups, reference_groups=reference_groups)
         flagged = (distance > quality.ood.threshold) | quality.ood.featureless(scored["features"])
-        low, high = quality.conformal.interval(scored["year"], 0.9, scored["spread"])
+        if "portraits" in scored:  # the portrait flag, as served
+            flagged |= quality.ood.unsure_portrait(scored["portraits"])
+        low, high = quality.conformal.ranges(scored, 0.9, np.array([year for _, year in model.portraits]))
         measured[name] = {"year": scored["year"], "distance": distance, "spread": scored["spread"]}
         rows[name] = {**regression_metrics(scored["year"], year_from, year_to),
                       "mean_abs_year_change": float(np.mean(np.abs(scored["year"] - measured["original"]["year"]))),

@@ -59,6 +59,13 @@ class ModelConfig:
     # which the portraits' probability, years in order, reaches one half: it minimises the expected absolute
     # error, and a coin between two likely portraits is not dated between their reigns).
     ruler_statistic: str = "mean"
+    # Where the ruler mixture is taken: False = on each rotation's (and member's) probabilities, then the years
+    # averaged (checkpoints from before); True = once, on the probabilities averaged over members and rotations
+    # (benchmarks/levers.py: the averaged probabilities are the better evidence, one rotation's are noisy).
+    ruler_pooled: bool = False
+    # The portrait head's logits are divided by this before the softmax (temperature scaling, fitted on the
+    # validation coin types by `calibrate.fit_levers`; 1 = as trained, checkpoints from before).
+    portrait_temperature: float = 1.0
     # What the model was trained on (`years.training_span`, set by the trainer; checkpoints from before have
     # none): served in /version and the MLmodel metadata, and said in words when the OOD flag is up.
     span: dict = field(default_factory=dict)
@@ -70,6 +77,8 @@ class ModelConfig:
             raise ValueError(f"unknown mode {self.mode!r}; choose from {', '.join(MODES)}")
         if self.ruler_statistic not in ("mean", "median"):
             raise ValueError(f"ruler_statistic is 'mean' or 'median', not {self.ruler_statistic!r}")
+        if not self.portrait_temperature > 0:
+            raise ValueError(f"portrait_temperature must be > 0, not {self.portrait_temperature!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -238,25 +247,55 @@ class DualImageRegressor(nn.Module):
         return self.head(features).squeeze(1) * self.year_scale + self.year_center
 
     def portrait_probabilities(self, features: torch.Tensor) -> torch.Tensor:
-        """The portrait head's class probabilities of fused embeddings, [B, classes] (needs a portrait head)."""
-        return torch.softmax(self.aux_heads["portrait"](features), dim=1)
+        """The portrait head's class probabilities of fused embeddings, [B, classes] (needs a portrait head), at
+        the model's `portrait_temperature`."""
+        return torch.softmax(self.aux_heads["portrait"](features) / self.config.portrait_temperature, dim=1)
 
-    def year_from_features(self, features: torch.Tensor, portraits: torch.Tensor | None = None) -> torch.Tensor:
-        """The served year: the regression head's, blended with the ruler mixture when there is a portrait head
-        (`portraits`: its probabilities when the caller already has them)."""
-        year = self.regression_year(features)
-        if "portrait" in self.aux_heads and self.config.ruler_blend > 0:
-            if portraits is None:
-                portraits = self.portrait_probabilities(features)
-            ruler = (mixture_median(portraits, self.portrait_years) if self.config.ruler_statistic == "median"
-                     else portraits @ self.portrait_years)
-            year = (1 - self.config.ruler_blend) * year + self.config.ruler_blend * ruler
-        return year
+    def year_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The served year of one unrotated pass: the regression head's, blended with the ruler mixture when
+        there is a portrait head (`blend_rulers`, the function the ensemble serves with)."""
+        regression = self.regression_year(features).view(-1, 1, 1)
+        logits = self.aux_heads["portrait"](features).unsqueeze(1).unsqueeze(1) if "portrait" in self.aux_heads \
+            else None
+        return blend_rulers(regression, logits, self.portrait_years.unsqueeze(0), self.config)[0].view(-1)
 
     def forward_with_aux(self, front: torch.Tensor, back: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """The regression head's years (what the year loss trains) and the auxiliary heads' logits."""
         features = self.features(front, back)
         return self.regression_year(features), {name: head(features) for name, head in self.aux_heads.items()}
+
+
+def ruler_year(probabilities: torch.Tensor, years: torch.Tensor, statistic: str) -> torch.Tensor:
+    """The ruler mixture's year per row of `probabilities` [B, C] over the classes' `years` [C]: its weighted
+    median or its mean (`ModelConfig.ruler_statistic`)."""
+    return mixture_median(probabilities, years) if statistic == "median" else probabilities @ years
+
+
+def blend_rulers(regression: torch.Tensor, logits: torch.Tensor | None, years: torch.Tensor,
+                 config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The served years and portrait probabilities from the heads' raw outputs: the one function the network,
+    its ONNX graph and the post-hoc calibration (`coinyear.calibrate`) compute them with.
+
+    `regression`: the regression head's years per coin, member and rotation [B, M, A]; `logits`: the portrait
+    head's [B, M, A, C] or None; `years`: each member's portrait years [M, C]. Returns (years [B, M, A]: (1 - w) x
+    regression + w x the ruler mixture, w = `ruler_blend`; the portrait probabilities at `portrait_temperature`
+    averaged over members and rotations [B, C], or None). With `ruler_pooled` the mixture is taken once, on
+    those averaged probabilities (over the members' mean years), else on each rotation's own."""
+    if logits is None:
+        return regression, None
+    probabilities = torch.softmax(logits / config.portrait_temperature, dim=-1)
+    pooled = probabilities.mean(dim=(1, 2))
+    blend = config.ruler_blend
+    if blend <= 0:
+        return regression, pooled
+    if config.ruler_pooled:
+        ruler = ruler_year(pooled, years.mean(dim=0), config.ruler_statistic).view(-1, 1, 1)
+    else:
+        batch, members, angles, classes = probabilities.shape
+        ruler = torch.stack([ruler_year(probabilities[:, m].reshape(batch * angles, classes), years[m],
+                                        config.ruler_statistic).view(batch, angles)
+                             for m in range(members)], dim=1)
+    return (1 - blend) * regression + blend * ruler, pooled
 
 
 def mixture_median(probabilities: torch.Tensor, years: torch.Tensor) -> torch.Tensor:
@@ -356,30 +395,44 @@ class CoinEnsemble(nn.Module):
         years = torch.stack([member.portrait_years for member in self.regressors]).mean(dim=0)
         return list(zip(self.config.aux_names["portrait"], years.tolist()))
 
-    def scores(self, front: torch.Tensor, back: torch.Tensor, with_features: bool = False,
-               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """(every member's year on every rotation [B, members, angles], member 0's out-of-distribution features
-        of the unrotated photos [B, 2*D] or None, and with the features the portrait probabilities [B, classes]
-        averaged over members and rotations, or None without a named portrait head)."""
+    def heads(self, front: torch.Tensor, back: torch.Tensor, with_features: bool = False,
+              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The heads' raw outputs, before any blend: (the regression head's year of every member on every
+        rotation [B, members, angles], the portrait head's logits [B, members, angles, classes] or None without a
+        portrait head, and member 0's out-of-distribution features of the unrotated photos [B, 2*D] or None)."""
         batch, angles = front.shape[0], len(self.tta_angles)
         fronts, backs = self.rotated(front), self.rotated(back)
         unrotated = next((i for i, angle in enumerate(self.tta_angles) if angle % 360 == 0), None)
-        portraits = with_features and self.has_portraits
-        years, features, probabilities = [], None, []
+        years, features, logits = [], None, []
         for index, member in enumerate(self.regressors):
             front_features, back_features = member.backbone_features(fronts, backs)
             both = torch.cat([front_features, back_features], dim=1)
             fused = member.fusion(both)
-            # the probabilities the served year's ruler mixture reads, computed once for both
-            portrait = member.portrait_probabilities(fused) if portraits else None
-            years.append(member.year_from_features(fused, portrait).view(angles, batch))
-            if portrait is not None:
-                probabilities.append(portrait.view(angles, batch, -1))
+            years.append(member.regression_year(fused).view(angles, batch))
+            if "portrait" in member.aux_heads:
+                logits.append(member.aux_heads["portrait"](fused).view(angles, batch, -1))
             if index == 0 and with_features:
                 features = both.view(angles, batch, -1)[unrotated] if unrotated is not None \
                     else member.ood_features(front, back)
-        averaged = torch.stack(probabilities).mean(dim=(0, 1)) if probabilities else None
-        return torch.stack(years).permute(2, 0, 1), features, averaged
+        stacked = torch.stack(logits).permute(2, 0, 1, 3) if len(logits) == len(years) else None
+        return torch.stack(years).permute(2, 0, 1), stacked, features
+
+    def portrait_years(self) -> torch.Tensor:
+        """Each member's portrait years, [members, classes]."""
+        return torch.stack([member.portrait_years for member in self.regressors])
+
+    def scores(self, front: torch.Tensor, back: torch.Tensor, with_features: bool = False,
+               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(every member's served year on every rotation [B, members, angles] (`blend_rulers`), member 0's
+        out-of-distribution features of the unrotated photos [B, 2*D] or None, and with the features the portrait
+        probabilities [B, classes] averaged over members and rotations, or None without a named portrait head)."""
+        return self.served(*self.heads(front, back, with_features), with_features)
+
+    def served(self, regression: torch.Tensor, logits: torch.Tensor | None, features: torch.Tensor | None,
+               with_features: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """`scores` from the outputs of `heads`."""
+        samples, portraits = blend_rulers(regression, logits, self.portrait_years(), self.config)
+        return samples, features, portraits if with_features and self.has_portraits else None
 
     def year_samples(self, front: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
         """Every member's year on every rotation, [B, members, angles]."""
@@ -412,12 +465,20 @@ def as_ensemble(model: DualImageRegressor | CoinEnsemble) -> CoinEnsemble:
 
 @torch.inference_mode()
 def infer(model: DualImageRegressor | CoinEnsemble, front: torch.Tensor, back: torch.Tensor,
-          with_features: bool = False) -> dict[str, torch.Tensor]:
+          with_features: bool = False, with_heads: bool = False) -> dict[str, torch.Tensor]:
     """One batch: {"year": [B], "spread": [B] (rotation spread, zero without TTA), "features": [B, D] (the
     out-of-distribution features, from the same forward pass) and, with a named portrait head, "portraits"
-    [B, classes] (its probabilities, averaged over members and rotations)}; the last two `with_features`."""
-    samples, features, portraits = as_ensemble(model).scores(front, back, with_features)
+    [B, classes] (its probabilities, averaged over members and rotations)}; the last two `with_features`. With
+    `with_heads` also the heads' raw outputs of `CoinEnsemble.heads`: "regression" [B, members, angles] and,
+    with a portrait head, "logits" [B, members, angles, classes] (what `coinyear.calibrate` fits on)."""
+    ensemble = as_ensemble(model)
+    regression, logits, features = ensemble.heads(front, back, with_features)
+    samples, features, portraits = ensemble.served(regression, logits, features, with_features)
     out = {"year": samples.mean(dim=(1, 2)), "spread": rotation_spread(samples)}
+    if with_heads:
+        out["regression"] = regression
+        if logits is not None:
+            out["logits"] = logits
     if with_features:
         assert features is not None, "scores() gives the features when asked for them"
         out["features"] = features

@@ -9,8 +9,9 @@ early-stopping epoch, which makes their errors a little small and the ranges a l
 shows by how much.
 
 * `Conformal` turns a predicted year into an interval with a stated coverage. Scores are the absolute
-  errors against the label midpoint, optionally divided by a per-coin spread (the disagreement of the
-  rotated copies and ensemble members), so hard coins get wider ranges. With K-fold out-of-fold
+  errors against the label midpoint, optionally divided by a per-coin difficulty (`Conformal.by`: the
+  disagreement of the rotated copies and ensemble members, the portrait mixture's dispersion in time, or both;
+  chosen on the validation coins by `calibrate.fit_ranges`), so hard coins get wider ranges. With K-fold out-of-fold
   predictions this is CV+ in its simple form (Barber et al. 2021); with a hold-out it is split conformal.
 * `FeatureDistance` scores how far a coin's backbone features lie from the training coins' (mean cosine
   distance to the k nearest, after centring on the training mean; Sun et al. 2022) and flags scores above a
@@ -33,16 +34,40 @@ OOD_FILE = "ood.npz"
 
 
 # ------------------------------------------------------------------------------------------- conformal
+# What a scaled calibration divides the errors by, per coin (`Conformal.difficulty`): the rotation spread (models
+# logged before), the portrait mixture's dispersion (`mixture_dispersion`), or their sum.
+SCALES = ("spread", "mixture", "spread+mixture")
+
+
+def mixture_dispersion(portraits, years) -> np.ndarray:
+    """How far the portrait mixture spreads in time, per coin: the expected distance, under the portrait head's
+    probabilities [B, C], of the classes' `years` [C] from the mixture's weighted median (0 when the head is sure
+    of one portrait; the years of two rival reigns apart when it hesitates between them)."""
+    portraits, years = np.asarray(portraits, float), np.asarray(years, float)
+    order = np.argsort(years, kind="stable")
+    cumulative = np.cumsum(portraits[:, order], axis=1)
+    index = np.minimum((cumulative < 0.5 * cumulative[:, -1:]).sum(axis=1), len(years) - 1)
+    median = years[order][index]
+    return (portraits * np.abs(years[None, :] - median[:, None])).sum(axis=1)
+
+
 @dataclass
 class Conformal:
-    """Sorted nonconformity scores of calibration coins; `scaled` when they are divided by a spread."""
+    """Sorted nonconformity scores of calibration coins; `scaled` when they are divided by a per-coin difficulty,
+    which `by` names (one of SCALES)."""
 
     scores: np.ndarray
     scaled: bool = False
     spread_floor: float = 1.0  # years: keeps a coin whose samples agree from getting a zero-width range
+    by: str = "spread"
 
     @classmethod
-    def fit(cls, predicted, year_from, year_to, spread=None, spread_floor: float | None = None) -> Conformal:
+    def fit(cls, predicted, year_from, year_to, spread=None, spread_floor: float | None = None,
+            by: str = "spread") -> Conformal:
+        """Calibrated on these coins' errors; divided by `spread` (their difficulty of kind `by`) when given,
+        floored at its median unless `spread_floor` is given."""
+        if by not in SCALES:
+            raise ValueError(f"a conformal scale is one of {', '.join(SCALES)}, not {by!r}")
         midpoint = (np.asarray(year_from, float) + np.asarray(year_to, float)) / 2
         residual = np.abs(np.asarray(predicted, float) - midpoint)
         if spread is None:
@@ -50,7 +75,23 @@ class Conformal:
         spread = np.asarray(spread, float)
         floor = float(np.median(spread)) if spread_floor is None else float(spread_floor)
         floor = max(floor, 1e-3)
-        return cls(np.sort(residual / np.maximum(spread, floor)), scaled=True, spread_floor=floor)
+        return cls(np.sort(residual / np.maximum(spread, floor)), scaled=True, spread_floor=floor, by=by)
+
+    @staticmethod
+    def difficulty(scored: dict, portrait_years, by: str) -> np.ndarray:
+        """Per coin the difficulty of kind `by` (SCALES) from a scoring answer (`spread` and, for the mixture,
+        the averaged `portraits` [B, C], whose classes' years are `portrait_years`)."""
+        spread = np.asarray(scored["spread"], float)
+        if by == "spread":
+            return spread
+        dispersion = mixture_dispersion(scored["portraits"], portrait_years)
+        return dispersion if by == "mixture" else spread + dispersion
+
+    def ranges(self, scored: dict, level: float, portrait_years=None) -> tuple[np.ndarray, np.ndarray]:
+        """`interval` of a scoring answer (`year`, `spread`, and `portraits` for a mixture scale): what every
+        served range is computed with."""
+        scale = self.difficulty(scored, portrait_years, self.by) if self.scaled else None
+        return self.interval(scored["year"], level, scale)
 
     def quantile(self, level: float) -> float:
         """The conformal quantile: the ceil((n+1)·level)-th smallest score (finite-sample valid).
@@ -78,11 +119,13 @@ class Conformal:
 
     def to_dict(self) -> dict:
         return {"scores": [round(float(s), 4) for s in self.scores], "scaled": self.scaled,
-                "spread_floor": self.spread_floor}
+                "spread_floor": self.spread_floor, "by": self.by}
 
     @classmethod
     def from_dict(cls, data: dict) -> Conformal:
-        return cls(np.asarray(data["scores"], float), bool(data["scaled"]), float(data["spread_floor"]))
+        # files written before `by` divide by the rotation spread
+        return cls(np.asarray(data["scores"], float), bool(data["scaled"]), float(data["spread_floor"]),
+                   str(data.get("by", "spread")))
 
 
 def cross_conformal(predicted, year_from, year_to, fold, level: float = 0.9, spread=None):
@@ -140,6 +183,10 @@ class FeatureDistance:
     norm_floor: float = 0.0
     k: int = 10
     sides: int = 2
+    # A third signal: the portrait head's top probability (averaged over the rotation TTA) below this flags the
+    # coin (`calibrate.fit_levers` sets it on the validation types at a stated false-alarm rate; 0 = off, files
+    # written before).
+    portrait_floor: float = 0.0
 
     @classmethod
     def fit(cls, features, groups, k: int = 10, quantile: float = 0.99, sides: int = 2,
@@ -206,10 +253,19 @@ class FeatureDistance:
         norms = np.stack([np.linalg.norm(side, axis=1) for side in _split(features, self.sides)], axis=1)
         return norms.min(axis=1) < self.norm_floor
 
-    def flag(self, features, distance: np.ndarray | None = None) -> np.ndarray:
-        """Out of distribution per row; `distance`: `distances(features)` when already computed."""
+    def flag(self, features, distance: np.ndarray | None = None, portraits=None) -> np.ndarray:
+        """Out of distribution per row; `distance`: `distances(features)` when already computed; `portraits`:
+        the portrait head's averaged probabilities [B, C] (the `portrait_floor` signal; None: not used)."""
         score = self.score(features) if distance is None else self._mean_nearest(distance)
-        return (score > self.threshold) | self.featureless(features)
+        flagged = (score > self.threshold) | self.featureless(features)
+        return flagged if portraits is None else flagged | self.unsure_portrait(portraits)
+
+    def unsure_portrait(self, portraits) -> np.ndarray:
+        """The portrait signal per row: the head's top probability below `portrait_floor` (never when off)."""
+        portraits = np.asarray(portraits, float)
+        if self.portrait_floor <= 0:
+            return np.zeros(len(portraits), bool)
+        return portraits.max(axis=1) < self.portrait_floor
 
     def _mean_nearest(self, distance: np.ndarray) -> np.ndarray:
         return self._nearest_k(distance).mean(axis=1)
@@ -235,7 +291,7 @@ class Quality:
         np.savez_compressed(folder / OOD_FILE, reference=self.ood.reference.astype(np.float16),
                             center=self.ood.center.astype(np.float32), threshold=np.float64(self.ood.threshold),
                             norm_floor=np.float64(self.ood.norm_floor), k=np.int64(self.ood.k),
-                            sides=np.int64(self.ood.sides))
+                            sides=np.int64(self.ood.sides), portrait_floor=np.float64(self.ood.portrait_floor))
         return {"conformal": str(folder / CONFORMAL_FILE), "ood": str(folder / OOD_FILE)}
 
     @classmethod
@@ -244,5 +300,6 @@ class Quality:
         with np.load(ood_path) as data:
             ood = FeatureDistance(data["reference"].astype(np.float32), data["center"].astype(np.float32),
                                   float(data["threshold"]), float(data["norm_floor"]), int(data["k"]),
-                                  int(data["sides"]))
+                                  int(data["sides"]),
+                                  float(data["portrait_floor"]) if "portrait_floor" in data else 0.0)
         return cls(conformal, ood)

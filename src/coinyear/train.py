@@ -33,9 +33,10 @@ from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
 from coinyear import evaluate
+from coinyear.calibrate import Heads, fit_levers, fit_ranges, portrait_floor
 from coinyear.data import ImageCache, Manifest, choice_splits, load_arrays, mapped_arrays
 from coinyear.model import CoinEnsemble, DualImageRegressor, ModelConfig, as_ensemble, build_model, infer
-from coinyear.quality import Conformal, FeatureDistance, Quality
+from coinyear.quality import SCALES, Conformal, FeatureDistance, Quality
 from coinyear.rulers import portrait_labels
 from coinyear.years import training_span
 
@@ -88,6 +89,13 @@ class TrainConfig:
     # Share of coins of unseen types (in the training span) the out-of-distribution flag may wrongly flag
     # is 1 - ood_quantile; benchmarks/era_shift.py measures what it then catches.
     ood_quantile: float = 0.95
+    # Fit the post-hoc levers on the validation coins at the end of training (`coinyear.calibrate`): the portrait
+    # temperature, the ruler mixture's pooling and weight, the range's scale and the portrait flag. Off: the
+    # network serves as trained, the ranges divide by the rotation spread, no portrait flag.
+    calibrate: bool = True
+    # Share of validation coins (unseen in-span types) the portrait flag may flag (`calibrate.portrait_floor`;
+    # 0 = no portrait flag): a false-alarm rate stated in advance, on top of the feature distance's.
+    portrait_flag_rate: float = 0.05
     device: str = "auto"  # "auto": CUDA when present, else CPU
 
     def __post_init__(self):
@@ -317,10 +325,11 @@ def validation_years(model: DualImageRegressor | CoinEnsemble, val: CoinDataset,
 def infer_arrays(model: DualImageRegressor | CoinEnsemble, fronts: np.ndarray, backs: np.ndarray,
                  batch_size: int = 64,
                  device: torch.device | str | None = None, with_features: bool = False,
-                 index: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                 index: np.ndarray | None = None, with_heads: bool = False) -> dict[str, np.ndarray]:
     """Years of uint8 image arrays (rows `index`, default all; memory-mapped arrays are read batch by batch);
     for an ensemble also the spread over rotations and (optionally) the embeddings and, for a model with a named
-    portrait head, its probabilities: {"year": [N], "spread": [N], "features": [N, D], "portraits": [N, classes]}."""
+    portrait head, its probabilities: {"year": [N], "spread": [N], "features": [N, D], "portraits": [N, classes]};
+    `with_heads` adds the heads' raw outputs "regression" and "logits" (`model.infer`)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     # On a CPU, channels-last convolutions score 1.7x faster (96 vs 57 photos/s, the demo model): the layout
     # the trainer uses; the model goes back to the layout it came in (fit's validation keeps channels-last).
@@ -330,12 +339,16 @@ def infer_arrays(model: DualImageRegressor | CoinEnsemble, fronts: np.ndarray, b
     model.eval().to(device, memory_format=layout)  # type: ignore[call-overload]  # torch's stubs lack this form
     rows = np.arange(len(fronts)) if index is None else np.asarray(index, dtype=np.int64)
     years, spreads, features, portraits = [], [], [], []
+    raw: dict[str, list[np.ndarray]] = {"regression": [], "logits": []}
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
         front = (torch.from_numpy(np.asarray(fronts[batch])).to(device).float() / 255).contiguous(memory_format=layout)
         back = (torch.from_numpy(np.asarray(backs[batch])).to(device).float() / 255).contiguous(memory_format=layout)
-        scored = infer(model, front, back, with_features)
+        scored = infer(model, front, back, with_features, with_heads)
         years.append(scored["year"].cpu().numpy())
+        for key, parts in raw.items():
+            if key in scored:
+                parts.append(scored[key].float().cpu().numpy())
         spreads.append(scored["spread"].cpu().numpy())
         if with_features:
             features.append(scored["features"].float().cpu().numpy())
@@ -349,6 +362,7 @@ def infer_arrays(model: DualImageRegressor | CoinEnsemble, fronts: np.ndarray, b
         out["features"] = np.concatenate(features) if features else np.zeros((0, 0))
     if portraits:
         out["portraits"] = np.concatenate(portraits)
+    out.update({key: np.concatenate(parts) for key, parts in raw.items() if parts})
     return out
 
 
@@ -558,7 +572,8 @@ def serving_model(members: list[DualImageRegressor], tta_angles: tuple[float, ..
 
 
 def fit_quality(model, fronts, backs, groups, predictions: pd.DataFrame, config: TrainConfig,
-                device: torch.device, unseen=None, index: np.ndarray | None = None) -> Quality:
+                device: torch.device, unseen=None, index: np.ndarray | None = None,
+                portraits: np.ndarray | None = None) -> Quality:
     """Interval calibration from the out-of-fold (or validation) predictions; the OOD reference and threshold
     from the served model's out-of-distribution features of every coin, or of the rows `index` (positions in
     the arrays): the training run passes the non-test rows, so a test coin is never its own neighbour.
@@ -566,13 +581,26 @@ def fit_quality(model, fronts, backs, groups, predictions: pd.DataFrame, config:
     Those features are member 0's on the unrotated photos (what the served model compares), so one plain
     pass per coin gives them: scoring every coin with the rotation TTA as well would cost 5 passes more for
     years nobody reads. `unseen` (rows the served model never trained on: the validation hold-out) calibrate
-    the flag's threshold when given; it and `groups` count the reference rows (those of `index`)."""
+    the flag's threshold when given; it and `groups` count the reference rows (those of `index`).
+
+    `portraits` (the served portrait probabilities of the `predictions` rows), with `config.calibrate`, let the
+    range's scale be chosen among SCALES (`calibrate.fit_ranges`; the portrait years are the served model's) and
+    set the portrait flag's floor at `config.portrait_flag_rate` of those coins."""
     scaled = config.conformal_scaled and len(config.tta_angles) >= 2
-    conformal = Conformal.fit(predictions["predicted"], predictions["year_from"], predictions["year_to"],
-                              predictions["spread"] if scaled else None)
+    years = np.array([year for _, year in as_ensemble(model).portrait_classes()])
+    if scaled and config.calibrate and portraits is not None and len(years) == portraits.shape[1]:
+        scored = {"year": predictions["predicted"].to_numpy(float), "spread": predictions["spread"].to_numpy(float),
+                  "portraits": portraits}
+        conformal, _ = fit_ranges(scored, years, predictions["year_from"], predictions["year_to"], SCALES)
+    else:
+        conformal = Conformal.fit(predictions["predicted"], predictions["year_from"], predictions["year_to"],
+                                  predictions["spread"] if scaled else None)
     plain = model.regressors[0] if isinstance(model, CoinEnsemble) else model
     features = infer_arrays(plain, fronts, backs, device=device, with_features=True, index=index)["features"]
     ood = FeatureDistance.fit(features, groups, quantile=config.ood_quantile, calibration=unseen)
+    if config.calibrate and portraits is not None and len(portraits) >= MIN_FLAG_CALIBRATION:
+        # as the distance's threshold: a quantile of fewer coins is mostly noise, then no portrait flag
+        ood.portrait_floor = portrait_floor(portraits, config.portrait_flag_rate)
     model.cpu()
     return Quality(conformal, ood)
 
@@ -584,12 +612,14 @@ def score_test_rows(model, quality: Quality, rows: pd.DataFrame, fronts, backs, 
     portrait (the catalogue's) and, with a named portrait head, portrait_1..3 (the likeliest classes)."""
     scored = infer_arrays(model, fronts, backs, device=device, index=index, with_features=True)
     model.cpu()
-    low, high = quality.conformal.interval(scored["year"], evaluate.INTERVAL_LEVEL, scored["spread"])
+    years = np.array([year for _, year in as_ensemble(model).portrait_classes()])
+    low, high = quality.conformal.ranges(scored, evaluate.INTERVAL_LEVEL, years)
     chosen = rows.iloc[index]
     table = pd.DataFrame({"coin_id": chosen["coin_id"].to_numpy(), "year_from": chosen["year_from"].to_numpy(),
                           "year_to": chosen["year_to"].to_numpy(), "predicted": scored["year"],
                           "spread": scored["spread"], "low": low, "high": high,
-                          "out_of_distribution": quality.ood.flag(scored["features"]),
+                          "out_of_distribution": quality.ood.flag(scored["features"],
+                                                                  portraits=scored.get("portraits")),
                           "portrait": evaluate.catalogue_portraits(chosen).to_numpy()})
     if "portraits" in scored:
         names = [name for name, _ in as_ensemble(model).portrait_classes()]
@@ -653,6 +683,8 @@ def train_on_manifest(manifest: Manifest, config: TrainConfig, cache_dir: Path, 
 
     predictions, spread, plain = (np.full(len(rows), np.nan) for _ in range(3))
     fold_of = np.full(len(rows), -1)
+    heads: list[tuple[np.ndarray, Heads]] = []  # per fold: its validation rows' raw head outputs (the levers)
+    val_portraits: dict[int, np.ndarray] = {}  # row -> the served portrait probabilities
     histories, fold_metrics, fold_models = {}, [], []
     best_epochs: list[int] = []
     for fold, (train_index, val_index) in enumerate(tqdm(splits, desc="folds", unit="fold", disable=len(splits) == 1)):
@@ -665,8 +697,12 @@ def train_on_manifest(manifest: Manifest, config: TrainConfig, cache_dir: Path, 
         if rank != 0:
             continue
         served = serving_model([model], config.tta_angles)
-        inferred = infer_arrays(served, fronts, backs, device=device, index=val_index)
+        inferred = infer_arrays(served, fronts, backs, device=device, index=val_index, with_heads=True)
         predictions[val_index], spread[val_index] = inferred["year"], inferred["spread"]
+        if "logits" in inferred:
+            heads.append((val_index, Heads(inferred["regression"], inferred["logits"],
+                                           as_ensemble(served).portrait_years().numpy(),
+                                           aux["portrait"][val_index], year_from[val_index], year_to[val_index])))
         if config.tta_angles:
             plain[val_index] = infer_arrays(model, fronts, backs, device=device, index=val_index)["year"]
         model.cpu()
@@ -679,9 +715,23 @@ def train_on_manifest(manifest: Manifest, config: TrainConfig, cache_dir: Path, 
     if rank != 0:
         return TrainingResult(None, {}, histories, pd.DataFrame(), time.perf_counter() - started)
 
+    metrics = {}
+    if heads and config.calibrate:
+        # the post-hoc levers, on the validation coins (`coinyear.calibrate`); every model shares config.model
+        levers = fit_levers([part for _, part in heads], config.model)
+        levers.apply(config.model)
+        metrics.update({"portrait_temperature": levers.temperature, "ruler_pooled": float(levers.ruler_pooled),
+                        "ruler_blend": levers.ruler_blend, **levers.validation})
+        log.info("levers fitted on the validation coins: temperature %.2f, ruler %s, blend %.1f (val MAE %.2f -> "
+                 "%.2f)", levers.temperature, "pooled" if levers.ruler_pooled else "per rotation",
+                 levers.ruler_blend, levers.validation["val_mae_as_trained"], levers.validation["val_mae_levers"])
+    for val_index, part in heads:  # the validation answers as now served
+        answer = part.served(config.model)
+        predictions[val_index], spread[val_index] = answer["year"], answer["spread"]
+        val_portraits.update(zip(val_index.tolist(), answer["portraits"]))
     evaluated = fold_of > 0
     overall = evaluate.regression_metrics(predictions[evaluated], year_from[evaluated], year_to[evaluated])
-    metrics = {f"val_{k}": v for k, v in overall.items()}
+    metrics.update({f"val_{k}": v for k, v in overall.items()})
     if config.tta_angles:
         metrics["val_mae_no_tta"] = evaluate.regression_metrics(
             plain[evaluated], year_from[evaluated], year_to[evaluated])["mae"]
@@ -722,8 +772,11 @@ def train_on_manifest(manifest: Manifest, config: TrainConfig, cache_dir: Path, 
         # reference coin's. The reference is the non-test coins (positions below count those rows).
         unseen = (np.searchsorted(usable, splits[0][1])
                   if len(splits) == 1 and len(splits[0][1]) >= MIN_FLAG_CALIBRATION else None)
+        portraits = (np.stack([val_portraits[int(i)] for i in np.flatnonzero(evaluated)])
+                     if val_portraits and len(val_portraits) == int(evaluated.sum()) else None)
         quality = fit_quality(final, fronts, backs, rows["group"].to_numpy()[usable], table, config, device, unseen,
-                              index=usable)
+                              index=usable, portraits=portraits)
+        metrics["portrait_floor"] = quality.ood.portrait_floor
         metrics["conformal_q90"] = quality.conformal.quantile(0.9)
         metrics["ood_threshold"] = quality.ood.threshold
         if len(test_index):

@@ -5,11 +5,13 @@ rotation TTA, and no fit, early stop or calibration ever sees a test coin type."
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
 from coinyear import train as train_module
 from coinyear.model import CoinEnsemble, infer
+from coinyear.quality import SCALES
 from coinyear.train import CoinDataset, fit, fit_quality, new_model, reused_memory
 from tests.conftest import small_train_config
 
@@ -94,13 +96,13 @@ def test_final_calibration_scores_every_coin_once(monkeypatch):
     expected = infer(served, torch.from_numpy(fronts).float() / 255, torch.from_numpy(backs).float() / 255,
                      with_features=True)["features"]
     calls = []
-    original = CoinEnsemble.scores
+    original = CoinEnsemble.heads  # every scoring pass runs the heads once
 
     def counted(self, front, back, with_features=False):
         calls.append(len(self.tta_angles))
         return original(self, front, back, with_features)
 
-    monkeypatch.setattr(CoinEnsemble, "scores", counted)
+    monkeypatch.setattr(CoinEnsemble, "heads", counted)
     table = {"predicted": year_from + 3.0, "year_from": year_from, "year_to": year_to,
              "spread": np.ones(len(year_from))}
     quality = fit_quality(served, fronts, backs, np.arange(len(year_from)) % 3, table, config, torch.device("cpu"))
@@ -110,6 +112,26 @@ def test_final_calibration_scores_every_coin_once(monkeypatch):
     reference = train_module.infer_arrays(member, fronts, backs, with_features=True)["features"]
     assert np.allclose(reference, expected.numpy(), atol=1e-5)
     assert np.isfinite(quality.ood.threshold)
+    assert quality.ood.portrait_floor == 0  # no portraits given: no portrait flag
+
+
+def test_the_portrait_flag_floor_is_the_stated_quantile_of_the_validation_coins():
+    """With the served portrait probabilities of enough validation coins, the floor flags `portrait_flag_rate`
+    of them; the range's scale is chosen among SCALES."""
+    config = small_train_config(portrait_flag_rate=0.1, model={"aux_classes": {"portrait": 3},
+                                                               "aux_names": {"portrait": ["A", "B", "other"]}})
+    count = train_module.MIN_FLAG_CALIBRATION
+    fronts, backs, year_from, year_to = _tiny_data(count=count, size=32)
+    labels = np.arange(count) % 3
+    served = CoinEnsemble([new_model(config, year_from, year_to, {"portrait": labels}).eval()], (0.0, 10.0))
+    portraits = np.random.default_rng(0).dirichlet(np.ones(3), count)
+    table = {"predicted": year_from + 3.0, "year_from": year_from, "year_to": year_to,
+             "spread": np.ones(count)}
+    quality = fit_quality(served, fronts, backs, np.arange(count) % 7, pd.DataFrame(table), config,
+                          torch.device("cpu"), portraits=portraits)
+    assert quality.ood.portrait_floor == pytest.approx(np.quantile(portraits.max(axis=1), 0.1))
+    assert quality.ood.unsure_portrait(portraits).mean() == pytest.approx(0.1, abs=0.011)
+    assert quality.conformal.by in SCALES
 
 
 def test_the_served_year_blends_the_ruler_mixture_of_the_portrait_head():
@@ -207,3 +229,13 @@ def test_training_never_fits_stops_or_calibrates_on_a_test_coin_type(monkeypatch
                 "test_mae_portrait_wrong"):
         assert key in result.metrics, key
     assert {"portrait_1", "portrait_2", "portrait_3", "low", "high"} <= set(result.test_predictions.columns)
+    # the post-hoc levers (coinyear.calibrate), fitted on the validation coins and carried by the served model
+    served = result.model.config
+    assert served.portrait_temperature == result.metrics["portrait_temperature"] > 0
+    assert served.ruler_blend == result.metrics["ruler_blend"]
+    assert served.ruler_pooled == bool(result.metrics["ruler_pooled"])
+    assert result.metrics["val_mae"] == pytest.approx(result.metrics["val_mae_levers"])  # val_* as now served
+    assert result.quality.conformal.by in SCALES
+    # fewer validation coins than MIN_FLAG_CALIBRATION: a quantile of so few is noise, no portrait flag
+    assert len(result.predictions) < train_module.MIN_FLAG_CALIBRATION
+    assert result.quality.ood.portrait_floor == result.metrics["portrait_floor"] == 0
