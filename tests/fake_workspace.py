@@ -1,27 +1,58 @@
-"""A local stand-in for the Databricks Model Serving REST API: exactly the calls `coinyear deploy` makes through
-databricks-sdk, on 127.0.0.1 (`WorkspaceClient(host=fake.url, token="x")`).
+"""A local stand-in for the Databricks REST API: exactly the calls `coinyear deploy` makes through databricks-sdk,
+plus those the Databricks CLI makes for the steps of docs/databricks.md (secrets, apps), on 127.0.0.1
+(`WorkspaceClient(host=fake.url, token="x")`). Each call names where its behaviour comes from.
 
 Implemented:
   GET    /.well-known/databricks-config                    host metadata, read when a WorkspaceClient is made
-  POST   /api/2.0/serving-endpoints                        create (409 RESOURCE_ALREADY_EXISTS if it exists)
-  GET    /api/2.0/serving-endpoints/{name}                 details, what `wait_get_serving_endpoint_not_updating`
+  Model Serving (docs.databricks.com/api/workspace/servingendpoints; SDK `w.serving_endpoints`):
+  POST   /api/2.0/serving-endpoints                        `create` (409 RESOURCE_ALREADY_EXISTS if it exists); the
+                                                           creator gets CAN_MANAGE, nobody else any permission
+  GET    /api/2.0/serving-endpoints/{name}                 `get`, what `wait_get_serving_endpoint_not_updating`
                                                            polls (404 RESOURCE_DOES_NOT_EXIST)
-  PUT    /api/2.0/serving-endpoints/{name}/config          update_config (409 RESOURCE_CONFLICT while updating)
-  DELETE /api/2.0/serving-endpoints/{name}                 delete
-  POST   /serving-endpoints/{name}/invocations             query: routed by the traffic split
-  POST   /serving-endpoints/{name}/served-models/{entity}/invocations   query one served entity
+  PUT    /api/2.0/serving-endpoints/{name}/config          `update_config` (409 RESOURCE_CONFLICT while updating)
+  DELETE /api/2.0/serving-endpoints/{name}                 `delete` (its permissions go with it)
+  GET    /api/2.0/permissions/serving-endpoints/{id}       `get_permissions` (CAN_MANAGE needed)
+  PATCH  /api/2.0/permissions/serving-endpoints/{id}       `update_permissions`: adds or changes the entries given,
+                                                           keeps the others (CAN_MANAGE needed); levels CAN_VIEW,
+                                                           CAN_QUERY, CAN_MANAGE
+  POST   /serving-endpoints/{name}/invocations             `query`: routed by the traffic split; 403
+                                                           PERMISSION_DENIED without CAN_QUERY (docs: "Manage
+                                                           permissions on a model serving endpoint": querying needs
+                                                           Can Query)
+  POST   /serving-endpoints/{name}/served-models/{entity}/invocations   query one served entity (same rule)
+  Secrets (docs.databricks.com/api/workspace/secrets; `databricks secrets create-scope` / `put-secret`):
+  POST   /api/2.0/secrets/scopes/create                    `w.secrets.create_scope` (409 RESOURCE_ALREADY_EXISTS)
+  POST   /api/2.0/secrets/put                              `w.secrets.put_secret` (404 without the scope)
+  Apps (docs.databricks.com/api/workspace/apps; SDK `w.apps`), as `databricks bundle deploy` / `bundle run <app>`
+  call them (databricks/cli bundle/direct/dresources/app.go, bundle/run/app.go):
+  POST   /api/2.0/apps?no_compute=true                     `create`: what `bundle deploy` sends (no compute unless
+                                                           lifecycle.started); each resource must exist ("Add
+                                                           resources to a Databricks app": "The resource must
+                                                           exist"), else 400; the app's service principal gets the
+                                                           resource's permission, as the platform grants it
+  GET    /api/2.0/apps/{name}                              `get`: app_status RUNNING only with active compute and a
+                                                           succeeded deployment, else UNAVAILABLE
+  POST   /api/2.0/apps/{name}/start                        `start`: compute ACTIVE
+  POST   /api/2.0/apps/{name}/deployments                  `deploy`: refused while the compute is not ACTIVE (the
+                                                           CLI starts it first for that reason)
+  GET    /api/2.0/apps/{name}/deployments/{id}             `get_deployment`
+
+Identities: a bearer token is a principal (`principals`, `add_principal`): "x" is the deploying user, an app's
+service principal gets the token `app_token(name)`; an unknown token is 401. Groups are what `add_principal` says.
 
 Updates behave like Model Serving's: a create or config update becomes `pending_config` with
 `state.config_update` IN_PROGRESS; after `settle_polls` GETs it is either applied (NOT_UPDATING, READY, served
 entities DEPLOYMENT_READY) or, when a version is in `fail_update`, rejected (UPDATE_FAILED, the old config keeps
 serving, as a failed container build does). Queries answer with the REAL registered model version, loaded with
 `mlflow.pyfunc.load_model(models:/name/version)` from the test's registry: a version whose artifacts are broken
-answers 500, as its model server would. Every request is kept in `calls`; anything else is a 404 recorded in
-`unhandled` (tests assert it stays empty, so a new SDK call cannot go unnoticed).
+answers 500, as its model server would. Every query body is kept in `payloads` (what the AI Gateway payload table
+would log: client_request_id, served entity, status). Every request is kept in `calls`; anything else is a 404
+recorded in `unhandled` (tests assert it stays empty, so a new SDK call cannot go unnoticed).
 
-What it leaves out (a real workspace differs): authentication (any token is accepted), minutes-long container
-builds, scale-to-zero and workload sizes (recorded, not enforced), AI Gateway tables (recorded, nothing is
-written), permissions, rate limits, route optimization.
+What it leaves out (a real workspace differs): OAuth (tokens are fixed strings), workspace admins (who can do
+everything), minutes-long container builds and app starts, scale-to-zero and workload sizes (recorded, not
+enforced), AI Gateway tables (recorded, nothing is written), Unity Catalog (the registry is the test's MLflow),
+the apps' own processes (RUNNING is a state, no app code runs), rate limits, route optimization.
 """
 
 from __future__ import annotations
@@ -32,20 +63,30 @@ import json
 import re
 import threading
 import time
+import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Self
+from urllib.parse import parse_qs, urlsplit
 
 import pandas as pd
 
 from tests.conftest import send_json
 
 NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+APP_NAME = re.compile(r"^[a-z0-9-]{2,30}$")
+DEPLOYER = "x"  # the token of the user who deploys (the bundle's owner, the jobs' run-as in dev)
+LEVELS = ("CAN_VIEW", "CAN_QUERY", "CAN_MANAGE")  # serving endpoint permission levels, weakest first
 
 
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str):
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
+
+
+def app_token(name: str) -> str:
+    """The bearer token the fake gives the service principal of app `name`."""
+    return f"app-{name}"
 
 
 class FakeWorkspace:
@@ -56,9 +97,15 @@ class FakeWorkspace:
         self.workspace_id = "1234567890123456"
         self.settle_polls = settle_polls
         self.endpoints: dict[str, dict] = {}
+        self.acls: dict[str, dict[tuple[str, str], str]] = {}  # endpoint id -> (kind, principal) -> level
+        self.principals: dict[str, dict] = {}  # token -> {"user_name" | "service_principal_name", "groups"}
+        self.add_principal(DEPLOYER, user_name="deployer@example.com", groups=("users",))
+        self.secrets: dict[str, dict[str, str]] = {}  # scope -> key -> value
+        self.apps: dict[str, dict] = {}
         self.fail_update: set[str] = set()  # versions whose deployment fails (UPDATE_FAILED)
         self.calls: list[tuple[str, str]] = []
         self.unhandled: list[tuple[str, str]] = []
+        self.payloads: list[dict] = []  # one per query, as the AI Gateway payload table logs it
         self.history: dict[str, list[dict[str, int]]] = {}  # endpoint -> traffic split of every applied config
         self._models = {} if models is None else models  # (name, version) -> loaded pyfunc, shareable
         self._lock = threading.RLock()
@@ -76,39 +123,208 @@ class FakeWorkspace:
         self.server.shutdown()
         self.server.server_close()
 
+    def add_principal(self, token: str, *, user_name: str | None = None, service_principal_name: str | None = None,
+                      groups: tuple[str, ...] = ()) -> None:
+        who = {"user_name": user_name} if user_name else {"service_principal_name": service_principal_name}
+        self.principals[token] = {**who, "groups": set(groups)}
+
     # ------------------------------------------------------------------------------------------- routing
-    def dispatch(self, method: str, path: str, body: dict) -> tuple[int, dict, dict]:
+    def dispatch(self, method: str, path: str, body: dict, token: str | None = None) -> tuple[int, dict, dict]:
         """(status, JSON answer, extra headers) for one request."""
-        parts = path.split("?")[0].strip("/").split("/")
+        url = urlsplit(path)
+        parts, query = url.path.strip("/").split("/"), parse_qs(url.query)
         with self._lock:
             self.calls.append((method, path))
             if method == "GET" and parts == [".well-known", "databricks-config"]:
                 # what WorkspaceClient() reads first (host metadata); a PAT needs none of the OIDC part
                 return 200, {"oidc_endpoint": f"{self.url}/oidc", "workspace_id": self.workspace_id}, {}
-            if parts[:3] == ["api", "2.0", "serving-endpoints"]:
-                rest = parts[3:]
-                if method == "POST" and not rest:
-                    return 200, self.create(body), {}
-                if method == "GET" and len(rest) == 1:
-                    return 200, self.get(rest[0]), {}
-                if method == "DELETE" and len(rest) == 1:
-                    self._endpoint(rest[0])
-                    del self.endpoints[rest[0]]
-                    return 200, {}, {}
-                if method == "PUT" and len(rest) == 2 and rest[1] == "config":
-                    return 200, self.update_config(rest[0], body), {}
+            caller = self.principals.get(token or "")
+            if caller is None:
+                raise ApiError(401, "UNAUTHENTICATED", "Invalid access token.")
+            answer = self.control(method, parts, query, body, caller)
+            if answer is not None:
+                return 200, answer, {}
             entity = None
             if method == "POST" and parts[:1] == ["serving-endpoints"] and parts[-1] == "invocations":
                 if len(parts) == 3:
+                    self.require(self._endpoint(parts[1])["id"], caller, "CAN_QUERY")
                     entity = self.route(parts[1])
                 elif len(parts) == 5 and parts[2] == "served-models":
+                    self.require(self._endpoint(parts[1])["id"], caller, "CAN_QUERY")
                     entity = self.active_entity(parts[1], parts[3])
             if entity is None:
                 self.unhandled.append((method, path))
                 raise ApiError(404, "ENDPOINT_NOT_FOUND", f"No API found for '{method} {path}'")
             version = (entity["entity_name"], entity["entity_version"])
+            logged = {"endpoint": parts[1], "served_entity": entity["name"],
+                      "client_request_id": body.get("client_request_id"), "requester": _name(caller)}
+            self.payloads.append(logged)
         # scoring outside the control-plane lock, as a model server runs apart from the endpoint's API
-        return 200, self.predict(version, body), {"served-model-name": entity["name"]}
+        try:
+            answer = self.predict(version, body)
+        except ApiError as error:
+            logged["status_code"] = error.status
+            raise
+        logged["status_code"] = 200
+        return 200, answer, {"served-model-name": entity["name"]}
+
+    def control(self, method: str, parts: list[str], query: dict, body: dict, caller: dict) -> dict | None:
+        """The answer of a control-plane call, or None when `parts` is not one."""
+        if parts[:3] == ["api", "2.0", "serving-endpoints"]:
+            rest = parts[3:]
+            if method == "POST" and not rest:
+                return self.create(body, caller)
+            if method == "GET" and len(rest) == 1:
+                return self.get(rest[0])
+            if method == "DELETE" and len(rest) == 1:
+                endpoint = self._endpoint(rest[0])
+                self.require(endpoint["id"], caller, "CAN_MANAGE")
+                del self.endpoints[rest[0]]
+                self.acls.pop(endpoint["id"], None)
+                return {}
+            if method == "PUT" and len(rest) == 2 and rest[1] == "config":
+                self.require(self._endpoint(rest[0])["id"], caller, "CAN_MANAGE")
+                return self.update_config(rest[0], body)
+        if parts[:4] == ["api", "2.0", "permissions", "serving-endpoints"] and len(parts) == 5:
+            if method == "GET":
+                return self.permissions(parts[4], caller)
+            if method == "PATCH":
+                return self.update_permissions(parts[4], body, caller)
+        if parts[:3] == ["api", "2.0", "secrets"]:
+            if method == "POST" and parts[3:] == ["scopes", "create"]:
+                return self.create_scope(body)
+            if method == "POST" and parts[3:] == ["put"]:
+                return self.put_secret(body)
+        if parts[:3] == ["api", "2.0", "apps"]:
+            rest = parts[3:]
+            if method == "POST" and not rest:
+                return self.create_app(body, query.get("no_compute", ["false"])[0].lower() == "true")
+            if method == "GET" and len(rest) == 1:
+                return self.app_view(self._app(rest[0]))
+            if method == "POST" and len(rest) == 2 and rest[1] == "start":
+                return self.start_app(rest[0])
+            if method == "POST" and len(rest) == 2 and rest[1] == "deployments":
+                return self.deploy_app(rest[0], body)
+            if method == "GET" and len(rest) == 3 and rest[1] == "deployments":
+                deployment = self._app(rest[0]).get("active_deployment") or {}
+                if deployment.get("deployment_id") != rest[2]:
+                    raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", f"no deployment {rest[2]} of app {rest[0]}")
+                return copy.deepcopy(deployment)
+        return None
+
+    # ------------------------------------------------------------------------------------------- permissions
+    def level(self, endpoint_id: str, caller: dict) -> str | None:
+        """The caller's strongest permission on the endpoint: their own entry or one of their groups'."""
+        acl = self.acls.get(endpoint_id, {})
+        keys = [(kind, caller[kind]) for kind in ("user_name", "service_principal_name") if caller.get(kind)]
+        keys += [("group_name", group) for group in caller["groups"]]
+        held = [acl[key] for key in keys if key in acl]
+        return max(held, key=LEVELS.index) if held else None
+
+    def require(self, endpoint_id: str, caller: dict, needed: str) -> None:
+        held = self.level(endpoint_id, caller)
+        if held is None or LEVELS.index(held) < LEVELS.index(needed):
+            raise ApiError(403, "PERMISSION_DENIED", f"{_name(caller)} does not have {needed} permission on "
+                                                     f"serving endpoint {endpoint_id} (has {held or 'none'})")
+
+    def _endpoint_by_id(self, endpoint_id: str) -> dict:
+        for endpoint in self.endpoints.values():
+            if endpoint["id"] == endpoint_id:
+                return endpoint
+        raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", f"Serving endpoint with id {endpoint_id} does not exist.")
+
+    def permissions(self, endpoint_id: str, caller: dict) -> dict:
+        self._endpoint_by_id(endpoint_id)
+        self.require(endpoint_id, caller, "CAN_MANAGE")
+        return {"object_id": f"/serving-endpoints/{endpoint_id}", "object_type": "serving-endpoint",
+                "access_control_list": [
+                    {kind: principal, "all_permissions": [{"permission_level": level, "inherited": False}]}
+                    for (kind, principal), level in self.acls.get(endpoint_id, {}).items()]}
+
+    def update_permissions(self, endpoint_id: str, body: dict, caller: dict) -> dict:
+        self._endpoint_by_id(endpoint_id)
+        self.require(endpoint_id, caller, "CAN_MANAGE")
+        for entry in body.get("access_control_list") or []:
+            kinds = [kind for kind in ("user_name", "group_name", "service_principal_name") if entry.get(kind)]
+            if len(kinds) != 1 or entry.get("permission_level") not in LEVELS:
+                raise ApiError(400, "INVALID_PARAMETER_VALUE", f"bad access control entry {entry}")
+            self.acls.setdefault(endpoint_id, {})[(kinds[0], entry[kinds[0]])] = entry["permission_level"]
+        return self.permissions(endpoint_id, caller)
+
+    # ------------------------------------------------------------------------------------------- secrets, apps
+    def create_scope(self, body: dict) -> dict:
+        scope = body.get("scope") or ""
+        if scope in self.secrets:
+            raise ApiError(409, "RESOURCE_ALREADY_EXISTS", f"Scope {scope} already exists!")
+        self.secrets[scope] = {}
+        return {}
+
+    def put_secret(self, body: dict) -> dict:
+        if body.get("scope") not in self.secrets:
+            raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", f"Scope {body.get('scope')} does not exist!")
+        self.secrets[body["scope"]][body["key"]] = body.get("string_value") or ""
+        return {}
+
+    def _app(self, name: str) -> dict:
+        if name not in self.apps:
+            raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", f"App with name {name} does not exist or is deleted.")
+        return self.apps[name]
+
+    def create_app(self, body: dict, no_compute: bool) -> dict:
+        name = body.get("name") or ""
+        if not APP_NAME.match(name):
+            raise ApiError(400, "INVALID_PARAMETER_VALUE", f"invalid app name {name!r}")
+        if name in self.apps:
+            raise ApiError(409, "RESOURCE_ALREADY_EXISTS", f"An app with the same name already exists: {name}")
+        client_id = str(uuid.uuid4())
+        grants = []
+        for resource in body.get("resources") or []:  # each must exist before the app may name it
+            if "serving_endpoint" in resource:
+                wanted = resource["serving_endpoint"]
+                if wanted.get("name") not in self.endpoints:
+                    raise ApiError(400, "INVALID_PARAMETER_VALUE", f"Resource {resource.get('name')}: serving "
+                                                                   f"endpoint {wanted.get('name')} does not exist")
+                grants.append((self.endpoints[wanted["name"]]["id"], wanted.get("permission", "CAN_QUERY")))
+            elif "secret" in resource:
+                wanted = resource["secret"]
+                if wanted.get("key") not in self.secrets.get(wanted.get("scope"), {}):
+                    raise ApiError(400, "INVALID_PARAMETER_VALUE", f"Resource {resource.get('name')}: secret "
+                                                                   f"{wanted.get('scope')}/{wanted.get('key')} "
+                                                                   f"does not exist")
+            else:
+                raise ApiError(400, "INVALID_PARAMETER_VALUE", f"resource kind not implemented by the fake: "
+                                                               f"{resource}")
+        for endpoint_id, level in grants:
+            self.acls.setdefault(endpoint_id, {})[("service_principal_name", client_id)] = level
+        self.add_principal(app_token(name), service_principal_name=client_id)
+        self.apps[name] = {**body, "service_principal_client_id": client_id, "service_principal_name": f"app-{name}",
+                           "url": f"https://{name}-{self.workspace_id}.fake.databricksapps.com",
+                           "compute_status": {"state": "STOPPED" if no_compute else "ACTIVE"},
+                           "active_deployment": None}
+        return self.app_view(self.apps[name])
+
+    def start_app(self, name: str) -> dict:
+        app = self._app(name)
+        app["compute_status"] = {"state": "ACTIVE", "message": "App compute is active."}
+        return self.app_view(app)
+
+    def deploy_app(self, name: str, body: dict) -> dict:
+        app = self._app(name)
+        if app["compute_status"]["state"] != "ACTIVE":
+            raise ApiError(400, "INVALID_PARAMETER_VALUE", f"App {name} compute is {app['compute_status']['state']}:"
+                                                           f" start the app compute to deploy the app.")
+        app["active_deployment"] = {**body, "deployment_id": f"deploy-{next(self._counter)}",
+                                    "status": {"state": "SUCCEEDED", "message": "Deployment succeeded"}}
+        return copy.deepcopy(app["active_deployment"])
+
+    def app_view(self, app: dict) -> dict:
+        running = app["compute_status"]["state"] == "ACTIVE" and app["active_deployment"] is not None
+        return {**copy.deepcopy(app),
+                "app_status": {"state": "RUNNING", "message": "App has status: App is running"} if running else
+                              {"state": "UNAVAILABLE", "message": "App status is unavailable."}}
+
+    def app_running(self, name: str) -> bool:
+        return self.app_view(self._app(name))["app_status"]["state"] == "RUNNING"
 
     # ------------------------------------------------------------------------------------------- control
     def _endpoint(self, name: str) -> dict:
@@ -138,7 +354,7 @@ class FakeWorkspace:
                 "traffic_config": {"routes": [{"served_model_name": k, "traffic_percentage": v}
                                               for k, v in split.items()]}}
 
-    def create(self, body: dict) -> dict:
+    def create(self, body: dict, caller: dict | None = None) -> dict:
         name = body.get("name") or ""
         if not NAME.match(name):
             raise ApiError(400, "INVALID_PARAMETER_VALUE", f"invalid endpoint name {name!r}")
@@ -151,6 +367,9 @@ class FakeWorkspace:
             "tags": body.get("tags") or [], "config": None, "pending_config": pending, "config_version": 0,
             "state": {"config_update": "IN_PROGRESS", "ready": "NOT_READY"}, "polls": 0,
         }
+        creator = caller or self.principals[DEPLOYER]
+        kind = "user_name" if creator.get("user_name") else "service_principal_name"
+        self.acls[self.endpoints[name]["id"]] = {(kind, creator[kind]): "CAN_MANAGE"}
         return self.view(name)
 
     def update_config(self, name: str, body: dict) -> dict:
@@ -239,9 +458,10 @@ class FakeWorkspace:
         class Handler(BaseHTTPRequestHandler):
             def _serve(self, method: str) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
+                auth = self.headers.get("Authorization") or ""
                 try:
                     body = json.loads(self.rfile.read(length) or b"{}") if length else {}
-                    status, answer, headers = fake.dispatch(method, self.path, body)
+                    status, answer, headers = fake.dispatch(method, self.path, body, auth.removeprefix("Bearer "))
                 except ApiError as error:
                     status, answer, headers = error.status, {"error_code": error.code,
                                                              "message": error.message}, {}
@@ -266,3 +486,7 @@ class FakeWorkspace:
                 pass
 
         return Handler
+
+
+def _name(principal: dict) -> str:
+    return principal.get("user_name") or principal.get("service_principal_name") or "?"

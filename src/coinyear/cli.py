@@ -168,7 +168,7 @@ def cmd_retrain(args) -> int:
     set_torch_threads(settings)
     result = run_retrain(settings, dry_run=args.dry_run, force=args.force)
     print(json.dumps(asdict(result), indent=2) if args.json else result.report())
-    set_task_value("decision", result.decision)  # the bundle's retrain job deploys only on "promoted"
+    set_task_value("decision", result.decision)  # shown in the job run; its deploy task runs whatever it says
     return 1 if result.decision == "failed" else 0  # recorded and reported, but a failed job run all the same
 
 
@@ -180,7 +180,7 @@ def cmd_deploy(args) -> int:
 
     result = run_deploy(get_settings(), version=args.version, dry_run=args.dry_run, progress=progress)
     print(as_json(result) if args.json else result.report())
-    return 0 if result.ok else 1
+    return result.exit_status
 
 
 def cmd_scheduler(args) -> int:

@@ -125,8 +125,19 @@ class Settings(BaseSettings):
                                                                             "while it is watched.")
     deploy_watch_seconds: float = Field(default=60.0, ge=0, description="How long a canary is watched "
                                                                         "before it takes all traffic.")
-    deploy_timeout_seconds: float = Field(default=1800.0, gt=0, description="Longest wait for one endpoint "
-                                                                            "update to finish.")
+    deploy_timeout_seconds: float = Field(
+        default=3600.0, gt=0, description="Longest wait for one endpoint update to finish; past it the update is "
+        "still running, not failed (Model Serving gives a CPU deployment up to 30 minutes after its container "
+        "build, which has no limit and is retried up to 3 times).")
+    deploy_lock_lease_seconds: float = Field(
+        default=300.0, gt=0, description="Lease of the deploy lock: renewed every third of it while a deploy runs; "
+                                         "a lock not renewed for this long (a killed run) is taken over.")
+    deploy_query_group: str | None = Field(
+        default=None, description="Workspace group given CAN_QUERY on the endpoint each time `coinyear deploy` "
+                                  "creates it (and restored when missing); none: no group.")
+    deploy_query_service_principals: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Application IDs of service principals (the apps) given CAN_QUERY on the "
+                                          "endpoint the same way, comma-separated.")
 
     # Client side (UI): where the gateway lives
     api_url: str = "http://127.0.0.1:8080"
@@ -165,7 +176,7 @@ class Settings(BaseSettings):
                              f"({self.max_body_bytes}): a request of the largest body could never be admitted")
         return self
 
-    @field_validator("api_tokens", "aux_heads", mode="before")
+    @field_validator("api_tokens", "aux_heads", "deploy_query_service_principals", mode="before")
     @classmethod
     def _split_tokens(cls, value):
         if isinstance(value, str):

@@ -13,10 +13,17 @@ databricks  a Model Serving endpoint (databricks-sdk `WorkspaceClient`, host and
               then it takes all traffic and the old entity is dropped;
             - any failure: the previous endpoint config is restored, the alias goes back to the version that
               was served, and the run exits non-zero;
-            - already serving the production version: nothing to do.
+            - already serving the production version, or no production version yet: nothing to do;
+            - an update still running after COINYEAR_DEPLOY_TIMEOUT_SECONDS: not a failure (Model Serving goes on
+              with it): nothing is restored, the run says so and exits 3; the next run waits for it and finishes.
+            Every run gives COINYEAR_DEPLOY_QUERY_GROUP and COINYEAR_DEPLOY_QUERY_SERVICE_PRINCIPALS CAN_QUERY on
+            the endpoint where they lack it: a created (or deleted and re-created) endpoint has only its creator's
+            CAN_MANAGE. Smoke queries carry a client_request_id starting with SMOKE_REQUEST_PREFIX, which
+            `coinyear ingest-payloads` leaves out of inference_log.
 
-One deploy at a time: a `deploy_lock` tag on the registered model (see `deploy_lock`). Every deploy that does
-or refuses something is a row of `model_decisions` (kind `deploy`) and tags on the version it deployed.
+One deploy at a time: a `deploy_lock` tag on the registered model, a lease renewed while the deploy runs (see
+`deploy_lock`). Every deploy that does or refuses something is a row of `model_decisions` (kind `deploy`) and tags
+on the version it deployed.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import os
 import re
 import socket
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -37,12 +45,14 @@ from datetime import UTC, datetime, timedelta
 
 from coinyear import registry
 from coinyear.config import Settings, configure_mlflow
+from coinyear.serve.volume import SMOKE_REQUEST_PREFIX
 
 log = logging.getLogger(__name__)
 
-DEPLOYED, SKIPPED, ROLLED_BACK, FAILED, DRY_RUN, LOCAL = (
-    "deployed", "skipped", "rolled_back", "failed", "dry_run", "local")
+DEPLOYED, SKIPPED, ROLLED_BACK, FAILED, DRY_RUN, LOCAL, UPDATING = (
+    "deployed", "skipped", "rolled_back", "failed", "dry_run", "local", "updating")
 OK_DECISIONS = (DEPLOYED, SKIPPED, DRY_RUN, LOCAL)
+UPDATING_EXIT_STATUS = 3  # neither success nor failure: the endpoint is still applying the update
 LOCK_TAG = "deploy_lock"
 LOCK_SETTLE_SECONDS = 1.0  # time for a competing writer's tag to land before we read ours back
 WATCH_QUERIES = 5  # smoke queries spread over the watch window
@@ -58,9 +68,13 @@ class DeployBusy(DeployError):
     """Another deploy holds the lock."""
 
 
+class StillUpdating(Exception):
+    """An endpoint update outlasted COINYEAR_DEPLOY_TIMEOUT_SECONDS: still running in Model Serving, not failed."""
+
+
 @dataclass
 class DeployResult:
-    decision: str  # deployed | skipped | rolled_back | failed | dry_run | local
+    decision: str  # deployed | skipped | rolled_back | failed | dry_run | local | updating
     reason: str
     target: str
     endpoint: str | None = None
@@ -73,6 +87,11 @@ class DeployResult:
     @property
     def ok(self) -> bool:
         return self.decision in OK_DECISIONS
+
+    @property
+    def exit_status(self) -> int:
+        """0 done (or nothing to do), 3 still updating (run again to finish), 1 failed or rolled back."""
+        return 0 if self.ok else UPDATING_EXIT_STATUS if self.decision == UPDATING else 1
 
     def report(self) -> str:
         where = f"endpoint {self.endpoint}" if self.endpoint else f"target {self.target}"
@@ -191,33 +210,59 @@ def canary_routes(old_routes: dict[str, int], new: str, percent: int) -> dict[st
 # ------------------------------------------------------------------------------------------------ lock
 @contextlib.contextmanager
 def deploy_lock(settings: Settings, endpoint: str):
-    """One deploy at a time for this model: a `deploy_lock` tag on the registered model.
+    """One deploy at a time for this model: a `deploy_lock` tag on the registered model, held as a lease.
 
     The registry is the one store every job run reaches (Unity Catalog on Databricks, where a job cluster's
     local disk is not shared and a volume offers no file locks). A tag is not a compare-and-set, so after writing
     ours we wait `LOCK_SETTLE_SECONDS` and read it back: of two deploys racing, at most one sees its own token.
-    A lock older than twice the update timeout plus the watch window is stale (a killed run) and is taken over.
+    The tag says until when it holds (COINYEAR_DEPLOY_LOCK_LEASE_SECONDS ahead); a heartbeat thread pushes that
+    a lease ahead every third of a lease while the deploy runs, however long its endpoint updates take, and stops
+    when the tag is no longer ours. A lock not renewed for a lease (a killed run) is taken over.
     The endpoint adds its own guard: Model Serving refuses a config update while another is in progress.
     """
     client, name = registry.client(settings), settings.model_name
+    lease = settings.deploy_lock_lease_seconds
     token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     held = _lock_holder(client, name)
     if held and held.get("expires", 0) > time.time():
         raise DeployBusy(f"another deploy ({held.get('owner')}, endpoint {held.get('endpoint')}) holds the "
                          f"{LOCK_TAG} tag of {name} until {_iso(held.get('expires', 0))}")
-    expires = time.time() + 2 * settings.deploy_timeout_seconds + settings.deploy_watch_seconds + 60
-    client.set_registered_model_tag(name, LOCK_TAG, json.dumps({"owner": token, "endpoint": endpoint,
-                                                                "expires": expires}))
+    _write_lock(client, name, token, endpoint, lease)
     time.sleep(LOCK_SETTLE_SECONDS)
     held = _lock_holder(client, name)
     if not held or held.get("owner") != token:
         raise DeployBusy(f"another deploy took the {LOCK_TAG} tag of {name} at the same time")
+    stop = threading.Event()
+    heartbeat = threading.Thread(target=_renew_lock, args=(client, name, token, endpoint, lease, stop),
+                                 name="deploy-lock-heartbeat", daemon=True)
+    heartbeat.start()
     try:
         yield
     finally:
+        stop.set()
+        heartbeat.join()
         held = _lock_holder(client, name)
         if held and held.get("owner") == token:
             client.delete_registered_model_tag(name, LOCK_TAG)
+
+
+def _write_lock(client, name: str, token: str, endpoint: str, lease: float) -> None:
+    client.set_registered_model_tag(name, LOCK_TAG, json.dumps({"owner": token, "endpoint": endpoint,
+                                                                "expires": time.time() + lease}))
+
+
+def _renew_lock(client, name: str, token: str, endpoint: str, lease: float, stop: threading.Event) -> None:
+    """The heartbeat: every third of the lease, the tag a lease ahead again, while it is still ours."""
+    while not stop.wait(lease / 3):
+        try:
+            held = _lock_holder(client, name)
+            if not held or held.get("owner") != token:
+                log.error("the %s tag of %s is no longer this deploy's (now %s): not renewing it", LOCK_TAG, name,
+                          held)
+                return
+            _write_lock(client, name, token, endpoint, lease)
+        except Exception:  # a registry hiccup: the lease has two more thirds to be renewed in
+            log.exception("renewing the %s tag of %s failed", LOCK_TAG, name)
 
 
 def _lock_holder(client, name: str) -> dict | None:
@@ -266,9 +311,11 @@ class Deployment:
         settings = self.settings
         target = version or registry.version_by_alias(settings, registry.PRODUCTION)
         result = DeployResult(FAILED, "", "databricks", self.endpoint, target)
-        if target is None:
-            raise DeployError(f"{settings.model_name} has no production version to deploy "
-                              f"(`coinyear models promote N --to production`, or --version N)")
+        if target is None:  # e.g. the first retraining rejected its candidate: nothing to serve yet, not an error
+            result.decision = SKIPPED
+            result.reason = (f"{settings.model_name} has no production version yet: nothing to deploy "
+                             f"(`coinyear models promote N --to production`, or --version N)")
+            return result
         try:
             registry.client(settings).get_model_version(settings.model_name, target)
         except Exception as error:
@@ -312,13 +359,20 @@ class Deployment:
         current = self.get_endpoint()
         if current is not None and _updating(current):
             self.say(result, f"endpoint {self.endpoint} is updating: waiting for it to finish")
-            current = self._settle()
+            try:
+                current = self._settle()
+            except StillUpdating as error:
+                result.decision, result.reason = UPDATING, f"{error}; nothing changed by this run"
+                result.served_before = result.served_after = served_version(current, settings.model_name)
+                return
         result.served_before = result.served_after = served_version(current, settings.model_name)
         if current is not None and current.config and current.config.served_entities and \
                 result.served_before is None:
             raise DeployError(f"endpoint {self.endpoint} serves another model "
                               f"({', '.join(str(e.entity_name) for e in current.config.served_entities)}), not "
                               f"{settings.model_name}: set COINYEAR_ENDPOINT_NAME to this model's endpoint")
+        if current is not None:
+            self.grant_query(result, current.id)
         if current is not None and serves_only(current, settings.model_name, target):
             if alias_before != target:
                 registry.promote(settings, target, registry.PRODUCTION)
@@ -331,6 +385,12 @@ class Deployment:
                 self.create(result)
             else:
                 self.canary(result, current)
+        except StillUpdating as error:  # not a failure: restoring now would fight the update Databricks goes on with
+            self.say(result, f"{error}: not restored; run `coinyear deploy` again to finish")
+            result.decision = UPDATING
+            result.reason = (f"{error}; version {target} neither failed nor passed: nothing restored, production "
+                             f"stays on it; run `coinyear deploy` again to wait for the update and finish")
+            return
         except Exception as error:  # whatever broke, production must go back to what it was
             why = f"{type(error).__name__}: {error}"
             log.exception("deploying version %s to %s failed", target, self.endpoint)
@@ -356,11 +416,12 @@ class Deployment:
         new = self.entity(result.version)
         gateway = AiGatewayConfig(inference_table_config=inference_table(self.settings))
         self.say(result, f"creating endpoint {self.endpoint} serving version {result.version}")
-        self.workspace.serving_endpoints.create(
+        waiter = self.workspace.serving_endpoints.create(
             self.endpoint, config=EndpointCoreConfigInput(name=self.endpoint, served_entities=[new],
                                                           traffic_config=_traffic({new.name: 100})),
-            ai_gateway=gateway, tags=[EndpointTag(key="coinyear_model", value=self.settings.model_name)],
-        ).result(timeout=self.timeout)
+            ai_gateway=gateway, tags=[EndpointTag(key="coinyear_model", value=self.settings.model_name)])
+        self.grant_query(result, waiter.response.id)  # at once: a new endpoint's ACL is its creator alone
+        self._wait(waiter)
         self.say(result, f"endpoint {self.endpoint} is ready")
         result.smoke = self.watch(result, new.name, 0.0)
 
@@ -377,14 +438,13 @@ class Deployment:
         entities = [e for e in old_entities if e.name != new.name] + [new]
         self.say(result, f"canary: version {result.version} gets {routes[new.name]}% of the traffic "
                          f"({', '.join(f'{k} {v}%' for k, v in routes.items())})")
-        self.workspace.serving_endpoints.update_config(
-            self.endpoint, served_entities=entities, traffic_config=_traffic(routes)).result(timeout=self.timeout)
+        self._wait(self.workspace.serving_endpoints.update_config(
+            self.endpoint, served_entities=entities, traffic_config=_traffic(routes)))
         result.smoke = self.watch(result, new.name, settings.deploy_watch_seconds)
         self.say(result, f"version {result.version} passed; giving it all traffic and dropping "
                          f"{', '.join(e.name for e in entities if e.name != new.name)}")
-        self.workspace.serving_endpoints.update_config(
-            self.endpoint, served_entities=[new], traffic_config=_traffic({new.name: 100})
-        ).result(timeout=self.timeout)
+        self._wait(self.workspace.serving_endpoints.update_config(
+            self.endpoint, served_entities=[new], traffic_config=_traffic({new.name: 100})))
 
     def watch(self, result: DeployResult, entity: str, seconds: float) -> dict:
         """Query `entity` alone with the version's input example, WATCH_QUERIES times over `seconds` (once when
@@ -399,8 +459,9 @@ class Deployment:
             if state != "DEPLOYMENT_READY":
                 raise RuntimeError(f"served entity {entity} is {state}")
             started = time.perf_counter()
+            marked = {**body, "client_request_id": f"{SMOKE_REQUEST_PREFIX}{entity}-{uuid.uuid4().hex[:12]}"}
             answer = self.workspace.api_client.do(
-                "POST", f"/serving-endpoints/{self.endpoint}/served-models/{entity}/invocations", body=body)
+                "POST", f"/serving-endpoints/{self.endpoint}/served-models/{entity}/invocations", body=marked)
             latencies.append((time.perf_counter() - started) * 1000)
             predictions = answer.get("predictions") if isinstance(answer, dict) else None
             if (not isinstance(predictions, list) or len(predictions) != rows
@@ -423,8 +484,8 @@ class Deployment:
                     self.say(result, f"deleted endpoint {self.endpoint}, created by this run")
             else:
                 entities, traffic = as_inputs(previous)
-                self.workspace.serving_endpoints.update_config(
-                    self.endpoint, served_entities=entities, traffic_config=traffic).result(timeout=self.timeout)
+                self._wait(self.workspace.serving_endpoints.update_config(
+                    self.endpoint, served_entities=entities, traffic_config=traffic))
                 self.say(result, f"endpoint {self.endpoint} restored to its previous config "
                                  f"({', '.join(e.name for e in entities)})")
         except Exception as error:
@@ -451,6 +512,43 @@ class Deployment:
         return ROLLED_BACK, (f"version {result.version} failed ({why}); endpoint and production alias restored "
                              f"to version {back_to or '-'}")
 
+    def grant_query(self, result: DeployResult, endpoint_id: str | None) -> None:
+        """CAN_QUERY for COINYEAR_DEPLOY_QUERY_GROUP and COINYEAR_DEPLOY_QUERY_SERVICE_PRINCIPALS where they lack
+        it (an added entry, the others kept: `update_permissions`, never `set_permissions`)."""
+        from databricks.sdk.errors import DatabricksError
+        from databricks.sdk.service.serving import ServingEndpointAccessControlRequest as Entry
+        from databricks.sdk.service.serving import ServingEndpointPermissionLevel as Level
+
+        wanted = ({("group_name", self.settings.deploy_query_group)} if self.settings.deploy_query_group else set())
+        wanted |= {("service_principal_name", sp) for sp in self.settings.deploy_query_service_principals}
+        if not wanted:
+            return
+        try:
+            acl = self.workspace.serving_endpoints.get_permissions(endpoint_id).access_control_list or []
+            have = {(kind, getattr(entry, kind)) for entry in acl for kind in ("group_name", "service_principal_name")
+                    if getattr(entry, kind) and any(p.permission_level in (Level.CAN_QUERY, Level.CAN_MANAGE)
+                                                    for p in entry.all_permissions or [])}
+            missing = sorted(wanted - have)
+            if missing:
+                self.workspace.serving_endpoints.update_permissions(endpoint_id, access_control_list=[
+                    Entry(**{kind: name}, permission_level=Level.CAN_QUERY) for kind, name in missing])
+        except DatabricksError as error:
+            raise DeployError(f"cannot give CAN_QUERY on endpoint {self.endpoint} to "
+                              f"{', '.join(name for _, name in sorted(wanted))}: {error}") from error
+        if missing:
+            self.say(result, f"CAN_QUERY on endpoint {self.endpoint} for {', '.join(name for _, name in missing)}")
+
+    def _wait(self, waiter):
+        """The endpoint once its update is applied; StillUpdating past the timeout (OperationFailed when it
+        failed)."""
+        try:
+            return waiter.result(timeout=self.timeout)
+        except TimeoutError as error:
+            raise self._still_updating() from error
+
+    def _still_updating(self) -> StillUpdating:
+        return StillUpdating(f"endpoint {self.endpoint} is still updating after {self.timeout.total_seconds():g} s")
+
     def _entity_state(self, entity: str) -> str:
         endpoint = self.workspace.serving_endpoints.get(self.endpoint)
         for served in (endpoint.config.served_entities or []) if endpoint.config else []:
@@ -465,6 +563,8 @@ class Deployment:
         try:
             return self.workspace.serving_endpoints.wait_get_serving_endpoint_not_updating(
                 self.endpoint, timeout=self.timeout)
+        except TimeoutError as error:
+            raise self._still_updating() from error
         except OperationFailed:
             if not ignore_failure:
                 raise

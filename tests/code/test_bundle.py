@@ -234,6 +234,9 @@ def test_development_mode_every_unity_catalog_name_follows_the_prefixed_resource
         "COINYEAR_DATA_DIR": f"/Volumes/main/dev_{SHORT}_coinyear/reference/ocre",
         "COINYEAR_LOOP_VOLUME": f"/Volumes/main/dev_{SHORT}_coinyear/loop",
         "COINYEAR_DEPLOY_SCALE_TO_ZERO": "true",  # a developer's endpoint may sleep
+        "COINYEAR_DEPLOY_QUERY_GROUP": "users",
+        "COINYEAR_DEPLOY_QUERY_SERVICE_PRINCIPALS": "<apps.ui.service_principal_client_id>,"
+                                                    "<apps.gateway.service_principal_client_id>",
     }
     tasks = list(wheel_tasks(resources))
     assert len(tasks) >= 7
@@ -256,7 +259,7 @@ def test_development_mode_every_unity_catalog_name_follows_the_prefixed_resource
         environment = app_env(app)
         assert environment["COINYEAR_MODEL_NAME"] == expected["COINYEAR_MODEL_NAME"]
         assert environment["COINYEAR_LOOP_VOLUME"] == expected["COINYEAR_LOOP_VOLUME"]
-        assert app["resources"][0]["serving_endpoint"]["name"] == expected["COINYEAR_ENDPOINT_NAME"]
+        assert environment["COINYEAR_ENDPOINT_NAME"] == expected["COINYEAR_ENDPOINT_NAME"]
 
 
 def test_production_names_are_unprefixed_and_schedules_run(bundle):
@@ -328,16 +331,17 @@ def test_job_environment_is_settings_and_keeps_state_off_volumes(bundle, monkeyp
         .startswith("gpu-ml")
 
 
-def test_retrain_job_deploys_only_when_the_retrain_task_promoted(bundle):
-    from coinyear.jobs.retrain import PROMOTED
-
+def test_retrain_job_always_deploys_and_reads_no_task_value(bundle):
+    """The deploy task runs after every retrain, whatever it decided and even when it failed: `coinyear deploy`
+    converges the endpoint on the production alias (SKIPPED when it already serves it), so nothing branches on a
+    task value a failed or old run may not have set."""
     tasks = {task["task_key"]: task for task in bundle["resources"]["jobs"]["retrain"]["tasks"]}
+    assert list(tasks) == ["ingest_payloads", "retrain", "deploy"]
     assert tasks["retrain"]["python_wheel_task"]["parameters"] == ["retrain"]
-    condition = tasks["promoted"]["condition_task"]
-    assert condition == {"op": "EQUAL_TO", "left": "{{tasks.retrain.values.decision}}", "right": PROMOTED}
-    assert tasks["promoted"]["depends_on"] == [{"task_key": "retrain"}]
-    assert tasks["deploy"]["depends_on"] == [{"task_key": "promoted", "outcome": "true"}]
+    assert tasks["deploy"]["depends_on"] == [{"task_key": "retrain"}] and tasks["deploy"]["run_if"] == "ALL_DONE"
     assert tasks["deploy"]["python_wheel_task"]["parameters"] == ["deploy"]
+    assert not [path for path, _ in walk(bundle) if path and path[-1] == "condition_task"]
+    assert "{{tasks." not in (BUNDLE_DIR / "databricks.yml").read_text()
     rollback = [task["task_key"] for task in bundle["resources"]["jobs"]["rollback"]["tasks"]]
     assert rollback == ["rollback", "deploy"]
     assert bundle["resources"]["jobs"]["rollback"]["tasks"][1]["depends_on"] == [{"task_key": "rollback"}]
@@ -346,30 +350,61 @@ def test_retrain_job_deploys_only_when_the_retrain_task_promoted(bundle):
     assert monitor[1]["run_if"] == "ALL_DONE" and monitor[1]["depends_on"] == [{"task_key": "ingest_payloads"}]
 
 
+def test_deploy_tasks_outlast_the_endpoint_waits(bundle, monkeypatch):
+    """Model Serving gives a CPU deployment up to 30 minutes after its container build (which has no limit and is
+    retried up to 3 times: "Debug model serving timeouts"), so one wait of `coinyear deploy` must be longer, and
+    the task must outlast its four waits (an update in progress, the canary, the promotion, a restore) and the
+    watch: a task killed in between would leave a canary nobody finishes watching."""
+    resources = deployed(bundle, "prod")
+    deploy_tasks = [(job_key, task) for job_key, task in wheel_tasks(resources)
+                    if task["python_wheel_task"]["parameters"] == ["deploy"]]
+    assert {job_key for job_key, _ in deploy_tasks} == {"retrain", "rollback"}
+    for job_key, task in deploy_tasks:
+        for key, value in cluster_env(resources, job_key, task).items():
+            monkeypatch.setenv(key, value)
+        settings = Settings()
+        assert settings.deploy_timeout_seconds > 30 * 60
+        assert task["timeout_seconds"] >= 4 * settings.deploy_timeout_seconds + settings.deploy_watch_seconds
+        assert settings.deploy_lock_lease_seconds < settings.deploy_timeout_seconds  # renewed, not sized to it
+
+
 def test_grants_and_permissions(bundle):
     resources = bundle["resources"]
-    group = "${var.users_group}"
-    assert bundle["variables"]["users_group"]["default"] == "account users"  # UC grants need an account group
+    principal, group = "${var.uc_principal}", "${var.workspace_group}"
+    # Unity Catalog grants name an account-level principal; workspace permissions name a workspace group
+    assert bundle["variables"]["uc_principal"]["default"] == "account users"
+    assert bundle["variables"]["workspace_group"]["default"] == "users"
+    assert "users_group" not in bundle["variables"]
     schema_grants = {g["principal"]: set(g["privileges"]) for g in resources["schemas"]["coinyear"]["grants"]}
-    assert {"USE_SCHEMA", "SELECT"} <= schema_grants[group]
+    assert {"USE_SCHEMA", "SELECT"} <= schema_grants[principal]
     model_grants = {g["principal"]: set(g["privileges"]) for g in resources["registered_models"]["coinyear"]["grants"]}
     for app in resources["apps"]:
         principal = f"${{resources.apps.{app}.service_principal_client_id}}"
         assert "EXECUTE" in model_grants[principal] and "USE_SCHEMA" in schema_grants[principal]
-    assert "EXECUTE" in model_grants[group]
+    assert "EXECUTE" in model_grants[principal]
+    grantees = {g["principal"] for _, value in walk(resources) if isinstance(value, dict) and "grants" in value
+                for g in value["grants"]}
+    assert group not in grantees  # a workspace group is no Unity Catalog principal
     loop = {g["principal"]: set(g["privileges"]) for g in resources["volumes"]["loop"]["grants"]}
     assert loop["${resources.apps.gateway.service_principal_client_id}"] == {"READ_VOLUME", "WRITE_VOLUME"}
     for job in resources["jobs"].values():
         assert {"level": "CAN_VIEW", "group_name": group} in job["permissions"]
+    for job_key, task in wheel_tasks(resources):
+        if task["python_wheel_task"]["parameters"] == ["deploy"]:
+            # the endpoint is `coinyear deploy`'s: it gives CAN_QUERY to the group and to both apps
+            environment = cluster_env(resources, job_key, task)
+            assert environment["COINYEAR_DEPLOY_QUERY_GROUP"] == group
+            assert environment["COINYEAR_DEPLOY_QUERY_SERVICE_PRINCIPALS"].split(",") == [
+                f"${{resources.apps.{app}.service_principal_client_id}}" for app in resources["apps"]]
     for app in resources["apps"].values():
         assert {"level": "CAN_USE", "group_name": group} in app["permissions"]
-        # the app's service principal gets CAN_QUERY on the endpoint through the app resource
-        assert app["resources"][0] == {"name": "serving-endpoint",
-                                       "serving_endpoint": {"name": "${var.endpoint_name}", "permission": "CAN_QUERY"}}
+        # an app resource must exist when the app is created; the endpoint does not before the first retrain
+        assert not [r for r in app["resources"] if "serving_endpoint" in r]
+        assert app_env(app)["COINYEAR_ENDPOINT_NAME"] == "${var.endpoint_name}"
     for app in resources["apps"].values():  # on 0.0.0.0 each refuses to start without tokens
         assert app_env(app)["COINYEAR_API_TOKENS"] == "api-tokens"
-        assert app["resources"][1]["secret"] == {"scope": "${var.secret_scope}", "key": "api-tokens",
-                                                 "permission": "READ"}
+        assert app["resources"] == [{"name": "api-tokens", "secret": {"scope": "${var.secret_scope}",
+                                                                       "key": "api-tokens", "permission": "READ"}}]
     assert {"level": "CAN_READ", "group_name": group} in resources["experiments"]["coinyear"]["permissions"]
 
 
@@ -393,7 +428,7 @@ def test_apps_run_real_commands_with_settings_and_install_our_wheel(bundle):
         assert args.host == "0.0.0.0"
         environment = app_env(app)
         assert set(environment) <= SETTINGS_ENV | MLFLOW_ENV, set(environment) - SETTINGS_ENV - MLFLOW_ENV
-        assert environment["COINYEAR_ENDPOINT_NAME"] == "serving-endpoint"
+        assert environment["COINYEAR_ENDPOINT_NAME"] == "${var.endpoint_name}"
         sources = {item["value_from"] for item in app["config"]["env"] if "value_from" in item}
         assert sources <= {resource["name"] for resource in app["resources"]}
     assert len(paths) == len(resources["apps"])  # the CLI refuses two apps in one folder (app.yml overwritten)

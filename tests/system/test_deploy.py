@@ -12,9 +12,10 @@ import shutil
 import pytest
 
 from coinyear import cli, registry
-from coinyear.deploy import DEPLOYED, FAILED, LOCAL, LOCK_TAG, ROLLED_BACK, SKIPPED, run_deploy
+from coinyear.deploy import DEPLOYED, FAILED, LOCAL, LOCK_TAG, ROLLED_BACK, SKIPPED, UPDATING, run_deploy
 from coinyear.lake import open_lake
 from coinyear.lake.tables import MODEL_DECISIONS
+from coinyear.serve.volume import SMOKE_REQUEST_PREFIX
 from tests.conftest import make_settings
 from tests.fake_workspace import FakeWorkspace
 
@@ -234,6 +235,139 @@ def test_one_deploy_at_a_time(deploy_settings, workspace):
 
     client.set_registered_model_tag("coinyear", LOCK_TAG, json.dumps({"owner": "crashed", "expires": 1}))
     assert run_deploy(settings).decision == DEPLOYED  # a stale lock (a killed run) is taken over
+
+
+def test_no_production_version_is_nothing_to_deploy(deploy_settings, workspace, monkeypatch, capsys):
+    """The retrain job runs deploy after every retraining, also when the first one promoted nothing: no
+    production version is nothing to serve yet, not an error."""
+    settings, fake = deploy_settings, workspace
+    registry.client(settings).delete_registered_model_alias(settings.model_name, registry.PRODUCTION)
+    code, out = deploy(settings, monkeypatch, capsys)
+    assert code == 0 and out["decision"] == SKIPPED and "no production version yet" in out["reason"], out
+    assert changes(fake) == [] and fake.endpoints == {}
+
+
+def test_smoke_queries_carry_the_smoke_request_id(deploy_settings, workspace, monkeypatch, capsys):
+    """Model Serving logs the smoke queries in the payload table like any request: each is marked, so that
+    `coinyear ingest-payloads` can leave them out (tests/system/test_payloads.py)."""
+    settings, fake = deploy_settings, workspace
+    assert deploy(settings, monkeypatch, capsys)[0] == 0
+    registry.promote(settings, "2", registry.PRODUCTION)
+    assert deploy(settings, monkeypatch, capsys)[0] == 0
+    smoke = [p for p in fake.payloads if p["served_entity"] in ("coinyear-1", "coinyear-2")]
+    assert len(smoke) == 1 + 5 and all(p["status_code"] == 200 for p in smoke)
+    ids = [p["client_request_id"] for p in smoke]
+    assert all(i.startswith(SMOKE_REQUEST_PREFIX) for i in ids) and len(set(ids)) == len(ids), ids
+
+
+def _query(fake, name: str, token: str, settings) -> int:
+    """HTTP status of one scoring request to the whole endpoint with `token`."""
+    from databricks.sdk import WorkspaceClient
+    from databricks.sdk.errors import DatabricksError
+
+    with open(_example(settings, "1")) as handle:
+        example = json.load(handle)
+    try:
+        WorkspaceClient(host=fake.url, token=token).api_client.do("POST", f"/serving-endpoints/{name}/invocations",
+                                                                  body=example)
+    except DatabricksError as error:
+        return {"PERMISSION_DENIED": 403}.get(error.error_code, 500)
+    return 200
+
+
+def test_query_group_and_apps_get_can_query_at_every_creation(deploy_settings, workspace, monkeypatch, capsys):
+    """A new endpoint's only permission is its creator's CAN_MANAGE; deploy gives the configured group and the
+    apps' service principals CAN_QUERY when it creates it, after every re-creation, and back when removed."""
+    fake, name = workspace, deploy_settings.serving_endpoint_name
+    settings = deploy_settings.model_copy(update={"deploy_query_group": "coin-readers",
+                                                  "deploy_query_service_principals": ["ui-app-id", "gw-app-id"]})
+    fake.add_principal("reader", user_name="reader@example.com", groups=("coin-readers",))
+    fake.add_principal("ui", service_principal_name="ui-app-id")
+    fake.add_principal("outsider", user_name="outsider@example.com", groups=("users",))
+
+    code, out = deploy(settings, monkeypatch, capsys, "--version", "3")  # broken: created, then deleted
+    assert code == 1 and out["decision"] == FAILED and fake.endpoints == {}
+    code, out = deploy(settings, monkeypatch, capsys, "--version", "1")  # created again
+    assert code == 0 and out["decision"] == DEPLOYED, out
+    assert any("CAN_QUERY on endpoint" in step for step in out["steps"])
+    assert _query(fake, name, "reader", settings) == _query(fake, name, "ui", settings) == 200
+    assert _query(fake, name, "outsider", settings) == 403  # the fake refuses a query without CAN_QUERY
+
+    fake.dispatch("DELETE", f"/api/2.0/serving-endpoints/{name}", {}, "x")  # deleted by hand
+    assert deploy(settings, monkeypatch, capsys)[1]["decision"] == DEPLOYED
+    assert _query(fake, name, "reader", settings) == 200
+
+    del fake.acls[fake.endpoints[name]["id"]][("group_name", "coin-readers")]  # removed by hand
+    assert _query(fake, name, "reader", settings) == 403
+    code, out = deploy(settings, monkeypatch, capsys)
+    assert code == 0 and out["decision"] == SKIPPED  # nothing to deploy, but the permission is back
+    assert _query(fake, name, "reader", settings) == 200
+    patches = [c for c in fake.calls if c[0] == "PATCH"]
+    # one per creation (the failed one too: granted before its build) and the one restored
+    assert len(patches) == 4 and all(p[1].startswith("/api/2.0/permissions/serving-endpoints/") for p in patches)
+
+
+def test_an_update_outlasting_the_timeout_is_still_updating_not_failed(deploy_settings, workspace, monkeypatch,
+                                                                      capsys):
+    """Past COINYEAR_DEPLOY_TIMEOUT_SECONDS Model Serving is still applying the update: restoring then would fight
+    it. The run says so (exit 3), restores nothing; the next run waits for the update and finishes."""
+    settings, fake, name = deploy_settings, workspace, deploy_settings.serving_endpoint_name
+    assert deploy(settings, monkeypatch, capsys)[0] == 0
+    registry.promote(settings, "2", registry.PRODUCTION)
+    fake.settle_polls = 10**9  # the canary's container build goes on and on
+    impatient = settings.model_copy(update={"deploy_timeout_seconds": 2.0})
+    code, out = deploy(impatient, monkeypatch, capsys)
+    assert code == 3 and out["decision"] == UPDATING and "still updating after 2 s" in out["reason"], out
+    assert out["served_after"] == "1"
+    assert fake.history[name] == [{"coinyear-1": 100}]  # nothing restored: no second update was sent
+    assert fake.endpoints[name]["state"]["config_update"] == "IN_PROGRESS"
+    assert registry.version_by_alias(settings, registry.PRODUCTION) == "2"  # not moved back
+    assert decisions(settings).iloc[-1]["decision"] == UPDATING
+
+    code, out = deploy(impatient, monkeypatch, capsys)  # still building: this run changes nothing either
+    assert code == 3 and out["decision"] == UPDATING and "nothing changed by this run" in out["reason"]
+    fake.settle_polls = 1  # the build finishes
+    code, out = deploy(settings, monkeypatch, capsys)
+    assert code == 0 and out["decision"] == DEPLOYED and out["served_after"] == "2", out
+    assert fake.history[name][-1] == {"coinyear-2": 100}
+
+
+def test_the_lock_is_a_lease_renewed_while_the_deploy_runs(deploy_settings, workspace):
+    """The lock tag holds for a lease, pushed ahead by a heartbeat while the deploy runs however long it takes;
+    a lock whose lease ran out (a killed run) is taken over."""
+    import threading
+    import time
+
+    settings = deploy_settings.model_copy(update={"deploy_lock_lease_seconds": 1.5, "deploy_watch_seconds": 4.0})
+    client = registry.client(settings)
+    assert run_deploy(settings).decision == DEPLOYED
+    registry.promote(settings, "2", registry.PRODUCTION)
+    seen, done = [], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            value = client.get_registered_model("coinyear").tags.get(LOCK_TAG)
+            if value:
+                seen.append((time.time(), json.loads(value)["expires"]))
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        assert run_deploy(settings).decision == DEPLOYED  # a 4-second watch under a 1.5-second lease
+    finally:
+        done.set()
+        sampler.join()
+    expiries = sorted({expires for _, expires in seen})
+    assert len(expiries) >= 3, seen  # renewed, again and again
+    assert all(expires > at for at, expires in seen)  # never lapsed while held
+    assert max(expires for _, expires in seen) < time.time() + 1.5  # a lease ahead, not hours
+    assert client.get_registered_model("coinyear").tags.get(LOCK_TAG) is None
+
+    client.set_registered_model_tag("coinyear", LOCK_TAG, json.dumps(
+        {"owner": "killed:1:abc", "endpoint": settings.serving_endpoint_name, "expires": time.time() - 0.1}))
+    registry.promote(settings, "1", registry.PRODUCTION)
+    assert run_deploy(settings).decision == DEPLOYED  # its lease ran out: taken over
 
 
 def _example(settings, version: str) -> str:

@@ -147,6 +147,23 @@ def test_payload_rows_map_onto_inference_log_exactly_once_with_photos(spark, loo
     assert list(monitoring["requests"]) == [2, 5]
 
 
+def test_smoke_queries_of_coinyear_deploy_are_not_traffic(spark, loop):
+    """Model Serving logs the deploy's smoke queries like any request; they are the deploy checking a version, so
+    they never reach inference_log (monitoring and retraining read it), and the report counts them."""
+    from coinyear.serve.volume import SMOKE_REQUEST_PREFIX
+
+    settings, table, entities, _ = loop
+    body = {"dataframe_records": [{FRONT: b64(coin_image(1)), BACK: b64(coin_image(2))}]}
+    smoke_id = f"{SMOKE_REQUEST_PREFIX}coinyear-3-0a1b2c3d4e5f"
+    write_table(spark, table, [payload(smoke_id, body | {"client_request_id": smoke_id}, {"predictions": [99.0]}),
+                               payload("req-real", body | {"client_request_id": "req-real"}, {"predictions": [12.0]},
+                                       at=T0 + timedelta(seconds=1))], mode="overwrite")
+    result = ingest_payloads(settings, spark, served_entities=entities)
+    assert list(open_lake(settings).read(INFERENCE_LOG)["request_id"]) == ["req-real"]
+    assert (result.requests_mapped, result.smoke_requests_skipped) == (1, 1)
+    assert "skipped 1 smoke queries of `coinyear deploy`" in result.report()
+
+
 @pytest.mark.parametrize("backend", ["delta", "spark"])
 def test_feedback_files_wait_for_their_request_and_land_once(spark, loop, backend):
     """With either lake backend: `spark` is the Databricks job's (Unity Catalog tables through Spark)."""

@@ -28,6 +28,10 @@ Mapping, one `inference_log` row per input row of a request:
     request_metadata   JSON: source, databricks_request_id, served_entity_id, requester, sampling_fraction,
                        input format, params, logging_error_codes, where the photos came from
 
+Not mapped: `coinyear deploy`'s smoke queries (client_request_id starting with SMOKE_REQUEST_PREFIX): they are the
+deploy checking a version, not traffic to monitor or learn from. Each run counts those it read in its report (a
+smoke query inside the late window is read, and counted, again by the next run).
+
 Exactly once: the newest `request_time` mapped is the watermark, committed as the Lake's transaction marker in the
 same commit as the rows (app id WATERMARK_APP, version = microseconds since the epoch; +1 when a run maps only
 late rows, as the version must rise). A run reads the payload rows from LATE_WINDOW before the watermark (rows
@@ -64,7 +68,13 @@ from coinyear.lake import open_lake
 from coinyear.lake.tables import FEEDBACK, INFERENCE_LOG, Lake
 from coinyear.pyfunc import InvalidCoinInput, decode_base64
 from coinyear.serve.errors import ApiError
-from coinyear.serve.volume import FEEDBACK_FILES, SAFE_REQUEST_ID_RULE, photo_path, safe_request_id
+from coinyear.serve.volume import (
+    FEEDBACK_FILES,
+    SAFE_REQUEST_ID_RULE,
+    SMOKE_REQUEST_PREFIX,
+    photo_path,
+    safe_request_id,
+)
 from coinyear.serve.wire import parse_body
 
 log = logging.getLogger(__name__)
@@ -84,6 +94,7 @@ class IngestResult:
     payload_table_missing: bool = False  # configured, but the endpoint has not created it yet
     loop_volume: str | None = None
     requests_mapped: int = 0
+    smoke_requests_skipped: int = 0  # `coinyear deploy`'s own queries (SMOKE_REQUEST_PREFIX), never mapped
     rows_appended: int = 0
     photos_from_volume: int = 0
     photos_missing: int = 0  # rows of unlogged requests whose photos are not in the volume either
@@ -103,6 +114,9 @@ class IngestResult:
         if self.payload_table_missing:
             lines[0] = (f"payload table {self.payload_table} does not exist yet (the endpoint creates it on its "
                         f"first deployment): inference_log not updated")
+        if self.smoke_requests_skipped:
+            lines.append(f"  skipped {self.smoke_requests_skipped} smoke queries of `coinyear deploy` "
+                         f"(client_request_id {SMOKE_REQUEST_PREFIX}...)")
         if self.photos_from_volume or self.photos_missing or self.unreadable_requests:
             lines.append(f"  photos from the volume: {self.photos_from_volume} rows; photos missing: "
                          f"{self.photos_missing} rows; unreadable request JSON: {self.unreadable_requests}")
@@ -194,6 +208,9 @@ def map_payloads(spark, settings: Settings, lake: Lake, result: IngestResult,
 def _append_requests(new: pd.DataFrame, settings: Settings, lake: Lake, result: IngestResult,
                      watermark: int | None) -> int | None:
     """Map and append one batch of payload rows; returns the watermark committed with them."""
+    smoke = new["client_request_id"].fillna("").astype(str).str.startswith(SMOKE_REQUEST_PREFIX)
+    result.smoke_requests_skipped += int(smoke.sum())
+    new = new[~smoke]
     rows = [row for record in new.to_dict("records")
             for row in map_payload(record, settings.loop_volume, settings.serving_endpoint_name)]
     if not rows:

@@ -1,7 +1,7 @@
-"""Task values of a Databricks job run: how the retraining task tells the job's next tasks what it decided.
+"""Task values of a Databricks job run: what the retraining task decided, on the run's page.
 
-The bundle's retrain job branches on the value `decision` (a condition task on
-`{{tasks.retrain.values.decision}} == promoted` gates the `deploy` task). On a Databricks cluster the value goes
+The retraining sets the value `decision`; no task of the bundle branches on it (its `deploy` task runs after every
+retraining and does nothing when production is already served). On a Databricks cluster the value goes
 through the runtime's `dbutils.jobs.taskValues.set`, which a wheel task reaches through `databricks.sdk.runtime`
 (it hands out the driver REPL's own `dbutils`). Anywhere else there is no job run to attach a value to, and
 setting one does nothing.

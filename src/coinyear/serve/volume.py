@@ -23,6 +23,9 @@ PHOTOS, FEEDBACK_FILES = "photos", "feedback"
 # hidden name), at most 128 characters (the longest client_request_id the gateway takes).
 SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 SAFE_REQUEST_ID_RULE = "1 to 128 ASCII letters, digits, '.', '_' or '-', not starting with '.'"
+# The client_request_id of `coinyear deploy`'s smoke queries (a plain name after it): Model Serving logs them in the
+# payload table like any request, and `coinyear ingest-payloads` leaves them out of inference_log.
+SMOKE_REQUEST_PREFIX = "coinyear-smoke-"
 
 
 def safe_request_id(request_id: str) -> bool:
