@@ -21,15 +21,7 @@ import pandas as pd
 NEIGHBOURS_FILE = "neighbours.parquet"
 THUMBNAIL_PX = 64  # per side; 64 px JPEGs of the ~2,900 OCRE coins take about 10 MB
 THUMBNAIL_QUALITY = 80
-MAX_NEIGHBOURS = 20
 FIELDS = ("coin_id", "year_from", "year_to", "date_text", "denomination", "mint", "portrait")
-
-
-def neighbour_count(value) -> int:
-    """0 (no neighbours) or a whole number 1..MAX_NEIGHBOURS; ValueError with what is accepted otherwise."""
-    from coinyear.pyfunc import whole_count
-
-    return whole_count("neighbours", value, MAX_NEIGHBOURS)
 
 
 def jpeg(array: np.ndarray, quality: int = THUMBNAIL_QUALITY) -> bytes:

@@ -27,7 +27,7 @@ The logged model is self-contained: it carries the coinyear package as MLflow `c
 `sys.path` when MLflow loads it) and lists as requirements exactly what the serving code imports, pinned to
 the training environment's versions, so any environment MLflow builds from it (`mlflow models serve`,
 `spark_udf`, Databricks Model Serving) scores without coinyear installed. Loading it imports only
-`coinyear.pyfunc`, `.data`, `.model`, `.neighbours`, `.quality`, `.runtime` and `.years`: none may import a
+`coinyear.pyfunc`, `.data`, `.model`, `.neighbours`, `.params`, `.quality`, `.runtime` and `.years`: none may import a
 package missing from `pip_requirements` at module level (settings, lake, Spark, tqdm and scikit-learn stay lazy;
 pyarrow, which reads the reference table, comes with mlflow).
 
@@ -59,13 +59,13 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import Array, Object, Property
 
 from coinyear.data import ImageError, preprocess
+from coinyear.params import neighbour_count, portrait_count
 
 FRONT, BACK = "front_image_base64", "back_image_base64"
 CHECKPOINT = "checkpoint"
 CONFORMAL, OOD, NEIGHBOURS = "conformal", "ood", "neighbours"
 ONNX, RUNTIMES = "onnx", "runtimes"  # the graph; the runtimes that matched PyTorch on it at logging time (JSON)
 ONNX_PACKAGES = ("onnxruntime",)  # the baseline runtime of every ONNX model; "openvino" joins when it matched
-MAX_PORTRAITS = 5
 
 log = logging.getLogger(__name__)
 
@@ -254,8 +254,6 @@ class CoinYearModel(PythonModel):
         params = params or {}
         batch_size = max(int(params.get("batch_size") or 32), 1)
         level = _interval_level(params.get("interval"))
-        from coinyear.neighbours import neighbour_count
-
         neighbours = _count_param(params, "neighbours", neighbour_count)
         portraits = _count_param(params, "portraits", portrait_count)
         self.check_params(level, neighbours, portraits)
@@ -268,19 +266,6 @@ class CoinYearModel(PythonModel):
         if level or neighbours or portraits:
             return self.answers(self.score_tensors(fronts, backs, True, batch_size), level, neighbours, portraits)
         return self.predict_tensors(fronts, backs, batch_size)
-
-
-def whole_count(name: str, value, maximum: int) -> int:
-    """A count parameter `name`: 0 (none) or a whole number 1..`maximum`; ValueError with what is accepted
-    otherwise (`neighbours`, `portraits`)."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= maximum:
-        raise ValueError(f"{name} must be a whole number from 0 (none) to {maximum}, got {value!r}")
-    return int(value)
-
-
-def portrait_count(value) -> int:
-    """0 (no portraits) or a whole number 1..MAX_PORTRAITS; ValueError with what is accepted otherwise."""
-    return whole_count("portraits", value, MAX_PORTRAITS)
 
 
 def likeliest_portraits(probabilities: np.ndarray, classes: list[tuple[str, float]], k: int) -> list[list[dict]]:

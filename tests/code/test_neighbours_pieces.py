@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from coinyear.neighbours import MAX_NEIGHBOURS, References, build_table, neighbour_count
+from coinyear.neighbours import References, build_table
+from coinyear.params import MAX_NEIGHBOURS, neighbour_count
 from coinyear.quality import FeatureDistance
 
 

@@ -32,7 +32,7 @@ from tests.conftest import coin_image
 
 # All the package a served model may import: a module added here must import only what pyfunc.pip_requirements lists.
 SERVING_MODULES = {"coinyear", "coinyear.pyfunc", "coinyear.data", "coinyear.model", "coinyear.neighbours",
-                   "coinyear.quality", "coinyear.runtime", "coinyear.years"}
+                   "coinyear.params", "coinyear.quality", "coinyear.runtime", "coinyear.years"}
 
 # Runs inside the fresh environment: nothing of ours is importable there until MLflow loads the model.
 SCRIPT = r"""

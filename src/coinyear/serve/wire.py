@@ -19,8 +19,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from coinyear.data import ImageError, preprocess
-from coinyear.neighbours import neighbour_count
-from coinyear.pyfunc import BACK, FRONT, InvalidCoinInput, decode_base64, portrait_count
+from coinyear.params import neighbour_count, portrait_count
+from coinyear.pyfunc import BACK, FRONT, InvalidCoinInput, decode_base64
 from coinyear.serve.errors import BAD_REQUEST, INVALID_PARAMETER_VALUE, ApiError
 
 FORMATS = ("inputs", "instances", "dataframe_records", "dataframe_split")
