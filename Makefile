@@ -59,7 +59,7 @@ serve: setup
 ui: setup
 	$(BIN)/coinyear ui
 
-## Regenerate docs/architecture.png (needs Graphviz `dot`) and the API tables in docs/api_schema.md.
+## Regenerate docs/architecture.png, docs/imports.dot + .png (the import layers, read from the code; needs Graphviz `dot`) and the API tables in docs/api_schema.md.
 docs: setup
 	$(BIN)/python docs/build_docs.py
 
