@@ -431,3 +431,26 @@ def test_a_rollback_during_the_run_is_not_undone_by_the_promotion(quick_retrain,
     assert again.decision == PROMOTED and again.production_before == "1" and again.new_feedback_rows == 8
     assert registry.version_by_alias(settings, registry.PRODUCTION) == again.candidate_version
     assert pending(lake) == 0
+
+
+def test_a_tracking_failure_closing_the_run_does_not_undo_the_decision(quick_retrain, monkeypatch):
+    """Before: the retrain run's closing calls (its decision tags, its end) were not guarded: a tracking server
+    failing there raised out of `run_retrain` after production had moved and the decision was recorded, so the
+    job exited as failed."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    settings, lake = quick_retrain
+
+    real_set_terminated = MlflowClient.set_terminated
+
+    def unavailable_for_the_retrain_run(self, run_id, *args, **kwargs):
+        if self.get_run(run_id).data.tags.get("coinyear.job") == "retrain":  # the steps' runs end as usual
+            raise MlflowException("tracking server unavailable")
+        return real_set_terminated(self, run_id, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "set_terminated", unavailable_for_the_retrain_run)
+    result = run_retrain(settings)
+    assert result.decision == PROMOTED, result.reason
+    assert registry.version_by_alias(settings, registry.PRODUCTION) == result.candidate_version
+    assert lake.read(MODEL_DECISIONS)["decision"].tolist() == [PROMOTED]

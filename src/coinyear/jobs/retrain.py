@@ -268,9 +268,18 @@ class Retraining:
                 log.exception("recording the failed run in %s failed too", MODEL_DECISIONS)
             return result
         finally:
+            self.close_run(result)
+
+    def close_run(self, result: RetrainResult) -> None:
+        """The decision on the retrain run's tags, and the run's end: best effort. The decision is made and
+        recorded by now; a tracking server failing here must not turn it into an error (the job would exit as
+        failed after, say, a promotion)."""
+        try:
             self.client.set_tag(self.parent, "decision", result.decision)
             self.client.set_tag(self.parent, "decision_reason", result.reason[:5000])
             self.client.set_terminated(self.parent, "FAILED" if result.decision == FAILED else "FINISHED")
+        except Exception:
+            log.exception("closing retrain run %s failed; its decision (%s) stands", self.parent, result.decision)
 
     def train_validate_decide(self, result: RetrainResult, train_rows: Manifest, eval_rows: Manifest,
                               feedback_version: int, keys: list[str]) -> None:
