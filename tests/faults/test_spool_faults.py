@@ -149,8 +149,28 @@ def child_other_writer(table_uri: str, count: int) -> None:
         print(f"other-{i}", flush=True)
 
 
+def child_restart_on_backlog(lake_root: str, spool_dir: str) -> None:
+    """A gateway's spool restarted on what a long lake outage left (the lake still down: nothing commits): start
+    it, then print how many rows it counted and this process's peak resident memory (kB)."""
+    import resource
+
+    from coinyear.lake.delta import DeltaLake
+    from coinyear.lake.spool import SpooledAppender
+    from coinyear.lake.tables import INFERENCE_LOG
+
+    class DownLake(DeltaLake):
+        def append(self, table, rows, **kwargs):
+            raise OSError("lake unreachable")
+
+    spool = SpooledAppender(DownLake(lake_root), INFERENCE_LOG, spool_dir, flush_seconds=3600).start()
+    print(json.dumps({"backlog": spool.backlog, "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}),
+          flush=True)
+    os._exit(0)  # as a SIGKILL would: nothing is committed or cleaned up
+
+
 if __name__ == "__main__":
     {"writer": lambda a: child_writer(a[0], a[1], a[2], int(a[3]), a[4], a[5]),
+     "backlog": lambda a: child_restart_on_backlog(a[0], a[1]),
      "fsize": lambda a: child_file_size_limit(a[0], a[1]),
      "small": lambda a: child_small_frames(a[0], a[1]),
      "other": lambda a: child_other_writer(a[0], int(a[1]))}[sys.argv[1]](sys.argv[2:])
@@ -404,3 +424,30 @@ def test_a_changed_table_schema_degrades_ready_and_metrics_count_it(tmp_path, ga
         gateway.ready()
     assert not_ready.value.status == 503
     assert 'coinyear_spool_accepting{table="inference_log"} 0.0' in generate_latest(gateway.metrics.registry).decode()
+
+
+def test_a_restart_on_a_long_outages_backlog_stays_in_bounded_memory(tmp_path):
+    """Before: start() loaded every leftover segment to count its rows, so a gateway restarted after a long lake
+    outage held the whole backlog in memory (and, past the machine's memory, crashed at every restart). A real
+    process restarted on 96 MB of segments must peak within 32 MB of one restarted on an empty spool."""
+    from coinyear.lake.spool import _frame
+
+    lake = DeltaLake(tmp_path / "lake")
+    empty, backlog = tmp_path / "empty", tmp_path / "backlog"
+    empty.mkdir()
+    backlog.mkdir()
+    for seq in range(1, 25):  # 24 segments of 4 rows of ~1 MB: what the outage left
+        rows = [log_row(f"{seq}-{i}", photo=1_000_000) for i in range(4)]
+        (backlog / f"{seq:012d}.seg").write_bytes(b"".join(_frame(lake.storable(INFERENCE_LOG, [row]))
+                                                           for row in rows))
+    left = sum(path.stat().st_size for path in backlog.glob("*.seg"))
+    peaks = {}
+    for name, folder in (("empty", empty), ("backlog", backlog)):
+        done = child("backlog", str(lake.root), str(folder))
+        out, err = done.communicate(timeout=300)
+        assert done.returncode == 0, err[-3000:]
+        peaks[name] = json.loads(out.strip().splitlines()[-1])
+    assert peaks["empty"]["backlog"] == 0 and peaks["backlog"]["backlog"] == 96
+    grew_mb = (peaks["backlog"]["peak_kb"] - peaks["empty"]["peak_kb"]) / 1024
+    assert left > 90e6 and grew_mb < 32, f"{left / 1e6:.0f} MB left behind; the restart grew by {grew_mb:.0f} MB"
+    assert all((backlog / f"{seq:012d}.seg").exists() for seq in range(1, 25))  # nothing consumed
