@@ -4,6 +4,12 @@ plus those the Databricks CLI makes for the steps of docs/databricks.md (secrets
 
 Implemented:
   GET    /.well-known/databricks-config                    host metadata, read when a WorkspaceClient is made
+  OAuth machine-to-machine (docs "Authorize service principal access to Databricks with OAuth"; what the SDK's
+  `oauth-m2m` auth does with DATABRICKS_CLIENT_ID / DATABRICKS_CLIENT_SECRET):
+  GET    /oidc/.well-known/oauth-authorization-server      the token endpoint
+  POST   /oidc/v1/token                                    client_credentials, the client id and secret in HTTP
+                                                           Basic auth (`add_oauth_secret`): an access token acting
+                                                           as that service principal; a wrong secret is 401
   Model Serving (docs.databricks.com/api/workspace/servingendpoints; SDK `w.serving_endpoints`):
   POST   /api/2.0/serving-endpoints                        `create` (409 RESOURCE_ALREADY_EXISTS if it exists); the
                                                            creator gets CAN_MANAGE, nobody else any permission
@@ -23,6 +29,10 @@ Implemented:
   Secrets (docs.databricks.com/api/workspace/secrets; `databricks secrets create-scope` / `put-secret`):
   POST   /api/2.0/secrets/scopes/create                    `w.secrets.create_scope` (409 RESOURCE_ALREADY_EXISTS)
   POST   /api/2.0/secrets/put                              `w.secrets.put_secret` (404 without the scope)
+  GET    /api/2.0/secrets/get                              `w.secrets.get_secret`: the value base64-encoded; 404
+                                                           without the scope or key; 403 without READ on the scope
+                                                           (docs "Secret ACLs": its creator has MANAGE, nobody else
+                                                           anything unless granted; granting is not implemented)
   Apps (docs.databricks.com/api/workspace/apps; SDK `w.apps`), as `databricks bundle deploy` / `bundle run <app>`
   call them (databricks/cli bundle/direct/dresources/app.go, bundle/run/app.go):
   POST   /api/2.0/apps?no_compute=true                     `create`: what `bundle deploy` sends (no compute unless
@@ -36,6 +46,15 @@ Implemented:
   POST   /api/2.0/apps/{name}/deployments                  `deploy`: refused while the compute is not ACTIVE (the
                                                            CLI starts it first for that reason)
   GET    /api/2.0/apps/{name}/deployments/{id}             `get_deployment`
+  GET    /api/2.0/permissions/apps/{name}                  `w.apps.get_permissions` (CAN_MANAGE needed)
+  PATCH  /api/2.0/permissions/apps/{name}                  `w.apps.update_permissions` (CAN_MANAGE needed); levels
+                                                           CAN_USE, CAN_MANAGE; the creator gets CAN_MANAGE
+  The Apps proxy in front of a running app (`call_app`; docs "Connect to an API Databricks app using token
+  authentication" and "Access HTTP headers passed to Databricks apps"): a bearer token only on `/api/` routes
+  (another path with a token: 401, as a client without the browser login gets nothing there), an unknown token 401,
+  no CAN_USE on the app 403, an app that is not RUNNING 503; the request goes on to the app's code without the
+  caller's `Authorization` header and with the proxy's X-Forwarded-Email / -Preferred-Username / -User, X-Real-Ip,
+  X-Request-Id (whatever the caller sent under those names is replaced).
 
 Identities: a bearer token is a principal (`principals`, `add_principal`): "x" is the deploying user, an app's
 service principal gets the token `app_token(name)`; an unknown token is 401. Groups are what `add_principal` says.
@@ -57,6 +76,7 @@ the apps' own processes (RUNNING is a state, no app code runs), rate limits, rou
 
 from __future__ import annotations
 
+import base64
 import copy
 import itertools
 import json
@@ -74,6 +94,9 @@ from tests.conftest import send_json
 
 NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 APP_NAME = re.compile(r"^[a-z0-9-]{2,30}$")
+APP_LEVELS = ("CAN_USE", "CAN_MANAGE")  # app permission levels, weakest first
+PROXY_HEADERS = ("authorization", "x-forwarded-email", "x-forwarded-preferred-username", "x-forwarded-user",
+                 "x-forwarded-host", "x-real-ip", "x-request-id")  # the Apps proxy owns these
 DEPLOYER = "x"  # the token of the user who deploys (the bundle's owner, the jobs' run-as in dev)
 LEVELS = ("CAN_VIEW", "CAN_QUERY", "CAN_MANAGE")  # serving endpoint permission levels, weakest first
 
@@ -101,6 +124,8 @@ class FakeWorkspace:
         self.principals: dict[str, dict] = {}  # token -> {"user_name" | "service_principal_name", "groups"}
         self.add_principal(DEPLOYER, user_name="deployer@example.com", groups=("users",))
         self.secrets: dict[str, dict[str, str]] = {}  # scope -> key -> value
+        self.scope_managers: dict[str, str] = {}  # scope -> the principal who created it (MANAGE)
+        self.oauth_secrets: dict[str, str] = {}  # service principal application id -> its OAuth secret
         self.apps: dict[str, dict] = {}
         self.fail_update: set[str] = set()  # versions whose deployment fails (UPDATE_FAILED)
         self.calls: list[tuple[str, str]] = []
@@ -135,6 +160,11 @@ class FakeWorkspace:
         parts, query = url.path.strip("/").split("/"), parse_qs(url.query)
         with self._lock:
             self.calls.append((method, path))
+            if method == "GET" and parts == ["oidc", ".well-known", "oauth-authorization-server"]:
+                return 200, {"authorization_endpoint": f"{self.url}/oidc/v1/authorize",
+                             "token_endpoint": f"{self.url}/oidc/v1/token"}, {}
+            if method == "POST" and parts == ["oidc", "v1", "token"]:
+                return 200, self.issue_token(token or "", body), {}
             if method == "GET" and parts == [".well-known", "databricks-config"]:
                 # what WorkspaceClient() reads first (host metadata); a PAT needs none of the OIDC part
                 return 200, {"oidc_endpoint": f"{self.url}/oidc", "workspace_id": self.workspace_id}, {}
@@ -190,15 +220,22 @@ class FakeWorkspace:
                 return self.permissions(parts[4], caller)
             if method == "PATCH":
                 return self.update_permissions(parts[4], body, caller)
+        if parts[:4] == ["api", "2.0", "permissions", "apps"] and len(parts) == 5:
+            if method == "GET":
+                return self.app_permissions(parts[4], caller)
+            if method == "PATCH":
+                return self.update_app_permissions(parts[4], body, caller)
         if parts[:3] == ["api", "2.0", "secrets"]:
             if method == "POST" and parts[3:] == ["scopes", "create"]:
-                return self.create_scope(body)
+                return self.create_scope(body, caller)
             if method == "POST" and parts[3:] == ["put"]:
                 return self.put_secret(body)
+            if method == "GET" and parts[3:] == ["get"]:
+                return self.get_secret(query.get("scope", [""])[0], query.get("key", [""])[0], caller)
         if parts[:3] == ["api", "2.0", "apps"]:
             rest = parts[3:]
             if method == "POST" and not rest:
-                return self.create_app(body, query.get("no_compute", ["false"])[0].lower() == "true")
+                return self.create_app(body, query.get("no_compute", ["false"])[0].lower() == "true", caller)
             if method == "GET" and len(rest) == 1:
                 return self.app_view(self._app(rest[0]))
             if method == "POST" and len(rest) == 2 and rest[1] == "start":
@@ -213,19 +250,21 @@ class FakeWorkspace:
         return None
 
     # ------------------------------------------------------------------------------------------- permissions
-    def level(self, endpoint_id: str, caller: dict) -> str | None:
-        """The caller's strongest permission on the endpoint: their own entry or one of their groups'."""
+    def level(self, endpoint_id: str, caller: dict, levels: tuple[str, ...] = LEVELS) -> str | None:
+        """The caller's strongest permission on the object (an endpoint id, or `apps/<name>`): their own entry or
+        one of their groups'."""
         acl = self.acls.get(endpoint_id, {})
         keys = [(kind, caller[kind]) for kind in ("user_name", "service_principal_name") if caller.get(kind)]
         keys += [("group_name", group) for group in caller["groups"]]
         held = [acl[key] for key in keys if key in acl]
-        return max(held, key=LEVELS.index) if held else None
+        return max(held, key=levels.index) if held else None
 
-    def require(self, endpoint_id: str, caller: dict, needed: str) -> None:
-        held = self.level(endpoint_id, caller)
-        if held is None or LEVELS.index(held) < LEVELS.index(needed):
+    def require(self, endpoint_id: str, caller: dict, needed: str, levels: tuple[str, ...] = LEVELS) -> None:
+        held = self.level(endpoint_id, caller, levels)
+        if held is None or levels.index(held) < levels.index(needed):
+            what = endpoint_id if endpoint_id.startswith("apps/") else f"serving endpoint {endpoint_id}"
             raise ApiError(403, "PERMISSION_DENIED", f"{_name(caller)} does not have {needed} permission on "
-                                                     f"serving endpoint {endpoint_id} (has {held or 'none'})")
+                                                     f"{what} (has {held or 'none'})")
 
     def _endpoint_by_id(self, endpoint_id: str) -> dict:
         for endpoint in self.endpoints.values():
@@ -252,12 +291,40 @@ class FakeWorkspace:
         return self.permissions(endpoint_id, caller)
 
     # ------------------------------------------------------------------------------------------- secrets, apps
-    def create_scope(self, body: dict) -> dict:
+    def create_scope(self, body: dict, caller: dict | None = None) -> dict:
         scope = body.get("scope") or ""
         if scope in self.secrets:
             raise ApiError(409, "RESOURCE_ALREADY_EXISTS", f"Scope {scope} already exists!")
         self.secrets[scope] = {}
+        self.scope_managers[scope] = _name(caller or self.principals[DEPLOYER])
         return {}
+
+    def get_secret(self, scope: str, key: str, caller: dict) -> dict:
+        if scope not in self.secrets:
+            raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", f"Scope {scope} does not exist!")
+        if self.scope_managers.get(scope) != _name(caller):
+            raise ApiError(403, "PERMISSION_DENIED", f"{_name(caller)} does not have READ permission on scope "
+                                                     f"{scope}")
+        if key not in self.secrets[scope]:
+            raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", f"Failed to get secret {key} for scope {scope}.")
+        return {"key": key, "value": base64.b64encode(self.secrets[scope][key].encode()).decode()}
+
+    def add_oauth_secret(self, client_id: str, secret: str) -> None:
+        """A service principal (application id `client_id`) with an OAuth secret."""
+        self.oauth_secrets[client_id] = secret
+
+    def issue_token(self, authorization: str, form: dict) -> dict:
+        """The token endpoint: `authorization` is what followed `Basic ` (HTTP Basic of client id:secret)."""
+        try:
+            client_id, _, secret = base64.b64decode(authorization.removeprefix("Basic ")).decode().partition(":")
+        except ValueError:
+            client_id, secret = "", ""
+        if form.get("grant_type") != "client_credentials" or not client_id \
+                or self.oauth_secrets.get(client_id) != secret:
+            raise ApiError(401, "invalid_client", "Client authentication failed")
+        access = f"oauth-{uuid.uuid4().hex}"
+        self.add_principal(access, service_principal_name=client_id)
+        return {"access_token": access, "token_type": "Bearer", "expires_in": 3600, "scope": form.get("scope")}
 
     def put_secret(self, body: dict) -> dict:
         if body.get("scope") not in self.secrets:
@@ -270,7 +337,7 @@ class FakeWorkspace:
             raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", f"App with name {name} does not exist or is deleted.")
         return self.apps[name]
 
-    def create_app(self, body: dict, no_compute: bool) -> dict:
+    def create_app(self, body: dict, no_compute: bool, caller: dict | None = None) -> dict:
         name = body.get("name") or ""
         if not APP_NAME.match(name):
             raise ApiError(400, "INVALID_PARAMETER_VALUE", f"invalid app name {name!r}")
@@ -297,6 +364,9 @@ class FakeWorkspace:
         for endpoint_id, level in grants:
             self.acls.setdefault(endpoint_id, {})[("service_principal_name", client_id)] = level
         self.add_principal(app_token(name), service_principal_name=client_id)
+        creator = caller or self.principals[DEPLOYER]
+        kind = "user_name" if creator.get("user_name") else "service_principal_name"
+        self.acls[f"apps/{name}"] = {(kind, creator[kind]): "CAN_MANAGE"}
         self.apps[name] = {**body, "service_principal_client_id": client_id, "service_principal_name": f"app-{name}",
                            "url": f"https://{name}-{self.workspace_id}.fake.databricksapps.com",
                            "compute_status": {"state": "STOPPED" if no_compute else "ACTIVE"},
@@ -325,6 +395,52 @@ class FakeWorkspace:
 
     def app_running(self, name: str) -> bool:
         return self.app_view(self._app(name))["app_status"]["state"] == "RUNNING"
+
+    def app_permissions(self, name: str, caller: dict) -> dict:
+        self._app(name)
+        self.require(f"apps/{name}", caller, "CAN_MANAGE", APP_LEVELS)
+        return {"object_id": f"/apps/{name}", "object_type": "apps", "access_control_list": [
+            {kind: principal, "all_permissions": [{"permission_level": level, "inherited": False}]}
+            for (kind, principal), level in self.acls.get(f"apps/{name}", {}).items()]}
+
+    def update_app_permissions(self, name: str, body: dict, caller: dict) -> dict:
+        self._app(name)
+        self.require(f"apps/{name}", caller, "CAN_MANAGE", APP_LEVELS)
+        for entry in body.get("access_control_list") or []:
+            kinds = [kind for kind in ("user_name", "group_name", "service_principal_name") if entry.get(kind)]
+            if len(kinds) != 1 or entry.get("permission_level") not in APP_LEVELS:
+                raise ApiError(400, "INVALID_PARAMETER_VALUE", f"bad access control entry {entry}")
+            self.acls.setdefault(f"apps/{name}", {})[(kinds[0], entry[kinds[0]])] = entry["permission_level"]
+        return self.app_permissions(name, caller)
+
+    def call_app(self, name: str, method: str, path: str, token: str | None, upstream, body: bytes = b"",
+                 headers: dict[str, str] | None = None) -> tuple[int, dict, bytes]:
+        """A request to app `name` through the Apps proxy (see the module docstring); `upstream(method, path,
+        headers, body) -> (status, headers, body)` is the app's code. Returns (status, headers, body)."""
+        try:
+            with self._lock:
+                self.calls.append((method, f"app:{name}{path}"))
+                if not self.app_running(name):
+                    raise ApiError(503, "TEMPORARILY_UNAVAILABLE", f"App {name} is not available.")
+                if not token:
+                    raise ApiError(401, "UNAUTHENTICATED", "no credentials (a browser is sent to the login page)")
+                if urlsplit(path).path != "/api" and not urlsplit(path).path.startswith("/api/"):
+                    raise ApiError(401, "UNAUTHENTICATED", "token authentication only on /api/ routes")
+                caller = self.principals.get(token)
+                if caller is None:
+                    raise ApiError(401, "UNAUTHENTICATED", "Invalid access token.")
+                self.require(f"apps/{name}", caller, "CAN_USE", APP_LEVELS)
+        except ApiError as error:
+            return error.status, {"content-type": "application/json"}, json.dumps(
+                {"error_code": error.code, "message": error.message}).encode()
+        passed = {k: v for k, v in (headers or {}).items() if k.lower() not in PROXY_HEADERS}
+        identity = {"x-forwarded-user": caller.get("user_name") or caller.get("service_principal_name"),
+                    "x-forwarded-preferred-username": _name(caller)}
+        if caller.get("user_name"):
+            identity["x-forwarded-email"] = caller["user_name"]
+        passed |= {**identity, "x-forwarded-host": urlsplit(self.apps[name]["url"]).netloc,
+                   "x-real-ip": "127.0.0.1", "x-request-id": str(uuid.uuid4())}
+        return upstream(method, path, passed, body)
 
     # ------------------------------------------------------------------------------------------- control
     def _endpoint(self, name: str) -> dict:
@@ -460,7 +576,11 @@ class FakeWorkspace:
                 length = int(self.headers.get("Content-Length") or 0)
                 auth = self.headers.get("Authorization") or ""
                 try:
-                    body = json.loads(self.rfile.read(length) or b"{}") if length else {}
+                    raw = self.rfile.read(length) if length else b""
+                    if self.headers.get("Content-Type", "").startswith("application/x-www-form-urlencoded"):
+                        body = {k: v[0] for k, v in parse_qs(raw.decode()).items()}  # the OAuth token request
+                    else:
+                        body = json.loads(raw or b"{}")
                     status, answer, headers = fake.dispatch(method, self.path, body, auth.removeprefix("Bearer "))
                 except ApiError as error:
                     status, answer, headers = error.status, {"error_code": error.code,

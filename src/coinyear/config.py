@@ -73,6 +73,11 @@ class Settings(BaseSettings):
     model_torch_index: str | None = Field(default=None, description="PyTorch wheel index a logged model's "
                                           "requirements name (e.g. https://download.pytorch.org/whl/cpu for a "
                                           "CPU-only serving environment); none: torch from PyPI.")
+    worker_secret_scope: str | None = Field(
+        default=None, description="Secret scope holding the OAuth secret of the service principal that the ranks "
+                                  "of `coinyear train --distributed N --cluster` log to MLflow as (keys "
+                                  "`worker-client-id`, `worker-client-secret`; coinyear.distributed): the "
+                                  "executors have none of the driver's credentials.")
     tensor_cache_dir: Path | None = Field(
         default=None, description="Local-disk folder of the memory-mapped training tensors (distributed "
                                   "training); default HOME/cache/tensors.")
@@ -84,6 +89,10 @@ class Settings(BaseSettings):
         default_factory=list, description="Accepted bearer tokens, comma-separated in COINYEAR_API_TOKENS; an "
                                           "entry `name:token` records its callers as `name` (coinyear.serve.auth).")
     auth_disabled: bool = False
+    apps_proxy: bool = Field(default=False, description="Behind the Databricks Apps proxy (a Databricks App): "
+                             "who calls is the identity the proxy forwards (X-Forwarded-Email), the routes are "
+                             "also under /api/ (the only ones the proxy passes a token to) and COINYEAR_API_TOKENS "
+                             "is not used (coinyear.serve.auth). Only where nothing but the proxy reaches the app.")
     endpoint_name: str | None = Field(default=None, description="{name} in /serving-endpoints/{name}/...; "
                                                                 "default: model_name.")
     max_body_bytes: int = 16 * 1024 * 1024

@@ -13,6 +13,14 @@ the node's local disk (`COINYEAR_TENSOR_CACHE_DIR`) and memory-mapped, so a rank
 Where it runs: locally (`local_mode=True`) the N processes are started by torchrun on this machine (gloo on
 CPU, or nccl with one GPU each with `gpu`); on a Databricks GPU cluster (`cluster=True, gpu=True`) they are
 Spark barrier tasks on the executors, one per GPU (`spark.task.resource.gpu.amount` = 1).
+
+Credentials on a cluster: rank 0 logs the MLflow run from an executor, and an executor has none of the driver's
+credentials (the driver's come from the notebook context, not from variables a task could copy). So `--cluster`
+hands the ranks the workspace's host (the driver's, as databricks-sdk resolves it) and the OAuth secret of a
+service principal, read on the driver from the secret scope `COINYEAR_WORKER_SECRET_SCOPE`, keys
+`worker-client-id` and `worker-client-secret` (`w.secrets.get_secret`); the ranks authenticate as that service
+principal (OAuth machine-to-machine), which needs CAN_EDIT on the experiment and CREATE_MODEL_VERSION on the
+model. Without the scope `--cluster` refuses to start rather than train for hours and fail at the first log.
 """
 
 from __future__ import annotations
@@ -26,9 +34,35 @@ from coinyear.train import RunOutcome, TrainConfig
 
 log = logging.getLogger(__name__)
 
-# How MLflow reaches a Databricks workspace: on a cluster, rank 0 runs on an executor, whose environment has
-# none of the job's variables, so these are handed to the workers when the launching process has them.
+# How MLflow reaches a Databricks workspace; the ranks get exactly the ones `worker_environment` hands them.
 WORKSPACE_VARIABLES = ("DATABRICKS_HOST", "DATABRICKS_TOKEN", "DATABRICKS_CLIENT_ID", "DATABRICKS_CLIENT_SECRET")
+WORKER_CLIENT_ID_KEY, WORKER_CLIENT_SECRET_KEY = "worker-client-id", "worker-client-secret"
+
+
+def worker_environment(settings, cluster: bool) -> dict[str, str]:
+    """The workspace credentials the ranks get. Locally: the launching process's own DATABRICKS_* variables
+    (the ranks are its children anyway). On a cluster: the driver's host and the service principal's OAuth
+    secret from `settings.worker_secret_scope` (see the module docstring); raises ValueError without the scope and
+    the SDK's error when a key is missing or unreadable."""
+    if not cluster:
+        return {name: os.environ[name] for name in WORKSPACE_VARIABLES if name in os.environ}
+    if not settings.worker_secret_scope:
+        raise ValueError("--cluster: the ranks run on executors without the driver's credentials; set "
+                         "COINYEAR_WORKER_SECRET_SCOPE to a secret scope with the keys "
+                         f"{WORKER_CLIENT_ID_KEY} and {WORKER_CLIENT_SECRET_KEY} (a service principal's OAuth "
+                         "secret) for MLflow")
+    import base64
+
+    from databricks.sdk import WorkspaceClient
+
+    workspace = WorkspaceClient()  # the driver's own credentials (the notebook context on a cluster)
+
+    def secret(key: str) -> str:
+        value = workspace.secrets.get_secret(settings.worker_secret_scope, key).value or ""
+        return base64.b64decode(value).decode()
+
+    return {"DATABRICKS_HOST": workspace.config.host, "DATABRICKS_CLIENT_ID": secret(WORKER_CLIENT_ID_KEY),
+            "DATABRICKS_CLIENT_SECRET": secret(WORKER_CLIENT_SECRET_KEY)}
 
 
 @dataclass
@@ -73,8 +107,10 @@ def train_worker(settings, config: TrainConfig, manifest, register: bool, run_na
     from coinyear.distributed import memory_mb
     from coinyear.train import run_training, train_on_manifest
 
-    for name, value in (environment or {}).items():
-        os.environ.setdefault(name, value)
+    if environment:  # exactly the handed credentials: a stray token beside them would be a second auth method
+        for name in WORKSPACE_VARIABLES:
+            os.environ.pop(name, None)
+        os.environ.update(environment)
     logging.basicConfig(level=log_level, format=f"%(asctime)s rank{os.environ.get('RANK', '?')} "
                                                 "%(levelname)s %(name)s: %(message)s")
     gpu = config.device == "cuda"
@@ -131,6 +167,7 @@ def run_distributed_training(settings, config: TrainConfig, manifest, processes:
                          "process: drop --folds or --distributed")
     if len(manifest.rows) < 4:
         raise ValueError(f"only {len(manifest.rows)} valid rows: too few to train")
+    environment = worker_environment(settings, cluster)  # before anything starts: fails fast without credentials
     try:
         from pyspark.ml.torch.distributor import TorchDistributor
     except ImportError as error:
@@ -152,8 +189,7 @@ def run_distributed_training(settings, config: TrainConfig, manifest, processes:
                                            f"TorchDistributor local_mode={not cluster}"}
     distributor = TorchDistributor(num_processes=processes, local_mode=not cluster, use_gpu=gpu)
     output = distributor.run(train_worker, settings, config, manifest, register, run_name, tags, str(tensor_dir),
-                             logging.getLogger().getEffectiveLevel(),
-                             {name: os.environ[name] for name in WORKSPACE_VARIABLES if name in os.environ})
+                             logging.getLogger().getEffectiveLevel(), environment)
     if not output:
         raise RuntimeError("TorchDistributor returned no result from rank 0")
     return DistributedOutcome(**output)

@@ -399,12 +399,14 @@ def test_grants_and_permissions(bundle):
     for app in resources["apps"].values():
         assert {"level": "CAN_USE", "group_name": group} in app["permissions"]
         # an app resource must exist when the app is created; the endpoint does not before the first retrain
-        assert not [r for r in app["resources"] if "serving_endpoint" in r]
+        assert not [r for r in app.get("resources", []) if "serving_endpoint" in r]
         assert app_env(app)["COINYEAR_ENDPOINT_NAME"] == "${var.endpoint_name}"
-    for app in resources["apps"].values():  # on 0.0.0.0 each refuses to start without tokens
-        assert app_env(app)["COINYEAR_API_TOKENS"] == "api-tokens"
-        assert app["resources"] == [{"name": "api-tokens", "secret": {"scope": "${var.secret_scope}",
-                                                                       "key": "api-tokens", "permission": "READ"}}]
+    # on 0.0.0.0 the UI refuses to start without tokens; the gateway's callers are the Apps proxy's identities
+    assert app_env(resources["apps"]["ui"])["COINYEAR_API_TOKENS"] == "api-tokens"
+    assert resources["apps"]["ui"]["resources"] == [{"name": "api-tokens", "secret": {
+        "scope": "${var.secret_scope}", "key": "api-tokens", "permission": "READ"}}]
+    gateway = resources["apps"]["gateway"]
+    assert app_env(gateway)["COINYEAR_APPS_PROXY"] == "true" and "COINYEAR_API_TOKENS" not in app_env(gateway)
     assert {"level": "CAN_READ", "group_name": group} in resources["experiments"]["coinyear"]["permissions"]
 
 
@@ -430,9 +432,13 @@ def test_apps_run_real_commands_with_settings_and_install_our_wheel(bundle):
         assert set(environment) <= SETTINGS_ENV | MLFLOW_ENV, set(environment) - SETTINGS_ENV - MLFLOW_ENV
         assert environment["COINYEAR_ENDPOINT_NAME"] == "${var.endpoint_name}"
         sources = {item["value_from"] for item in app["config"]["env"] if "value_from" in item}
-        assert sources <= {resource["name"] for resource in app["resources"]}
+        assert sources <= {resource["name"] for resource in app.get("resources", [])}
     assert len(paths) == len(resources["apps"])  # the CLI refuses two apps in one folder (app.yml overwritten)
     assert app_env(resources["apps"]["gateway"])["COINYEAR_SERVING_BACKEND"] == "databricks"
+    # the GPU job's ranks get a service principal's secret from the scope (tests/system/test_distributed_credentials)
+    (gpu_task,) = resources["jobs"]["train_gpu"]["tasks"]
+    assert "--cluster" in gpu_task["python_wheel_task"]["parameters"]
+    assert cluster_env(resources, "train_gpu", gpu_task)["COINYEAR_WORKER_SECRET_SCOPE"] == "${var.secret_scope}"
     assert "apps/*/wheels/*.whl" in bundle["sync"]["include"]  # git-ignored, so uploaded only when included
     assert "apps/*/wheels/" in (BUNDLE_DIR / ".gitignore").read_text().split()
     assert "vendor_wheel.py" in bundle["artifacts"]["coinyear_wheel"]["build"]

@@ -46,6 +46,38 @@ def test_any_configured_token_is_accepted_and_nothing_else():
         assert error.value.status == status, header
 
 
+def test_behind_the_apps_proxy_the_caller_is_the_forwarded_identity_and_tokens_are_not_read():
+    """A Databricks App: the proxy checked the token and kept it; who it forwards is the actor. Nothing else is
+    accepted, a bearer token least of all (COINYEAR_API_TOKENS is not read)."""
+    auth = BearerAuth(Settings(apps_proxy=True, api_tokens="ada:t"), "0.0.0.0")  # on 0.0.0.0 without tokens
+    forwarded = FakeRequest()
+    forwarded.headers = {"x-forwarded-email": "ada@example.com", "x-forwarded-user": "123@456"}
+    assert auth.check(forwarded) == "ada@example.com"
+    forwarded.headers = {"x-forwarded-user": "123@456"}  # a service principal: no e-mail
+    assert auth.check(forwarded) == "123@456"
+    for request in (FakeRequest(), FakeRequest("Bearer t")):
+        with pytest.raises(ApiError) as error:
+            auth.check(request)
+        assert error.value.status == 401
+
+
+def test_under_the_apps_proxy_every_route_is_also_under_api():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from coinyear.serve.auth import AppsProxyRoutes
+
+    app = FastAPI()
+
+    @app.get("/version")
+    def version():
+        return {"ok": True}
+
+    client = TestClient(AppsProxyRoutes(app))
+    assert client.get("/api/version").json() == {"ok": True} and client.get("/version").status_code == 200
+    assert client.get("/apiversion").status_code == 404 and client.get("/api/nothing").status_code == 404
+
+
 ROW = {"front_image_base64": "f", "back_image_base64": "b"}
 
 

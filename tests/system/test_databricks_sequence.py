@@ -14,6 +14,7 @@ job cluster's deploy settings. Copying the photos to a volume is checked for its
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -26,7 +27,7 @@ import pytest
 import yaml
 
 from coinyear import cli, registry
-from tests.code.test_bundle import BUNDLE_DIR, FRIENDLY, SHORT, cluster_env, deployed
+from tests.code.test_bundle import BUNDLE_DIR, FRIENDLY, SHORT, app_env, cluster_env, deployed
 from tests.conftest import REPO, make_settings
 from tests.fake_workspace import FakeWorkspace, app_token
 from tests.system import test_deploy
@@ -134,13 +135,18 @@ class Cli:
     def bundle_deploy(self) -> None:
         """What `bundle deploy` sends for the apps: `apps.create` with the app's fields, no compute unless
         lifecycle.started (the bundle-only fields, source_code_path and config, go with `bundle run`)."""
-        from databricks.sdk.service.apps import App
+        from databricks.sdk.service.apps import App, AppAccessControlRequest
 
         for app in self.resources["apps"].values():
             spec = {key: app[key] for key in ("name", "description", "resources") if key in app}
             started = (app.get("lifecycle") or {}).get("started", False)
             self.ws.apps.create(App.from_dict(spec), no_compute=not started)
             assert not self.fake.app_running(app["name"])  # created, not running: it has no compute
+            # the app's `permissions`, through the permissions API (the CLI's permissions resource)
+            self.ws.apps.update_permissions(app["name"], access_control_list=[
+                AppAccessControlRequest.from_dict({**{k: v for k, v in entry.items() if k != "level"},
+                                                   "permission_level": entry["level"]})
+                for entry in app.get("permissions", [])])
 
     def run_app(self, key: str, step: Step) -> None:
         """bundle/run/app.go: the app's status, a start when its compute is stopped, then a deployment."""
@@ -202,6 +208,35 @@ class Cli:
         return self.capsys.readouterr().out
 
 
+def call_gateway_app(fake: FakeWorkspace, app: dict, token: str, path: str, body: dict, home: Path,
+                     monkeypatch) -> tuple[int, dict]:
+    """One request to the gateway app through the Apps proxy: the app's code is `coinyear serve`'s ASGI app with
+    the app's environment (a `value_from` is its secret's value), as its service principal."""
+    from fastapi.testclient import TestClient
+
+    from coinyear.serve.app import create_app
+
+    secrets = {r["name"]: fake.secrets[r["secret"]["scope"]][r["secret"]["key"]]
+               for r in app.get("resources", []) if "secret" in r}
+    for item in app["config"]["env"]:
+        if item["name"].startswith("COINYEAR_"):
+            monkeypatch.setenv(item["name"], item["value"] if "value" in item else secrets[item["value_from"]])
+    monkeypatch.setenv("COINYEAR_HOME", str(home))
+    monkeypatch.setenv("DATABRICKS_TOKEN", app_token(app["name"]))  # what the app's process authenticates as
+    settings = make_settings(home)
+    assert settings.serving_backend == "databricks" and app_env(app)["COINYEAR_ENDPOINT_NAME"]
+
+    with TestClient(create_app(settings, host="0.0.0.0")) as client:
+        def upstream(method, path, headers, content):
+            answer = client.request(method, path, headers=headers, content=content)
+            return answer.status_code, dict(answer.headers), answer.content
+
+        status, _, content = fake.call_app(app["name"], "POST", path, token, upstream,
+                                           json.dumps(body).encode(), {"Content-Type": "application/json",
+                                                                       "Authorization": f"Bearer {token}"})
+    return status, json.loads(content or b"{}")
+
+
 def test_the_documented_sequence_runs_from_an_empty_workspace_to_the_running_apps(template, models, tmp_path,
                                                                                 monkeypatch, capsys):
     home = tmp_path / "home"
@@ -230,6 +265,20 @@ def test_the_documented_sequence_runs_from_an_empty_workspace_to_the_running_app
         allowed = [app_token(name) for name in apps] + ["ada"]
         assert [test_deploy._query(fake, endpoint, token, settings) for token in allowed] == [200] * len(allowed)
         assert test_deploy._query(fake, endpoint, "stranger", settings) == 403
+
+        # the gateway app behind the Apps proxy: a token only on /api/, the caller forwarded, scoring answered
+        with open(test_deploy._example(settings, "1")) as handle:
+            example = json.load(handle)
+        gateway = walker.resources["apps"]["gateway"]
+        app_home = tmp_path / "gateway-app"
+        app_home.mkdir()
+        scoring = f"/serving-endpoints/{endpoint}/invocations"
+        status, answer = call_gateway_app(fake, gateway, "ada", f"/api{scoring}", example, app_home, monkeypatch)
+        assert status == 200, answer
+        assert len(answer["predictions"]) == len(example["dataframe_split"]["data"])
+        assert call_gateway_app(fake, gateway, "ada", scoring, example, app_home, monkeypatch)[0] == 401  # no /api/
+        assert call_gateway_app(fake, gateway, "stranger", f"/api{scoring}", example, app_home,
+                                monkeypatch)[0] == 403  # no CAN_USE on the app
         assert fake.unhandled == []
 
 

@@ -39,7 +39,7 @@ from coinyear.lake.spool import SpoolClosedError, SpooledAppender
 from coinyear.lake.tables import FEEDBACK, INFERENCE_LOG
 from coinyear.pyfunc import pair_tensors
 from coinyear.serve.admission import Admission, AdmissionMiddleware
-from coinyear.serve.auth import BearerAuth
+from coinyear.serve.auth import AppsProxyRoutes, BearerAuth
 from coinyear.serve.batching import DispatcherDown, MicroBatcher
 from coinyear.serve.errors import (
     BAD_REQUEST,
@@ -630,6 +630,8 @@ def create_app(settings: Settings, host: str | None = None) -> FastAPI:
             gateway.metrics.requests.labels("429", REQUEST_LIMIT_EXCEEDED).inc()
 
     app.add_middleware(AdmissionMiddleware, admission=gateway.admission, on_refused=refused)
+    if settings.apps_proxy:  # a Databricks App: reachable with a token only under /api/ (coinyear.serve.auth)
+        app.add_middleware(AppsProxyRoutes)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception):
