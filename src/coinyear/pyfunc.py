@@ -59,7 +59,7 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import Array, Object, Property
 
 from coinyear.data import ImageError, preprocess
-from coinyear.params import neighbour_count, portrait_count
+from coinyear.params import ScoringParams, parse_params, unsupported
 
 FRONT, BACK = "front_image_base64", "back_image_base64"
 CHECKPOINT = "checkpoint"
@@ -206,15 +206,11 @@ class CoinYearModel(PythonModel):
     def check_params(self, level: float, neighbours: int = 0, portraits: int = 0) -> None:
         """InvalidCoinInput unless this version can answer `interval` (level > 0), `neighbours` and `portraits`
         (k > 0)."""
-        if level and self.quality is None:
-            raise InvalidCoinInput("this model version was logged without interval calibration; "
-                                   "call it without the `interval` parameter")
-        if neighbours and getattr(self, "references", None) is None:
-            raise InvalidCoinInput("this model version was logged without its reference coins; "
-                                   "call it without the `neighbours` parameter")
-        if portraits and not getattr(self, "portraits", None):
-            raise InvalidCoinInput("this model version was trained without a named portrait head; "
-                                   "call it without the `portraits` parameter")
+        why = unsupported(ScoringParams(level, neighbours, portraits), intervals=self.quality is not None,
+                          references=getattr(self, "references", None) is not None,
+                          portraits=bool(getattr(self, "portraits", None)))
+        if why:
+            raise InvalidCoinInput(f"this model version {why}")
 
     def answers(self, scored: dict[str, np.ndarray], level: float, neighbours: int = 0,
                 portraits: int = 0) -> pd.DataFrame:
@@ -253,9 +249,11 @@ class CoinYearModel(PythonModel):
             model_input = pd.DataFrame(model_input)
         params = params or {}
         batch_size = max(int(params.get("batch_size") or 32), 1)
-        level = _interval_level(params.get("interval"))
-        neighbours = _count_param(params, "neighbours", neighbour_count)
-        portraits = _count_param(params, "portraits", portrait_count)
+        try:  # MLflow's server has already made the params of the signature's types
+            asked = parse_params(params)
+        except ValueError as error:
+            raise InvalidCoinInput(str(error)) from error
+        level, neighbours, portraits = asked.interval, asked.neighbours, asked.portraits
         self.check_params(level, neighbours, portraits)
         if len(model_input) == 0:
             columns = ["year", *(["portraits"] if portraits else []),
@@ -274,28 +272,6 @@ def likeliest_portraits(probabilities: np.ndarray, classes: list[tuple[str, floa
     order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
     return [[{"portrait": classes[c][0], "probability": round(float(row[c]), 4), "year": round(classes[c][1], 1)}
              for c in picks] for row, picks in zip(probabilities, order)]
-
-
-def _interval_level(value) -> float:
-    """0.0 (no interval) or a coverage level strictly between 0 and 1."""
-    try:
-        level = float(value or 0.0)
-    except (TypeError, ValueError) as error:
-        raise InvalidCoinInput(f"interval must be a number between 0 and 1, got {value!r}") from error
-    if level == 0:
-        return 0.0
-    if not 0 < level < 1:
-        raise InvalidCoinInput(f"interval must be between 0 and 1 (e.g. 0.9), got {level}")
-    return level
-
-
-def _count_param(params: dict, name: str, count) -> int:
-    """`count` (neighbour_count, portrait_count) of `params[name]`, 0 when absent; InvalidCoinInput otherwise.
-    MLflow's server has already made a `long` of the JSON value."""
-    try:
-        return count(0 if params.get(name) is None else params[name])
-    except ValueError as error:
-        raise InvalidCoinInput(str(error)) from error
 
 
 def encode_file(path: str | Path) -> str:

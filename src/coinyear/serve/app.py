@@ -37,6 +37,7 @@ from coinyear.config import Settings
 from coinyear.lake import open_lake
 from coinyear.lake.spool import SpoolClosedError, SpooledAppender
 from coinyear.lake.tables import FEEDBACK, INFERENCE_LOG
+from coinyear.params import ScoringParams, unsupported
 from coinyear.pyfunc import pair_tensors
 from coinyear.serve.admission import Admission, AdmissionMiddleware
 from coinyear.serve.auth import AppsProxyRoutes, BearerAuth
@@ -329,15 +330,11 @@ class Gateway:
         if model is None:
             raise ApiError(503, TEMPORARILY_UNAVAILABLE, "no production model is loaded yet; see GET /version")
         level = parsed.interval
-        if level and not model.has_intervals:
-            raise ApiError(400, INVALID_PARAMETER_VALUE, f"model version {model.version} was logged without "
-                                                         "interval calibration; call it without `interval`")
-        if parsed.neighbours and getattr(model.python_model, "references", None) is None:
-            raise ApiError(400, INVALID_PARAMETER_VALUE, f"model version {model.version} was logged without its "
-                                                         "reference coins; call it without `neighbours`")
-        if parsed.portraits and not model.has_portraits:
-            raise ApiError(400, INVALID_PARAMETER_VALUE, f"model version {model.version} was trained without a "
-                                                         "named portrait head; call it without `portraits`")
+        why = unsupported(ScoringParams(level, parsed.neighbours, parsed.portraits), intervals=model.has_intervals,
+                          references=getattr(model.python_model, "references", None) is not None,
+                          portraits=model.has_portraits)
+        if why:  # the packaged model's own check (coinyear.params), before the photos reach the batcher
+            raise ApiError(400, INVALID_PARAMETER_VALUE, f"model version {model.version} {why}")
         pairs = [row.arrays for row in outcome.rows if row.arrays is not None]
         if len(pairs) != len(outcome.rows):  # prepare_rows decodes every row it finds no error in
             raise RuntimeError("a row without an error has no decoded photos")

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from coinyear.data import ImageError, preprocess
-from coinyear.params import neighbour_count, portrait_count
+from coinyear.params import parse_params
 from coinyear.pyfunc import BACK, FRONT, InvalidCoinInput, decode_base64
 from coinyear.serve.errors import BAD_REQUEST, INVALID_PARAMETER_VALUE, ApiError
 
@@ -129,12 +129,8 @@ def parse_body(body: bytes, max_rows: int) -> ParsedRequest:
     batch_size = params.get("batch_size")
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise bad("params.batch_size must be a positive integer", INVALID_PARAMETER_VALUE)
-    interval = params.get("interval") or 0.0
-    if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 0 <= interval < 1:
-        raise bad("params.interval must be a coverage level between 0 and 1 (e.g. 0.9)", INVALID_PARAMETER_VALUE)
     try:
-        neighbours = neighbour_count(0 if params.get("neighbours") is None else params["neighbours"])
-        portraits = portrait_count(0 if params.get("portraits") is None else params["portraits"])
+        asked = parse_params(params)  # the packaged model's parser too (coinyear.params)
     except ValueError as error:
         raise bad(f"params.{error}", INVALID_PARAMETER_VALUE) from error
     client_request_id = payload.get("client_request_id")
@@ -143,7 +139,8 @@ def parse_body(body: bytes, max_rows: int) -> ParsedRequest:
                                           or not _encodable(client_request_id)):
         raise bad(f"client_request_id must be a string of at most {MAX_CLIENT_REQUEST_ID} characters",
                   INVALID_PARAMETER_VALUE)
-    return ParsedRequest(rows, input_format, params, client_request_id, float(interval), neighbours, portraits)
+    return ParsedRequest(rows, input_format, params, client_request_id, asked.interval, asked.neighbours,
+                         asked.portraits)
 
 
 class Abandoned(Exception):
