@@ -49,6 +49,16 @@ Implemented:
   GET    /api/2.0/permissions/apps/{name}                  `w.apps.get_permissions` (CAN_MANAGE needed)
   PATCH  /api/2.0/permissions/apps/{name}                  `w.apps.update_permissions` (CAN_MANAGE needed); levels
                                                            CAN_USE, CAN_MANAGE; the creator gets CAN_MANAGE
+  Jobs (docs.databricks.com/api/workspace/jobs; SDK `w.jobs`), as `bundle deploy` creates them and the UI app
+  triggers them (docs "Manage access to jobs": run now needs CAN_MANAGE_RUN, seeing runs CAN_VIEW):
+  POST   /api/2.2/jobs/create                              `create`: the creator is IS_OWNER
+  POST   /api/2.2/jobs/run-now                             `run_now` (404 unknown job, 403 without CAN_MANAGE_RUN): a
+                                                           run PENDING, triggered by the caller (`runs`); nothing
+                                                           runs its tasks
+  GET    /api/2.2/jobs/runs/list                           `list_runs` of one job, newest first (403 without
+                                                           CAN_VIEW)
+  PATCH  /api/2.0/permissions/jobs/{id}                    `update_permissions` (CAN_MANAGE or IS_OWNER needed);
+                                                           levels CAN_VIEW, CAN_MANAGE_RUN, CAN_MANAGE, IS_OWNER
   The Apps proxy in front of a running app (`call_app`; docs "Connect to an API Databricks app using token
   authentication" and "Access HTTP headers passed to Databricks apps"): a bearer token only on `/api/` routes
   (another path with a token: 401, as a client without the browser login gets nothing there), an unknown token 401,
@@ -95,6 +105,7 @@ from tests.conftest import send_json
 NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 APP_NAME = re.compile(r"^[a-z0-9-]{2,30}$")
 APP_LEVELS = ("CAN_USE", "CAN_MANAGE")  # app permission levels, weakest first
+JOB_LEVELS = ("CAN_VIEW", "CAN_MANAGE_RUN", "CAN_MANAGE", "IS_OWNER")  # job permission levels, weakest first
 PROXY_HEADERS = ("authorization", "x-forwarded-email", "x-forwarded-preferred-username", "x-forwarded-user",
                  "x-forwarded-host", "x-real-ip", "x-request-id")  # the Apps proxy owns these
 DEPLOYER = "x"  # the token of the user who deploys (the bundle's owner, the jobs' run-as in dev)
@@ -126,6 +137,8 @@ class FakeWorkspace:
         self.secrets: dict[str, dict[str, str]] = {}  # scope -> key -> value
         self.scope_managers: dict[str, str] = {}  # scope -> the principal who created it (MANAGE)
         self.oauth_secrets: dict[str, str] = {}  # service principal application id -> its OAuth secret
+        self.jobs: dict[str, dict] = {}  # job id -> {"job_id", "settings"}
+        self.runs: list[dict] = []  # job runs, newest first
         self.apps: dict[str, dict] = {}
         self.fail_update: set[str] = set()  # versions whose deployment fails (UPDATE_FAILED)
         self.calls: list[tuple[str, str]] = []
@@ -225,6 +238,15 @@ class FakeWorkspace:
                 return self.app_permissions(parts[4], caller)
             if method == "PATCH":
                 return self.update_app_permissions(parts[4], body, caller)
+        if parts[:4] == ["api", "2.0", "permissions", "jobs"] and len(parts) == 5 and method == "PATCH":
+            return self.update_job_permissions(parts[4], body, caller)
+        if parts[:3] == ["api", "2.2", "jobs"]:
+            if method == "POST" and parts[3:] == ["create"]:
+                return self.create_job(body, caller)
+            if method == "POST" and parts[3:] == ["run-now"]:
+                return self.run_now(str(body.get("job_id")), caller)
+            if method == "GET" and parts[3:] == ["runs", "list"]:
+                return self.list_runs(query.get("job_id", [""])[0], caller)
         if parts[:3] == ["api", "2.0", "secrets"]:
             if method == "POST" and parts[3:] == ["scopes", "create"]:
                 return self.create_scope(body, caller)
@@ -262,7 +284,7 @@ class FakeWorkspace:
     def require(self, endpoint_id: str, caller: dict, needed: str, levels: tuple[str, ...] = LEVELS) -> None:
         held = self.level(endpoint_id, caller, levels)
         if held is None or levels.index(held) < levels.index(needed):
-            what = endpoint_id if endpoint_id.startswith("apps/") else f"serving endpoint {endpoint_id}"
+            what = endpoint_id if endpoint_id.startswith(("apps/", "jobs/")) else f"serving endpoint {endpoint_id}"
             raise ApiError(403, "PERMISSION_DENIED", f"{_name(caller)} does not have {needed} permission on "
                                                      f"{what} (has {held or 'none'})")
 
@@ -395,6 +417,46 @@ class FakeWorkspace:
 
     def app_running(self, name: str) -> bool:
         return self.app_view(self._app(name))["app_status"]["state"] == "RUNNING"
+
+    def _job(self, job_id: str) -> dict:
+        if job_id not in self.jobs:
+            raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", f"Job {job_id} does not exist.")
+        return self.jobs[job_id]
+
+    def create_job(self, body: dict, caller: dict) -> dict:
+        job_id = str(next(self._counter) + 1000)
+        self.jobs[job_id] = {"job_id": int(job_id), "settings": body}
+        kind = "user_name" if caller.get("user_name") else "service_principal_name"
+        self.acls[f"jobs/{job_id}"] = {(kind, caller[kind]): "IS_OWNER"}
+        return {"job_id": int(job_id)}
+
+    def update_job_permissions(self, job_id: str, body: dict, caller: dict) -> dict:
+        self._job(job_id)
+        self.require(f"jobs/{job_id}", caller, "CAN_MANAGE", JOB_LEVELS)
+        for entry in body.get("access_control_list") or []:
+            kinds = [kind for kind in ("user_name", "group_name", "service_principal_name") if entry.get(kind)]
+            if len(kinds) != 1 or entry.get("permission_level") not in JOB_LEVELS:
+                raise ApiError(400, "INVALID_PARAMETER_VALUE", f"bad access control entry {entry}")
+            self.acls[f"jobs/{job_id}"][(kinds[0], entry[kinds[0]])] = entry["permission_level"]
+        return {"object_id": f"/jobs/{job_id}", "object_type": "job"}
+
+    def run_now(self, job_id: str, caller: dict) -> dict:
+        job = self._job(job_id)
+        self.require(f"jobs/{job_id}", caller, "CAN_MANAGE_RUN", JOB_LEVELS)
+        run_id = next(self._counter) + 5000
+        self.runs.insert(0, {"job_id": int(job_id), "run_id": run_id, "number_in_job": run_id,
+                             "run_name": job["settings"].get("name"), "creator_user_name": _name(caller),
+                             "start_time": int(time.time() * 1000), "trigger": "ONE_TIME",
+                             "state": {"life_cycle_state": "PENDING", "state_message": ""},
+                             "status": {"state": "QUEUED"},
+                             "run_page_url": f"{self.url}/jobs/{job_id}/runs/{run_id}"})
+        return {"run_id": run_id, "number_in_job": run_id}
+
+    def list_runs(self, job_id: str, caller: dict) -> dict:
+        self._job(job_id)
+        self.require(f"jobs/{job_id}", caller, "CAN_VIEW", JOB_LEVELS)
+        return {"runs": [copy.deepcopy(run) for run in self.runs if str(run["job_id"]) == job_id],
+                "has_more": False}
 
     def app_permissions(self, name: str, caller: dict) -> dict:
         self._app(name)

@@ -124,6 +124,10 @@ class Settings(BaseSettings):
                                     "and the photos of requests too large for the payload table; read by "
                                     "`coinyear ingest-payloads`.")
 
+    rollback_job_id: int | None = Field(default=None, description="As a Databricks App, the UI's Models page "
+                                        "starts this job (the bundle's rollback job) instead of moving the alias "
+                                        "itself (coinyear.ui.jobs).")
+
     # Deployment: what `coinyear deploy` makes serve the production alias
     deploy_target: Literal["local", "databricks"] = "local"
     deploy_workload_size: str = Field(default="Small", description="Model Serving workload size of a served "

@@ -45,7 +45,7 @@ REFERENCE = re.compile(r"\$\{([^}]+)\}")
 MODELS = {"jobs": Job, "schemas": Schema, "volumes": Volume, "registered_models": RegisteredModel,
           "experiments": MlflowExperiment, "apps": App}
 # Fields the workspace sets on a deployed resource; the bundle may reference them but does not declare them.
-OUTPUT_FIELDS = {"apps": {"service_principal_client_id"}}
+OUTPUT_FIELDS = {"apps": {"service_principal_client_id"}, "jobs": {"id"}}  # known once deployed
 TOP_LEVEL = {"bundle", "variables", "artifacts", "sync", "resources", "targets", "include", "workspace", "run_as",
              "permissions", "presets"}
 TARGET_KEYS = {"mode", "default", "variables", "workspace", "run_as", "presets", "resources", "permissions",

@@ -1,7 +1,8 @@
 """Models page: the registered versions with aliases and metrics, the retraining decisions, and promote /
 rollback, each behind a confirmation and only for a person `access` lets act (signed in with an API token, or on
 this machine in local-dev mode), recorded with who did it. The running server follows the `production` alias on
-its own."""
+its own. As a Databricks App the page moves nothing itself: a rollback is a run of the rollback job, and the
+page lists that job's runs (coinyear.ui.jobs)."""
 
 import datetime as dt
 
@@ -11,7 +12,7 @@ import streamlit as st
 from coinyear import registry
 from coinyear.lake import open_lake
 from coinyear.lake.tables import MODEL_DECISIONS
-from coinyear.ui import access
+from coinyear.ui import access, jobs
 from coinyear.ui.shared import settings
 
 # the columns of `model_decisions` a person reads first (the rest, JSON metrics and counts, stays in the table)
@@ -78,6 +79,15 @@ def confirm_pending(actor: str) -> None:
     if yes.button("Yes, do it", type="primary", key="confirm"):
         del st.session_state["pending"]
         change: tuple[str, str, str | None, str | None]  # (decision, version, production before, after)
+        if action["kind"] == "rollback_job":
+            try:
+                run_id = jobs.start_rollback(settings())
+            except Exception as error:  # noqa: BLE001 - the workspace's refusal, said on the page
+                st.session_state["outcome"] = ("error", f"The rollback job could not be started: {error}")
+            else:
+                st.session_state["outcome"] = ("success", f"Started run {run_id} of the rollback job for {actor}: "
+                                               "production and the endpoint move back when it succeeds.")
+            st.rerun()
         try:
             if action["kind"] == "rollback":
                 # only from the version the person was shown: a retraining may have promoted another since
@@ -107,8 +117,11 @@ def show_actions(versions: list[registry.VersionInfo]) -> None:
     actor = access.current_actor(settings())
     if actor is None:
         return
-    st.caption(f"Acting as **{actor}**: each change is recorded with this name.")
     production = registry.version_by_alias(settings(), registry.PRODUCTION)
+    if jobs.on_databricks(settings()):
+        show_job_actions(actor, production)
+        return
+    st.caption(f"Acting as **{actor}**: each change is recorded with this name.")
     promote, rollback = st.columns(2)
     with promote:
         version = st.selectbox("Version", [v.version for v in versions], key="promote_version")
@@ -124,6 +137,26 @@ def show_actions(versions: list[registry.VersionInfo]) -> None:
             ask({"kind": "rollback", "from": production,
                  "question": f"Roll production back from version {production} to the version it replaced?"})
     confirm_pending(actor)
+
+
+def show_job_actions(actor: str, production: str | None) -> None:
+    """On Databricks: a rollback is a run of the rollback job (the app may not move an alias); its runs below."""
+    st.caption(f"Production is version **{production or 'none'}**. On Databricks the rollback job moves it back "
+               "to the version it replaced and makes the endpoint follow; promotions are the retrain job's.")
+    if st.button("Run the rollback job…", key="rollback_job", disabled=production is None):
+        ask({"kind": "rollback_job", "question": f"Start the rollback job? Production (version {production}) goes "
+                                                 "back to the version it replaced."})
+    confirm_pending(actor)
+    st.markdown("**Runs of the rollback job**")
+    try:
+        runs = jobs.rollback_runs(settings())
+    except Exception as error:  # noqa: BLE001 - the workspace's refusal, said on the page
+        st.error(f"The rollback job's runs cannot be read: {error}")
+        return
+    if runs.empty:
+        st.caption("No runs yet.")
+    else:
+        st.dataframe(runs, hide_index=True, column_config={"link": st.column_config.LinkColumn("link")})
 
 
 st.title("Models")
