@@ -59,6 +59,15 @@ Implemented:
                                                            CAN_VIEW)
   PATCH  /api/2.0/permissions/jobs/{id}                    `update_permissions` (CAN_MANAGE or IS_OWNER needed);
                                                            levels CAN_VIEW, CAN_MANAGE_RUN, CAN_MANAGE, IS_OWNER
+  SQL warehouses (docs "Statement Execution API"; SDK `w.statement_execution`), as the UI app reads the tables:
+  POST   /api/2.0/sql/statements                           `execute_statement`: only `SELECT <*|`col`, ...> FROM
+                                                           <catalog.schema.table>` over `tables` (pandas frames);
+                                                           403 without CAN_USE on the warehouse; a missing table or
+                                                           column is a FAILED statement (TABLE_OR_VIEW_NOT_FOUND,
+                                                           UNRESOLVED_COLUMN); results SUCCEEDED at once, inline,
+                                                           JSON_ARRAY (every value a string or null), one chunk
+  A warehouse (`add_warehouse`) is a workspace's, made before the sequence; an app resource `sql_warehouse` must
+  name an existing one and gives the app's service principal its permission on it.
   The Apps proxy in front of a running app (`call_app`; docs "Connect to an API Databricks app using token
   authentication" and "Access HTTP headers passed to Databricks apps"): a bearer token only on `/api/` routes
   (another path with a token: 401, as a client without the browser login gets nothing there), an unknown token 401,
@@ -105,6 +114,8 @@ from tests.conftest import send_json
 NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 APP_NAME = re.compile(r"^[a-z0-9-]{2,30}$")
 APP_LEVELS = ("CAN_USE", "CAN_MANAGE")  # app permission levels, weakest first
+WAREHOUSE_LEVELS = ("CAN_VIEW", "CAN_MONITOR", "CAN_USE", "CAN_MANAGE", "IS_OWNER")  # weakest first
+SELECT = re.compile(r"^SELECT (\*|`[^`]+`(?:, `[^`]+`)*) FROM ([A-Za-z0-9_]+\.[A-Za-z0-9_]+\.[A-Za-z0-9_]+)$")
 JOB_LEVELS = ("CAN_VIEW", "CAN_MANAGE_RUN", "CAN_MANAGE", "IS_OWNER")  # job permission levels, weakest first
 PROXY_HEADERS = ("authorization", "x-forwarded-email", "x-forwarded-preferred-username", "x-forwarded-user",
                  "x-forwarded-host", "x-real-ip", "x-request-id")  # the Apps proxy owns these
@@ -138,6 +149,8 @@ class FakeWorkspace:
         self.scope_managers: dict[str, str] = {}  # scope -> the principal who created it (MANAGE)
         self.oauth_secrets: dict[str, str] = {}  # service principal application id -> its OAuth secret
         self.jobs: dict[str, dict] = {}  # job id -> {"job_id", "settings"}
+        self.warehouses: dict[str, dict] = {}  # SQL warehouse id -> {"name"}
+        self.tables: dict[str, pd.DataFrame] = {}  # Unity Catalog tables by catalog.schema.table
         self.runs: list[dict] = []  # job runs, newest first
         self.apps: dict[str, dict] = {}
         self.fail_update: set[str] = set()  # versions whose deployment fails (UPDATE_FAILED)
@@ -240,6 +253,8 @@ class FakeWorkspace:
                 return self.update_app_permissions(parts[4], body, caller)
         if parts[:4] == ["api", "2.0", "permissions", "jobs"] and len(parts) == 5 and method == "PATCH":
             return self.update_job_permissions(parts[4], body, caller)
+        if method == "POST" and parts == ["api", "2.0", "sql", "statements"]:
+            return self.execute_statement(body, caller)
         if parts[:3] == ["api", "2.2", "jobs"]:
             if method == "POST" and parts[3:] == ["create"]:
                 return self.create_job(body, caller)
@@ -284,7 +299,8 @@ class FakeWorkspace:
     def require(self, endpoint_id: str, caller: dict, needed: str, levels: tuple[str, ...] = LEVELS) -> None:
         held = self.level(endpoint_id, caller, levels)
         if held is None or levels.index(held) < levels.index(needed):
-            what = endpoint_id if endpoint_id.startswith(("apps/", "jobs/")) else f"serving endpoint {endpoint_id}"
+            what = (endpoint_id if endpoint_id.startswith(("apps/", "jobs/", "warehouses/"))
+                    else f"serving endpoint {endpoint_id}")
             raise ApiError(403, "PERMISSION_DENIED", f"{_name(caller)} does not have {needed} permission on "
                                                      f"{what} (has {held or 'none'})")
 
@@ -374,6 +390,12 @@ class FakeWorkspace:
                     raise ApiError(400, "INVALID_PARAMETER_VALUE", f"Resource {resource.get('name')}: serving "
                                                                    f"endpoint {wanted.get('name')} does not exist")
                 grants.append((self.endpoints[wanted["name"]]["id"], wanted.get("permission", "CAN_QUERY")))
+            elif "sql_warehouse" in resource:
+                wanted = resource["sql_warehouse"]
+                if wanted.get("id") not in self.warehouses:
+                    raise ApiError(400, "INVALID_PARAMETER_VALUE", f"Resource {resource.get('name')}: SQL "
+                                                                   f"warehouse {wanted.get('id')} does not exist")
+                grants.append((f"warehouses/{wanted['id']}", wanted.get("permission", "CAN_USE")))
             elif "secret" in resource:
                 wanted = resource["secret"]
                 if wanted.get("key") not in self.secrets.get(wanted.get("scope"), {}):
@@ -383,8 +405,8 @@ class FakeWorkspace:
             else:
                 raise ApiError(400, "INVALID_PARAMETER_VALUE", f"resource kind not implemented by the fake: "
                                                                f"{resource}")
-        for endpoint_id, level in grants:
-            self.acls.setdefault(endpoint_id, {})[("service_principal_name", client_id)] = level
+        for object_id, level in grants:  # an endpoint id, or warehouses/<id>
+            self.acls.setdefault(object_id, {})[("service_principal_name", client_id)] = level
         self.add_principal(app_token(name), service_principal_name=client_id)
         creator = caller or self.principals[DEPLOYER]
         kind = "user_name" if creator.get("user_name") else "service_principal_name"
@@ -417,6 +439,56 @@ class FakeWorkspace:
 
     def app_running(self, name: str) -> bool:
         return self.app_view(self._app(name))["app_status"]["state"] == "RUNNING"
+
+    def add_warehouse(self, name: str = "Starter Warehouse", users: str = "users") -> str:
+        """A SQL warehouse the group `users` may use (a workspace's serverless starter warehouse); its id."""
+        warehouse_id = f"{next(self._counter):016x}"
+        self.warehouses[warehouse_id] = {"name": name}
+        self.acls[f"warehouses/{warehouse_id}"] = {("group_name", users): "CAN_USE"}
+        return warehouse_id
+
+    def execute_statement(self, body: dict, caller: dict) -> dict:
+        warehouse_id = body.get("warehouse_id") or ""
+        if warehouse_id not in self.warehouses:
+            raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", f"Warehouse {warehouse_id} does not exist.")
+        self.require(f"warehouses/{warehouse_id}", caller, "CAN_USE", WAREHOUSE_LEVELS)
+        statement_id = str(uuid.uuid4())
+        match = SELECT.match((body.get("statement") or "").strip())
+        if match is None:
+            raise ApiError(400, "INVALID_PARAMETER_VALUE", "the fake runs only SELECT <columns> FROM <table>")
+        columns, table = match.group(1), match.group(2)
+
+        def failed(message: str) -> dict:
+            return {"statement_id": statement_id, "status": {"state": "FAILED", "error": {
+                "error_code": "BAD_REQUEST", "message": message}}}
+
+        if table not in self.tables:
+            return failed(f"[TABLE_OR_VIEW_NOT_FOUND] The table or view `{table}` cannot be found.")
+        frame = self.tables[table]
+        names = list(frame.columns) if columns == "*" else re.findall(r"`([^`]+)`", columns)
+        if unknown := [name for name in names if name not in frame.columns]:
+            return failed(f"[UNRESOLVED_COLUMN] A column with name `{unknown[0]}` cannot be resolved.")
+
+        def type_name(series: pd.Series) -> str:
+            kind = series.dtype.kind
+            return {"i": "LONG", "u": "LONG", "f": "DOUBLE", "b": "BOOLEAN", "M": "TIMESTAMP"}.get(kind, "STRING")
+
+        def text(value) -> str | None:
+            if value is None or (not isinstance(value, str) and pd.isna(value)):
+                return None
+            if isinstance(value, pd.Timestamp):
+                return value.tz_convert("UTC").strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+            if isinstance(value, bool):
+                return "true" if value else "false"
+            return str(value)
+
+        rows = [[text(value) for value in row] for row in frame[names].itertuples(index=False)]
+        return {"statement_id": statement_id, "status": {"state": "SUCCEEDED"},
+                "manifest": {"format": "JSON_ARRAY", "total_row_count": len(rows), "schema": {
+                    "column_count": len(names), "columns": [
+                        {"name": name, "position": i, "type_name": type_name(frame[name])}
+                        for i, name in enumerate(names)]}},
+                "result": {"chunk_index": 0, "row_offset": 0, "row_count": len(rows), "data_array": rows}}
 
     def _job(self, job_id: str) -> dict:
         if job_id not in self.jobs:

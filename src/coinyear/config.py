@@ -38,11 +38,14 @@ class Settings(BaseSettings):
         default=None, validation_alias=AliasChoices("MLFLOW_REGISTRY_URI", "COINYEAR_REGISTRY_URI")
     )
     lake_uri: str | None = Field(default=None, description="Root of the Delta tables; default HOME/lake.")
-    lake_backend: Literal["delta", "spark"] = Field(
+    lake_backend: Literal["delta", "spark", "warehouse"] = Field(
         default="delta", description="delta: delta-rs tables under the lake root; spark: tables written through "
-                                     "Spark (Unity Catalog tables on Databricks).")
+                                     "Spark (Unity Catalog tables on Databricks); warehouse: those tables read "
+                                     "through a SQL warehouse, read-only (the UI as a Databricks App).")
     lake_schema: str | None = Field(default=None, description="`catalog.schema` of the tables when the lake "
-                                                              "backend is spark.")
+                                                              "backend is spark or warehouse.")
+    sql_warehouse_id: str | None = Field(default=None, description="The SQL warehouse the warehouse lake reads "
+                                                                   "through (the UI app's sql_warehouse resource).")
 
     # Training defaults: the recipe `coinyear train` and `make demo` use when no flag says otherwise.
     backbone: str = "efficientnet_lite0"

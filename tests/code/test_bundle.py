@@ -45,6 +45,7 @@ REFERENCE = re.compile(r"\$\{([^}]+)\}")
 MODELS = {"jobs": Job, "schemas": Schema, "volumes": Volume, "registered_models": RegisteredModel,
           "experiments": MlflowExperiment, "apps": App}
 # Fields the workspace sets on a deployed resource; the bundle may reference them but does not declare them.
+REQUIRED_VARIABLES = {"warehouse_id"}  # `bundle deploy --var warehouse_id=<id>` (tests/system/test_databricks_sequence)
 OUTPUT_FIELDS = {"apps": {"service_principal_client_id"}, "jobs": {"id"}}  # known once deployed
 TOP_LEVEL = {"bundle", "variables", "artifacts", "sync", "resources", "targets", "include", "workspace", "run_as",
              "permissions", "presets"}
@@ -94,7 +95,9 @@ def deployed(bundle: dict, target: str) -> dict:
     context = {"workspace.current_user.short_name": SHORT, "workspace.current_user.userName": USER,
                "workspace.current_user.domain_friendly_name": FRIENDLY, "bundle.name": bundle["bundle"]["name"],
                "bundle.target": target}
-    variables = {name: var["default"] for name, var in bundle["variables"].items()} | spec.get("variables", {})
+    # a variable without a default is given on the command line (`--var name=...`): a placeholder here
+    variables = {name: var.get("default", f"<var.{name}>") for name, var in bundle["variables"].items()} \
+        | spec.get("variables", {})
     variables = substitute(variables, context.get)
     resources = substitute(bundle["resources"], lambda ref: variables.get(ref[4:]) if ref.startswith("var.")
                            else context.get(ref))
@@ -183,8 +186,8 @@ def test_the_models_reject_what_the_bundle_must_not_contain():
 
 def test_every_reference_resolves(bundle):
     declared = set(bundle["variables"])
-    for variable in bundle["variables"].values():
-        assert variable.get("description") and "default" in variable
+    for name, variable in bundle["variables"].items():  # without a default only what the docs' deploy step gives
+        assert variable.get("description") and ("default" in variable or name in REQUIRED_VARIABLES), name
     for target in bundle["targets"].values():
         assert set(target.get("variables", {})) <= declared
     allowed_context = {"workspace.current_user.short_name", "workspace.current_user.userName",
@@ -403,8 +406,11 @@ def test_grants_and_permissions(bundle):
         assert app_env(app)["COINYEAR_ENDPOINT_NAME"] == "${var.endpoint_name}"
     # on 0.0.0.0 the UI refuses to start without tokens; the gateway's callers are the Apps proxy's identities
     assert app_env(resources["apps"]["ui"])["COINYEAR_API_TOKENS"] == "api-tokens"
-    assert resources["apps"]["ui"]["resources"] == [{"name": "api-tokens", "secret": {
-        "scope": "${var.secret_scope}", "key": "api-tokens", "permission": "READ"}}]
+    assert resources["apps"]["ui"]["resources"] == [
+        {"name": "api-tokens", "secret": {"scope": "${var.secret_scope}", "key": "api-tokens", "permission": "READ"}},
+        {"name": "sql-warehouse", "sql_warehouse": {"id": "${var.warehouse_id}", "permission": "CAN_USE"}}]
+    ui = app_env(resources["apps"]["ui"])  # the tables through the warehouse (tests/system/test_ui_databricks.py)
+    assert (ui["COINYEAR_LAKE_BACKEND"], ui["COINYEAR_SQL_WAREHOUSE_ID"]) == ("warehouse", "sql-warehouse")
     gateway = resources["apps"]["gateway"]
     assert app_env(gateway)["COINYEAR_APPS_PROXY"] == "true" and "COINYEAR_API_TOKENS" not in app_env(gateway)
     assert {"level": "CAN_READ", "group_name": group} in resources["experiments"]["coinyear"]["permissions"]

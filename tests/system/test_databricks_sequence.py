@@ -14,6 +14,7 @@ job cluster's deploy settings. Copying the photos to a volume is checked for its
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -118,7 +119,7 @@ class Cli:
         elif command[:3] == ["databricks", "secrets", "put-secret"]:
             self.ws.secrets.put_secret(command[3], command[4], string_value=option(command, "--string-value"))
         elif command[:3] == ["databricks", "bundle", "deploy"]:
-            self.bundle_deploy()
+            self.bundle_deploy(command)
         elif command[:3] == ["databricks", "fs", "cp"]:
             wanted = cluster_env(self.resources, "retrain", self.resources["jobs"]["retrain"]["tasks"][0])
             assert command[-1].replace("<user>", SHORT) == f"dbfs:{wanted['COINYEAR_DATA_DIR']}"
@@ -132,11 +133,16 @@ class Cli:
         else:
             pytest.fail(f"step {step.number}: no stand-in for `{' '.join(command)}`")
 
-    def bundle_deploy(self) -> None:
+    def bundle_deploy(self, command: list[str]) -> None:
         """What `bundle deploy` sends for the apps: `apps.create` with the app's fields, no compute unless
-        lifecycle.started (the bundle-only fields, source_code_path and config, go with `bundle run`)."""
+        lifecycle.started (the bundle-only fields, source_code_path and config, go with `bundle run`). A variable
+        without a default must be given as `--var name=<...>`: here the workspace's warehouse."""
         from databricks.sdk.service.apps import App, AppAccessControlRequest
 
+        given = dict(value.split("=", 1) for flag, value in itertools.pairwise(command) if flag == "--var")
+        assert given.get("warehouse_id") == "<warehouse-id>", "the deploy step must give the SQL warehouse"
+        (warehouse,) = self.fake.warehouses  # the one the workspace has (a requirement of the sequence)
+        self.resources = json.loads(json.dumps(self.resources).replace("<var.warehouse_id>", warehouse))
         for app in self.resources["apps"].values():
             spec = {key: app[key] for key in ("name", "description", "resources") if key in app}
             started = (app.get("lifecycle") or {}).get("started", False)
@@ -244,6 +250,7 @@ def test_the_documented_sequence_runs_from_an_empty_workspace_to_the_running_app
     shutil.copy(Path(template) / "mlflow.db", home / "mlflow.db")
     settings = make_settings(home)
     with FakeWorkspace(settings.mlflow_registry_uri, models=models) as fake:
+        fake.add_warehouse()  # the sequence's requirement: a SQL warehouse (every workspace has a starter one)
         for name in [k for k in os.environ if k.startswith(("DATABRICKS_", "COINYEAR_"))]:
             monkeypatch.delenv(name)
         monkeypatch.setenv("COINYEAR_DATA_DIR", str(settings.data_dir))

@@ -1,22 +1,31 @@
-"""The UI's Models page as a Databricks App, against the fake workspace (tests/fake_workspace.py): the app's service
-principal may not move an alias (it has EXECUTE on the model) and the endpoint would not follow one moved by the
-app, so a rollback is a run of the bundle's rollback job (`w.jobs.run_now`), and the page lists that job's runs.
+"""The UI as a Databricks App, against the fake workspace (tests/fake_workspace.py).
 
-The job and the app are created as `bundle deploy` would (the app's service principal gets the rollback job's
-permissions the bundle declares); the registry is the test's MLflow (`registered`: version 2 in production).
+Models page: the app's service principal may not move an alias (it has EXECUTE on the model) and the endpoint
+would not follow one moved by the app, so a rollback is a run of the bundle's rollback job (`w.jobs.run_now`),
+and the page lists that job's runs. Monitor page and retraining decisions: the tables are Unity Catalog tables
+the jobs write, read through the app's SQL warehouse (`coinyear.lake.warehouse`), not the app's empty local lake.
+
+The job and the app are created as `bundle deploy` would (the app with the bundle's resources, its service
+principal with the rollback job's permissions the bundle declares) and the UI runs with the app's environment as
+the bundle declares it; the registry is the test's MLflow (`registered`: version 2 in production).
 """
 
 from __future__ import annotations
 
+import json
 import os
 
+import pandas as pd
+import pyarrow as pa
 import pytest
+import streamlit as st
 import yaml
 
 from coinyear import registry
 from coinyear.config import get_settings
+from coinyear.lake.tables import DECISIONS_SCHEMA, FEEDBACK, INFERENCE_LOG, MODEL_DECISIONS, SCHEMAS
 from tests.code.test_bundle import BUNDLE_DIR, deployed
-from tests.code.test_ui import api, app, press, registered, texts  # noqa: F401 - fixtures
+from tests.code.test_ui import api, app, log_rows, press, registered, texts  # noqa: F401 - fixtures
 from tests.fake_workspace import DEPLOYER, FakeWorkspace, app_token
 
 UI_APP = "coinyear-ui"
@@ -32,7 +41,13 @@ def workspace(registered, monkeypatch):  # noqa: F811 - the fixture imported abo
     resources = deployed(yaml.safe_load((BUNDLE_DIR / "databricks.yml").read_text()), "dev")
     with FakeWorkspace("sqlite:///unused.db") as fake:
         ws = WorkspaceClient(host=fake.url, token=DEPLOYER)
-        client_id = ws.apps.create(App(name=UI_APP), no_compute=True).response.service_principal_client_id
+        warehouse = fake.add_warehouse()
+        ui = json.loads(json.dumps(resources["apps"]["ui"]).replace("<var.warehouse_id>", warehouse))
+        for secret in [r["secret"] for r in ui["resources"] if "secret" in r]:
+            ws.secrets.create_scope(secret["scope"])
+            ws.secrets.put_secret(secret["scope"], secret["key"], string_value="ada:t")
+        client_id = ws.apps.create(App.from_dict({"name": UI_APP, "resources": ui["resources"]}),
+                                   no_compute=True).response.service_principal_client_id
         job = resources["jobs"]["rollback"]
         job_id = ws.api_client.do("POST", "/api/2.2/jobs/create", body={
             k: v for k, v in job.items() if k != "permissions"})["job_id"]
@@ -43,17 +58,52 @@ def workspace(registered, monkeypatch):  # noqa: F811 - the fixture imported abo
         ws.api_client.do("PATCH", f"/api/2.0/permissions/jobs/{job_id}", body={"access_control_list": acl})
         for name in [k for k in os.environ if k.startswith("DATABRICKS_")]:
             monkeypatch.delenv(name)
-        env = {"COINYEAR_SERVING_BACKEND": "databricks", "COINYEAR_ENDPOINT_NAME": "coinyear-dev",
-               "COINYEAR_LOOP_VOLUME": "/Volumes/main/coinyear/loop", "COINYEAR_ROLLBACK_JOB_ID": str(job_id),
-               "DATABRICKS_HOST": fake.url, "DATABRICKS_TOKEN": app_token(UI_APP),
-               "DATABRICKS_CONFIG_FILE": os.devnull}
-        ui_env = {item["name"]: item.get("value") for item in resources["apps"]["ui"]["config"]["env"]}
-        assert ui_env["COINYEAR_ROLLBACK_JOB_ID"] == "<jobs.rollback.id>"  # what the bundle hands the app
+        # the app's environment as the bundle declares it, but the registry (the test's) and its sign-in (none)
+        values = {"<jobs.rollback.id>": str(job_id), "sql-warehouse": warehouse}
+        env = {item["name"]: values.get(item.get("value", item.get("value_from")),
+                                        item.get("value", item.get("value_from")))
+               for item in ui["config"]["env"] if item["name"].startswith("COINYEAR_")
+               and item["name"] not in ("COINYEAR_MODEL_NAME", "COINYEAR_HOME", "COINYEAR_API_TOKENS")}
+        assert env["COINYEAR_ROLLBACK_JOB_ID"] == str(job_id) and env["COINYEAR_SQL_WAREHOUSE_ID"] == warehouse
+        env |= {"DATABRICKS_HOST": fake.url, "DATABRICKS_TOKEN": app_token(UI_APP),
+                "DATABRICKS_CONFIG_FILE": os.devnull}
         for key, value in env.items():
             monkeypatch.setenv(key, value)
         get_settings.cache_clear()
         yield fake, job_id, client_id
     get_settings.cache_clear()
+
+
+def table(name: str, rows: list[dict]) -> pd.DataFrame:
+    """Rows as a table of that name holds them: its schema's columns and types."""
+    return pa.Table.from_pylist(rows, schema={**SCHEMAS, MODEL_DECISIONS: DECISIONS_SCHEMA}[name]).to_pandas()
+
+
+def test_as_a_databricks_app_monitor_and_decisions_read_the_catalog_tables_through_the_warehouse(workspace):
+    fake = workspace[0]
+    schema = get_settings().lake_schema
+    assert get_settings().lake_backend == "warehouse" and schema.endswith("_coinyear")  # the dev schema
+    at = app("monitor.py")
+    assert "No requests logged yet" in texts(at.info)  # before the jobs wrote anything: no table, no error
+    # as the jobs write them: every column of the table's schema
+    fake.tables[f"{schema}.inference_log"] = table(INFERENCE_LOG, log_rows("2026-11-20", 10, 2, "1", 50.0)
+                                                   + log_rows("2026-11-21", 10, 0, "2", 90.0))
+    fake.tables[f"{schema}.feedback"] = table(FEEDBACK, [
+        {"request_id": "2026-11-20-1-2", "year_from": 30, "year_to": 40, "timestamp": pd.Timestamp.now(tz="UTC")}])
+    fake.tables[f"{schema}.model_decisions"] = table(MODEL_DECISIONS, [
+        {"decided_at": pd.Timestamp("2026-11-20T03:00Z"), "candidate_version": "2", "decision": "promoted",
+         "reason": "first production"},
+        {"decided_at": pd.Timestamp("2026-11-21T03:00Z"), "candidate_version": "3", "decision": "from the catalog",
+         "reason": "seen through the warehouse"}])
+    st.cache_data.clear()  # the page keeps a read for 10 s
+    at = app("monitor.py")
+    kpis = {m.label: m.value for m in at.metric}
+    assert kpis["Requests"] == "20" and kpis["Error rate"] == "10.0%"
+    assert at.dataframe[0].value.set_index("version").loc["1", "MAE (years)"] == pytest.approx(17.0)
+    at = app("models.py")
+    (decisions,) = [frame.value for frame in at.dataframe if "decision" in frame.value.columns
+                    and "candidate_version" in frame.value.columns]
+    assert list(decisions["decision"]) == ["from the catalog", "promoted"]  # the catalog's rows, newest first
 
 
 def test_as_a_databricks_app_a_rollback_is_a_run_of_the_rollback_job(workspace, registered):  # noqa: F811

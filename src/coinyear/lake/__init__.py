@@ -7,6 +7,7 @@
     delta.py   `DeltaLake`: delta-rs tables under `settings.lake_root` (the default, no Spark)
     spark.py   `SparkLake`: catalog tables `<lake_schema>.<table>` through the job's Spark session (Unity Catalog
                tables on Databricks, where delta-rs cannot commit to a volume)
+    warehouse.py `WarehouseLake`: those catalog tables read (only) through a SQL warehouse (the UI app)
     spool.py   `SpooledAppender`: appends made durable in a local spool before they reach the table (the gateway)
 
 `open_lake(settings).append(table, rows)` appends; `.read(table)` returns a pandas DataFrame (an empty one with the
@@ -42,7 +43,8 @@ __all__ = ["DECISIONS_ACTOR", "DECISIONS_SCHEMA", "FEEDBACK", "INFERENCE_LOG", "
 
 
 def open_lake(settings: config.Settings | None = None) -> Lake:
-    """The lake `settings.lake_backend` names: a `SparkLake` for `spark`, else a `DeltaLake` under
+    """The lake `settings.lake_backend` names: a `SparkLake` for `spark`, a read-only `WarehouseLake` for
+    `warehouse`, else a `DeltaLake` under
     `settings.lake_root`. None: the process's settings (COINYEAR_* variables, COINYEAR_LAKE_BACKEND included).
 
     A lake at any other root is `DeltaLake(root)`.
@@ -50,4 +52,8 @@ def open_lake(settings: config.Settings | None = None) -> Lake:
     settings = config.get_settings() if settings is None else settings
     if getattr(settings, "lake_backend", "delta") == "spark":
         return SparkLake(settings)
+    if getattr(settings, "lake_backend", "delta") == "warehouse":
+        from coinyear.lake.warehouse import WarehouseLake  # databricks-sdk, only where it is used
+
+        return WarehouseLake(settings)
     return DeltaLake(settings)

@@ -1,5 +1,6 @@
 """Monitor page: traffic, errors, latency, predictions and feedback error from the inference log, and the drift
-indicators `coinyear monitor` writes to the monitoring table."""
+indicators `coinyear monitor` writes to the monitoring table. Read from the configured lake: as a Databricks App,
+the Unity Catalog tables through the app's SQL warehouse (`COINYEAR_LAKE_BACKEND=warehouse`)."""
 
 import altair as alt
 import pandas as pd
@@ -15,8 +16,9 @@ LOG_COLUMNS = ["request_id", "http_request_id", "timestamp", "date", "status_cod
 
 
 @st.cache_data(ttl=10, show_spinner=False)
-def load(lake_root: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """The log, feedback and monitoring tables of the configured lake (`lake_root` is the cache's key)."""
+def load(where: str) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """The log, feedback and monitoring tables of the configured lake (`where`, its log's location, is the cache's
+    key)."""
     lake = open_lake(settings())
     return lake.read(INFERENCE_LOG, columns=LOG_COLUMNS), lake.read(FEEDBACK), lake.read(MONITORING)
 
@@ -119,9 +121,10 @@ def show_drift(monitoring: pd.DataFrame) -> None:
 
 
 st.title("Monitor")
-log, feedback, monitoring = load(settings().lake_root)
+where = open_lake(settings()).uri(INFERENCE_LOG)
+log, feedback, monitoring = load(where)
 if log.empty:
-    st.info(f"No requests logged yet in `{settings().lake_root}`. Predictions made through the API appear here.")
+    st.info(f"No requests logged yet in `{where}`. Predictions made through the API appear here.")
 else:
     st.caption(f"{len(one_row_per_request(log)):,} logged requests ({len(log):,} coins) from {log['date'].min()} "
                f"to {log['date'].max()}.")
