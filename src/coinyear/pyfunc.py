@@ -227,8 +227,9 @@ class CoinYearModel(PythonModel):
         assert quality is not None, "check_params: both parameters need the quality files (references load after)"
         distance = quality.ood.distances(scored["features"])  # the costly part, once for the flag and neighbours
         if level:
-            frame["low"], frame["high"] = quality.conformal.interval(scored["year"], level, scored["spread"])
-            frame["out_of_distribution"] = quality.ood.flag(scored["features"], distance)
+            frame["low"], frame["high"] = quality.conformal.ranges(
+                scored, level, np.array([year for _, year in getattr(self, "portraits", None) or []]))
+            frame["out_of_distribution"] = quality.ood.flag(scored["features"], distance, scored.get("portraits"))
         if neighbours:
             assert references is not None, "check_params refused neighbours without the reference table"
             frame["neighbours"] = references.describe(*quality.ood.nearest(scored["features"], neighbours, distance))

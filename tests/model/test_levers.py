@@ -169,3 +169,27 @@ def test_the_portrait_flag_fires_below_the_floor_fitted_at_the_stated_rate(tmp_p
         old = {key: data[key] for key in data.files if key != "portrait_floor"}
     np.savez(tmp_path / "old.npz", **old)
     assert Quality.load(saved["conformal"], tmp_path / "old.npz").ood.portrait_floor == 0.0
+
+
+def test_the_served_answer_uses_the_fitted_range_scale_and_the_portrait_flag():
+    """The pyfunc's `answers` (every served range and flag): a mixture-scaled calibration widens the range of the
+    coin whose portraits are torn between reigns, and the portrait floor flags the coin the head cannot place."""
+    from coinyear.pyfunc import CoinYearModel
+
+    rng = np.random.default_rng(0)
+    features = np.abs(rng.normal(size=(40, 8)))
+    ood = FeatureDistance.fit(features, np.arange(40) // 2, k=3)
+    ood.portrait_floor = 0.5
+    conformal = Conformal.fit([5.0, 10.0, 3.0, 7.0], [-4, -8, -2, -6], [4, 8, 2, 6], [10.0, 20.0, 5.0, 15.0],
+                              spread_floor=1.0, by="mixture")
+    served = CoinYearModel()
+    served.quality, served.references = Quality(conformal, ood), None
+    served.portraits = [("A", 0.0), ("B", 100.0), ("other", 50.0)]
+    scored = {"year": np.array([50.0, 50.0]), "spread": np.array([3.0, 3.0]), "features": features[:2],
+              "portraits": np.array([[0.9, 0.05, 0.05], [0.45, 0.45, 0.1]])}
+    answer = served.answers(scored, 0.5)
+    width = (answer["high"] - answer["low"]).to_numpy()
+    dispersion = mixture_dispersion(scored["portraits"], [0.0, 100.0, 50.0])
+    assert width == pytest.approx(2 * conformal.quantile(0.5) * np.maximum(dispersion, 1.0))
+    assert width[1] > 5 * width[0]
+    assert answer["out_of_distribution"].tolist() == [False, True]
