@@ -87,10 +87,13 @@ answers 500, as its model server would. Every query body is kept in `payloads` (
 would log: client_request_id, served entity, status). Every request is kept in `calls`; anything else is a 404
 recorded in `unhandled` (tests assert it stays empty, so a new SDK call cannot go unnoticed).
 
-What it leaves out (a real workspace differs): OAuth (tokens are fixed strings), workspace admins (who can do
-everything), minutes-long container builds and app starts, scale-to-zero and workload sizes (recorded, not
-enforced), AI Gateway tables (recorded, nothing is written), Unity Catalog (the registry is the test's MLflow),
-the apps' own processes (RUNNING is a state, no app code runs), rate limits, route optimization.
+What it leaves out (a real workspace differs): OAuth for users (their tokens are fixed strings; only service
+principals' M2M secrets are exchanged), workspace admins (who can do everything), minutes-long container builds
+and app starts, scale-to-zero and workload sizes (recorded, not enforced), AI Gateway tables (recorded, nothing is
+written), Unity Catalog (the registry is the test's MLflow; tables are frames in `tables`, without grants), job
+runs (a run stays PENDING: no task runs), SQL beyond one SELECT, the apps' own processes (RUNNING is a state; app
+code runs only as the `upstream` a test hands to `call_app`), which X-Forwarded-* headers the proxy sends for a
+service principal (undocumented: here no e-mail), rate limits, route optimization.
 """
 
 from __future__ import annotations
