@@ -825,3 +825,34 @@ def test_without_tokens_the_queue_is_shown_but_nobody_can_review_it(api, monkeyp
     assert "**AD 71 – AD 73** for request `req-anon`" in texts(at.markdown)
     assert "Reviewing needs tokens" in texts(at.info)
     assert not [b for b in at.button if b.label in ("Accept", "Reject")]
+
+
+def test_on_a_read_only_lake_an_accepted_correction_still_trains_and_a_rejection_says_it_was_not_recorded(
+        api, monkeypatch):
+    """A Databricks App reads the tables through a SQL warehouse, read-only and without filtered reads: the page
+    must neither crash nor claim a verdict it could not record."""
+    import coinyear.lake
+
+    api.routes[("POST", "/feedback")] = (200, {"recorded": True, "actor": "ada"}, {})
+    at = sign_in(review_page(api, monkeypatch, "ada:ada-secret"), "Ada", "ada-secret")
+    real_open_lake = coinyear.lake.open_lake
+
+    class ReadOnly:
+        def __init__(self, lake):
+            self.lake = lake
+
+        def read(self, table, columns=None, filters=None, version=None):
+            if filters:
+                raise NotImplementedError("the warehouse lake reads whole tables")
+            return self.lake.read(table, columns=columns)
+
+        def append(self, table, rows, **kwargs):
+            raise RuntimeError(f"the warehouse lake is read-only: {table} is written by the jobs")
+
+    monkeypatch.setattr(coinyear.lake, "open_lake", lambda settings=None: ReadOnly(real_open_lake(settings)))
+    at = press(at.run(), "Reject")
+    assert "could not be recorded, so the correction stays in the queue" in texts(at.error)
+    assert "its photos cannot be shown here" in texts(at.markdown)
+    at = press(at, "Accept")
+    assert len(api.calls("/feedback")) == 1  # sent as Ada's own correction
+    assert "recorded as your correction" in texts(at.success) and "could not be recorded" in texts(at.success)

@@ -30,12 +30,17 @@ def span(row) -> str:
     return year_label(first) if first == last else f"{year_label(first)} – {year_label(last)}"
 
 
-def record(row, verdict: str, actor: str) -> None:
-    """The verdict in `feedback_reviews`: the correction leaves the queue."""
-    open_lake(settings()).append(FEEDBACK_REVIEWS, [{
-        "feedback_key": row["feedback_key"], "request_id": row["request_id"], "verdict": verdict,
-        "year_from": int(row["year_from"]), "year_to": int(row["year_to"]),
-        "reviewed_at": dt.datetime.now(dt.UTC), "actor": actor}])
+def record(row, verdict: str, actor: str) -> str | None:
+    """The verdict in `feedback_reviews` (the correction leaves the queue); why it could not be, or None. A
+    read-only lake (the SQL warehouse a Databricks App reads through) refuses it."""
+    try:
+        open_lake(settings()).append(FEEDBACK_REVIEWS, [{
+            "feedback_key": row["feedback_key"], "request_id": row["request_id"], "verdict": verdict,
+            "year_from": int(row["year_from"]), "year_to": int(row["year_to"]),
+            "reviewed_at": dt.datetime.now(dt.UTC), "actor": actor}])
+    except Exception as error:  # noqa: BLE001 - shown on the page, nothing else to undo
+        return str(error)
+    return None
 
 
 def accept(row, credential: Credential, actor: str) -> None:
@@ -46,14 +51,19 @@ def accept(row, credential: Credential, actor: str) -> None:
     except ApiError as error:
         st.session_state["review_outcome"] = ("error", error.message)
         return
-    record(row, "accepted", actor)
+    unrecorded = record(row, "accepted", actor)
+    # the correction is theirs now either way: their later, accountable correction settles the anonymous one
+    note = f" (The verdict itself could not be recorded: {unrecorded}.)" if unrecorded else ""
     st.session_state["review_outcome"] = ("success", f"Accepted {span(row)} for request `{row['request_id']}`: "
-                                                     f"recorded as your correction, used by the next retraining.")
+                                                     f"recorded as your correction, used by the next retraining."
+                                                     f"{note}")
 
 
 def reject(row, actor: str) -> None:
-    record(row, "rejected", actor)
-    st.session_state["review_outcome"] = ("success", f"Rejected {span(row)} for request `{row['request_id']}`.")
+    unrecorded = record(row, "rejected", actor)
+    st.session_state["review_outcome"] = (
+        ("error", f"The rejection could not be recorded, so the correction stays in the queue: {unrecorded}.")
+        if unrecorded else ("success", f"Rejected {span(row)} for request `{row['request_id']}`."))
 
 
 def show_coin(row, photos: pd.DataFrame) -> None:
@@ -66,7 +76,7 @@ def show_coin(row, photos: pd.DataFrame) -> None:
         answered = logged["prediction"].iloc[0]
         model_said = f"; the model answered {year_label(round(answered))}" if pd.notna(answered) else ""
     else:
-        model_said = "; its request is not in the inference log"
+        model_said = "; its photos cannot be shown here"
     sent = pd.Timestamp(row["timestamp"]).strftime("%Y-%m-%d %H:%M UTC")
     about.markdown(f"**{span(row)}** for request `{row['request_id']}`, sent {sent} by "
                    f"*{row['actor'] if pd.notna(row['actor']) else 'unknown (before actors were recorded)'}*"
@@ -93,8 +103,11 @@ elif (credential := access.signed_in(settings())) is None:
     access.sign_in_form(settings())
 reviewer = st.session_state.get(access.ACTOR_KEY)
 shown = queue.head(SHOWN)
-photos = lake.read(INFERENCE_LOG, columns=["request_id", "front_image", "back_image", "prediction"],
-                   filters=[("request_id", "in", sorted(set(shown["request_id"])))])
+try:
+    photos = lake.read(INFERENCE_LOG, columns=["request_id", "front_image", "back_image", "prediction"],
+                       filters=[("request_id", "in", sorted(set(shown["request_id"])))])
+except NotImplementedError:  # a lake that reads whole tables only (the warehouse): not every photo ever logged
+    photos = pd.DataFrame(columns=["request_id", "front_image", "back_image", "prediction"])
 for _, row in shown.iterrows():
     with st.container(border=True):
         show_coin(row, photos)
