@@ -110,6 +110,20 @@ def test_the_levers_are_fitted_on_validation_coins_and_win_on_fresh_ones():
     assert error["levers"] < error["as trained"]
 
 
+def test_even_when_the_rulers_alone_date_best_the_served_year_still_moves_with_a_rotation():
+    """A useless regression head: the rulers alone date best, pooled. Offered blend 1 (as before), the fit takes
+    it, and the pooled year is the same on every rotation: the rotation spread (a range scale and an
+    out-of-distribution signal) is zero for every coin. The blends offered stop short of 1."""
+    heads = synthetic_heads(0)
+    heads.regression = heads.regression + np.random.default_rng(5).normal(0, 200, heads.regression.shape)
+    up_to_one = ModelConfig(ruler_statistic="median")
+    fit_levers([heads], up_to_one, blends=tuple(round(0.1 * i, 1) for i in range(11))).apply(up_to_one)
+    assert (up_to_one.ruler_pooled, up_to_one.ruler_blend) == (True, 1.0)
+    assert (heads.served(up_to_one)["spread"] == 0).all()
+    config = ModelConfig(ruler_statistic="median")
+    fit_levers([heads], config).apply(config)
+    assert 0.8 <= config.ruler_blend < 1.0 and (heads.served(config)["spread"] > 0).all()
+
 def test_without_labels_the_temperature_stays_as_trained():
     heads = synthetic_heads(0, n=50)
     heads.labels[:] = -100
