@@ -195,9 +195,9 @@ def rollback(settings: Settings, expected_current: str | int | None = None) -> t
     target = mlflow_client.get_model_version(name, current).tags.get(PREVIOUS_TAG)
     if not target:
         raise RegistryError(f"version {current} has no earlier production version to roll back to")
-    if expected_current is not None and version_by_alias(settings, PRODUCTION) != current:
+    if expected_current is not None and (now := version_by_alias(settings, PRODUCTION)) != current:
         # the last read before the set, as in `promote`: a move during the tag read is not undone
-        raise AliasChanged(PRODUCTION, current, version_by_alias(settings, PRODUCTION))
+        raise AliasChanged(PRODUCTION, current, now)
     mlflow_client.set_registered_model_alias(name, PRODUCTION, target)
     mlflow_client.set_model_version_tag(name, current, "rolled_back_at", _now())
     mlflow_client.set_model_version_tag(name, target, f"{PRODUCTION}_since", _now())

@@ -44,15 +44,16 @@ __all__ = ["DECISIONS_ACTOR", "DECISIONS_SCHEMA", "FEEDBACK", "INFERENCE_LOG", "
 
 def open_lake(settings: config.Settings | None = None) -> Lake:
     """The lake `settings.lake_backend` names: a `SparkLake` for `spark`, a read-only `WarehouseLake` for
-    `warehouse`, else a `DeltaLake` under
-    `settings.lake_root`. None: the process's settings (COINYEAR_* variables, COINYEAR_LAKE_BACKEND included).
+    `warehouse`, else a `DeltaLake` under `settings.lake_root`. None: the process's settings (COINYEAR_*
+    variables, COINYEAR_LAKE_BACKEND included).
 
     A lake at any other root is `DeltaLake(root)`.
     """
     settings = config.get_settings() if settings is None else settings
-    if getattr(settings, "lake_backend", "delta") == "spark":
+    backend = getattr(settings, "lake_backend", "delta")
+    if backend == "spark":
         return SparkLake(settings)
-    if getattr(settings, "lake_backend", "delta") == "warehouse":
+    if backend == "warehouse":
         from coinyear.lake.warehouse import WarehouseLake  # databricks-sdk, only where it is used
 
         return WarehouseLake(settings)

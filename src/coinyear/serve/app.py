@@ -37,7 +37,7 @@ from coinyear.config import Settings
 from coinyear.lake import open_lake
 from coinyear.lake.spool import SpoolClosedError, SpooledAppender
 from coinyear.lake.tables import FEEDBACK, INFERENCE_LOG
-from coinyear.params import ScoringParams, unsupported
+from coinyear.params import unsupported
 from coinyear.pyfunc import pair_tensors
 from coinyear.serve.admission import Admission, AdmissionMiddleware
 from coinyear.serve.auth import AppsProxyRoutes, BearerAuth
@@ -329,8 +329,8 @@ class Gateway:
             raise ApiError(400, INVALID_PARAMETER_VALUE, first_error)
         if model is None:
             raise ApiError(503, TEMPORARILY_UNAVAILABLE, "no production model is loaded yet; see GET /version")
-        level = parsed.interval
-        why = unsupported(ScoringParams(level, parsed.neighbours, parsed.portraits), intervals=model.has_intervals,
+        asked = parsed.asked
+        why = unsupported(asked, intervals=model.has_intervals,
                           references=getattr(model.python_model, "references", None) is not None,
                           portraits=model.has_portraits)
         if why:  # the packaged model's own check (coinyear.params), before the photos reach the batcher
@@ -341,10 +341,10 @@ class Gateway:
         fronts, backs = pair_tensors(pairs)
         scored = await batcher.submit(model, fronts, backs)  # plain and interval requests share batches
         outcome.years = scored["year"]
-        if level or parsed.neighbours or parsed.portraits:  # only when asked: a plain request costs nothing more
+        if asked.interval or asked.neighbours or asked.portraits:  # only when asked: plain costs nothing more
             # off the event loop: the distance to every reference coin takes ~12 ms (see `_answers`)
-            outcome.answers = await asyncio.to_thread(self._answers, model, scored, level, parsed.neighbours,
-                                                      parsed.portraits)
+            outcome.answers = await asyncio.to_thread(self._answers, model, scored, asked.interval, asked.neighbours,
+                                                      asked.portraits)
         else:
             outcome.answers = [float(y) for y in outcome.years]
 

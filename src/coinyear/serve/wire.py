@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from coinyear.data import ImageError, preprocess
-from coinyear.params import parse_params
+from coinyear.params import ScoringParams, parse_params
 from coinyear.pyfunc import BACK, FRONT, InvalidCoinInput, decode_base64
 from coinyear.serve.errors import BAD_REQUEST, INVALID_PARAMETER_VALUE, ApiError
 
@@ -33,9 +33,7 @@ class ParsedRequest:
     input_format: str | None = None
     params: dict = field(default_factory=dict)
     client_request_id: str | None = None
-    interval: float = 0.0  # 0 = plain years
-    neighbours: int = 0  # nearest training coins per row; 0 = none
-    portraits: int = 0  # likeliest portraits per row; 0 = none
+    asked: ScoringParams = field(default_factory=ScoringParams)  # interval, neighbours, portraits: 0 = none
 
 
 @dataclass
@@ -139,8 +137,7 @@ def parse_body(body: bytes, max_rows: int) -> ParsedRequest:
                                           or not _encodable(client_request_id)):
         raise bad(f"client_request_id must be a string of at most {MAX_CLIENT_REQUEST_ID} characters",
                   INVALID_PARAMETER_VALUE)
-    return ParsedRequest(rows, input_format, params, client_request_id, asked.interval, asked.neighbours,
-                         asked.portraits)
+    return ParsedRequest(rows, input_format, params, client_request_id, asked)
 
 
 class Abandoned(Exception):

@@ -15,7 +15,7 @@ from PIL import Image
 from coinyear.serve.auth import ANONYMOUS
 from coinyear.ui import access
 from coinyear.ui.client import ApiError
-from coinyear.ui.shared import api_client, parse_year, settings
+from coinyear.ui.shared import api_client, correction_label, parse_year, settings
 from coinyear.years import out_of_span_warning, year_label
 
 IMAGE_TYPES = ["jpg", "jpeg", "png", "webp"]
@@ -210,7 +210,7 @@ def correction_form(answer) -> None:
         except ApiError as error:
             st.error(error.message, icon=":material/error:")
             return
-        span = year_label(year_from) if year_from == year_to else f"{year_label(year_from)} – {year_label(year_to)}"
+        span = correction_label(year_from, year_to)
         st.session_state["recorded_correction"] = (span, recorded.get("actor"))
     if st.session_state.get("recorded_correction"):
         span, actor = st.session_state["recorded_correction"]

@@ -20,14 +20,13 @@ from coinyear.lake.tables import FEEDBACK, FEEDBACK_REVIEWS, INFERENCE_LOG
 from coinyear.serve.auth import Credential
 from coinyear.ui import access
 from coinyear.ui.client import ApiError
-from coinyear.ui.shared import api_client, settings
+from coinyear.ui.shared import api_client, correction_label, settings
 
 SHOWN = 10  # the oldest first: a page of them at a time
 
 
 def span(row) -> str:
-    first, last = int(row["year_from"]), int(row["year_to"])
-    return year_label(first) if first == last else f"{year_label(first)} – {year_label(last)}"
+    return correction_label(int(row["year_from"]), int(row["year_to"]))
 
 
 def record(row, verdict: str, actor: str) -> str | None:

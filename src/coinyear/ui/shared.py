@@ -8,6 +8,7 @@ import streamlit as st
 
 from coinyear.config import Settings, get_settings
 from coinyear.ui.client import ApiClient, WorkspaceClient
+from coinyear.years import year_label
 
 YEAR_PATTERN = re.compile(r"^\s*(?:(AD|BC|BCE|CE)\s*)?(-?\d{1,4})\s*(AD|BC|BCE|CE)?\s*$", re.IGNORECASE)
 
@@ -48,3 +49,10 @@ def parse_year(text: str) -> int:
         raise ValueError("there is no year 0: 1 BC is followed by AD 1")
     return -value if era in ("BC", "BCE") else value
 
+
+
+def correction_label(year_from: int, year_to: int) -> str:
+    """An expert's correction as the pages show it: 'AD 71', or a range with an en dash between the years."""
+    if year_from == year_to:
+        return year_label(year_from)
+    return f"{year_label(year_from)} – {year_label(year_to)}"
