@@ -86,3 +86,16 @@ def test_the_diagram_is_drawn_from_the_current_code(build_docs, graph):
         "docs/imports.dot is out of date with src/coinyear's imports: run `make docs`")
     assert build_docs.diagram_stamp(DOCS / "imports.png") == build_docs.source_hash(DOCS / "imports.dot"), (
         "docs/imports.png is out of date with docs/imports.dot: run `make docs`")
+
+
+def test_the_serve_package_loads_its_app_only_when_asked():
+    """`coinyear.serve` exports create_app and serve lazily: a light piece (auth, used by the UI) comes without
+    the app, the model runtime or torch. Before: the package imported serve.app, hence torch, at import."""
+    import subprocess
+    import sys
+
+    code = ("import sys, coinyear.serve.auth; "
+            "assert 'torch' not in sys.modules and 'coinyear.serve.app' not in sys.modules, 'loaded'; "
+            "from coinyear.serve import create_app, serve; assert callable(create_app) and callable(serve)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]

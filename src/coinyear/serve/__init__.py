@@ -6,8 +6,24 @@ auth       bearer tokens
 batching   concurrent requests micro-batched into one forward pass
 lifecycle  production alias watch, background load + smoke test + warm, atomic swap
 errors     MLflow JSON error codes
+
+`create_app` and `serve` are loaded on first use, so importing a light piece (auth, errors, wire) does not load
+FastAPI's app, the model runtime or torch.
 """
 
-from coinyear.serve.app import create_app, serve
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from coinyear.serve.app import create_app, serve
 
 __all__ = ["create_app", "serve"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from coinyear.serve import app
+
+        return getattr(app, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
