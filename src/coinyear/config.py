@@ -10,13 +10,25 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import AliasChoices, Field, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, AliasChoices, Field, SecretStr, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from coinyear.reference import SOURCE_URL, resolve_data_dir
 from coinyear.years import MAX_YEAR, MIN_YEAR
+
+Loss = Literal["interval", "mse"]  # interval: zero inside the catalogue's date range; mse: to its midpoint
+LOSSES: tuple[str, ...] = get_args(Loss)
+# Catalogue columns an auxiliary head can learn; "portrait" is derived from obverse_desc (coinyear.rulers).
+AuxHead = Literal["mint", "denomination", "portrait"]
+AUX_COLUMNS: tuple[str, ...] = get_args(AuxHead)
+
+
+def _no_single_fold(folds: int) -> int:
+    if folds == 1:
+        raise ValueError("folds must be 0 (one grouped hold-out) or at least 2")
+    return folds
 
 
 class Settings(BaseSettings):
@@ -47,30 +59,34 @@ class Settings(BaseSettings):
     sql_warehouse_id: str | None = Field(default=None, description="The SQL warehouse the warehouse lake reads "
                                                                    "through (the UI app's sql_warehouse resource).")
 
-    # Training defaults: the recipe `coinyear train` and `make demo` use when no flag says otherwise.
+    # The training recipe: what `coinyear train`, `make demo` and the retraining job use when no flag says
+    # otherwise. These are its only defaults (TrainConfig takes them from here) and its only rules: the recipe
+    # builder checks a flag against the setting's constraints (coinyear.recipe).
     backbone: str = "efficientnet_lite0"
-    mode: str = "shared"
-    image_size: int = 128
+    mode: Literal["shared", "dual"] = "shared"
+    image_size: int = Field(default=128, ge=32)
     grayscale: bool = False
-    proj_dim: int = 256
-    epochs: int = 6
-    folds: int = 0
-    batch_size: int = 32
-    lr: float = 1e-3
-    loss: str = "interval"
+    proj_dim: int = Field(default=256, ge=0, description="Projection after fusion (0 = none).")
+    epochs: int = Field(default=6, ge=1)
+    folds: Annotated[int, AfterValidator(_no_single_fold)] = Field(
+        default=0, ge=0, description="K of grouped K-fold (0 = one grouped hold-out).")
+    batch_size: int = Field(default=32, ge=1)
+    lr: float = Field(default=1e-3, gt=0, allow_inf_nan=False)
+    loss: Loss = "interval"
     seed: int = 42
     pretrained: bool = Field(default=True, description="Start from ImageNet weights (when on disk).")
     horizontal_flip: bool = Field(default=False, description="Flip augmentation (mirrors legends: off).")
     tta: bool = Field(default=True, description="Serve the mean over 5 rotations (off: one pass per coin).")
     ensemble: bool = Field(default=False, description="With folds >= 2: serve the K fold models averaged.")
-    aux_weight: float = Field(default=0.3, description="Weight of the auxiliary heads' loss (0 = none).")
+    aux_weight: float = Field(default=0.3, ge=0, allow_inf_nan=False,
+                              description="Weight of the auxiliary heads' loss (0 = none).")
     ruler_statistic: Literal["mean", "median"] = Field(
         default="median", description="The ruler mixture's year the served year blends in: its weighted median "
         "(benchmarks/ruler_median.py: 12.97 vs 13.24 years on the demo model's test types) or its mean.")
-    reshoot: float = Field(default=0.5, description="Share of training photos re-shot as a collector would take "
-                           "them: smaller, on another background, other light, softer focus (0 = none).")
-    aux_heads: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["portrait"], description="Catalogue columns the auxiliary heads learn, "
+    reshoot: float = Field(default=0.5, ge=0, le=1, description="Share of training photos re-shot as a collector "
+                           "would take them: smaller, on another background, other light, softer focus (0 = none).")
+    aux_heads: Annotated[list[AuxHead], NoDecode] = Field(
+        default_factory=lambda: list[AuxHead](["portrait"]), description="Catalogue columns the auxiliary heads learn, "
         "comma-separated in COINYEAR_AUX_HEADS: portrait (read from obverse_desc), mint, denomination.")
     num_threads: int = 0
     model_torch_index: str | None = Field(default=None, description="PyTorch wheel index a logged model's "
@@ -88,7 +104,8 @@ class Settings(BaseSettings):
     # Serving
     host: str = "127.0.0.1"
     port: int = 8080
-    api_tokens: Annotated[list[str], NoDecode] = Field(
+    # tokens are SecretStr: a settings object in a log line, a traceback or a repr shows '**********'
+    api_tokens: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="Accepted bearer tokens, comma-separated in COINYEAR_API_TOKENS; an "
                                           "entry `name:token` records its callers as `name` (coinyear.serve.auth).")
     auth_disabled: bool = False
@@ -157,7 +174,7 @@ class Settings(BaseSettings):
 
     # Client side (UI): where the gateway lives
     api_url: str = "http://127.0.0.1:8080"
-    api_token: str | None = None
+    api_token: SecretStr | None = Field(default=None, description="The bearer token the UI sends to the gateway.")
     api_timeout: float = Field(default=40.0, gt=0, description="Seconds the UI waits for an API answer (longer than "
                                "the gateway's request deadline, so the UI shows its 504).")
     ui_port: int = 8501
@@ -205,6 +222,10 @@ class Settings(BaseSettings):
         """An unset COINYEAR_DATA_DIR: ../shared/data/ocre when it exists, else HOME/data/ocre."""
         return resolve_data_dir(value, info.data.get("home", Path(".coinyear")))
 
+    def api_token_entries(self) -> list[str]:
+        """The COINYEAR_API_TOKENS entries in clear (`token` or `name:token`), for comparing a caller's token."""
+        return [entry.get_secret_value() for entry in self.api_tokens]
+
     @property
     def home_dir(self) -> Path:
         return self.home.expanduser().resolve()
@@ -251,6 +272,11 @@ class Settings(BaseSettings):
     def state_dir(self) -> Path:
         """Locks and content-addressed feedback images of the retraining job."""
         return self.home_dir / "state"
+
+
+def setting_default(name: str) -> Any:
+    """The default of one setting: the training recipe's dataclasses take their defaults from here."""
+    return Settings.model_fields[name].get_default(call_default_factory=True)
 
 
 @lru_cache(maxsize=1)

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from coinyear import evaluate
 from coinyear.calibrate import Heads, fit_levers, fit_ranges, portrait_floor
+from coinyear.config import AUX_COLUMNS, LOSSES, setting_default
 from coinyear.data import ImageCache, Manifest, choice_splits, load_arrays, mapped_arrays
 from coinyear.model import CoinEnsemble, DualImageRegressor, ModelConfig, as_ensemble, build_model, infer
 from coinyear.quality import SCALES, Conformal, FeatureDistance, Quality
@@ -42,9 +43,6 @@ from coinyear.years import training_span
 
 log = logging.getLogger(__name__)
 
-LOSSES = ("interval", "mse")
-# Catalogue columns an auxiliary head can learn; "portrait" is derived from obverse_desc (coinyear.rulers).
-AUX_COLUMNS = ("mint", "denomination", "portrait")
 # Rotation TTA measured in benchmarks/quality.py: -0.7 years MAE, and its spread makes the conformal ranges
 # adaptive (median 90% width 35 instead of 60 years at the same coverage). Costs 5 forward passes per coin.
 TTA_ANGLES = (-20.0, -10.0, 0.0, 10.0, 20.0)
@@ -54,35 +52,35 @@ MIN_FLAG_CALIBRATION = 100
 
 @dataclass
 class TrainConfig:
+    """How a model is trained. The fields that are settings take the settings' defaults (`config.Settings`, the
+    one home of the recipe's defaults); the rest are fixed choices, each with its reason."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
-    epochs: int = 6
-    batch_size: int = 32
-    lr: float = 1e-3
+    epochs: int = setting_default("epochs")
+    batch_size: int = setting_default("batch_size")
+    lr: float = setting_default("lr")
     weight_decay: float = 1e-4
-    loss: str = "interval"
+    loss: str = setting_default("loss")
     patience: int = 3
     # Keep the epoch with the best validation MAE and stop when it stalls. Off = fixed epochs, last weights.
     # The epoch is chosen on validation coins, never on the test coin types (`data.split_test`), so the test
     # score is not flattered by the choice; the `val_*` metrics are.
     early_stopping: bool = True
-    folds: int = 0
+    folds: int = setting_default("folds")
     # Without folds: the share of the non-test rows (whole coin types, seeded) held out for validation.
     holdout_fraction: float = 0.15
     rotation_degrees: float = 20.0
     color_jitter: float = 0.2
-    horizontal_flip: bool = False  # off by default: it mirrors legends and portrait direction
-    # Share of training photos re-shot as a collector would take them (`Reshoot`): 0 = off.
-    reshoot: float = 0.5
-    seed: int = 42
+    horizontal_flip: bool = setting_default("horizontal_flip")
+    reshoot: float = setting_default("reshoot")
+    seed: int = setting_default("seed")
     limit: int | None = None
     # Rotation test-time augmentation: the served year is the mean over these rotations of both photos.
     tta_angles: tuple[float, ...] = TTA_ANGLES
-    # With folds >= 2: serve the K fold models averaged instead of one model refit on all coins.
-    ensemble: bool = False
-    # Weight of the auxiliary cross-entropy heads (0 = off) and which catalogue columns they learn; classes
-    # beyond the most common `aux_top` of each column share one "other" class.
-    aux_weight: float = 0.3
-    aux_heads: tuple[str, ...] = ("portrait",)
+    ensemble: bool = setting_default("ensemble")
+    aux_weight: float = setting_default("aux_weight")
+    aux_heads: tuple[str, ...] = tuple(setting_default("aux_heads"))
+    # Classes beyond the most common `aux_top` of each auxiliary column share one "other" class.
     aux_top: int = 20
     # Conformal scores divided by the spread of the rotated predictions (needs >= 2 TTA angles).
     conformal_scaled: bool = True
@@ -101,11 +99,12 @@ class TrainConfig:
     device: str = "auto"  # "auto": CUDA when present, else CPU
 
     def __post_init__(self):
+        """The checks that span fields or that a hand-built config needs (the settings check each value)."""
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; choose from {', '.join(LOSSES)}")
         self.tta_angles = tuple(float(a) for a in self.tta_angles)
         if self.ensemble and self.folds < 2:
-            raise ValueError("a fold ensemble needs folds >= 2")
+            raise ValueError("ensemble needs folds >= 2 (COINYEAR_FOLDS or --folds)")
         self.aux_heads = tuple(self.aux_heads)
         unknown = sorted(set(self.aux_heads) - set(AUX_COLUMNS))
         if unknown:

@@ -4,6 +4,7 @@ next through the environment."""
 from __future__ import annotations
 
 import os
+import re
 
 import mlflow
 import pytest
@@ -45,3 +46,28 @@ def test_configuring_mlflow_leaves_a_uri_the_user_set_as_it_was(tmp_path, clean_
     assert os.environ["MLFLOW_TRACKING_URI"] == user
     assert "MLFLOW_REGISTRY_URI" not in os.environ
     assert Settings(home=tmp_path / "b").mlflow_tracking_uri == user
+
+
+@pytest.mark.parametrize(("variable", "value", "message"), [
+    ("COINYEAR_EPOCHS", "0", "epochs\n  Input should be greater than or equal to 1"),
+    ("COINYEAR_LR", "-0.001", "lr\n  Input should be greater than 0"),
+    ("COINYEAR_FOLDS", "1", "folds must be 0 (one grouped hold-out) or at least 2"),
+    ("COINYEAR_LOSS", "mae", "loss\n  Input should be 'interval' or 'mse'"),
+    ("COINYEAR_MODE", "triple", "mode\n  Input should be 'shared' or 'dual'"),
+    ("COINYEAR_RESHOOT", "2", "reshoot\n  Input should be less than or equal to 1"),
+    ("COINYEAR_AUX_HEADS", "portrait,legend", "aux_heads.1\n  Input should be 'mint', 'denomination' or 'portrait'"),
+])
+def test_a_setting_out_of_bounds_is_refused_with_its_name(monkeypatch, variable, value, message):
+    """Before: COINYEAR_EPOCHS=0 or COINYEAR_LOSS=mae were read as given and failed (or not) deep in training."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Settings()
+
+
+def test_tokens_never_show_in_a_repr_or_a_log(monkeypatch):
+    monkeypatch.setenv("COINYEAR_API_TOKENS", "ada:ada-secret-1, bare-secret-2")
+    monkeypatch.setenv("COINYEAR_API_TOKEN", "ui-secret-3")
+    settings = Settings()
+    shown = f"{settings!r} {settings} {settings.model_dump()}"
+    assert not any(secret in shown for secret in ("ada-secret-1", "bare-secret-2", "ui-secret-3"))
+    assert settings.api_token_entries() == ["ada:ada-secret-1", "bare-secret-2"]  # where a token is compared

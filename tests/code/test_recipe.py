@@ -60,14 +60,17 @@ def test_flags_override_the_settings_and_zero_is_a_value(tmp_path):
 
 
 @pytest.mark.parametrize(("flags", "message"), [
-    (["--lr", "0"], "lr must be a number > 0, got 0.0"),
-    (["--lr=-1e-3"], "lr must be a number > 0"),
-    (["--epochs", "0"], "epochs must be an integer >= 1"),
-    (["--batch-size", "0"], "batch_size must be an integer >= 1"),
-    (["--image-size", "0"], "image_size must be an integer >= 32"),
-    (["--folds", "1"], "folds must be 0 (one grouped hold-out) or an integer >= 2"),
-    (["--aux-weight=-1"], "aux_weight must be a number >= 0"),
-    (["--reshoot", "1.5"], "reshoot must be a number from 0 to 1"),
+    (["--lr", "0"], "lr: Input should be greater than 0, got 0.0"),
+    (["--lr=-1e-3"], "lr: Input should be greater than 0"),
+    (["--lr", "inf"], "lr: Input should be a finite number"),
+    (["--epochs", "0"], "epochs: Input should be greater than or equal to 1"),
+    (["--batch-size", "0"], "batch_size: Input should be greater than or equal to 1"),
+    (["--image-size", "0"], "image_size: Input should be greater than or equal to 32"),
+    (["--folds", "1"], "folds must be 0 (one grouped hold-out) or at least 2"),
+    (["--aux-weight=-1"], "aux_weight: Input should be greater than or equal to 0"),
+    (["--reshoot", "1.5"], "reshoot: Input should be less than or equal to 1"),
+    (["--aux-heads", "portrait,legend"], "aux_heads: Input should be 'mint', 'denomination' or 'portrait'"),
+    (["--limit", "0"], "limit must be none or an integer >= 1"),
     (["--ensemble"], "ensemble needs folds >= 2"),
 ])
 def test_an_invalid_recipe_is_a_clear_error(tmp_path, monkeypatch, capsys, flags, message):
@@ -83,8 +86,11 @@ def test_an_invalid_recipe_is_a_clear_error(tmp_path, monkeypatch, capsys, flags
     assert not (tmp_path / "home" / "mlflow.db").exists()  # refused before any run started
 
 
-def test_invalid_settings_fail_the_retraining_recipe_too(tmp_path):
-    with pytest.raises(ValueError, match="epochs must be an integer >= 1, got 0"):
-        retrain.recipe(make_settings(tmp_path / "home", epochs=0))
-    with pytest.raises(ValueError, match="lr must be a number > 0"):
-        retrain.recipe(make_settings(tmp_path / "home", lr=0.0))
+def test_invalid_settings_are_refused_before_any_recipe(tmp_path):
+    """The settings carry the recipe's rules: a bad COINYEAR_EPOCHS never reaches the retraining job's recipe."""
+    with pytest.raises(ValueError, match="epochs\n  Input should be greater than or equal to 1"):
+        make_settings(tmp_path / "home", epochs=0)
+    with pytest.raises(ValueError, match="lr\n  Input should be greater than 0"):
+        make_settings(tmp_path / "home", lr=0.0)
+    with pytest.raises(ValueError, match="invalid training recipe: ensemble needs folds >= 2"):
+        retrain.recipe(make_settings(tmp_path / "home", ensemble=True))

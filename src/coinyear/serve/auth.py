@@ -109,7 +109,7 @@ class AppsProxyRoutes:
 class BearerAuth:
     def __init__(self, settings: Settings, host: str):
         self.apps_proxy = settings.apps_proxy
-        self.credentials = [] if self.apps_proxy else credentials(settings.api_tokens)
+        self.credentials = [] if self.apps_proxy else credentials(settings.api_token_entries())
         self.enabled = self.apps_proxy or (not settings.auth_disabled and bool(self.credentials))
         if not self.enabled and not is_loopback(host):
             raise RuntimeError(f"refusing to serve on {host} without auth: set COINYEAR_API_TOKENS "

@@ -46,7 +46,7 @@ DECISION_SCHEMA = pa.schema([
 def auth_required(settings: Settings) -> bool:
     """True when registry actions and corrections need a signed-in person (tokens configured, as for the
     gateway)."""
-    return not settings.auth_disabled and bool(credentials(settings.api_tokens))
+    return not settings.auth_disabled and bool(credentials(settings.api_token_entries()))
 
 
 def check_bind(settings: Settings, host: str) -> None:
@@ -71,7 +71,7 @@ def signed_in(settings: Settings) -> Credential | None:
     if credential is None:
         st.session_state.pop(ACTOR_KEY, None)
         return None
-    current = match(credentials(settings.api_tokens), credential.token) if auth_required(settings) else None
+    current = match(credentials(settings.api_token_entries()), credential.token) if auth_required(settings) else None
     if current is None:
         for key in (ACTOR_KEY, CREDENTIAL_KEY):
             st.session_state.pop(key, None)
@@ -127,7 +127,7 @@ def sign_in_form(settings: Settings) -> None:
         if st.form_submit_button("Sign in"):
             if not name.strip():
                 st.error("Give your name: every promotion and rollback is recorded with it.")
-            elif (credential := match(credentials(settings.api_tokens), token)) is None:
+            elif (credential := match(credentials(settings.api_token_entries()), token)) is None:
                 st.error("That token is not accepted (one of COINYEAR_API_TOKENS is).")
             else:
                 st.session_state[ACTOR_KEY] = actor_name(name, token)

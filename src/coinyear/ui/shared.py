@@ -33,7 +33,8 @@ def api_client() -> ApiClient:
     current = settings()
     if current.serving_backend == "databricks":
         return _workspace_client(current.serving_endpoint_name, current.loop_volume, current.api_timeout)
-    return _client(current.api_url, current.api_token, current.api_timeout)
+    token = current.api_token.get_secret_value() if current.api_token else None
+    return _client(current.api_url, token, current.api_timeout)
 
 
 def parse_year(text: str) -> int:
