@@ -20,13 +20,12 @@ Two measurements, on this machine, in one run:
 Wall times on a machine shared with other jobs measure the load as much as the code: the CPU seconds (user +
 system of the training processes, from getrusage) are the steadier number.
 
-Writes benchmarks/results/distributed_bench.json (machine: lscpu model name, cores; date; load average).
+Writes benchmarks/results/distributed_bench.json (machine: CPU model name, cores; date; load average).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import subprocess
@@ -35,22 +34,18 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+# isort: split
+# this folder's modules: a script's own folder is first on sys.path when it runs
+from common import REPO, RESULTS, SHARED_DATA, bench_settings, cpu_name, utc_now, write_json
+
 sys.path.insert(0, str(REPO / "src"))
 
 
 def machine() -> dict:
-    """lscpu model name, logical cores, torch version."""
+    """CPU model name, logical cores, torch version."""
     import torch
 
-    model = ""
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return {"cpu_model": model, "cores": os.cpu_count(), "torch": torch.__version__}
+    return {"cpu_model": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__}
 
 
 def recipe(args):
@@ -62,13 +57,6 @@ def recipe(args):
                        early_stopping=False)
 
 
-def settings_for(home: Path, data: Path):
-    from coinyear.config import Settings
-
-    db = f"sqlite:///{home / 'mlflow.db'}"
-    return Settings(home=home, data_dir=data, tracking_uri=db, registry_uri=db)
-
-
 # ------------------------------------------------------------------------------------------------ children
 def child_one_process(args) -> None:
     """A one-process training run in this fresh interpreter; prints its result as JSON."""
@@ -77,7 +65,7 @@ def child_one_process(args) -> None:
     from coinyear.distributed import memory_mb
     from coinyear.train import run_training
 
-    settings = settings_for(Path(args.home), Path(args.data))
+    settings = bench_settings(Path(args.home), Path(args.data))
     set_torch_threads(settings)
     config = recipe(args)
     manifest = read_manifest(settings.data_dir, settings.min_year, settings.max_year, limit=config.limit,
@@ -158,7 +146,7 @@ def time_runs(args, work: Path) -> dict:
     single, single_wall = run_child("one-process", args, env={"COINYEAR_NUM_THREADS": "1"}, home=work / "single")
     single_cpu, cpu = cpu_seconds_of_children() - cpu, cpu_seconds_of_children()
     spark_session("coinyear-bench", master=f"local[{os.cpu_count() or 1}]")
-    settings = settings_for(work / "dist", args.data)
+    settings = bench_settings(work / "dist", args.data)
     config = recipe(args)
     manifest = read_manifest(settings.data_dir, settings.min_year, settings.max_year, limit=config.limit,
                              seed=config.seed)
@@ -194,7 +182,7 @@ def memory_runs(args, work: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "ocre")
+    parser.add_argument("--data", type=Path, default=SHARED_DATA)
     parser.add_argument("--limit", type=int, default=240, help="coins of the timing slice")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=2)
@@ -203,7 +191,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--memory-limit", type=int, default=1500, help="coins of the data-memory slice")
     parser.add_argument("--memory-image-size", type=int, default=128)
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "distributed_bench.json")
+    parser.add_argument("--out", type=Path, default=RESULTS / "distributed_bench.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     for hidden in ("home", "cache", "tensors"):
         parser.add_argument(f"--{hidden}", help=argparse.SUPPRESS)
@@ -215,7 +203,7 @@ def main() -> None:
     if args.child == "data-epoch":
         return child_data_epoch(args)
 
-    result = {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    result = {"date": utc_now(),
               "machine": machine(), "load_average_before": os.getloadavg(),
               "recipe": {"backbone": args.backbone, "image_size": args.image_size, "epochs": args.epochs,
                          "batch_size": args.batch_size, "limit": args.limit, "early_stopping": False}}
@@ -227,8 +215,7 @@ def main() -> None:
         print("data memory ...", flush=True)
         result["data_memory"] = memory_runs(args, work)
     result["load_average_after"] = os.getloadavg()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result)
     print(json.dumps(result["data_memory"], indent=2))
     print(f"written to {args.out}")
 

@@ -25,9 +25,6 @@ Writes `<out>/<name>.json` and `.md`. About 12 minutes on 2 idle CPU cores:
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -44,8 +41,10 @@ from coinyear.quality import interval_metrics
 from coinyear.recipe import recipe_from_settings
 from coinyear.train import infer_arrays, train_on_manifest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from ruler_head import embeddings_and_portraits, write_results  # a sibling benchmark script
+# isort: split
+# this folder's modules: a script's own folder is first on sys.path when it runs
+from common import DATA_DIR, results_parser, write_results
+from ruler_head import embeddings_and_portraits  # a sibling benchmark script
 
 CUTOFF = 117  # Trajan died in AD 117: Hadrian's coins are the latest ruler's
 
@@ -64,15 +63,13 @@ def ranks(reference: np.ndarray, values: np.ndarray) -> np.ndarray:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=os.environ.get("COINYEAR_DATA_DIR", "../shared/data/ocre"))
+    parser = results_parser(__doc__, "era_shift", "plain")
+    parser.add_argument("--data", default=DATA_DIR)
     parser.add_argument("--cache", default=".coinyear/cache")
     parser.add_argument("--aux-weight", type=float, default=0.0, help="portrait head weight (0: the recipe's)")
     parser.add_argument("--aux-top", type=int, default=20)
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--limit", type=int, help="a random subset of N coins (smoke runs)")
-    parser.add_argument("--name", default="plain")
-    parser.add_argument("--out", default="benchmarks/results/era_shift")
     parser.add_argument("--arrays", help="also save every coin's years, spreads, features and the quality files "
                                          "in this folder (to study other flags and ranges without retraining)")
     args = parser.parse_args(argv)

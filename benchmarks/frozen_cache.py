@@ -29,12 +29,9 @@ Measured 2026-12-06 on this machine's 2 cores under load 4-12 (other engineers' 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
-import platform
-import sys
 import time
 from pathlib import Path
 
@@ -48,6 +45,10 @@ from coinyear.data import TEST_PERCENT, TEST_SPLIT_RULE, preprocess, read_manife
 from coinyear.evaluate import regression_metrics
 from coinyear.model import EFFICIENTNET_LITE, LITE_MEAN, LITE_STD, build_backbone, rotate_stack, rotation_grid
 from coinyear.train import aux_labels, loss_fn
+
+# isort: split
+# this folder's modules: a script's own folder is first on sys.path when it runs
+from common import loadavg, results_parser, run_stamp, utc_minute, write_report
 
 SPLIT_AT = 5  # blocks[:SPLIT_AT] frozen and cached, blocks[SPLIT_AT:] trained
 
@@ -212,7 +213,7 @@ def weighted_median(probabilities: np.ndarray, values: np.ndarray) -> np.ndarray
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = results_parser(__doc__, "frozen_cache", "lite0-224-r1")
     parser.add_argument("--data", help="reference dataset (default: coinyear Settings().data_dir)")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--angles", default="0", help="cached rotations, e.g. 0 or 0,-15,15 (training picks one "
@@ -229,8 +230,6 @@ def main(argv=None) -> int:
     parser.add_argument("--val-percent", type=int, default=15, help="hash buckets after the test ones -> validation")
     parser.add_argument("--limit", type=int, help="a random subset of N coins (smoke runs)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--name", default="lite0-224-r1")
-    parser.add_argument("--out", default="benchmarks/results/frozen_cache")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -356,14 +355,11 @@ def main(argv=None) -> int:
         "epoch_seconds": [h["train_seconds"] for h in history], "test_scoring_seconds": round(score_seconds, 1),
         "metrics": metrics, "limit": args.limit,
     }
-    report.update(seconds=round(time.perf_counter() - started, 1), load_average=Path("/proc/loadavg").read_text()
-                  .strip(), machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
-                                    f"{torch.__version__}", date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                  command=" ".join(["python", *sys.argv]))
+    report.update(run_stamp(started), date=utc_minute())
     lines = [f"## {args.name}: Lite0 {args.size} px, frozen stem + blocks[:{SPLIT_AT}] cached ({len(angles)} "
              f"angle(s)), epoch {chosen_epoch} of {len(history)} chosen on {len(val)} validation coins",
              "", f"{len(test)} test coins ({TEST_SPLIT_RULE}); {int(named.sum())} with one of the {classes - 1} "
-             f"portraits. {report['date']}, {report['machine']}, load {report['load_average']}.", "",
+             f"portraits. {report['date']}, {report['machine']}, load {loadavg()}.", "",
              f"- portrait top-1 {100 * top1:.1f}%, top-3 {100 * top3:.1f}%; max-probability AUROC for a wrong "
              f"top-1: {report['wrong_portrait_auroc_max_probability']:.3f}",
              f"- extraction {extract_seconds_report}; train epochs (s): {report['epoch_seconds']}", "",
@@ -372,11 +368,7 @@ def main(argv=None) -> int:
     lines += [f"| {name} | {m['mae']:.2f} | {m['range_mae']:.2f} | {100 * m['within_10y']:.1f}% | "
               f"{m['mae_top1_right']:.2f} | {m['mae_top1_wrong']:.2f} |" for name, m in metrics.items()]
     lines += ["", f"Command: `{report['command']}`"]
-    folder = Path(args.out)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{args.name}.json").write_text(json.dumps(report, indent=2))
-    (folder / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, args.name, report, "\n".join(lines))
     return 0
 
 

@@ -25,11 +25,8 @@ A few minutes on 2 cores (two TTA passes over ~800 coins).
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -42,8 +39,9 @@ from coinyear.data import ImageCache, choice_splits, load_arrays, read_manifest
 from coinyear.quality import SCALES, interval_metrics
 from coinyear.train import infer_arrays
 
-sys.path.insert(0, str(Path(__file__).parent))
-from ruler_head import write_results  # a sibling benchmark script
+# isort: split
+# this folder's modules: a script's own folder is first on sys.path when it runs
+from common import results_parser, write_results
 
 
 def run_split(settings, model_uri: str) -> dict:
@@ -76,10 +74,8 @@ def figures(answer: dict, part: Heads, truth, names, low=None, high=None, flagge
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = results_parser(__doc__, "levers")
     parser.add_argument("--model", default="models:/coinyear@production")
-    parser.add_argument("--name", default="demo")
-    parser.add_argument("--out", default="benchmarks/results/levers")
     args = parser.parse_args(argv)
     started = time.perf_counter()
 

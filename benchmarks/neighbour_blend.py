@@ -18,19 +18,17 @@ Writes benchmarks/results/neighbour_blend/<name>.{json,md}. About a minute on 2 
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-from photo_shift import production_holdout  # sibling benchmark scripts
-from ruler_head import write_results
-
 from coinyear.evaluate import regression_metrics
+
+# isort: split
+# this folder's modules: a script's own folder is first on sys.path when it runs
+from common import DATA_DIR, results_parser, write_results
+from photo_shift import production_holdout  # a sibling benchmark script
 
 KS = (3, 5, 10, 20)
 WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6)
@@ -69,11 +67,9 @@ def cross_fitted(served, estimates, year_from, year_to, groups, repeats: int = 2
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = results_parser(__doc__, "neighbour_blend")
     parser.add_argument("--home", type=Path, required=True, help="a COINYEAR_HOME with a production model")
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get("COINYEAR_DATA_DIR", "../shared/data/ocre")))
-    parser.add_argument("--name", default="demo")
-    parser.add_argument("--out", default="benchmarks/results/neighbour_blend")
+    parser.add_argument("--data", type=Path, default=DATA_DIR)
     args = parser.parse_args(argv)
 
     started = time.perf_counter()

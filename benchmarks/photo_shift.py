@@ -26,9 +26,6 @@ variants x 10 photos through the TTA graph).
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
 import time
 from pathlib import Path
 
@@ -37,13 +34,14 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
-sys.path.insert(0, str(Path(__file__).parent))
-from quantize import production, split_tensors, training_split  # sibling benchmark scripts
-from ruler_head import write_results
-
 from coinyear.evaluate import regression_metrics
 from coinyear.quality import interval_metrics
 from coinyear.train import shrink_in_frame
+
+# isort: split
+# this folder's modules: a script's own folder is first on sys.path when it runs
+from common import DATA_DIR, results_parser, write_results
+from quantize import production, split_tensors, training_split  # a sibling benchmark script
 
 WHITE = 0.92  # OCRE photos' background is near-white: brighter than this in every channel
 
@@ -90,12 +88,10 @@ def auroc(original: np.ndarray, shifted: np.ndarray) -> float:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = results_parser(__doc__, "photo_shift")
     parser.add_argument("--home", type=Path, required=True, help="a COINYEAR_HOME with a production model")
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get("COINYEAR_DATA_DIR", "../shared/data/ocre")))
+    parser.add_argument("--data", type=Path, default=DATA_DIR)
     parser.add_argument("--coins", type=int, default=0, help="only the first N hold-out coins (0: all)")
-    parser.add_argument("--name", default="demo")
-    parser.add_argument("--out", default="benchmarks/results/photo_shift")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()

@@ -26,7 +26,6 @@ Writes benchmarks/results/predict_bench.{json,md}. Compare only numbers of one r
 from __future__ import annotations
 
 import argparse
-import http.client
 import json
 import os
 import shutil
@@ -35,18 +34,12 @@ import sys
 import tempfile
 import threading
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_bench import BIN, REPO, machine, start_ours
-
-
-def env_for(home: Path) -> dict:
-    env = {**os.environ, "COINYEAR_HOME": str(home), "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
-           "MLFLOW_REGISTRY_URI": f"sqlite:///{home / 'mlflow.db'}"}
-    env.pop("COINYEAR_LAKE_URI", None)
-    return env
+# isort: split
+# this folder's modules: a script's own folder is first on sys.path when it runs
+from common import COINYEAR, DATA_DIR, REPO, RESULTS, JsonPoster, coin_row, coinyear_env, utc_now, write_report
+from serve_bench import machine, start_ours  # a sibling benchmark script
 
 
 def prepare(home: Path, recipe: str, data: Path) -> None:
@@ -60,8 +53,8 @@ def prepare(home: Path, recipe: str, data: Path) -> None:
         flags = ["--backbone", "mobilenet_v3_small", "--image-size", "64", "--epochs", "1", "--limit", "80",
                  "--batch-size", "16", "--seed", "1", "--proj-dim", "32"]
     print(f"training the {recipe} model once: coinyear train {' '.join(flags)}", flush=True)
-    subprocess.run([str(BIN / "coinyear"), "train", "--data", str(data), *flags, "--promote", "production"],
-                   env=env_for(home), check=True)
+    subprocess.run([COINYEAR, "train", "--data", str(data), *flags, "--promote", "production"],
+                   env=coinyear_env(home), check=True)
 
 
 def timed(command: list[str], env: dict, cwd: Path) -> float:
@@ -75,29 +68,23 @@ def gateway(home: Path, logs: Path, bodies: list[bytes], clients: int) -> tuple[
     process, url, headers = start_ours(home, True, logs)
     try:
         process.wait_ready()
-        target = url.split("127.0.0.1:", 1)[1]
-        port, path = int(target.split("/", 1)[0]), "/" + target.split("/", 1)[1]
-        headers = {**headers, "Content-Type": "application/json"}
         queue, failed, lock = list(range(len(bodies))), [0], threading.Lock()
 
         def client():
-            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+            poster = JsonPoster(url, headers, timeout=300)
             while True:
                 with lock:
                     if not queue:
                         break
                     index = queue.pop()
-                connection.request("POST", path, body=bodies[index], headers=headers)
-                response = connection.getresponse()
-                response.read()
-                if response.status != 200:
+                if poster.post(bodies[index]) != 200:
                     with lock:
                         failed[0] += 1
-            connection.close()
+            poster.close()
 
-        warm = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-        warm.request("POST", path, body=bodies[0], headers=headers)
-        warm.getresponse().read()
+        warm = JsonPoster(url, headers, timeout=300)
+        warm.post(bodies[0])
+        warm.close()
         started = time.perf_counter()
         threads = [threading.Thread(target=client) for _ in range(clients)]
         for thread in threads:
@@ -116,9 +103,8 @@ def main() -> int:
     parser.add_argument("--clients", nargs="+", type=int, default=[1, 8], help="gateway: one coin per request")
     parser.add_argument("--batch", type=int, default=32, help="gateway: coins per batched request")
     parser.add_argument("--home", type=Path, default=REPO / ".coinyear" / "predict-bench")
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get("COINYEAR_DATA_DIR",
-                                                                          REPO.parent / "shared" / "data" / "ocre")))
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--data", type=Path, default=DATA_DIR)
+    parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
 
     import pandas as pd
@@ -132,23 +118,16 @@ def main() -> int:
         shutil.copy(args.data / row.reverse, photos / f"tails{row.coin_id}.jpg")
     pairs = [(photos / f"heads{c}.jpg", photos / f"tails{c}.jpg") for c in manifest["coin_id"]]
 
-    def coin(front: Path, back: Path) -> dict:
-        import base64
-
-        return {"front_image_base64": base64.b64encode(front.read_bytes()).decode(),
-                "back_image_base64": base64.b64encode(back.read_bytes()).decode()}
-
-    singles = [json.dumps({"inputs": [coin(*pair)]}).encode() for pair in pairs]
-    batches = [json.dumps({"inputs": [coin(*pair) for pair in pairs[i:i + args.batch]]}).encode()
+    singles = [json.dumps({"inputs": [coin_row(*pair)]}).encode() for pair in pairs]
+    batches = [json.dumps({"inputs": [coin_row(*pair) for pair in pairs[i:i + args.batch]]}).encode()
                for i in range(0, len(pairs), args.batch)]
-    report = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine(), "coins": len(pairs),
+    report = {"date": utc_now(), "machine": machine(), "coins": len(pairs),
               "loadavg_start": os.getloadavg()[0], "models": []}
     n = len(pairs)
     for recipe in args.models:
         home = (args.home / recipe).resolve()
         prepare(home, recipe, args.data)
-        env = {**env_for(home), "COINYEAR_HOME": str(work / recipe)}  # outputs and gateway state: not the model home
-        env["MLFLOW_TRACKING_URI"] = env["MLFLOW_REGISTRY_URI"] = f"sqlite:///{home / 'mlflow.db'}"
+        env = coinyear_env(work / recipe, store=home)  # outputs and gateway state: not the model home
         (work / recipe).mkdir()
         rows = []
 
@@ -156,7 +135,7 @@ def main() -> int:
             rows.append({"path": path, "seconds": seconds, "coins_per_s": n / seconds, **extra})
             print(f"  {recipe:<6} {path:<44} {seconds:7.1f} s  {n / seconds:7.1f} coins/s", flush=True)
 
-        cli = [str(BIN / "coinyear"), "predict"]
+        cli = [COINYEAR, "predict"]
         one = timed([*cli, str(pairs[0][0]), str(pairs[0][1])], env, work)
         rows.append({"path": "coinyear predict FRONT BACK (one coin: start cost)", "seconds": one})
         print(f"  {recipe:<6} one coin (start cost) {one:7.1f} s", flush=True)
@@ -176,8 +155,6 @@ def main() -> int:
         add(f"gateway, {args.batch} coins/request, 2 clients", seconds, failed=failed)
         report["models"].append({"recipe": recipe, "home": str(home), "results": rows})
     report["loadavg_end"] = os.getloadavg()[0]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "predict_bench.json").write_text(json.dumps(report, indent=2))
     lines = [(f"{report['date']}, {report['machine']['cpu']}, {report['machine']['cores']} cores, {n} OCRE coins; "
               f"load average {report['loadavg_start']:.1f} at start, {report['loadavg_end']:.1f} at end"),
              "", "| model | path | seconds | coins/s |", "|---|---|---:|---:|"]
@@ -185,8 +162,7 @@ def main() -> int:
         for row in model["results"]:
             rate = f"{row['coins_per_s']:.1f}" if "coins_per_s" in row else "–"
             lines.append(f"| {model['recipe']} | {row['path']} | {row['seconds']:.1f} | {rate} |")
-    (args.out / "predict_bench.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_report(args.out, "predict_bench", report, "\n".join(lines))
     shutil.rmtree(work, ignore_errors=True)
     return 0
 

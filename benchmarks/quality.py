@@ -35,6 +35,10 @@ from coinyear.model import ModelConfig
 from coinyear.quality import FeatureDistance, cross_conformal, interval_metrics
 from coinyear.train import TTA_ANGLES, TrainConfig, infer_arrays, resolve_device, train_on_manifest
 
+# isort: split
+# this folder's modules: a script's own folder is first on sys.path when it runs
+from common import DATA_DIR, write_json
+
 log = logging.getLogger("benchmarks.quality")
 LEVEL = 0.9
 
@@ -236,7 +240,7 @@ def write(results: dict, tables: dict[str, pd.DataFrame], out: Path) -> None:
     slim = json.loads(json.dumps(results))
     for entry in slim["configs"].values():  # the raw scores go into the plot, not the JSON
         entry.get("ood", {}).pop("score_over_threshold", None)
-    (out / "results.json").write_text(json.dumps(slim, indent=2))
+    write_json(out / "results.json", slim)
     (out / "results.md").write_text(markdown(results))
     if tables:
         pd.concat([t.assign(recipe=n) for n, t in tables.items()]).to_csv(out / "oof_predictions.csv", index=False)
@@ -289,12 +293,12 @@ def cpu_probe(args, manifest) -> None:
             "fold_epoch_seconds_extrapolated": cpu / threads * scale,
             "served_inference_cpu_seconds_per_coin": (time.process_time() - infer_started) / 128}
         print(name, out["recipes"][name], flush=True)
-    (Path(args.out) / "cpu_probe.json").write_text(json.dumps(out, indent=2))
+    write_json(Path(args.out) / "cpu_probe.json", out)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=os.environ.get("COINYEAR_DATA_DIR", "../shared/data/ocre"))
+    parser.add_argument("--data", default=DATA_DIR)
     parser.add_argument("--out", default="benchmarks/results/quality")
     parser.add_argument("--cache", default=".coinyear/cache", help="decoded-image cache folder")
     parser.add_argument("--folds", type=int, default=5)

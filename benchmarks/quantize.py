@@ -31,28 +31,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+# isort: split
+# this folder's modules: a script's own folder is first on sys.path when it runs
+from common import DATA_DIR, REPO, RESULTS, cpu_name, load_production, loadavg, median_ms, utc_minute, write_report
 
 
 def production(home: Path):
-    """The production pyfunc's python model and the params of the run that trained it."""
+    """The production pyfunc's python model, its version and the params of the run that trained it."""
     import mlflow
 
-    uri = f"sqlite:///{home / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    model = load_production(home)
     client = mlflow.MlflowClient()
     version = client.get_model_version_by_alias("coinyear", "production")
-    params = client.get_run(version.run_id).data.params
-    return mlflow.pyfunc.load_model("models:/coinyear@production").unwrap_python_model(), version.version, params
+    return model, version.version, client.get_run(version.run_id).data.params
 
 
 def training_split(home: Path, data_dir: Path, params: dict):
@@ -182,20 +181,10 @@ def timing(scorer, fronts, backs, repeats: int) -> dict[str, float]:
     """Median single-coin latency and batch-32 coins/s (median of repeats)."""
     out = {}
     for batch in (1, 32):
-        f, b = fronts[:batch], backs[:batch]
-        scorer.infer(f, b, True)
-        times = []
-        for _ in range(repeats if batch == 1 else max(3, repeats // 8)):
-            started = time.perf_counter()
-            scorer.infer(f, b, True)
-            times.append(time.perf_counter() - started)
-        out[f"ms_batch{batch}"] = 1000 * statistics.median(times)
+        out[f"ms_batch{batch}"] = median_ms(partial(scorer.infer, fronts[:batch], backs[:batch], True),
+                                            repeats if batch == 1 else max(3, repeats // 8))
     out["coins_per_s_batch32"] = 32 / (out["ms_batch32"] / 1000)
     return out
-
-
-def loadavg() -> str:
-    return " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 def markdown(report: dict) -> str:
@@ -222,13 +211,12 @@ def markdown(report: dict) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--home", type=Path, default=Path(os.environ.get("COINYEAR_HOME", REPO / ".coinyear")))
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get("COINYEAR_DATA_DIR",
-                                                                          REPO.parent / "shared" / "data" / "ocre")))
+    parser.add_argument("--data", type=Path, default=DATA_DIR)
     parser.add_argument("--calibration", type=int, default=64, help="training coins that calibrate int8")
     parser.add_argument("--holdout", type=int, default=0, help="score only the first N hold-out coins (0: all)")
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--repeats", type=int, default=24, help="timed single-coin runs per variant")
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default="quantize")
     args = parser.parse_args()
 
@@ -254,8 +242,8 @@ def main() -> int:
     if args.holdout:
         fronts, backs, year_from, year_to = (x[:args.holdout] for x in (fronts, backs, year_from, year_to))
     print(f"hold-out {len(fronts)} coins, calibration {len(calib[0])} coins; load {loadavg()}", flush=True)
-    report = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "home": str(args.home), "version": version,
-              "machine": f"{_cpu()}, {os.cpu_count()} cores", "python": platform.python_version(),
+    report = {"date": utc_minute(), "home": str(args.home), "version": version,
+              "machine": f"{cpu_name()}, {os.cpu_count()} cores", "python": platform.python_version(),
               "onnxruntime": package_version("onnxruntime"), "threads": torch.get_num_threads(),
               "backbone": config.backbone, "image_size": config.image_size, "tta": params.get("tta_angles", "-"),
               "holdout_coins": len(fronts), "calibration_coins": len(calib[0]), "loadavg_start": started_load,
@@ -290,22 +278,8 @@ def main() -> int:
             report["variants"][name] = row
             print(f"{name}: {json.dumps(row)}", flush=True)
     report["loadavg_end"] = loadavg()
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2))
-    table = markdown(report)
-    (args.out / f"{args.name}.md").write_text(table)
-    print(table)
+    write_report(args.out, args.name, report, markdown(report))
     return 0
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 if __name__ == "__main__":

@@ -25,11 +25,7 @@ The blends are fixed 50/50, never tuned on the hold-out they are scored on. Writ
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import platform
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -43,6 +39,10 @@ from coinyear.config import Settings
 from coinyear.data import ImageCache, choice_splits, load_arrays, read_manifest
 from coinyear.recipe import recipe_from_settings
 from coinyear.train import aux_labels, train_on_manifest
+
+# isort: split
+# this folder's modules: a script's own folder is first on sys.path when it runs
+from common import DATA_DIR, results_parser, write_results
 
 
 @torch.inference_mode()
@@ -72,22 +72,9 @@ def neighbour_years(embedded: np.ndarray, midpoints: np.ndarray, train: np.ndarr
     return (weights * midpoints[train][nearest]).sum(axis=1) / weights.sum(axis=1)
 
 
-def write_results(out: str, name: str, report: dict, lines: list[str], started: float) -> None:
-    """`<out>/<name>.json` (the report plus where, when and how it ran) and `<out>/<name>.md` (the table lines)."""
-    report.update(seconds=round(time.perf_counter() - started, 1), load_average=os.getloadavg(),
-                  machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
-                          f"{torch.__version__}", date=time.strftime("%Y-%m-%d"),
-                  command=" ".join(["python", *sys.argv]))
-    folder = Path(out)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"{name}.json").write_text(json.dumps(report, indent=2))
-    (folder / f"{name}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
-
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=os.environ.get("COINYEAR_DATA_DIR", "../shared/data/ocre"))
+    parser = results_parser(__doc__, "ruler_head", "portrait")
+    parser.add_argument("--data", default=DATA_DIR)
     parser.add_argument("--cache", default=".coinyear/cache")
     parser.add_argument("--aux-weight", type=float, default=0.3)
     parser.add_argument("--aux-top", type=int, default=20, help="portraits with a class of their own")
@@ -96,8 +83,6 @@ def main(argv=None) -> int:
     parser.add_argument("--k", type=int, default=10, help="neighbours averaged")
     parser.add_argument("--year-bins", type=int, default=0,
                         help="width in years of the bins a second auxiliary head classifies into (0: no such head)")
-    parser.add_argument("--name", default="portrait")
-    parser.add_argument("--out", default="benchmarks/results/ruler_head")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()

@@ -21,8 +21,6 @@ A few minutes on 2 cores (one pass over the ~400 test-type coins).
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -36,15 +34,14 @@ from coinyear.data import read_manifest, split_test
 from coinyear.model import mixture_median
 from coinyear.pyfunc import decode_pair, pair_tensors
 
-sys.path.insert(0, str(Path(__file__).parent))
-from ruler_head import write_results  # a sibling benchmark script
+# isort: split
+# this folder's modules: a script's own folder is first on sys.path when it runs
+from common import results_parser, write_results
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = results_parser(__doc__, "ruler_median")
     parser.add_argument("--model", default="models:/coinyear@production")
-    parser.add_argument("--name", default="demo")
-    parser.add_argument("--out", default="benchmarks/results/ruler_median")
     args = parser.parse_args(argv)
     started = time.perf_counter()
 

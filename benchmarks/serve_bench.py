@@ -29,27 +29,45 @@ Writes benchmarks/results/serve_bench.{json,md,png}. Numbers depend on the machi
 from __future__ import annotations
 
 import argparse
-import base64
 import http.client
 import json
 import os
 import platform
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
 from functools import partial
 from pathlib import Path
-from urllib.parse import urlsplit
 
-import requests
+# isort: split
+# this folder's modules: a script's own folder is first on sys.path when it runs
+from common import (
+    BIN,
+    DATA_DIR,
+    INVOCATIONS,
+    REPO,
+    RESULTS,
+    JsonPoster,
+    Server,
+    bearer,
+    bench_settings,
+    coin_row,
+    coinyear_env,
+    cpu_name,
+    free_port,
+    gateway,
+    git_commit,
+    load_production,
+    loadavg,
+    median_ms,
+    percentile,
+    store_uri,
+    utc_minute,
+    write_report,
+)
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 TOKEN = "bench-token"
 
 
@@ -58,13 +76,6 @@ TOKEN = "bench-token"
 # pass per photo, so the server's own costs (decoding, batching, logging) are the largest share.
 MODELS = {"default": ("efficientnet_lite0", None), "mobilenet_v3_small": ("mobilenet_v3_small", ()),
           "resnet18": ("resnet18", ())}
-
-
-def bench_settings(home: Path, data_dir: Path):
-    from coinyear.config import Settings
-
-    return Settings(home=home, data_dir=data_dir, tracking_uri=f"sqlite:///{home / 'mlflow.db'}",
-                    registry_uri=f"sqlite:///{home / 'mlflow.db'}")
 
 
 def prepare_model(home: Path, name: str, image_size: int, limit: int, data_dir: Path) -> str:
@@ -99,18 +110,9 @@ def trained_on(home: Path, version: str) -> str:
     """How the served version was trained, from its MLflow run (speed does not depend on it; honesty does)."""
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{home / 'mlflow.db'}",
-                                 registry_uri=f"sqlite:///{home / 'mlflow.db'}")
+    client = mlflow.MlflowClient(tracking_uri=store_uri(home), registry_uri=store_uri(home))
     params = client.get_run(client.get_model_version("coinyear", version).run_id).data.params
     return f"{params.get('epochs', '?')} epoch(s) on {params.get('data_valid', '?')} coins"
-
-
-def load_production(home: Path):
-    import mlflow
-
-    mlflow.set_tracking_uri(f"sqlite:///{home / 'mlflow.db'}")
-    mlflow.set_registry_uri(f"sqlite:///{home / 'mlflow.db'}")
-    return mlflow.pyfunc.load_model("models:/coinyear@production").unwrap_python_model()
 
 
 def holdout_tensors(data_dir: Path, skip: int, count: int, size: int, grayscale: bool):
@@ -159,13 +161,7 @@ def runtime_check(home: Path, data_dir: Path, skip: int, count: int) -> dict:
     for batch in (1, 16):
         f, b = fronts[:batch], backs[:batch]
         for name, run in runs.items():
-            run(f, b)
-            times = []
-            for _ in range(max(3, 24 // batch)):
-                started = time.perf_counter()
-                run(f, b)
-                times.append(time.perf_counter() - started)
-            out[f"{name}_ms_batch{batch}"] = 1000 * statistics.median(times)
+            out[f"{name}_ms_batch{batch}"] = median_ms(partial(run, f, b), max(3, 24 // batch))
     return out
 
 
@@ -201,109 +197,56 @@ def matmul_gflops(tries: int = 8, seconds: float = 0.4, n: int = 1024) -> float:
 
 
 # ---------------------------------------------------------------------------------------------- servers
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Process:
-    def __init__(self, name: str, command: list[str], env: dict, ready_url: str, log_path: Path):
-        self.name, self.ready_url = name, ready_url
-        self.log = open(log_path, "wb")  # noqa: SIM115 - the server writes to it until stop() closes it
-        self.process = subprocess.Popen(command, env=env, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
-
-    def wait_ready(self, timeout: float = 180) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.process.returncode}; see {self.log.name}")
-            try:
-                if requests.get(self.ready_url, timeout=2).status_code == 200:
-                    return
-            except requests.ConnectionError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"{self.name} not ready after {timeout}s; see {self.log.name}")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)  # its own session: uvicorn workers go too
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
-        self.log.close()
-
-
 def start_ours(home: Path, logging_on: bool, out: Path, threads: int | None = None,
-               workers: int | None = None) -> tuple[Process, str, dict]:
+               workers: int | None = None) -> tuple[Server, str, dict]:
     """Our gateway; with `threads`/`workers` (the sweep) COINYEAR_NUM_THREADS / COINYEAR_BATCH_WORKERS, and its
     own home and name."""
-    port = free_port()
     tuned = threads is not None or workers is not None
     name = f"coinyear-t{threads}-w{workers}" if tuned else f"coinyear-log-{'on' if logging_on else 'off'}"
     # each gateway needs its own COINYEAR_HOME (one spool writer per folder); all read the same registry
     own_home = home / name if tuned else home if logging_on else home / "log-off"
-    env = {**os.environ, "COINYEAR_HOME": str(own_home), "COINYEAR_API_TOKENS": TOKEN,
-           "COINYEAR_INFERENCE_LOG": str(logging_on).lower(),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
-           "MLFLOW_REGISTRY_URI": f"sqlite:///{home / 'mlflow.db'}",
-           **({"COINYEAR_NUM_THREADS": str(threads)} if threads else {}),
-           **({"COINYEAR_BATCH_WORKERS": str(workers)} if workers else {})}
-    env.pop("COINYEAR_LAKE_URI", None)
-    process = Process(name, [str(BIN / "coinyear"), "serve", "--port", str(port)], env,
-                      f"http://127.0.0.1:{port}/ready", out / f"{home.name}-{name}.log")
-    return process, f"http://127.0.0.1:{port}/serving-endpoints/coinyear/invocations", \
-        {"Authorization": f"Bearer {TOKEN}"}
+    env = coinyear_env(own_home, store=home, COINYEAR_API_TOKENS=TOKEN,
+                       COINYEAR_INFERENCE_LOG=str(logging_on).lower(),
+                       **({"COINYEAR_NUM_THREADS": str(threads)} if threads else {}),
+                       **({"COINYEAR_BATCH_WORKERS": str(workers)} if workers else {}))
+    server, url = gateway(name, env, out / f"{home.name}-{name}.log")
+    return server.launch(), url + INVOCATIONS, bearer(TOKEN)
 
 
-def start_mlflow(home: Path, out: Path) -> tuple[Process, str, dict]:
+def start_mlflow(home: Path, out: Path) -> tuple[Server, str, dict]:
+    """`mlflow models serve` of the home's production model (MLflow's scoring server), launched."""
     port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
-           "MLFLOW_REGISTRY_URI": f"sqlite:///{home / 'mlflow.db'}",
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store_uri(home), "MLFLOW_REGISTRY_URI": store_uri(home),
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # it runs `uvicorn` from PATH
-    process = Process("mlflow-models-serve",
-                      [str(BIN / "mlflow"), "models", "serve", "-m", "models:/coinyear@production",
-                       "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
-                      env, f"http://127.0.0.1:{port}/ping", out / f"{home.name}-mlflow.log")
-    return process, f"http://127.0.0.1:{port}/invocations", {}
+    server = Server("mlflow-models-serve",
+                    [str(BIN / "mlflow"), "models", "serve", "-m", "models:/coinyear@production",
+                     "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+                    env, f"http://127.0.0.1:{port}/ping", out / f"{home.name}-mlflow.log")
+    return server.launch(), f"http://127.0.0.1:{port}/invocations", {}
 
 
 # ------------------------------------------------------------------------------------------------- load
 def run_load(url: str, body: bytes, headers: dict, clients: int, seconds: float, warmup: float = 1.0) -> dict:
     """Closed loop: `clients` threads, each posting the next request as soon as the last is answered.
 
-    A bare keep-alive http.client connection per client keeps the load generator's own CPU use small (it shares
-    the machine with the server).
+    One keep-alive `JsonPoster` per client.
     """
-    target = urlsplit(url)
-    headers = {**headers, "Content-Type": "application/json"}
     latencies: list[float] = []
     errors = [0]
     lock = threading.Lock()
     start_at = time.perf_counter() + 0.2
     measure_from, stop_at = start_at + warmup, start_at + warmup + seconds
 
-    def post(connection: http.client.HTTPConnection) -> bool:
-        connection.request("POST", target.path, body=body, headers=headers)
-        response = connection.getresponse()
-        response.read()
-        return response.status == 200
-
     def client():
-        connection = http.client.HTTPConnection(target.hostname, target.port, timeout=120)
+        poster = JsonPoster(url, headers)
         while time.perf_counter() < start_at:
             time.sleep(0.001)
         while (now := time.perf_counter()) < stop_at:
             try:
-                ok = post(connection)
+                ok = poster.post(body) == 200
             except (OSError, http.client.HTTPException):
                 ok = False
-                connection.close()
-                connection = http.client.HTTPConnection(target.hostname, target.port, timeout=120)
+                poster.reconnect()
             done = time.perf_counter()
             if now >= measure_from:
                 with lock:
@@ -311,7 +254,7 @@ def run_load(url: str, body: bytes, headers: dict, clients: int, seconds: float,
                         latencies.append(done - now)
                     else:
                         errors[0] += 1
-        connection.close()
+        poster.close()
 
     threads = [threading.Thread(target=client) for _ in range(clients)]
     for thread in threads:
@@ -326,13 +269,10 @@ def aggregate(server: str, clients: int, interval: bool, runs: list[dict]) -> di
     ordered = sorted(latency for run in runs for latency in run["latencies"])
     seconds = sum(run["seconds"] for run in runs)
 
-    def pct(p: float) -> float:
-        return 1000 * ordered[min(len(ordered) - 1, int(p * len(ordered)))] if ordered else float("nan")
-
     return {"server": server, "clients": clients, "interval": interval, "requests": len(ordered),
             "errors": sum(run["errors"] for run in runs), "rps": len(ordered) / seconds,
             "rps_rounds": [len(run["latencies"]) / run["seconds"] for run in runs],
-            "p50_ms": pct(0.50), "p99_ms": pct(0.99),
+            "p50_ms": 1000 * percentile(ordered, 0.50), "p99_ms": 1000 * percentile(ordered, 0.99),
             "mean_ms": 1000 * statistics.fmean(ordered) if ordered else float("nan")}
 
 
@@ -355,7 +295,7 @@ def bench_servers(starts, bodies: dict[bool, bytes], clients: list[int], seconds
                     for process, url, headers in servers:
                         runs.setdefault((process.name, count, interval), []).append(
                             run_load(url, body, headers, count, seconds))
-            loads.append(" ".join(f"{x:.1f}" for x in os.getloadavg()))
+            loads.append(loadavg())
             print(f"  round {round_index + 1}/{rounds} done (load {loads[-1]})", flush=True)
         results = []
         for (name, count, interval), point in runs.items():
@@ -372,19 +312,11 @@ def bench_servers(starts, bodies: dict[bool, bytes], clients: list[int], seconds
 
 # ----------------------------------------------------------------------------------------------- report
 def machine() -> dict:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     from importlib.metadata import version
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    import torch
+
+    return {"cpu": cpu_name(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "onnxruntime": version("onnxruntime"),
             "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
 
@@ -484,18 +416,6 @@ def plot(report: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def _git_commit() -> str:
-    """The commit measured, with `+dirty` when the working tree had uncommitted changes (a shared checkout)."""
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return head + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -506,9 +426,8 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=96, help="coins to train the 1-epoch model on")
     parser.add_argument("--holdout", type=int, default=200, help="coins after the training slice for the ONNX check")
     parser.add_argument("--home", type=Path, default=REPO / ".coinyear" / "bench", help="benchmark state")
-    parser.add_argument("--data", type=Path, default=Path(os.environ.get("COINYEAR_DATA_DIR",
-                                                                          REPO.parent / "shared" / "data" / "ocre")))
-    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--data", type=Path, default=DATA_DIR)
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default="serve_bench", help="result files: <out>/<name>.{json,md,png}")
     parser.add_argument("--sweep", nargs=2, type=int, action="append", metavar=("THREADS", "WORKERS"),
                         help="instead of the three servers: our gateway (log on) once per given COINYEAR_NUM_THREADS "
@@ -520,16 +439,14 @@ def main() -> int:
 
     manifest = pd.read_csv(args.data / "manifest.csv")
     first = manifest.iloc[0]
-    pair = {"front_image_base64": base64.b64encode((args.data / first["obverse"]).read_bytes()).decode(),
-            "back_image_base64": base64.b64encode((args.data / first["reverse"]).read_bytes()).decode()}
+    pair = coin_row(args.data / first["obverse"], args.data / first["reverse"])
     bodies = {False: json.dumps({"inputs": [pair]}).encode(),
               True: json.dumps({"inputs": [pair], "params": {"interval": 0.9}}).encode()}
 
     matmul = matmul_gflops()
     print(f"matmul: {matmul:.1f} GFLOP/s float32; request body {len(bodies[False]) / 1024:.0f} KiB", flush=True)
     report = {"machine": machine(), "matmul_gflops": matmul, "seconds": args.seconds, "rounds": args.rounds,
-              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "loadavg": " ".join(f"{x:.1f}" for x in os.getloadavg()), "clients": args.clients,
+              "date": utc_minute(), "loadavg": loadavg(), "clients": args.clients,
               "body_bytes": len(bodies[False]), "models": []}
     for name in args.models:
         home = (args.home / name).resolve()
@@ -546,22 +463,19 @@ def main() -> int:
                   partial(start_mlflow, home, logs))
         if args.sweep:
             starts = tuple(partial(start_ours, home, True, logs, t, w) for t, w in args.sweep)
-        loadavg = " ".join(f"{x:.1f}" for x in os.getloadavg())
+        load_start = loadavg()
         results, loads = bench_servers(starts, bodies, args.clients, args.seconds, args.rounds)
         report["models"].append({"name": name, "backbone": MODELS[name][0], "version": version,
-                                 "gflop_per_request": gflop, "runtime": runtime, "loadavg_start": loadavg,
+                                 "gflop_per_request": gflop, "runtime": runtime, "loadavg_start": load_start,
                                  "trained": trained_on(home, version),
-                                 "loadavg_rounds": loads, "git_commit": _git_commit(),
-                                 "loadavg_end": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+                                 "loadavg_rounds": loads, "git_commit": git_commit(),
+                                 "loadavg_end": loadavg(),
                                  "results": results,
                                  "summary": {} if args.sweep else summarise(results, gflop, matmul)})
-    report["loadavg_end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2))
-    table = markdown(report)
-    (args.out / f"{args.name}.md").write_text(table)
-    plot(report, args.out / f"{args.name}.png")
+    report["loadavg_end"] = loadavg()
     print()
-    print(table)
+    write_report(args.out, args.name, report, markdown(report))
+    plot(report, args.out / f"{args.name}.png")
     return 0
 
 

@@ -23,13 +23,10 @@ retraining runs use the same small recipe. Writes benchmarks/results/soak.{json,
 from __future__ import annotations
 
 import argparse
-import base64
-import json
 import os
 import platform
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,13 +39,30 @@ from pathlib import Path
 
 import requests
 
-REPO = Path(__file__).resolve().parents[1]
-COINYEAR = str(Path(sys.executable).with_name("coinyear"))
+# isort: split
+# this folder's modules: a script's own folder is first on sys.path when it runs
+from common import (
+    COINYEAR,
+    INVOCATIONS,
+    REPO,
+    RESULTS,
+    SHARED_DATA,
+    Server,
+    bearer,
+    bench_settings,
+    coin_row,
+    coinyear_env,
+    free_port,
+    gateway,
+    percentile,
+    utc_now,
+    write_json,
+)
+
 TOKEN = "soak-token"  # the scoring clients' and the UI's own
 EXPERT, EXPERT_TOKEN = "soak-expert", "soak-expert-token"  # corrections
 CURATOR, CURATOR_TOKEN = "soak-curator", "soak-curator-token"  # signs in on the UI and rolls back
 TOKENS = f"{TOKEN},{EXPERT}:{EXPERT_TOKEN},{CURATOR}:{CURATOR_TOKEN}"
-RESULTS = REPO / "benchmarks" / "results"
 # the retraining job's recipe: small, but from ImageNet weights, so that its candidate beats the served model and
 # the promotion meets the rollback (the soak checks the loop's record, not the gate's judgement: decade and
 # behaviour checks off); epochs enough for a rollback during training
@@ -59,19 +73,9 @@ RETRAIN_ENV = {"COINYEAR_BACKBONE": "efficientnet_lite0", "COINYEAR_IMAGE_SIZE":
                "COINYEAR_RETRAIN_LATENCY_BUDGET_MS": "60000", "COINYEAR_NUM_THREADS": "1"}
 
 
-def settings_for(home: Path, data_dir: Path):
-    from coinyear.config import Settings
-
-    uri = f"sqlite:///{home / 'mlflow.db'}"
-    return Settings(home=home, data_dir=data_dir, tracking_uri=uri, registry_uri=uri)
-
-
 def clean_env(home: Path, **extra: str) -> dict[str, str]:
     """The environment of every coinyear process of the soak: one COINYEAR_HOME, its own MLflow store."""
-    env = {**os.environ, "COINYEAR_HOME": str(home), "COINYEAR_API_TOKENS": TOKENS, **extra}
-    for key in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "COINYEAR_TRACKING_URI", "COINYEAR_LAKE_URI"):
-        env.pop(key, None)
-    return env
+    return coinyear_env(home, COINYEAR_API_TOKENS=TOKENS, **extra)
 
 
 def prepare_models(home: Path, data_dir: Path) -> list[str]:
@@ -80,7 +84,7 @@ def prepare_models(home: Path, data_dir: Path) -> list[str]:
     from coinyear.model import ModelConfig
     from coinyear.train import TrainConfig, run_training
 
-    settings = settings_for(home, data_dir)
+    settings = bench_settings(home, data_dir)
     versions = [v.version for v in registry.list_versions(settings)] if (home / "mlflow.db").exists() else []
     if len(versions) < 2:
         print("training a small model once (reused by later runs)", flush=True)
@@ -101,11 +105,7 @@ def coin_rows(data_dir: Path, count: int) -> list[dict]:
     import pandas as pd
 
     manifest = pd.read_csv(data_dir / "manifest.csv").dropna(subset=["obverse", "reverse"]).head(count)
-
-    def b64(name: str) -> str:
-        return base64.b64encode((data_dir / name).read_bytes()).decode("ascii")
-
-    return [{"row": {"front_image_base64": b64(row.obverse), "back_image_base64": b64(row.reverse)},
+    return [{"row": coin_row(data_dir / row.obverse, data_dir / row.reverse),
              "years": (int(row.year_from), int(row.year_to))} for row in manifest.itertuples()]
 
 
@@ -113,60 +113,32 @@ class Gateway:
     """`coinyear serve` as a subprocess on a fixed loopback port (kept across restarts, as a real service)."""
 
     def __init__(self, home: Path, timeout: float):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = clean_env(home, COINYEAR_ALIAS_POLL_SECONDS="1", COINYEAR_REQUEST_TIMEOUT_SECONDS=str(timeout))
-        self.process: subprocess.Popen | None = None
-        self.log = open(home / "soak-serve.log", "ab")  # noqa: SIM115 - the gateway's output across restarts
+        env = clean_env(home, COINYEAR_ALIAS_POLL_SECONDS="1", COINYEAR_REQUEST_TIMEOUT_SECONDS=str(timeout))
+        # one log for the gateway's output across restarts
+        self.server, self.url = gateway("coinyear serve", env, home / "soak-serve.log", append=True)
 
     def start(self, timeout: float = 120) -> float:
-        started = time.monotonic()
-        self.process = subprocess.Popen([COINYEAR, "serve", "--port", str(self.port)], env=self.env, cwd=REPO,
-                                        stdout=self.log, stderr=subprocess.STDOUT)
-        wait_ready(f"{self.url}/ready", self.process, timeout, self.log.name)
-        return time.monotonic() - started
+        """Start (or restart) the gateway; the seconds until it was ready."""
+        return self.server.start(timeout, poll=0.2)
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.send_signal(sig)
-            self.process.wait(timeout=60)
+        self.server.kill(sig)
 
     def wait_logged(self, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            lake = requests.get(f"{self.url}/version", timeout=10,
-                                headers={"Authorization": f"Bearer {TOKEN}"}).json()["lake"]
+            lake = requests.get(f"{self.url}/version", timeout=10, headers=bearer(TOKEN)).json()["lake"]
             if all(table is None or table["backlog"] == 0 for table in lake.values()):
                 return
             time.sleep(0.3)
         raise RuntimeError("inference log backlog not committed in time")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_ready(url: str, process: subprocess.Popen, timeout: float, log_name: str) -> None:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args[:2]} exited with {process.returncode}; see {log_name}")
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} not ready in {timeout}s; see {log_name}")
-
-
 # ------------------------------------------------------------------------------------------------- clients
 def client(gateway: Gateway, coins: list[dict], seed: int, stop: threading.Event, answers: list) -> None:
     """Scores one coin after another; every answer is kept, with the coin it was for."""
     session = requests.Session()
-    headers = {"Authorization": f"Bearer {TOKEN}"}
+    headers = bearer(TOKEN)
     index = seed
     while not stop.is_set():
         coin = index % len(coins)
@@ -176,7 +148,7 @@ def client(gateway: Gateway, coins: list[dict], seed: int, stop: threading.Event
         index += 1
         started = time.perf_counter()
         try:
-            response = session.post(f"{gateway.url}/serving-endpoints/coinyear/invocations", json=body,
+            response = session.post(f"{gateway.url}{INVOCATIONS}", json=body,
                                     headers=headers, timeout=60)
         except requests.RequestException as error:  # killed under this request: never acknowledged
             answers.append({"status": f"connection:{type(error).__name__}", "seconds": time.perf_counter() - started})
@@ -194,8 +166,7 @@ def client(gateway: Gateway, coins: list[dict], seed: int, stop: threading.Event
 def post_feedback(gateway: Gateway, token: str, body: dict) -> dict:
     started = time.perf_counter()
     try:
-        response = requests.post(f"{gateway.url}/feedback", json=body, timeout=60,
-                                 headers={"Authorization": f"Bearer {token}"})
+        response = requests.post(f"{gateway.url}/feedback", json=body, timeout=60, headers=bearer(token))
     except requests.RequestException as error:
         return {"status": f"connection:{type(error).__name__}", "seconds": time.perf_counter() - started}
     code = "" if response.status_code == 200 else response.json().get("error_code", "")
@@ -246,10 +217,9 @@ class Curator:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         env = clean_env(home, COINYEAR_API_TOKEN=TOKEN, COINYEAR_API_URL=gateway.url)
-        self.log = open(home / "soak-ui.log", "ab")  # noqa: SIM115
-        self.process = subprocess.Popen([COINYEAR, "ui", "--port", str(port)], env=env, cwd=REPO,
-                                        stdout=self.log, stderr=subprocess.STDOUT)
-        wait_ready(f"{self.url}/_stcore/health", self.process, 120, self.log.name)
+        self.ui = Server("coinyear ui", [COINYEAR, "ui", "--port", str(port)], env, f"{self.url}/_stcore/health",
+                         home / "soak-ui.log", append=True)
+        self.ui.start(120, poll=0.2)
         from playwright.sync_api import sync_playwright
 
         self.playwright = sync_playwright().start()
@@ -275,8 +245,7 @@ class Curator:
     def close(self) -> None:
         self.browser.close()
         self.playwright.stop()
-        self.process.terminate()
-        self.process.wait(timeout=30)
+        self.ui.stop()
 
 
 def retrain(home: Path, label: str) -> subprocess.Popen:
@@ -391,7 +360,7 @@ def soak(args) -> dict:
     home.mkdir(parents=True, exist_ok=True)
     data_dir = Path(args.data_dir).resolve()
     versions = prepare_models(home, data_dir)
-    settings = settings_for(home, data_dir)
+    settings = bench_settings(home, data_dir)
     coins = coin_rows(data_dir, 64)
     gateway = Gateway(home, args.request_timeout)
     startups = [gateway.start()]
@@ -452,7 +421,7 @@ def soak(args) -> dict:
                                    for r in replies).items()))
 
     result = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "date": utc_now(),
         "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.machine()}), load average at the end "
                    f"{os.getloadavg()[0]:.1f}",
         "seconds": round(elapsed, 1), "clients": args.clients, "request_timeout_seconds": args.request_timeout,
@@ -462,10 +431,10 @@ def soak(args) -> dict:
         "corrections_lost": len(set(acknowledged_corrections) - corrected),
         "made_up_ids": len(bogus), "made_up_ids_by_status": by_status(bogus),
         "made_up_ids_5xx": sum(1 for b in bogus if b["status"].startswith("5")),
-        "made_up_p99_ms": (round(1000 * sorted(b["seconds"] for b in bogus)[int(0.99 * (len(bogus) - 1))], 1)
+        "made_up_p99_ms": (round(1000 * percentile(sorted(b["seconds"] for b in bogus), 0.99), 1)
                            if bogus else None),
         "p50_ms": round(1000 * statistics.median(ok_latency), 1) if ok_latency else None,
-        "p99_ms": round(1000 * ok_latency[int(0.99 * (len(ok_latency) - 1))], 1) if ok_latency else None,
+        "p99_ms": round(1000 * percentile(ok_latency, 0.99), 1) if ok_latency else None,
         "max_ms": round(1000 * max(a["seconds"] for a in answers), 1) if answers else None,  # any answer
         "restarts": args.restarts, "alias_moves": moves,
         "restart_to_ready_seconds": [round(s, 1) for s in startups[1:]],
@@ -534,13 +503,12 @@ def main() -> int:
     parser.add_argument("--request-timeout", type=float, default=30)
     # a fresh state folder per run (git-ignored): the checks read every decision and rollback in it as this run's
     parser.add_argument("--home", default=str(REPO / ".coinyear" / f"soak-{datetime.now(UTC):%Y%m%d-%H%M%S}"))
-    parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "ocre"))
+    parser.add_argument("--data-dir", default=str(SHARED_DATA))
     parser.add_argument("--out", default=str(RESULTS / "soak"))
     args = parser.parse_args()
     result = soak(args)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_json(out.with_suffix(".json"), result)
     out.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
     return 0 if result["passed"] else 1
