@@ -11,13 +11,13 @@ from tests.code.test_serve_pieces import HEADERS, PATH, app_client, coin_body  #
 def test_an_unknown_feedback_id_is_looked_up_once_on_the_feedback_thread(app_client):  # noqa: F811
     gateway = app_client.gateway
     scans: list[str] = []
-    real_read = gateway.lake.read
+    real_read = gateway.backend.lake.read
 
     def counted_read(*args, **kwargs):
         scans.append(threading.current_thread().name)
         return real_read(*args, **kwargs)
 
-    gateway.lake.read = counted_read
+    gateway.backend.lake.read = counted_read
     bogus = {"request_id": "no-such-request", "year": 100}
     answers = [app_client.post("/feedback", json=bogus, headers=HEADERS) for _ in range(5)]
     assert [answer.status_code for answer in answers] == [404] * 5
@@ -48,14 +48,14 @@ def test_only_an_answered_request_takes_feedback(app_client):  # noqa: F811
     answered = app_client.post(PATH, json=coin_body(2), headers=HEADERS)
     assert answered.status_code == 200
     ids = {response.headers["x-request-id"]: response.status_code for response in (timed_out, refused, answered)}
-    assert gateway.log_writer.flush(10)
-    logged = gateway.lake.read("inference_log").set_index("request_id")
+    assert gateway.backend.log_writer.flush(10)
+    logged = gateway.backend.lake.read("inference_log").set_index("request_id")
     assert {request_id: logged.loc[request_id, "status_code"] for request_id in ids} == ids
     assert pd.isna(logged.loc[timed_out.headers["x-request-id"], "prediction"])
     for from_memory in (True, False):
         if not from_memory:
-            gateway.recent_ids.clear()
-            gateway.unknown_ids.clear()
+            gateway.backend.ids.recent_ids.clear()
+            gateway.backend.ids.unknown_ids.clear()
         statuses = {request_id: app_client.post("/feedback", json={"request_id": request_id, "year": 100},
                                                 headers=HEADERS).status_code for request_id in ids}
         assert statuses == {request_id: 200 if status == 200 else 404 for request_id, status in ids.items()}, \
@@ -138,8 +138,8 @@ def test_refusals_are_logged_and_counted(app_client):  # noqa: F811
     assert statuses == {"UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403, "ENDPOINT_NOT_FOUND": 404,
                         "BAD_REQUEST": 415}
     assert refused["UNAUTHENTICATED"].headers["www-authenticate"] == "Bearer"
-    assert gateway.log_writer.flush(10)
-    logged = gateway.lake.read("inference_log")
+    assert gateway.backend.log_writer.flush(10)
+    logged = gateway.backend.lake.read("inference_log")
     assert sorted(zip(logged["status_code"], logged["error_code"])) == sorted(
         (status, code) for code, status in statuses.items())
     assert logged["front_image"].isna().all() and logged["prediction"].isna().all()
@@ -160,7 +160,7 @@ def test_execution_time_ms_excludes_the_spool_fsync_and_the_latency_metric_inclu
     import time
     from concurrent.futures import Future
 
-    writer = app_client.gateway.log_writer
+    writer = app_client.gateway.backend.log_writer
     real_submit = writer.submit
 
     def slow_fsync(rows):  # the rows are spooled for real, then the fsync takes 0.5 s more
@@ -178,7 +178,7 @@ def test_execution_time_ms_excludes_the_spool_fsync_and_the_latency_metric_inclu
         writer.submit = real_submit
     assert response.status_code == 200 and waited >= 0.5
     assert writer.flush(10)
-    (row,) = app_client.gateway.lake.read("inference_log").to_dict("records")
+    (row,) = app_client.gateway.backend.lake.read("inference_log").to_dict("records")
     assert row["execution_time_ms"] < 500, row["execution_time_ms"]
     metrics = app_client.get("/metrics").text
     (observed,) = re.findall(r"^coinyear_request_latency_seconds_sum (\S+)$", metrics, flags=re.M)

@@ -12,10 +12,8 @@ from tests.conftest import REPO
 
 DOCS = REPO / "docs"
 
-# The one cycle left, until issue 24's remaining item 1 (gateway backends by composition: a `Backend` protocol
-# with a local and a remote implementation) splits serve/app.py from the Databricks backend in serve/forward.py.
-# Any other cycle fails; so does this one's disappearance (then delete it here).
-KNOWN_CYCLES = [["coinyear.serve.app", "coinyear.serve.forward"]]
+# Import cycles allowed (none: a new cycle means a lower module both can import is missing).
+KNOWN_CYCLES: list[list[str]] = []
 
 
 def load_build_docs():
@@ -49,10 +47,9 @@ def test_every_module_is_on_a_layer(build_docs, graph):
     assert not missing, f"modules on no layer: add them to LAYERS in docs/build_docs.py: {missing}"
 
 
-def test_no_import_cycle_but_the_known_one(build_docs, graph):
+def test_no_import_cycle(build_docs, graph):
     assert build_docs.import_cycles(graph) == KNOWN_CYCLES, (
-        "import cycles in src/coinyear differ from the known one (a new cycle: break it with a lower module "
-        "both can import; the known one gone: remove it from KNOWN_CYCLES)")
+        "import cycles in src/coinyear: break each with a lower module both can import")
 
 
 def test_no_import_runs_up_the_layers(build_docs, graph):

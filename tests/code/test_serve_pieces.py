@@ -167,10 +167,10 @@ def gateway_client(home, **overrides):
                                       "log_flush_seconds": 0.2, "batch_max_wait_ms": 50, **overrides})
     app = create_app(settings, "127.0.0.1")
     gateway = app.state.gateway
-    gateway.models.start = lambda: None  # no registry here: the stand-in is put in place below
+    gateway.backend.models.start = lambda: None  # no registry here: the stand-in is put in place below
     scorer = StandInScorer()
     with TestClient(app, raise_server_exceptions=False) as client:
-        gateway.models.current = ServedModel("coinyear", "7", "models:/coinyear/7", scorer)
+        gateway.backend.models.current = ServedModel("coinyear", "7", "models:/coinyear/7", scorer)
         client.gateway, client.scorer = gateway, scorer
         yield client
 
@@ -232,7 +232,7 @@ def test_version_shows_error_texts_only_to_a_caller_with_a_token(app_client):
     """An unauthenticated probe learns that there is an error, not what it says (hosts, paths, versions)."""
     from coinyear.serve.app import HIDDEN
 
-    models = app_client.gateway.models
+    models = app_client.gateway.backend.models
     models.last_error = "cannot read alias production: sqlite:////srv/secret/mlflow.db is locked"
     models.failed["9"] = ("version 9 failed its smoke request: /srv/secret/model.pt", 0.0)
     open_view = app_client.get("/version").json()
@@ -248,7 +248,7 @@ def test_version_shows_error_texts_only_to_a_caller_with_a_token(app_client):
 def test_a_dead_dispatcher_shows_in_ready_and_requests_fail_fast(app_client):
     import time
 
-    app_client.gateway.batcher._task.cancel()
+    app_client.gateway.backend.batcher._task.cancel()
     time.sleep(0.2)
     ready = app_client.get("/ready")
     assert ready.status_code == 503 and "dispatcher" in ready.json()["message"]
@@ -272,8 +272,8 @@ def test_a_slow_model_gets_a_504_at_the_deadline_and_is_logged(app_client):
     time.sleep(2.5 - took + 0.2)  # the abandoned pass still holds the one inference thread until it ends
     assert app_client.post(PATH, json=coin_body(2), headers=HEADERS).status_code == 200
     request_id = response.headers["x-request-id"]
-    assert app_client.gateway.log_writer.flush(10) is not False
-    logged = app_client.gateway.lake.read("inference_log")
+    assert app_client.gateway.backend.log_writer.flush(10) is not False
+    logged = app_client.gateway.backend.lake.read("inference_log")
     assert logged.set_index("request_id").loc[request_id, "status_code"] == 504
 
 
@@ -285,7 +285,7 @@ def test_a_request_whose_log_write_failed_takes_no_feedback(app_client):
         future.set_exception(OSError("disk full"))
         return future
 
-    writer = app_client.gateway.log_writer
+    writer = app_client.gateway.backend.log_writer
     real_submit, writer.submit = writer.submit, failing_submit
     try:
         response = app_client.post(PATH, json=coin_body(1), headers=HEADERS)
@@ -323,11 +323,11 @@ def test_feedback_storage_failures_are_json_errors(app_client):
     def a_bug(record):
         raise RuntimeError("a bug")
 
-    writer, lake = gateway.feedback_writer, gateway.lake
+    writer, lake = gateway.backend.feedback_writer, gateway.backend.lake
     for target, name, replacement, request, status, code in (
             (writer, "submit", full_disk, request_id, 503, "TEMPORARILY_UNAVAILABLE"),  # the spool's disk is full
             (lake, "read", lake_down, "not-in-memory", 503, "TEMPORARILY_UNAVAILABLE"),  # the id cannot be checked
-            (gateway, "_store_feedback", a_bug, request_id, 500, "INTERNAL_ERROR")):
+            (gateway.backend, "store_feedback", a_bug, request_id, 500, "INTERNAL_ERROR")):
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(target, name, replacement)
             response = post_feedback(request)
@@ -366,11 +366,11 @@ def test_monitoring_counts_requests_not_coins(app_client):
     refused = app_client.post(PATH, json=bad, headers=HEADERS)
     assert [r.status_code for r in answered] == [200, 200] and refused.status_code == 400
     gateway = app_client.gateway
-    assert gateway.log_writer.flush(10)
-    log = gateway.lake.read("inference_log")
+    assert gateway.backend.log_writer.flush(10)
+    log = gateway.backend.lake.read("inference_log")
     assert len(log) == 6  # 3 + 1 + 2 coins
     latencies = log.drop_duplicates("http_request_id")["execution_time_ms"].to_numpy()
-    (row,) = compute_monitoring(gateway.settings, gateway.lake).to_dict("records")
+    (row,) = compute_monitoring(gateway.settings, gateway.backend.lake).to_dict("records")
     assert row["requests"] == 3 and row["errors"] == 1 and row["error_rate"] == 1 / 3
     assert row["rows"] == 6
     assert row["latency_p50_ms"] == np.quantile(latencies, 0.5)
@@ -414,8 +414,8 @@ def test_a_feedback_row_records_the_tokens_actor_and_never_the_token(tmp_path):
         assert entry.status_code == 403  # the entry is not the token
         claimed = post_correction(client, "bare-secret-2", actor="ada")
         assert claimed.status_code == 400 and "actor" in claimed.json()["message"]
-        assert client.gateway.feedback_writer.flush(10)
-        rows = client.gateway.lake.read(FEEDBACK)
+        assert client.gateway.backend.feedback_writer.flush(10)
+        rows = client.gateway.backend.lake.read(FEEDBACK)
     assert dict(zip(rows["year_from"], rows["actor"], strict=True)) == {70: "ada", 71: fingerprint}
     stored = rows.astype(str).to_csv()
     assert "ada-secret-1" not in stored and "bare-secret-2" not in stored
@@ -425,8 +425,8 @@ def test_an_open_loopback_gateway_records_its_feedback_as_anonymous(tmp_path):
     with gateway_client(tmp_path / "home", api_tokens=[]) as client:
         answer = post_correction(client, None)
         assert answer.status_code == 200 and answer.json()["actor"] == "anonymous", answer.text
-        assert client.gateway.feedback_writer.flush(10)
-        assert list(client.gateway.lake.read(FEEDBACK)["actor"]) == ["anonymous"]
+        assert client.gateway.backend.feedback_writer.flush(10)
+        assert list(client.gateway.backend.lake.read(FEEDBACK)["actor"]) == ["anonymous"]
 
 
 @pytest.mark.parametrize("content_type, status", [
@@ -544,7 +544,7 @@ def databricks_client(tmp_path):
     settings = make_settings(tmp_path / "home", api_tokens=[TOKEN], serving_backend="databricks",
                              loop_volume=str(tmp_path / "volume"), request_timeout_seconds=5.0)
     app = create_app(settings, "127.0.0.1")
-    app.state.gateway.workspace = workspace = StandInWorkspace()
+    app.state.gateway.backend.workspace = workspace = StandInWorkspace()
     with TestClient(app, raise_server_exceptions=False) as client:
         client.workspace = workspace
         yield client

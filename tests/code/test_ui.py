@@ -447,7 +447,7 @@ def test_a_correction_without_sign_in_never_becomes_training_data(api, predicted
         replay = gateway.post("/feedback", json={**call["json"], "request_id": scored.headers["x-request-id"]},
                               headers=sent)
         assert replay.status_code == 200, replay.text
-        served = gateway.gateway
+        served = gateway.gateway.backend
         assert served.log_writer.flush(10) and served.feedback_writer.flush(10)
         candidates = ingest.feedback_candidates(served.lake, served.lake.read(FEEDBACK))
         kept, dropped = clean.clean(candidates, pd.DataFrame(), served.settings)

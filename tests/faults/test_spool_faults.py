@@ -295,20 +295,22 @@ def fill(folder: Path) -> Path:
 
 @pytest.fixture
 def gateway_factory(tmp_path):
-    """A real Gateway's lake writers and ready()/metrics; the served model is a stand-in (only its name and
-    version are read by ready())."""
+    """A real LocalBackend's lake writers and ready()/metrics; the served model and the batch dispatcher are
+    stand-ins (ready() reads only the model's name and version, and whether the dispatcher is alive)."""
     from types import SimpleNamespace
 
     from coinyear.config import Settings
-    from coinyear.serve.app import Gateway
+    from coinyear.serve.local import LocalBackend
+    from coinyear.serve.metrics import Metrics
 
     made = []
 
-    def make(home: Path, lake_uri: Path | None = None) -> Gateway:
+    def make(home: Path, lake_uri: Path | None = None) -> LocalBackend:
         settings = Settings(home=home, lake_uri=str(lake_uri) if lake_uri else None, auth_disabled=True,
                             log_flush_seconds=0.05)
-        gateway = Gateway(settings, "127.0.0.1")
+        gateway = LocalBackend(settings, Metrics())
         gateway.models.current = SimpleNamespace(name="coinyear", version="1")
+        gateway.batcher = SimpleNamespace(alive=True, failure=None)
         for writer in (gateway.log_writer, gateway.feedback_writer):
             writer.start()
         made.append(gateway)

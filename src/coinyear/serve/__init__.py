@@ -1,6 +1,10 @@
 """Serving stage: the REST gateway (`coinyear serve`).
 
-app        routes: scoring, feedback, /health /ready /version /metrics, OpenAPI at /docs
+app        routes: scoring, feedback, /health /ready /version /metrics, OpenAPI at /docs, over one backend
+backend    the Backend protocol the routes call (score, log, feedback, ready, version) and a request's Outcome
+local      the local backend: the model in this process, requests and feedback spooled to the lake
+metrics    the Prometheus series
+feedback   the /feedback body's rules and the request ids feedback is taken for
 wire       the MLflow / Databricks scoring request formats, decoded into coin rows
 auth       bearer tokens
 batching   concurrent requests micro-batched into one forward pass

@@ -41,13 +41,15 @@ from fastapi import Request
 import coinyear
 from coinyear.config import Settings
 from coinyear.pyfunc import InvalidCoinInput, decode_base64
-from coinyear.serve.app import Gateway, Outcome
+from coinyear.serve.backend import Outcome
 from coinyear.serve.errors import BAD_REQUEST, HTTP_CODES, INTERNAL_ERROR, TEMPORARILY_UNAVAILABLE, ApiError
 from coinyear.serve.volume import PAYLOAD_LOG_LIMIT, feedback_file, files_api_path, photo_path, served_model
 from coinyear.serve.wire import FORMATS, PreparedRow, parse_body
 
 if TYPE_CHECKING:  # the SDK is imported when the backend opens
     from databricks.sdk.core import Config
+
+    from coinyear.serve.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -123,17 +125,19 @@ def _upstream_error(response: httpx.Response) -> ApiError:
     return ApiError(status, str(code), str(body.get("message") or response.text[:500] or response.reason_phrase))
 
 
-class DatabricksGateway(Gateway):
-    """The gateway whose scoring is done by a Model Serving endpoint (see the module docstring)."""
+class RemoteBackend:
+    """Scoring done by a Model Serving endpoint, feedback kept in the loop volume (a coinyear.serve.backend.Backend;
+    see the module docstring)."""
 
-    def _init_backend(self) -> None:
-        if not self.settings.loop_volume:
+    def __init__(self, settings: Settings, metrics: Metrics):
+        if not settings.loop_volume:
             raise RuntimeError("the databricks serving backend needs COINYEAR_LOOP_VOLUME (/Volumes/<catalog>/"
                                "<schema>/<volume>): feedback and the photos of big requests are kept there")
-        self.volume = self.settings.loop_volume.rstrip("/")
-        self.log_writer = self.feedback_writer = None
-        self.batcher = None  # the endpoint batches; nothing is scored in this process
-        self.workspace = Workspace(self.settings)
+        self.settings = settings
+        self.metrics = metrics
+        self.endpoint_name = settings.serving_endpoint_name
+        self.volume = settings.loop_volume.rstrip("/")
+        self.workspace = Workspace(settings)
         self.served: RemoteModel | None = None
         self.endpoint_state: dict = {}
         self.last_error: str | None = None
@@ -172,8 +176,7 @@ class DatabricksGateway(Gateway):
             await self._refresh()
 
     # ------------------------------------------------------------------------------------------ scoring
-    async def _score(self, request: Request, outcome: Outcome) -> None:
-        body = await self.read_body(request)
+    async def score(self, body: bytes, outcome: Outcome) -> None:
         try:
             payload = json.loads(body.decode("utf-8"))  # what the Content-Type says (json.loads would guess UTF-16)
         # ValueError: also integers of over 4,300 digits (and JSONDecodeError, UnicodeDecodeError); RecursionError:
@@ -228,13 +231,16 @@ class DatabricksGateway(Gateway):
             raise ApiError(503, TEMPORARILY_UNAVAILABLE, f"cannot keep the photos of this request in "
                                                          f"{self.volume} ({error})") from error
 
+    async def log(self, outcome: Outcome, request: Request, elapsed: float) -> None:
+        """Nothing here: Model Serving logs the forwarded request in its payload table."""
+
     # ----------------------------------------------------------------------------------------- feedback
-    async def _known(self, request_id: str) -> bool:
+    async def known(self, request_id: str) -> bool:
         # The payload table is up to an hour late: `coinyear ingest-payloads` holds feedback until its request
         # is mapped, and rejects it (file kept) when it never is.
         return True
 
-    async def _store_feedback(self, record: dict) -> None:
+    async def store_feedback(self, record: dict) -> None:
         path, data = feedback_file(self.volume, record)
         try:
             await self.workspace.upload(path, data, False)
