@@ -7,7 +7,7 @@ in the repo) and reused by every later run with the same coins, size and rotatio
 `conv_head` (shared by both sides) and a small head on the two sides' concatenated pooled features are trained,
 on the cached maps, with two outputs: the portrait (21 classes: the 20 commonest rulers of
 `coinyear.rulers` + "other", cross-entropy with logit adjustment or class weights) and the year (the project's
-interval loss, `coinyear.train.loss_fn`: zero inside [year_from, year_to]).
+interval loss, `coinyear.fit.loss_fn`: zero inside [year_from, year_to]).
 
 Split: the project's one evaluation split (`coinyear.data.split_test`: sha256 of the coin type's key % 100 < 15
 -> test); of the other types, those whose bucket is in [15, 15 + --val-percent) are the validation types, which
@@ -40,11 +40,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from coinyear.backbones import EFFICIENTNET_LITE, LITE_MEAN, LITE_STD, build_backbone
 from coinyear.config import Settings
 from coinyear.data import TEST_PERCENT, TEST_SPLIT_RULE, preprocess, read_manifest, split_test, type_bucket
 from coinyear.evaluate import regression_metrics
-from coinyear.model import EFFICIENTNET_LITE, LITE_MEAN, LITE_STD, build_backbone, rotate_stack, rotation_grid
-from coinyear.train import aux_labels, loss_fn
+from coinyear.experiment import aux_labels
+from coinyear.fit import loss_fn
+from coinyear.model import rotate_stack, rotation_grid
 
 # isort: split
 # this folder's modules: a script's own folder is first on sys.path when it runs

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from coinyear import model as model_module
-from coinyear.model import ModelConfig, build_model, efficientnet_lite_weights_path, load_checkpoint, save_checkpoint
+from coinyear import backbones
+from coinyear.backbones import efficientnet_lite_weights_path
+from coinyear.model import ModelConfig, build_model, load_checkpoint, save_checkpoint
 
 
 @pytest.mark.parametrize("backbone", ["efficientnet_lite1", "efficientnet_lite2"])
@@ -30,9 +31,9 @@ def test_efficientnet_lite_loads_its_shipped_imagenet_weights_strictly(backbone)
 
 def test_a_wrong_weight_file_is_refused_whole():
     lite0 = torch.load(efficientnet_lite_weights_path("efficientnet_lite0"), map_location="cpu", weights_only=True)
-    net = model_module.build_backbone("efficientnet_lite1", pretrained=False, grayscale=False)[0]
+    net = backbones.build_backbone("efficientnet_lite1", pretrained=False, grayscale=False)[0]
     with pytest.raises(ValueError):
-        model_module.load_by_position(net, lite0)
+        backbones.load_by_position(net, lite0)
 
 
 def test_checkpoint_of_a_lite2_model_needs_no_weight_package(tmp_path, monkeypatch):
@@ -42,7 +43,7 @@ def test_checkpoint_of_a_lite2_model_needs_no_weight_package(tmp_path, monkeypat
     def no_package(backbone):
         raise AssertionError("loading a checkpoint must not read the ImageNet weight package")
 
-    monkeypatch.setattr(model_module, "efficientnet_lite_weights_path", no_package)
+    monkeypatch.setattr(backbones, "efficientnet_lite_weights_path", no_package)
     restored = load_checkpoint(tmp_path / "model.pt")
     front, back = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
     with torch.no_grad():
@@ -51,7 +52,7 @@ def test_checkpoint_of_a_lite2_model_needs_no_weight_package(tmp_path, monkeypat
 
 def test_every_timm_backbone_puts_timm_in_the_logged_requirements():
     """A logged EfficientNet-Lite model of any size needs timm to load its checkpoint (pyfunc.TIMM_BACKBONES)."""
-    from coinyear.model import EFFICIENTNET_LITE
+    from coinyear.backbones import EFFICIENTNET_LITE
     from coinyear.pyfunc import TIMM_BACKBONES, pip_requirements
 
     assert set(TIMM_BACKBONES) == set(EFFICIENTNET_LITE)

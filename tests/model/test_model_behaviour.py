@@ -8,16 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from coinyear.model import (
-    BACKBONES,
-    ModelConfig,
-    build_model,
-    count_parameters,
-    efficientnet_lite0_weights_path,
-    load_by_position,
-    load_checkpoint,
-    save_checkpoint,
-)
+from coinyear.backbones import BACKBONES, efficientnet_lite0_weights_path, load_by_position
+from coinyear.model import ModelConfig, build_model, count_parameters, load_checkpoint, save_checkpoint
 
 
 @pytest.mark.parametrize("backbone", BACKBONES)
