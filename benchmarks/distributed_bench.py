@@ -50,7 +50,7 @@ def machine() -> dict:
 
 def recipe(args):
     from coinyear.model import ModelConfig
-    from coinyear.train import TrainConfig
+    from coinyear.recipe import TrainConfig
 
     model = ModelConfig(backbone=args.backbone, mode="shared", image_size=args.image_size, proj_dim=32)
     return TrainConfig(model=model, epochs=args.epochs, batch_size=args.batch_size, limit=args.limit, seed=1,
@@ -79,9 +79,10 @@ def child_data_epoch(args) -> None:
     import numpy as np
     from torch.utils.data import DataLoader
 
+    from coinyear.augment import make_augmentation
     from coinyear.data import ImageCache, choice_splits, load_arrays, mapped_arrays, read_manifest
     from coinyear.distributed import memory_mb
-    from coinyear.train import CoinDataset, make_augmentation, shard_sampler
+    from coinyear.fit import CoinDataset, shard_sampler
 
     config = recipe(args)
     rows = read_manifest(args.data, limit=args.limit, seed=config.seed).rows

@@ -36,10 +36,11 @@ from sklearn.metrics import roc_auc_score
 from coinyear import evaluate
 from coinyear.config import Settings
 from coinyear.data import ImageCache, load_arrays, read_manifest, split_test
+from coinyear.experiment import train_on_manifest
+from coinyear.fit import infer_arrays
 from coinyear.model import as_ensemble, mixture_median
 from coinyear.quality import interval_metrics
 from coinyear.recipe import recipe_from_settings
-from coinyear.train import infer_arrays, train_on_manifest
 
 # isort: split
 # this folder's modules: a script's own folder is first on sys.path when it runs

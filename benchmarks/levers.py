@@ -36,8 +36,8 @@ from coinyear import evaluate
 from coinyear.calibrate import Heads, fit_levers, fit_ranges, portrait_floor
 from coinyear.config import configure_mlflow, get_settings
 from coinyear.data import ImageCache, choice_splits, load_arrays, read_manifest
+from coinyear.fit import infer_arrays
 from coinyear.quality import SCALES, interval_metrics
-from coinyear.train import infer_arrays
 
 # isort: split
 # this folder's modules: a script's own folder is first on sys.path when it runs

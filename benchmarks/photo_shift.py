@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
+from coinyear.augment import shrink_in_frame
 from coinyear.evaluate import regression_metrics
 from coinyear.quality import interval_metrics
-from coinyear.train import shrink_in_frame
 
 # isort: split
 # this folder's modules: a script's own folder is first on sys.path when it runs

@@ -31,9 +31,11 @@ import torch
 
 from coinyear import evaluate
 from coinyear.data import ImageCache, grouped_folds, load_arrays, read_manifest
+from coinyear.experiment import train_on_manifest
+from coinyear.fit import infer_arrays, resolve_device
 from coinyear.model import ModelConfig
 from coinyear.quality import FeatureDistance, cross_conformal, interval_metrics
-from coinyear.train import TTA_ANGLES, TrainConfig, infer_arrays, resolve_device, train_on_manifest
+from coinyear.recipe import TTA_ANGLES, TrainConfig
 
 # isort: split
 # this folder's modules: a script's own folder is first on sys.path when it runs
@@ -263,7 +265,9 @@ def cpu_probe(args, manifest) -> None:
     Records wall-clock and process CPU seconds: on a shared machine the wall clock measures the neighbours,
     while CPU seconds / threads is what the epoch costs on otherwise idle cores (an extrapolation).
     """
-    from coinyear.train import CoinDataset, fit, make_augmentation, new_model, serving_model
+    from coinyear.augment import make_augmentation
+    from coinyear.experiment import new_model, serving_model
+    from coinyear.fit import CoinDataset, fit
 
     rows = manifest.rows
     train, _ = grouped_folds(rows, args.folds, args.seed)[0]

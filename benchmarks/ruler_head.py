@@ -34,11 +34,11 @@ import numpy as np
 import torch
 
 from coinyear import evaluate
-from coinyear import train as train_module
+from coinyear import recipe as recipe_module
 from coinyear.config import Settings
 from coinyear.data import ImageCache, choice_splits, load_arrays, read_manifest
+from coinyear.experiment import aux_labels, train_on_manifest
 from coinyear.recipe import recipe_from_settings
-from coinyear.train import aux_labels, train_on_manifest
 
 # isort: split
 # this folder's modules: a script's own folder is first on sys.path when it runs
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
         manifest.rows = manifest.rows.assign(year_bin=bins.astype(str))
         heads = ("portrait", "year_bin")
         # an experiment's own head: the trainer accepts only catalogue columns as auxiliary heads
-        train_module.AUX_COLUMNS = (*train_module.AUX_COLUMNS, "year_bin")
+        recipe_module.AUX_COLUMNS = (*recipe_module.AUX_COLUMNS, "year_bin")
         if bins.nunique() > args.aux_top:
             raise SystemExit(f"{bins.nunique()} year bins but --aux-top {args.aux_top}: widen the bins")
     _, config = recipe_from_settings(Settings(), epochs=args.epochs)

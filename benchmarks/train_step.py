@@ -19,8 +19,10 @@ import time
 import numpy as np
 import torch
 
-from coinyear import train as T
+from coinyear.experiment import new_model
+from coinyear.fit import loss_fn, reused_memory
 from coinyear.model import ModelConfig
+from coinyear.recipe import TrainConfig
 
 
 def main() -> None:
@@ -37,8 +39,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    config = T.TrainConfig(model=ModelConfig(backbone=args.backbone, image_size=args.size), epochs=1)
-    model = T.new_model(config, [-100, 100], [0, 200])
+    config = TrainConfig(model=ModelConfig(backbone=args.backbone, image_size=args.size), epochs=1)
+    model = new_model(config, [-100, 100], [0, 200])
     net = model.front_net
     frozen = list(net.parameters()) if args.freeze_backbone else [
         p for m in ([net.conv_stem, net.bn1, *net.blocks[:args.freeze_early]] if args.freeze_early else [])
@@ -56,14 +58,14 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             predicted = model(front, back)
-        T.loss_fn(predicted.float(), year_from, year_to, "interval", 50.0).backward()
+        loss_fn(predicted.float(), year_from, year_to, "interval", 50.0).backward()
         optimizer.step()
 
     def usage() -> np.ndarray:
         r = resource.getrusage(resource.RUSAGE_SELF)
         return np.array([r.ru_utime, r.ru_stime, r.ru_minflt, time.perf_counter()])
 
-    with T.reused_memory() if args.reuse_memory else contextlib.nullcontext():
+    with reused_memory() if args.reuse_memory else contextlib.nullcontext():
         model.train()
         step()  # warm-up: first-call allocations and oneDNN primitive creation
         start = usage()

@@ -69,19 +69,22 @@ def diagram_stamp(path: Path = DIAGRAM) -> str | None:
 # entry. Data flows data -> model -> train -> registry -> serve -> lake -> jobs, but the lake is imported by
 # everything that writes it (the gateway, the jobs, the UI), so it sits below them as storage; the packaged model
 # (pyfunc, the evidence it returns, the scoring parameters it takes) sits between the network and the training
-# that logs it.
+# that logs it. The Databricks target (the gateway's remote backend, payload ingestion, the endpoint deploy) builds
+# on the local stages; coinyear.targets, above both, picks one at start-up.
 LAYERS: dict[str, tuple[str, ...]] = {
     "foundation": ("coinyear", "coinyear.years", "coinyear.rulers", "coinyear.reference", "coinyear.config",
-                   "coinyear.spark"),
+                   "coinyear.identity", "coinyear.spark"),
     "data": ("coinyear.data",),
-    "model": ("coinyear.model", "coinyear.runtime", "coinyear.quality", "coinyear.calibrate"),
+    "model": ("coinyear.backbones", "coinyear.model", "coinyear.runtime", "coinyear.quality", "coinyear.calibrate"),
     "packaged model": ("coinyear.params", "coinyear.neighbours", "coinyear.pyfunc"),
-    "train": ("coinyear.evaluate", "coinyear.behaviour", "coinyear.train", "coinyear.recipe", "coinyear.distributed"),
+    "train": ("coinyear.evaluate", "coinyear.behaviour", "coinyear.recipe", "coinyear.augment", "coinyear.fit",
+              "coinyear.experiment", "coinyear.train", "coinyear.distributed"),
     "registry": ("coinyear.registry",),
     "lake": ("coinyear.lake",),
     "serve": ("coinyear.serve", "coinyear.predict"),
     "jobs": ("coinyear.jobs", "coinyear.deploy"),
-    "ui / cli": ("coinyear.ui", "coinyear.cli"),
+    "databricks": ("coinyear.databricks",),
+    "ui / cli": ("coinyear.ui", "coinyear.targets", "coinyear.cli"),
 }
 
 

@@ -67,12 +67,14 @@ from IPython.display import Image as ShowImage, display
 from PIL import Image
 
 from coinyear import evaluate, registry
+from coinyear.augment import make_augmentation
 from coinyear.config import Settings, configure_mlflow, set_torch_threads
 from coinyear.data import COMPOSITE_ASPECT, ImageCache, decode_side, grouped_folds, preprocess, read_manifest
 from coinyear.evaluate import year_label
 from coinyear.model import BACKBONES, MODES, ModelConfig, build_model, count_parameters
 from coinyear.pyfunc import BACK, FRONT, encode_file
-from coinyear.train import TrainConfig, make_augmentation, run_training
+from coinyear.recipe import TrainConfig
+from coinyear.train import run_training
 
 import matplotlib.pyplot as plt
 

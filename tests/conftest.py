@@ -88,7 +88,7 @@ def settings(tmp_path):
 def small_train_config(**overrides):
     """A training recipe that runs in seconds on 2 CPU cores (tests only)."""
     from coinyear.model import ModelConfig
-    from coinyear.train import TrainConfig
+    from coinyear.recipe import TrainConfig
 
     model = ModelConfig(**{"backbone": "mobilenet_v3_small", "mode": "shared", "image_size": 64, "proj_dim": 32,
                            **overrides.pop("model", {})})

@@ -1,7 +1,7 @@
 """Distributed training stage: the one-process training run of `coinyear.train`, spread over N processes with
 PyTorch DistributedDataParallel, launched by Spark's TorchDistributor (`coinyear train --distributed N`).
 
-The loop is not forked: every rank runs `coinyear.train.train_on_manifest` inside a torch.distributed group,
+The loop is not forked: every rank runs `coinyear.experiment.train_on_manifest` inside a torch.distributed group,
 whose `fit` shards the training rows (DistributedSampler), averages gradients (DDP) and combines the epoch
 loss and the validation predictions over ranks. Rank 0 runs it through `run_training`, so it logs the same
 MLflow run (params, per-epoch and validation metrics, plots, dataset) and logs and registers the same pyfunc
@@ -30,7 +30,8 @@ import os
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from coinyear.train import RunOutcome, TrainConfig
+from coinyear.recipe import TrainConfig
+from coinyear.train import RunOutcome
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,8 @@ def train_worker(settings, config: TrainConfig, manifest, register: bool, run_na
 
     from coinyear.data import ImageCache, build_tensor_files
     from coinyear.distributed import memory_mb
-    from coinyear.train import run_training, train_on_manifest
+    from coinyear.experiment import train_on_manifest
+    from coinyear.train import run_training
 
     if environment:  # exactly the handed credentials: a stray token beside them would be a second auth method
         for name in WORKSPACE_VARIABLES:

@@ -5,20 +5,94 @@ A value given explicitly (a command-line flag) overrides the setting; `None` mea
 the settings' own (`config.Settings`: a COINYEAR_* variable out of bounds is refused when the settings are read),
 applied here to each flag too; the rules that span fields are TrainConfig's. An invalid value (`--lr 0`,
 `--ensemble` without folds, ...) is a clear error, never a silent default.
+
+`TrainConfig` is the recipe as the training stage reads it (`coinyear.fit`, `coinyear.experiment`): its fields
+that are settings take the settings' defaults.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field
 from functools import cache
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
-from coinyear.config import Settings
+from coinyear.config import AUX_COLUMNS, LOSSES, Settings, setting_default
+from coinyear.model import ModelConfig
 
-if TYPE_CHECKING:  # torch is imported only when a recipe is built
-    from coinyear.model import ModelConfig
-    from coinyear.train import TrainConfig
+# Rotation TTA measured in benchmarks/quality.py: -0.7 years MAE, and its spread makes the conformal ranges
+# adaptive (median 90% width 35 instead of 60 years at the same coverage). Costs 5 forward passes per coin.
+TTA_ANGLES = (-20.0, -10.0, 0.0, 10.0, 20.0)
+
+
+@dataclass
+class TrainConfig:
+    """How a model is trained. The fields that are settings take the settings' defaults (`config.Settings`, the
+    one home of the recipe's defaults); the rest are fixed choices, each with its reason."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    epochs: int = setting_default("epochs")
+    batch_size: int = setting_default("batch_size")
+    lr: float = setting_default("lr")
+    weight_decay: float = 1e-4
+    loss: str = setting_default("loss")
+    patience: int = 3
+    # Keep the epoch with the best validation MAE and stop when it stalls. Off = fixed epochs, last weights.
+    # The epoch is chosen on validation coins, never on the test coin types (`data.split_test`), so the test
+    # score is not flattered by the choice; the `val_*` metrics are.
+    early_stopping: bool = True
+    folds: int = setting_default("folds")
+    # Without folds: the share of the non-test rows (whole coin types, seeded) held out for validation.
+    holdout_fraction: float = 0.15
+    rotation_degrees: float = 20.0
+    color_jitter: float = 0.2
+    horizontal_flip: bool = setting_default("horizontal_flip")
+    reshoot: float = setting_default("reshoot")
+    seed: int = setting_default("seed")
+    limit: int | None = None
+    # Rotation test-time augmentation: the served year is the mean over these rotations of both photos.
+    tta_angles: tuple[float, ...] = TTA_ANGLES
+    ensemble: bool = setting_default("ensemble")
+    aux_weight: float = setting_default("aux_weight")
+    aux_heads: tuple[str, ...] = tuple(setting_default("aux_heads"))
+    # Classes beyond the most common `aux_top` of each auxiliary column share one "other" class.
+    aux_top: int = 20
+    # Conformal scores divided by the spread of the rotated predictions (needs >= 2 TTA angles).
+    conformal_scaled: bool = True
+    # Share of coins of unseen types (in the training span) the out-of-distribution flag may wrongly flag
+    # is 1 - ood_quantile; benchmarks/era_shift.py measures what it then catches.
+    ood_quantile: float = 0.95
+    # Fit the post-hoc levers on the validation coins at the end of training (`coinyear.calibrate`): the portrait
+    # temperature, the ruler mixture's pooling and weight, the range's scale and the portrait flag. Off: the
+    # network serves as trained, the ranges divide by the rotation spread, no portrait flag.
+    calibrate: bool = True
+    # Share of validation coins (unseen in-span types) the portrait flag may flag (`calibrate.portrait_floor`;
+    # 0 = no portrait flag): a false-alarm rate stated in advance, on top of the feature distance's. Off: it lost
+    # on benchmarks/era_shift.py (portrait-levers: AUROC 0.568; at 5% it flagged 13.6% of in-span test types and
+    # 11.9% of the out-of-span coins).
+    portrait_flag_rate: float = 0.0
+    device: str = "auto"  # "auto": CUDA when present, else CPU
+
+    def __post_init__(self):
+        """The checks that span fields or that a hand-built config needs (the settings check each value)."""
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; choose from {', '.join(LOSSES)}")
+        self.tta_angles = tuple(float(a) for a in self.tta_angles)
+        if self.ensemble and self.folds < 2:
+            raise ValueError("ensemble needs folds >= 2 (COINYEAR_FOLDS or --folds)")
+        self.aux_heads = tuple(self.aux_heads)
+        unknown = sorted(set(self.aux_heads) - set(AUX_COLUMNS))
+        if unknown:
+            raise ValueError(f"unknown auxiliary column(s) {', '.join(unknown)}; "
+                             f"choose from {', '.join(AUX_COLUMNS)}")
+
+    def flat(self) -> dict:
+        params = {k: v for k, v in asdict(self).items() if k != "model"}
+        params.update(self.model.to_dict())
+        return params
+
+
 
 RECIPE_FIELDS = ("backbone", "mode", "proj_dim", "grayscale", "image_size", "pretrained", "epochs", "batch_size",
                  "lr", "loss", "folds", "seed", "limit", "horizontal_flip", "tta", "ensemble", "aux_weight",
@@ -28,10 +102,7 @@ RECIPE_FIELDS = ("backbone", "mode", "proj_dim", "grayscale", "image_size", "pre
 @cache
 def _setting_rule(name: str) -> TypeAdapter:
     """The validator of one setting: its type with its constraints (bounds, choices, validators)."""
-    info = Settings.model_fields[name]
-    if not info.metadata:
-        return TypeAdapter(info.annotation)
-    return TypeAdapter(Annotated[(info.annotation, *info.metadata)])  # type: ignore[arg-type]
+    return TypeAdapter(Settings.model_fields[name].rebuild_annotation())
 
 
 def _checked(name: str, value: Any) -> Any:
@@ -58,9 +129,6 @@ def recipe_values(settings: Settings, **overrides) -> dict:
 
 def recipe_from_settings(settings: Settings, **overrides) -> tuple[ModelConfig, TrainConfig]:
     """(ModelConfig, TrainConfig) from `settings`, with `overrides` (None = use the setting); see the module."""
-    from coinyear.model import ModelConfig
-    from coinyear.train import TrainConfig
-
     v = recipe_values(settings, **overrides)
     no_tta: dict[str, Any] = {} if v["tta"] else {"tta_angles": ()}
     model = ModelConfig(backbone=v["backbone"], mode=v["mode"], proj_dim=v["proj_dim"], grayscale=v["grayscale"],

@@ -95,7 +95,7 @@ def test_portrait_metrics_without_a_named_coin_are_nan_not_zero():
 
 def test_the_pooled_portrait_class_is_the_trainers():
     from coinyear.evaluate import POOLED
-    from coinyear.train import OTHER_CLASS
+    from coinyear.experiment import OTHER_CLASS
 
     assert POOLED == OTHER_CLASS
 

@@ -115,7 +115,7 @@ def test_production_from_coinyear_train_never_trained_on_the_gates_coins(setting
     the types of its own seed (and a K-fold refit trained on every coin) while the job held out seed 20250101's,
     so production had trained, or stopped early, on coins it was then judged on. Same coins on both sides here,
     as when both read the whole manifest; `fit` only records what it would train and validate on."""
-    from coinyear import train as train_module
+    from coinyear import experiment
     from coinyear.data import read_manifest
     from tests.conftest import small_train_config
 
@@ -126,10 +126,10 @@ def test_production_from_coinyear_train_never_trained_on_the_gates_coins(setting
         seen.update([] if val is None else val.index.tolist())
         return [{"epoch": 1, "train_loss": 0.0, "best": True}]
 
-    monkeypatch.setattr(train_module, "fit", fake_fit)
+    monkeypatch.setattr(experiment, "fit", fake_fit)
     config = small_train_config(folds=folds, model={"pretrained": False})
     manifest = read_manifest(settings.data_dir, limit=config.limit, seed=config.seed)
-    train_module.train_on_manifest(manifest, config, tmp_path / "cache")
+    experiment.train_on_manifest(manifest, config, tmp_path / "cache")
     rows = manifest.rows
     base = rows[["date_text", "denomination", "mint", "group"]].fillna("").astype(str).assign(source=ingest.BASE)
     split = ingest.assign_splits(settings, base)

@@ -9,10 +9,12 @@ import pandas as pd
 import pytest
 import torch
 
-from coinyear import train as train_module
+from coinyear import experiment
+from coinyear import fit as fit_module
+from coinyear.experiment import fit_quality, new_model
+from coinyear.fit import CoinDataset, fit, reused_memory
 from coinyear.model import CoinEnsemble, infer
 from coinyear.quality import SCALES
-from coinyear.train import CoinDataset, fit, fit_quality, new_model, reused_memory
 from tests.conftest import small_train_config
 
 
@@ -40,7 +42,7 @@ def test_reused_memory_keeps_freed_memory_while_training_then_restores_glibc(mon
     the block runs, glibc's defaults and the memory back afterwards, also when training raises. (This replaces
     counting page faults of real allocations, which measured the machine's glibc and kernel, not this code.)"""
     libc = RecordingLibc()
-    monkeypatch.setattr(train_module.ctypes, "CDLL", lambda name: libc)
+    monkeypatch.setattr(fit_module.ctypes, "CDLL", lambda name: libc)
     with reused_memory():
         assert libc.calls == [("mallopt", M_MMAP_MAX, 0), ("mallopt", M_TRIM_THRESHOLD, 1 << 30)]
     restored = [("mallopt", M_MMAP_MAX, 65536), ("mallopt", M_TRIM_THRESHOLD, 128 * 1024), ("malloc_trim", 0)]
@@ -54,7 +56,7 @@ def test_reused_memory_keeps_freed_memory_while_training_then_restores_glibc(mon
 def test_reused_memory_changes_nothing_where_glibc_does_not_take_it(monkeypatch):
     """A libc that refuses the option (or none: musl, macOS) is left as it is: nothing to restore."""
     refusing = RecordingLibc(accepts=0)
-    monkeypatch.setattr(train_module.ctypes, "CDLL", lambda name: refusing)
+    monkeypatch.setattr(fit_module.ctypes, "CDLL", lambda name: refusing)
     with reused_memory():
         pass
     assert [call[0] for call in refusing.calls] == ["mallopt"]  # refused at once: no restore, no trim
@@ -62,7 +64,7 @@ def test_reused_memory_changes_nothing_where_glibc_does_not_take_it(monkeypatch)
     def no_libc(name):
         raise OSError(f"{name}: cannot open shared object file")
 
-    monkeypatch.setattr(train_module.ctypes, "CDLL", no_libc)
+    monkeypatch.setattr(fit_module.ctypes, "CDLL", no_libc)
     with reused_memory():
         pass
 
@@ -109,7 +111,7 @@ def test_final_calibration_scores_every_coin_once(monkeypatch):
     # one plain pass (a one-angle ensemble) per batch, never the 5 rotations, and the features the server compares
     assert calls and set(calls) == {1}
     assert len(config.tta_angles) == 5
-    reference = train_module.infer_arrays(member, fronts, backs, with_features=True)["features"]
+    reference = fit_module.infer_arrays(member, fronts, backs, with_features=True)["features"]
     assert np.allclose(reference, expected.numpy(), atol=1e-5)
     assert np.isfinite(quality.ood.threshold)
     assert quality.ood.portrait_floor == 0  # no portraits given: no portrait flag
@@ -120,7 +122,7 @@ def test_the_portrait_flag_floor_is_the_stated_quantile_of_the_validation_coins(
     of them; the range's scale is chosen among SCALES."""
     config = small_train_config(portrait_flag_rate=0.1, model={"aux_classes": {"portrait": 3},
                                                                "aux_names": {"portrait": ["A", "B", "other"]}})
-    count = train_module.MIN_FLAG_CALIBRATION
+    count = experiment.MIN_FLAG_CALIBRATION
     fronts, backs, year_from, year_to = _tiny_data(count=count, size=32)
     labels = np.arange(count) % 3
     served = CoinEnsemble([new_model(config, year_from, year_to, {"portrait": labels}).eval()], (0.0, 10.0))
@@ -172,7 +174,7 @@ def test_the_flag_threshold_is_calibrated_on_unseen_coins():
 def test_reshoot_changes_the_photo_like_a_collectors_and_keeps_its_form():
     """A re-shot photo is another uint8 photo of the same size; the white background is what changes most,
     and p = 0 leaves every photo as it was."""
-    from coinyear.train import Reshoot
+    from coinyear.augment import Reshoot
 
     photo = torch.full((3, 64, 64), 250, dtype=torch.uint8)
     photo[:, 16:48, 16:48] = 120  # a grey "coin" on a white background
@@ -186,7 +188,7 @@ def test_reshoot_changes_the_photo_like_a_collectors_and_keeps_its_form():
 
 
 def recording_fit(monkeypatch) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
-    """`train.fit` replaced by a recorder of the rows each call trains and validates on, (name, train, validation);
+    """`fit` replaced by a recorder of the rows each call trains and validates on, (name, train, validation);
     nothing is trained: the untrained model still predicts, is calibrated and is scored like a trained one."""
     calls = []
 
@@ -194,7 +196,7 @@ def recording_fit(monkeypatch) -> list[tuple[str, np.ndarray, np.ndarray | None]
         calls.append((name, train.index.copy(), None if val is None else val.index.copy()))
         return [{"epoch": 1, "train_loss": 0.0, "best": True}]
 
-    monkeypatch.setattr(train_module, "fit", fake_fit)
+    monkeypatch.setattr(experiment, "fit", fake_fit)
     return calls
 
 
@@ -210,7 +212,7 @@ def test_training_never_fits_stops_or_calibrates_on_a_test_coin_type(monkeypatch
     rows = manifest.rows
     test = is_test_type(rows["group"])
     assert 0 < test.sum() < len(rows) / 3
-    result = train_module.train_on_manifest(manifest, config, tmp_path / "cache")
+    result = experiment.train_on_manifest(manifest, config, tmp_path / "cache")
     assert [name for name, _, _ in calls] == (["holdout"] if folds == 0 else ["fold1", "fold2", "final"])
     for name, fitted, validated in calls:
         assert not test[fitted].any(), name
@@ -238,5 +240,5 @@ def test_training_never_fits_stops_or_calibrates_on_a_test_coin_type(monkeypatch
     assert result.quality.conformal.by in SCALES
     # no portrait flag: off by default (it lost on era_shift.py), and fewer validation coins than
     # MIN_FLAG_CALIBRATION would give none either (a quantile of so few is noise)
-    assert len(result.predictions) < train_module.MIN_FLAG_CALIBRATION
+    assert len(result.predictions) < experiment.MIN_FLAG_CALIBRATION
     assert result.quality.ood.portrait_floor == result.metrics["portrait_floor"] == 0

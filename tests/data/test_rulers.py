@@ -66,7 +66,7 @@ def test_knowing_the_portrait_nearly_dates_the_coin(manifest):
 def test_the_trainer_reads_the_portrait_label_from_the_description(manifest):
     """The auxiliary portrait head's labels come from obverse_desc (no portrait column needed): the commonest
     portraits get a class each, the rest share "other", an unparsed description is -100 (ignored by the loss)."""
-    from coinyear.train import aux_labels
+    from coinyear.experiment import aux_labels
 
     rows = manifest
     labels, classes = aux_labels(rows, 5, ("portrait",))
@@ -79,7 +79,7 @@ def test_the_trainer_reads_the_portrait_label_from_the_description(manifest):
 
 
 def test_an_unknown_auxiliary_column_is_refused():
-    from coinyear.train import TrainConfig
+    from coinyear.recipe import TrainConfig
 
     with pytest.raises(ValueError, match="unknown auxiliary column"):
         TrainConfig(aux_heads=("emperor",))

@@ -276,7 +276,7 @@ def test_ood_flag_fires_on_noise_and_blank_photos_not_on_real_coins(interval_mod
 
 def test_fold_ensemble_serves_the_k_fold_models_with_a_calibration(ocre_dir, tmp_path):
     from coinyear.data import read_manifest, split_test
-    from coinyear.train import train_on_manifest
+    from coinyear.experiment import train_on_manifest
     from tests.conftest import small_train_config
 
     config = small_train_config(folds=2, ensemble=True, tta_angles=(-10, 0, 10), limit=40)

@@ -93,7 +93,7 @@ def test_kfold_with_distributed_is_refused_before_anything_starts(tmp_path):
 
 
 def test_sampler_shards_are_disjoint_and_change_every_epoch():
-    from coinyear.train import shard_sampler
+    from coinyear.fit import shard_sampler
 
     data = list(range(37))
     shards = {}

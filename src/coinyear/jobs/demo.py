@@ -88,7 +88,9 @@ def run_demo(settings, source: str | None = None, setup_seconds: float | None = 
     summary = DemoSummary(model_name=settings.model_name)
     if setup_seconds is not None:
         summary.seconds["set-up"] = setup_seconds
-    logging.getLogger("coinyear.train").setLevel(logging.INFO)  # one line per epoch: the long step shows progress
+    # one line per epoch (coinyear.fit) and per fold: the long step shows progress
+    for stage in ("coinyear.train", "coinyear.experiment", "coinyear.fit"):
+        logging.getLogger(stage).setLevel(logging.INFO)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
     # the demo prints its own steps: MLflow's database set-up lines and its schema hints are not for this reader
