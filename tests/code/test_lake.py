@@ -11,7 +11,8 @@ import pytest
 
 from coinyear.lake import open_lake
 from coinyear.lake.delta import DeltaLake
-from coinyear.lake.spool import SpooledAppender, _frame, read_segment
+from coinyear.lake.segments import encode_frame, read_segment
+from coinyear.lake.spool import SpooledAppender
 from coinyear.lake.tables import FEEDBACK, INFERENCE_LOG, MONITORING, SCHEMAS
 
 NOW = dt.datetime(2026, 11, 26, 12, 0, tzinfo=dt.UTC)
@@ -60,7 +61,7 @@ def test_a_feedback_table_from_before_actors_still_reads_and_takes_new_rows(tmp_
     assert lake.read(FEEDBACK, columns=["request_id", "actor"]).to_dict("records") == [
         {"request_id": "old", "actor": None}]
     folder.mkdir()  # a frame the spool of the previous version left behind
-    (folder / "000000000001.seg").write_bytes(_frame(pa.Table.from_pylist([{**old_row, "request_id": "spooled"}],
+    (folder / "000000000001.seg").write_bytes(encode_frame(pa.Table.from_pylist([{**old_row, "request_id": "spooled"}],
                                                                           schema=old_schema)))
     spool = SpooledAppender(lake, FEEDBACK, folder, flush_seconds=0.05).start()
     spool.write([{**old_row, "request_id": "new", "actor": "ada"}])
@@ -90,7 +91,7 @@ def test_a_torn_last_record_is_ignored(tmp_path):
     folder = tmp_path / "spool"
     folder.mkdir()
     # the process died in the middle of writing the second record, which was therefore never acknowledged
-    (folder / "000000000001.seg").write_bytes(_frame([log_row("kept")]) + _frame([log_row("torn")])[:-5])
+    (folder / "000000000001.seg").write_bytes(encode_frame([log_row("kept")]) + encode_frame([log_row("torn")])[:-5])
     assert [r["request_id"] for r in read_segment(folder / "000000000001.seg")] == ["kept"]
     lake = DeltaLake(tmp_path / "lake")
     spool = SpooledAppender(lake, INFERENCE_LOG, folder, flush_seconds=0.1).start()
@@ -107,8 +108,8 @@ def test_replay_after_a_crash_is_idempotent(tmp_path):
     assert committed is not None and lake.count(INFERENCE_LOG) == 2
     # the crash, as files on disk: the committed segment's deletion was lost, and a later segment (fsync'ed and
     # acknowledged) never reached Delta
-    (folder / f"{committed:012d}.seg").write_bytes(_frame([log_row("r1"), log_row("r2")]))
-    (folder / f"{committed + 1:012d}.seg").write_bytes(_frame([log_row("r3")]))
+    (folder / f"{committed:012d}.seg").write_bytes(encode_frame([log_row("r1"), log_row("r2")]))
+    (folder / f"{committed + 1:012d}.seg").write_bytes(encode_frame([log_row("r3")]))
     second = SpooledAppender(lake, INFERENCE_LOG, folder, flush_seconds=0.1).start()
     assert second.backlog == 3
     second.write([log_row("r4")])
@@ -201,9 +202,9 @@ def test_a_segment_delta_refuses_is_quarantined_and_later_ones_commit(tmp_path):
 def test_an_unconvertible_segment_left_by_an_older_version_is_quarantined(tmp_path):
     lake, folder = DeltaLake(tmp_path / "lake"), tmp_path / "spool"
     folder.mkdir()
-    (folder / "000000000001.seg").write_bytes(_frame([{"request_id": "x", "year_from": "not a year",
+    (folder / "000000000001.seg").write_bytes(encode_frame([{"request_id": "x", "year_from": "not a year",
                                                        "year_to": 5, "timestamp": NOW}]))
-    (folder / "000000000002.seg").write_bytes(_frame([{"request_id": "y", "year_from": 5, "year_to": 5,
+    (folder / "000000000002.seg").write_bytes(encode_frame([{"request_id": "y", "year_from": 5, "year_to": 5,
                                                        "timestamp": NOW}]))
     spool = SpooledAppender(lake, FEEDBACK, folder, flush_seconds=0.05).start()
     assert spool.close(timeout=30)
@@ -263,9 +264,10 @@ def test_start_counts_what_was_left_without_loading_it(tmp_path):
     folder.mkdir()
     photo = bytes(250_000)
     for seq in range(1, 17):  # 16 segments of 4 frames of ~250 kB: ~16 MB left behind
-        frames = [_frame(lake.storable(INFERENCE_LOG, [log_row(f"{seq}-{i}", front_image=photo)])) for i in range(4)]
+        frames = [encode_frame(lake.storable(INFERENCE_LOG, [log_row(f"{seq}-{i}", front_image=photo)]))
+                  for i in range(4)]
         if seq == 16:  # the last write of the killed process was torn (never acknowledged): not counted
-            frames.append(_frame(lake.storable(INFERENCE_LOG, [log_row("torn", front_image=photo)]))[:-5])
+            frames.append(encode_frame(lake.storable(INFERENCE_LOG, [log_row("torn", front_image=photo)]))[:-5])
         (folder / f"{seq:012d}.seg").write_bytes(b"".join(frames))
     left = sum(path.stat().st_size for path in folder.glob("*.seg"))
     spool = SpooledAppender(lake, INFERENCE_LOG, folder, flush_seconds=3600)

@@ -103,7 +103,8 @@ def child_small_frames(lake_root: str, spool_dir: str) -> None:
     import resource
 
     from coinyear.lake.delta import DeltaLake
-    from coinyear.lake.spool import SpooledAppender, read_segment
+    from coinyear.lake.segments import read_segment
+    from coinyear.lake.spool import SpooledAppender
     from coinyear.lake.tables import INFERENCE_LOG
 
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
@@ -180,7 +181,8 @@ if __name__ == "__main__":
 import pytest  # noqa: E402 - after the child process above, which needs none of the test dependencies
 
 from coinyear.lake.delta import DeltaLake  # noqa: E402
-from coinyear.lake.spool import SpooledAppender, read_segment  # noqa: E402
+from coinyear.lake.segments import read_segment  # noqa: E402
+from coinyear.lake.spool import SpooledAppender  # noqa: E402
 from coinyear.lake.tables import INFERENCE_LOG, Lake  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -432,7 +434,7 @@ def test_a_restart_on_a_long_outages_backlog_stays_in_bounded_memory(tmp_path):
     """Before: start() loaded every leftover segment to count its rows, so a gateway restarted after a long lake
     outage held the whole backlog in memory (and, past the machine's memory, crashed at every restart). A real
     process restarted on 96 MB of segments must peak within 32 MB of one restarted on an empty spool."""
-    from coinyear.lake.spool import _frame
+    from coinyear.lake.segments import encode_frame
 
     lake = DeltaLake(tmp_path / "lake")
     empty, backlog = tmp_path / "empty", tmp_path / "backlog"
@@ -440,7 +442,7 @@ def test_a_restart_on_a_long_outages_backlog_stays_in_bounded_memory(tmp_path):
     backlog.mkdir()
     for seq in range(1, 25):  # 24 segments of 4 rows of ~1 MB: what the outage left
         rows = [log_row(f"{seq}-{i}", photo=1_000_000) for i in range(4)]
-        (backlog / f"{seq:012d}.seg").write_bytes(b"".join(_frame(lake.storable(INFERENCE_LOG, [row]))
+        (backlog / f"{seq:012d}.seg").write_bytes(b"".join(encode_frame(lake.storable(INFERENCE_LOG, [row]))
                                                            for row in rows))
     left = sum(path.stat().st_size for path in backlog.glob("*.seg"))
     peaks = {}

@@ -486,7 +486,7 @@ def test_kill9_loses_no_answered_request(trained, tmp_path):
     for thread in clients:
         thread.join()
     assert len(answered) > 10
-    from coinyear.lake.spool import read_segment
+    from coinyear.lake.segments import read_segment
 
     spooled = {record["request_id"] for path in (home / "spool" / "inference_log").glob("*.seg")
                for record in read_segment(path)}

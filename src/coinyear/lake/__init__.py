@@ -9,6 +9,7 @@
                tables on Databricks, where delta-rs cannot commit to a volume)
     warehouse.py `WarehouseLake`: those catalog tables read (only) through a SQL warehouse (the UI app)
     spool.py   `SpooledAppender`: appends made durable in a local spool before they reach the table (the gateway)
+    segments.py  the spool's segment files: fsync'ed frames, read back and counted
 
 `open_lake(settings).append(table, rows)` appends; `.read(table)` returns a pandas DataFrame (an empty one with the
 right columns while a table does not exist yet). The table names and schemas are re-exported here, so

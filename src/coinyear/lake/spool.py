@@ -1,8 +1,11 @@
 """Lake stage, the spool: durable, batched appends to one table (`SpooledAppender`), the gateway's way to write
 `inference_log` and `feedback`, and `replay_quarantine` for segments the table refused.
 
-Written records are fsync'ed in local segment files before their caller hears back, then committed to the lake
-(either backend) by one committer thread, exactly once: see `SpooledAppender`.
+Written records are fsync'ed in local segment files (their format: `coinyear.lake.segments`) before their caller
+hears back, then committed to the lake (either backend) by one committer thread, exactly once: see
+`SpooledAppender`. This module is longer than most (about 500 lines) because `SpooledAppender` is one class of
+about 380: its syncer and committer threads share two locks, the current segment and the backlog counters, and
+split across modules that locking could no longer be read in one place.
 """
 
 from __future__ import annotations
@@ -12,12 +15,9 @@ import logging
 import os
 import pickle
 import re
-import struct
 import threading
 import time
 import uuid
-import zlib
-from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,12 +27,11 @@ from typing import BinaryIO, TextIO
 import pyarrow as pa
 from deltalake.exceptions import CommitFailedError, DeltaError, SchemaMismatchError
 
+from coinyear.lake.segments import append_synced, count_rows, encode_frame, fsync_dir, read_frames
 from coinyear.lake.tables import Lake
 
 log = logging.getLogger(__name__)
 
-FRAME_HEADER = struct.Struct("<II")  # payload length, crc32 of the payload
-PICKLED = b"\x80"  # first byte of a pickle: the frames of older versions (a list of dicts); Arrow IPC starts 0xFF
 SCHEMA_MESSAGE = re.compile(r"cast error|cannot cast|schema", re.IGNORECASE)
 
 
@@ -42,59 +41,6 @@ class SpoolClosedError(RuntimeError):
 
 class SpoolRecordError(ValueError):
     """Records that do not fit the table: refused at `submit`, nothing of them was spooled."""
-
-
-def _frame(data: pa.Table | list[dict]) -> bytes:
-    """One spool record: an Arrow IPC stream (a list of dicts is pickled, the format of older versions)."""
-    if isinstance(data, pa.Table):
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, data.schema) as writer:
-            writer.write_table(data)
-        payload = sink.getvalue().to_pybytes()
-    else:
-        payload = pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL)
-    return FRAME_HEADER.pack(len(payload), zlib.crc32(payload)) + payload
-
-
-def _payloads(path: Path) -> Iterator[bytes]:
-    """The payload of each complete frame of a spool segment, read one at a time; a torn tail (never
-    acknowledged) is ignored."""
-    with open(path, "rb") as file:
-        offset = 0
-        while len(header := file.read(FRAME_HEADER.size)) == FRAME_HEADER.size:
-            length, crc = FRAME_HEADER.unpack(header)
-            payload = file.read(length)
-            if len(payload) < length or zlib.crc32(payload) != crc:
-                log.warning("spool segment %s: torn record at byte %d ignored", path.name, offset)
-                return
-            yield payload
-            offset += FRAME_HEADER.size + length
-
-
-def _read_frames(path: Path) -> list[pa.Table | list[dict]]:
-    """Every complete frame of a spool segment; a torn tail (never acknowledged) is ignored."""
-    return [pickle.loads(payload) if payload[:1] == PICKLED else pa.ipc.open_stream(payload).read_all()
-            for payload in _payloads(path)]
-
-
-def _count_rows(path: Path) -> int:
-    """The records in a spool segment, counted in the memory of one frame (an Arrow frame's batches are counted
-    from their metadata, never copied)."""
-    rows = 0
-    for payload in _payloads(path):
-        if payload[:1] == PICKLED:
-            rows += len(pickle.loads(payload))
-        else:
-            rows += sum(batch.num_rows for batch in pa.ipc.open_stream(payload))
-    return rows
-
-
-def read_segment(path: Path) -> list[dict]:
-    """Every complete record of a spool segment (or a quarantined one) as dicts; a torn tail is ignored."""
-    records: list[dict] = []
-    for frame in _read_frames(path):
-        records.extend(frame.to_pylist() if isinstance(frame, pa.Table) else frame)
-    return records
 
 
 def permanent_failure(error: BaseException) -> bool:
@@ -115,39 +61,6 @@ def permanent_failure(error: BaseException) -> bool:
         return True  # Spark refused the write itself (schema, types); a lake that is down fails otherwise
     # delta-rs raises cast and schema-merge errors as plain exceptions, and I/O errors as DeltaError
     return type(error) in (Exception, DeltaError) and bool(SCHEMA_MESSAGE.search(str(error)))
-
-
-def _append(fd: int, data: bytes, good: int) -> None:
-    """Append `data` to the segment open (O_APPEND, unbuffered) at `fd` and fsync it, or fail with the file cut
-    back to its first `good` bytes.
-
-    A user-space buffer would keep the unwritten part of a failed frame and write it with the next one: a record
-    whose caller was told it failed would then land after all. A torn frame left behind would hide every frame
-    written after it. So: plain os.write, and on failure the tail is cut off (and cut again before the next
-    append when even that failed).
-    """
-    try:
-        if os.fstat(fd).st_size != good:  # an earlier failed append whose tail could not be cut off then
-            os.ftruncate(fd, good)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]  # a short write (a file-size limit, a nearly full disk) goes on here
-        os.fsync(fd)
-    except OSError:
-        try:
-            os.ftruncate(fd, good)
-        except OSError as error:
-            log.error("cannot cut a failed spool write back to %d bytes (retried before the next write): %s",
-                      good, error)
-        raise
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass
@@ -236,9 +149,9 @@ class SpooledAppender:
         high_water = self.dir / "last_segment"
         high_water.with_suffix(".tmp").write_text(str(seq))
         high_water.with_suffix(".tmp").replace(high_water)
-        # unbuffered: nothing of a failed write may stay behind to be written later (see _append)
+        # unbuffered: nothing of a failed write may stay behind to be written later (see append_synced)
         new = open(self.dir / f"{seq:012d}{self.SUFFIX}", "ab", buffering=0)  # noqa: SIM115 - open for its life
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         old, self._file = self._file, new
         self._segment_seq, self._segment_rows, self._segment_bytes = seq, 0, os.fstat(new.fileno()).st_size
         if old is not None:
@@ -264,14 +177,14 @@ class SpooledAppender:
             return True
 
     def _load(self, seq: int, path: Path) -> _Segment:
-        frames = _read_frames(path)
+        frames = read_frames(path)
         rows = sum(frame.num_rows if isinstance(frame, pa.Table) else len(frame) for frame in frames)
         return _Segment(seq, path, frames, rows, path.stat().st_size)
 
     @staticmethod
     def _counted(seq: int, path: Path) -> _Segment:
         """The segment's rows and size without its frames: what the backlog needs, in bounded memory."""
-        return _Segment(seq, path, [], _count_rows(path), path.stat().st_size)
+        return _Segment(seq, path, [], count_rows(path), path.stat().st_size)
 
     # -------------------------------------------------------------------------------------- lifecycle
     def start(self) -> SpooledAppender:
@@ -387,7 +300,7 @@ class SpooledAppender:
             data = self.lake.storable(self.table, records)
         except (pa.ArrowException, TypeError, ValueError, KeyError) as error:
             raise SpoolRecordError(f"records do not fit {self.table}: {error}") from error
-        frame = _frame(data)
+        frame = encode_frame(data)
         with self._has_pending:
             if self._closing or self._file is None:
                 raise SpoolClosedError(f"spool for {self.table} is {'closing' if self._file else 'not open'}: "
@@ -414,7 +327,7 @@ class SpooledAppender:
                 with self._file_lock:
                     file = self._file
                     assert file is not None, "start() opens a segment before the syncer runs"
-                    _append(file.fileno(), data, self._segment_bytes)
+                    append_synced(file.fileno(), data, self._segment_bytes)
                     self._segment_rows += rows
                     self._segment_bytes += len(data)
                     with self._lock:
@@ -515,7 +428,7 @@ class SpooledAppender:
         self.quarantine_dir.mkdir(exist_ok=True)
         (self.quarantine_dir / f"{segment.path.name}.error").write_text(reason + "\n")
         segment.path.replace(self.quarantine_dir / segment.path.name)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         log.error("spool segment %s (%d rows) cannot be committed to %s after %d attempts, moved to %s: %s",
                   segment.path.name, segment.rows, self.table, self.max_attempts, self.quarantine_dir, reason)
         self._failures.pop(segment.seq, None)
@@ -528,7 +441,7 @@ class SpooledAppender:
         self.last_quarantine_error = (f"{segment.path.name}: moved back into the spool from quarantine/, returned "
                                       f"there (replay it with coinyear.lake.spool.replay_quarantine)")
         segment.path.replace(self.quarantine_dir / segment.path.name)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         log.error("spool segment %s (%d rows) was quarantined and moved back into %s; it is returned to %s: "
                   "replay_quarantine commits it", segment.path.name, segment.rows, self.dir, self.quarantine_dir)
         self._forget(segment, delete=False)
@@ -566,7 +479,7 @@ def replay_quarantine(lake: Lake, table: str, spool_dir: str | Path) -> dict[str
                 if lake.committed_version(table, app_id) is not None:
                     outcomes[path.name] = "already committed"
                 else:
-                    frames = _read_frames(path)
+                    frames = read_frames(path)
                     if not frames:
                         outcomes[path.name] = "empty"
                     else:
@@ -582,7 +495,7 @@ def replay_quarantine(lake: Lake, table: str, spool_dir: str | Path) -> dict[str
                 continue
             path.unlink()
             path.with_name(f"{path.name}.error").unlink(missing_ok=True)
-            _fsync_dir(spool.quarantine_dir)
+            fsync_dir(spool.quarantine_dir)
     finally:
         lock.close()
     return outcomes
