@@ -81,7 +81,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
               "coinyear.experiment", "coinyear.train", "coinyear.distributed"),
     "registry": ("coinyear.registry",),
     "lake": ("coinyear.lake",),
-    "serve": ("coinyear.serve", "coinyear.predict"),
+    "serve": ("coinyear.serve", "coinyear.predict", "coinyear.resumable"),
     "jobs": ("coinyear.jobs", "coinyear.deploy"),
     "databricks": ("coinyear.databricks",),
     "ui / cli": ("coinyear.ui", "coinyear.targets", "coinyear.cli"),
