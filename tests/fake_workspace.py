@@ -66,6 +66,21 @@ Implemented:
                                                            column is a FAILED statement (TABLE_OR_VIEW_NOT_FOUND,
                                                            UNRESOLVED_COLUMN); results SUCCEEDED at once, inline,
                                                            JSON_ARRAY (every value a string or null), one chunk
+  Unity Catalog models, as MLflow's registry client for `databricks-uc` calls them (mlflow's
+  store/_unity_catalog/registry/rest_store.py; routes from its databricks_uc_registry_service.proto); who may call
+  each is the Unity Catalog API's rule for the same operation (docs.databricks.com/api/workspace/registeredmodels,
+  .../modelversions; "Apply tags to Unity Catalog securable objects"), over `uc_models` (`add_uc_model`):
+  GET    /api/2.0/mlflow/unity-catalog/registered-models/get    `get_registered_model` (MlflowClient reads it
+                                                                 before moving an alias): owner or EXECUTE
+  GET    /api/2.0/mlflow/unity-catalog/model-versions/get       `get_model_version`: owner or EXECUTE ("Get a
+                                                                 model version"), else 403 PERMISSION_DENIED
+  GET    /api/2.0/mlflow/unity-catalog/registered-models/alias  `get_model_version_by_alias`: owner or EXECUTE; an
+                                                                 alias not set is INVALID_PARAMETER_VALUE "not found"
+  POST   /api/2.0/mlflow/unity-catalog/registered-models/alias  `set_registered_model_alias`: the model's owner only
+                                                                 ("Set Registered Model Alias": a metastore admin or
+                                                                 the owner), else 403 PERMISSION_DENIED
+  POST   /api/2.0/mlflow/unity-catalog/model-versions/set-tag   `set_model_version_tag`: owner or APPLY_TAG
+  DELETE /api/2.0/mlflow/unity-catalog/model-versions/delete-tag `delete_model_version_tag`: owner or APPLY_TAG
   A warehouse (`add_warehouse`) is a workspace's, made before the sequence; an app resource `sql_warehouse` must
   name an existing one and gives the app's service principal its permission on it.
   The Apps proxy in front of a running app (`call_app`; docs "Connect to an API Databricks app using token
@@ -90,7 +105,8 @@ recorded in `unhandled` (tests assert it stays empty, so a new SDK call cannot g
 What it leaves out (a real workspace differs): OAuth for users (their tokens are fixed strings; only service
 principals' M2M secrets are exchanged), workspace admins (who can do everything), minutes-long container builds
 and app starts, scale-to-zero and workload sizes (recorded, not enforced), AI Gateway tables (recorded, nothing is
-written), Unity Catalog (the registry is the test's MLflow; tables are frames in `tables`, without grants), job
+written), Unity Catalog beyond the model calls above (the served versions come from the test's MLflow registry;
+tables are frames in `tables`, without grants; no metastore admins, no USE CATALOG / USE SCHEMA checks), job
 runs (a run stays PENDING: no task runs), SQL beyond one SELECT, the apps' own processes (RUNNING is a state; app
 code runs only as the `upstream` a test hands to `call_app`), which X-Forwarded-* headers the proxy sends for a
 service principal (undocumented: here no e-mail), rate limits, route optimization.
@@ -154,6 +170,7 @@ class FakeWorkspace:
         self.jobs: dict[str, dict] = {}  # job id -> {"job_id", "settings"}
         self.warehouses: dict[str, dict] = {}  # SQL warehouse id -> {"name"}
         self.tables: dict[str, pd.DataFrame] = {}  # Unity Catalog tables by catalog.schema.table
+        self.uc_models: dict[str, dict] = {}  # Unity Catalog models by catalog.schema.model (`add_uc_model`)
         self.runs: list[dict] = []  # job runs, newest first
         self.apps: dict[str, dict] = {}
         self.fail_update: set[str] = set()  # versions whose deployment fails (UPDATE_FAILED)
@@ -258,6 +275,9 @@ class FakeWorkspace:
             return self.update_job_permissions(parts[4], body, caller)
         if method == "POST" and parts == ["api", "2.0", "sql", "statements"]:
             return self.execute_statement(body, caller)
+        if parts[:4] == ["api", "2.0", "mlflow", "unity-catalog"]:
+            args = {key: values[0] for key, values in query.items()} | body  # GET sends query, others a body
+            return self.uc_model_call(method, "/".join(parts[4:]), args, caller)
         if parts[:3] == ["api", "2.2", "jobs"]:
             if method == "POST" and parts[3:] == ["create"]:
                 return self.create_job(body, caller)
@@ -330,6 +350,70 @@ class FakeWorkspace:
                 raise ApiError(400, "INVALID_PARAMETER_VALUE", f"bad access control entry {entry}")
             self.acls.setdefault(endpoint_id, {})[(kinds[0], entry[kinds[0]])] = entry["permission_level"]
         return self.permissions(endpoint_id, caller)
+
+    # ------------------------------------------------------------------------------------------- Unity Catalog models
+    def add_uc_model(self, full_name: str, owner: str, versions: int, grants: dict[str, set[str]] | None = None
+                     ) -> None:
+        """A registered model with versions 1..`versions`, owned by the principal of token `owner` (as `bundle
+        deploy` makes its deployer the owner); `grants`: principal or group name -> privileges (EXECUTE,
+        APPLY_TAG)."""
+        self.uc_models[full_name] = {
+            "owner": _name(self.principals[owner]), "grants": grants or {}, "aliases": {},
+            "versions": {str(v): {"tags": {}, "creation_timestamp": 1_700_000_000_000 + v} for v in
+                         range(1, versions + 1)}}
+
+    def uc_model_call(self, method: str, call: str, args: dict, caller: dict) -> dict | None:
+        model = self.uc_models.get(args.get("name", ""))
+        if model is None:
+            raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", f"Registered model '{args.get('name')}' does not exist.")
+        if method == "GET" and call == "registered-models/get":  # MlflowClient reads it before an alias move
+            self.require_uc(model, args["name"], caller, "EXECUTE")
+            return {"registered_model": {"name": args["name"], "aliases": [
+                {"alias": alias, "version": version} for alias, version in model["aliases"].items()]}}
+        if method == "GET" and call == "model-versions/get":
+            self.require_uc(model, args["name"], caller, "EXECUTE")
+            return {"model_version": self.uc_version(args["name"], str(args["version"]))}
+        if method == "GET" and call == "registered-models/alias":
+            self.require_uc(model, args["name"], caller, "EXECUTE")
+            if args["alias"] not in model["aliases"]:
+                raise ApiError(400, "INVALID_PARAMETER_VALUE",
+                               f"Registered model alias {args['alias']} not found.")
+            return {"model_version": self.uc_version(args["name"], model["aliases"][args["alias"]])}
+        if method == "POST" and call == "registered-models/alias":
+            self.require_uc(model, args["name"], caller, None)
+            self.uc_version(args["name"], str(args["version"]))
+            model["aliases"][args["alias"]] = str(args["version"])
+            return {}
+        if call in ("model-versions/set-tag", "model-versions/delete-tag") and method in ("POST", "DELETE"):
+            self.require_uc(model, args["name"], caller, "APPLY_TAG")
+            tags = model["versions"][self.uc_version(args["name"], str(args["version"]))["version"]]["tags"]
+            if method == "POST":
+                tags[args["key"]] = args.get("value", "")
+            else:
+                tags.pop(args["key"], None)
+            return {}
+        return None
+
+    def require_uc(self, model: dict, name: str, caller: dict, privilege: str | None) -> None:
+        """The owner may do anything; anyone else needs `privilege` granted to them or one of their groups (None:
+        only the owner may)."""
+        who = _name(caller)
+        if who == model["owner"]:
+            return
+        held = set().union(*(model["grants"].get(p, set()) for p in (who, *caller["groups"])))
+        if privilege is None or privilege not in held:
+            needed = "ownership" if privilege is None else privilege
+            raise ApiError(403, "PERMISSION_DENIED", f"User does not have {needed} on Registered Model '{name}'.")
+
+    def uc_version(self, name: str, version: str) -> dict:
+        """A model version as the UC registry answers it (mlflow.ucmodelregistry.ModelVersion)."""
+        model = self.uc_models[name]
+        if version not in model["versions"]:
+            raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", f"Model version {name}/{version} does not exist.")
+        entry = model["versions"][version]
+        return {"name": name, "version": version, "status": "READY", "creation_timestamp":
+                entry["creation_timestamp"], "tags": [{"key": k, "value": v} for k, v in entry["tags"].items()],
+                "aliases": [{"alias": a, "version": v} for a, v in model["aliases"].items() if v == version]}
 
     # ------------------------------------------------------------------------------------------- secrets, apps
     def create_scope(self, body: dict, caller: dict | None = None) -> dict:

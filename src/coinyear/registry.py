@@ -162,8 +162,23 @@ def promote(settings: Settings, version: str | int, to: str,
         if actual != previous:
             _restore_tags(mlflow_client, name, version, tags_before, tags)
             raise AliasChanged(to, previous, actual)
-    mlflow_client.set_registered_model_alias(name, to, version)
+    try:
+        _set_alias(mlflow_client, name, to, version)
+    except RegistryError:
+        _restore_tags(mlflow_client, name, version, tags_before, tags)
+        raise
     return previous
+
+
+def _set_alias(mlflow_client: MlflowClient, name: str, alias: str, version: str) -> None:
+    """Point `alias` at `version`, or raise RegistryError saying why not. In Unity Catalog only the model's owner
+    (or a metastore admin) may move an alias ("Set Registered Model Alias"), whatever else a principal was
+    granted: a job or an app running as someone else is refused (403 PERMISSION_DENIED)."""
+    try:
+        mlflow_client.set_registered_model_alias(name, alias, version)
+    except MlflowException as error:
+        owner = " (only the model's owner may move an alias)" if error.error_code == "PERMISSION_DENIED" else ""
+        raise RegistryError(f"cannot point {alias} of {name} at version {version}{owner}: {error.message}") from error
 
 
 def _restore_tags(mlflow_client: MlflowClient, name: str, version: str, before: Mapping[str, str],
@@ -198,7 +213,7 @@ def rollback(settings: Settings, expected_current: str | int | None = None) -> t
     if expected_current is not None and (now := version_by_alias(settings, PRODUCTION)) != current:
         # the last read before the set, as in `promote`: a move during the tag read is not undone
         raise AliasChanged(PRODUCTION, current, now)
-    mlflow_client.set_registered_model_alias(name, PRODUCTION, target)
+    _set_alias(mlflow_client, name, PRODUCTION, target)
     mlflow_client.set_model_version_tag(name, current, "rolled_back_at", _now())
     mlflow_client.set_model_version_tag(name, target, f"{PRODUCTION}_since", _now())
     return current, target
