@@ -305,7 +305,8 @@ def test_jobs_run_real_commands_through_the_job_entry_point(bundle):
         assert wheel_task["entry_point"] == "coinyear-job"  # never `coinyear`: its os._exit kills the driver REPL
         args = parse(wheel_task["parameters"], f"jobs.{job_key} task {task['task_key']}")
         commands.add(" ".join(wheel_task["parameters"][:2] if args.command == "models" else [args.command]))
-        assert [library["whl"] for library in task["libraries"]] == ["../../dist/*.whl"]
+        # the wheel, and PyPI packages only where the task trains or scores (tests/code/test_extras.py)
+        assert [library["whl"] for library in task["libraries"] if "pypi" not in library] == ["../../dist/*.whl"]
     assert commands == {"retrain", "deploy", "models rollback", "ingest-payloads", "monitor", "predict", "train"}
     train = resources["jobs"]["train_gpu"]
     parameters = train["tasks"][0]["python_wheel_task"]["parameters"]
@@ -428,7 +429,9 @@ def test_apps_run_real_commands_with_settings_and_install_our_wheel(bundle):
         assert not list(folder.glob("app.y*ml"))
         lines = [line for line in (folder / "requirements.txt").read_text().splitlines()
                  if line and not line.startswith("#")]
-        assert lines == ["--find-links ./wheels", f"coinyear=={PROJECT['version']}"]
+        # our wheel with the app's extra, exactly this version (what else an app installs: tests/code/test_extras)
+        extra = {"ui": "ui", "gateway": "serve"}[key]
+        assert lines[:2] == ["--find-links ./wheels", f"coinyear[{extra}]=={PROJECT['version']}"]
         command = [part.replace("$DATABRICKS_APP_PORT", "8000") for part in app["config"]["command"]]
         assert command[0] == "coinyear"
         args = parse(command[1:], f"apps.{key}")
@@ -558,7 +561,7 @@ def test_apps_requirements_install_the_vendored_wheel(wheel, tmp_path):
     target = tmp_path / "site"
     # run from elsewhere: --find-links ./wheels is relative to the requirements file, not to pip's directory
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target", str(target),
-                    "-r", str(apps / "gateway" / "requirements.txt")], check=True, cwd=tmp_path, timeout=120,
+                    "-r", str(apps / "ui" / "requirements.txt")], check=True, cwd=tmp_path, timeout=120,
                    env={key: value for key, value in os.environ.items() if key != "PYTHONPATH"})
     (info,) = target.glob("coinyear-*.dist-info")
     assert info.name == f"coinyear-{PROJECT['version']}.dist-info"

@@ -25,8 +25,8 @@ import pyarrow as pa
 
 from coinyear.config import Settings
 from coinyear.data import Manifest, group_keys, is_test_type, read_manifest, type_bucket, validate_rows
+from coinyear.identity import ANONYMOUS
 from coinyear.lake.tables import FEEDBACK, INFERENCE_LOG, TRAINING_DATA, Lake
-from coinyear.serve.auth import ANONYMOUS
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Who may move production or correct a date from the UI: the gateway's rule (`coinyear.serve.auth`).
+"""Who may move production or correct a date from the UI: the gateway's rule (`coinyear.identity`, which
+`coinyear.serve.auth` applies too).
 
 With tokens in COINYEAR_API_TOKENS (and COINYEAR_AUTH_DISABLED off) a person signs in with one of those tokens
 before any registry action (Models page) and before correcting a date (Predict page); without them the UI is
@@ -28,9 +29,9 @@ import streamlit as st
 
 from coinyear import registry
 from coinyear.config import Settings
+from coinyear.identity import Credential, credentials, is_loopback, match
 from coinyear.lake import open_lake
 from coinyear.lake.tables import DECISIONS_ACTOR, DECISIONS_SCHEMA, MODEL_DECISIONS
-from coinyear.serve.auth import Credential, credentials, is_loopback, match
 
 ACTOR_KEY = "actor"  # the signed-in person as registry actions record them (name and token fingerprint)
 CREDENTIAL_KEY = "credential"  # their Credential: the token corrections go with, and what is checked each run

@@ -12,7 +12,7 @@ import pandas as pd
 import streamlit as st
 from PIL import Image
 
-from coinyear.serve.auth import ANONYMOUS
+from coinyear.identity import ANONYMOUS
 from coinyear.ui import access
 from coinyear.ui.client import ApiError
 from coinyear.ui.shared import api_client, correction_label, parse_year, settings

@@ -13,14 +13,14 @@ import datetime as dt
 import pandas as pd
 import streamlit as st
 
-from coinyear.evaluate import year_label
+from coinyear.identity import Credential
 from coinyear.jobs.ingest import review_queue
 from coinyear.lake import open_lake
 from coinyear.lake.tables import FEEDBACK, FEEDBACK_REVIEWS, INFERENCE_LOG
-from coinyear.serve.auth import Credential
 from coinyear.ui import access
 from coinyear.ui.client import ApiError
 from coinyear.ui.shared import api_client, correction_label, settings
+from coinyear.years import year_label
 
 SHOWN = 10  # the oldest first: a page of them at a time
 
