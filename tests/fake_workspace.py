@@ -61,7 +61,10 @@ Implemented:
                                                            levels CAN_VIEW, CAN_MANAGE_RUN, CAN_MANAGE, IS_OWNER
   SQL warehouses (docs "Statement Execution API"; SDK `w.statement_execution`), as the UI app reads the tables:
   POST   /api/2.0/sql/statements                           `execute_statement`: only `SELECT <*|`col`, ...> FROM
-                                                           <catalog.schema.table>` over `tables` (pandas frames);
+                                                           <catalog.schema.table>` over `tables` (pandas frames),
+                                                           `CREATE TABLE IF NOT EXISTS <table> (`col` TYPE, ...)`
+                                                           and `INSERT INTO <table> (`col`, ...) VALUES (:p, ...),
+                                                           ...` with named `parameters` (no value: NULL);
                                                            403 without CAN_USE on the warehouse; a missing table or
                                                            column is a FAILED statement (TABLE_OR_VIEW_NOT_FOUND,
                                                            UNRESOLVED_COLUMN); results SUCCEEDED at once, inline,
@@ -107,8 +110,9 @@ principals' M2M secrets are exchanged), workspace admins (who can do everything)
 and app starts, scale-to-zero and workload sizes (recorded, not enforced), AI Gateway tables (recorded, nothing is
 written), Unity Catalog beyond the model calls above (the served versions come from the test's MLflow registry;
 tables are frames in `tables`, without grants; no metastore admins, no USE CATALOG / USE SCHEMA checks), job
-runs (a run stays PENDING: no task runs), SQL beyond one SELECT, the apps' own processes (RUNNING is a state; app
-code runs only as the `upstream` a test hands to `call_app`), which X-Forwarded-* headers the proxy sends for a
+runs (a run stays PENDING: no task runs), SQL beyond one SELECT, CREATE TABLE IF NOT EXISTS or INSERT ... VALUES
+(and no table privileges: CREATE TABLE, MODIFY), the apps' own processes (RUNNING is a state; app code runs only
+as the `upstream` a test hands to `call_app`), which X-Forwarded-* headers the proxy sends for a
 service principal (undocumented: here no e-mail), rate limits, route optimization.
 """
 
@@ -134,7 +138,14 @@ NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 APP_NAME = re.compile(r"^[a-z0-9-]{2,30}$")
 APP_LEVELS = ("CAN_USE", "CAN_MANAGE")  # app permission levels, weakest first
 WAREHOUSE_LEVELS = ("CAN_VIEW", "CAN_MONITOR", "CAN_USE", "CAN_MANAGE", "IS_OWNER")  # weakest first
-SELECT = re.compile(r"^SELECT (\*|`[^`]+`(?:, `[^`]+`)*) FROM ([A-Za-z0-9_]+\.[A-Za-z0-9_]+\.[A-Za-z0-9_]+)$")
+TABLE_NAME = r"([A-Za-z0-9_]+\.[A-Za-z0-9_]+\.[A-Za-z0-9_]+)"
+SELECT = re.compile(rf"^SELECT (\*|`[^`]+`(?:, `[^`]+`)*) FROM {TABLE_NAME}$")
+CREATE = re.compile(rf"^CREATE TABLE IF NOT EXISTS {TABLE_NAME} \((`[^`]+` [A-Z]+(?:, `[^`]+` [A-Z]+)*)\)$")
+INSERT = re.compile(rf"^INSERT INTO {TABLE_NAME} \((`[^`]+`(?:, `[^`]+`)*)\) VALUES (\(:\w+(?:, :\w+)*\)"
+                    r"(?:, \(:\w+(?:, :\w+)*\))*)$")
+# Databricks SQL column types -> how the fake holds them (pandas dtypes)
+SQL_DTYPES = {"STRING": "object", "INT": "int32", "BIGINT": "int64", "DOUBLE": "float64", "BOOLEAN": "bool",
+              "TIMESTAMP": "datetime64[ns, UTC]"}
 JOB_LEVELS = ("CAN_VIEW", "CAN_MANAGE_RUN", "CAN_MANAGE", "IS_OWNER")  # job permission levels, weakest first
 PROXY_HEADERS = ("authorization", "x-forwarded-email", "x-forwarded-preferred-username", "x-forwarded-user",
                  "x-forwarded-host", "x-real-ip", "x-request-id")  # the Apps proxy owns these
@@ -540,15 +551,25 @@ class FakeWorkspace:
             raise ApiError(404, "RESOURCE_DOES_NOT_EXIST", f"Warehouse {warehouse_id} does not exist.")
         self.require(f"warehouses/{warehouse_id}", caller, "CAN_USE", WAREHOUSE_LEVELS)
         statement_id = str(uuid.uuid4())
-        match = SELECT.match((body.get("statement") or "").strip())
-        if match is None:
-            raise ApiError(400, "INVALID_PARAMETER_VALUE", "the fake runs only SELECT <columns> FROM <table>")
-        columns, table = match.group(1), match.group(2)
+        statement = (body.get("statement") or "").strip()
 
         def failed(message: str) -> dict:
             return {"statement_id": statement_id, "status": {"state": "FAILED", "error": {
                 "error_code": "BAD_REQUEST", "message": message}}}
 
+        if match := CREATE.match(statement):
+            if match.group(1) not in self.tables:
+                self.tables[match.group(1)] = pd.DataFrame({
+                    name: pd.Series(dtype=SQL_DTYPES[kind])
+                    for name, kind in re.findall(r"`([^`]+)` ([A-Z]+)", match.group(2))})
+            return {"statement_id": statement_id, "status": {"state": "SUCCEEDED"}}
+        if match := INSERT.match(statement):
+            return self.insert(statement_id, match, body.get("parameters") or [], failed)
+        match = SELECT.match(statement)
+        if match is None:
+            raise ApiError(400, "INVALID_PARAMETER_VALUE", "the fake runs only SELECT <columns> FROM <table>, "
+                                                           "CREATE TABLE IF NOT EXISTS and INSERT INTO ... VALUES")
+        columns, table = match.group(1), match.group(2)
         if table not in self.tables:
             return failed(f"[TABLE_OR_VIEW_NOT_FOUND] The table or view `{table}` cannot be found.")
         frame = self.tables[table]
@@ -576,6 +597,36 @@ class FakeWorkspace:
                         {"name": name, "position": i, "type_name": type_name(frame[name])}
                         for i, name in enumerate(names)]}},
                 "result": {"chunk_index": 0, "row_offset": 0, "row_count": len(rows), "data_array": rows}}
+
+    def insert(self, statement_id: str, match: re.Match, parameters: list[dict], failed) -> dict:
+        """The rows of an `INSERT INTO <table> (...) VALUES (...)` appended to the table, typed as its columns."""
+        table, names = match.group(1), re.findall(r"`([^`]+)`", match.group(2))
+        if table not in self.tables:
+            return failed(f"[TABLE_OR_VIEW_NOT_FOUND] The table or view `{table}` cannot be found.")
+        frame = self.tables[table]
+        if unknown := [name for name in names if name not in frame.columns]:
+            return failed(f"[UNRESOLVED_COLUMN] A column with name `{unknown[0]}` cannot be resolved.")
+        given = {parameter["name"]: parameter.get("value") for parameter in parameters}
+        rows = []
+        for group in re.findall(r"\(([^)]*)\)", match.group(3)):
+            markers = [marker.strip().lstrip(":") for marker in group.split(",")]
+            if missing := [marker for marker in markers if marker not in given]:
+                return failed(f"[UNBOUND_SQL_PARAMETER] Found the unbound parameter: {missing[0]}.")
+            rows.append(dict(zip(names, [given[marker] for marker in markers])))
+        added = pd.DataFrame(rows, columns=list(frame.columns))
+        for name in frame.columns:
+            kind = str(frame[name].dtype)
+            if kind.startswith("datetime64"):
+                added[name] = pd.to_datetime(added[name], utc=True)
+            elif kind == "bool":
+                added[name] = added[name].map({"true": True, "false": False})
+            elif kind != "object":
+                added[name] = pd.to_numeric(added[name]).astype(kind)
+        self.tables[table] = pd.concat([frame, added], ignore_index=True) if len(frame) else added
+        return {"statement_id": statement_id, "status": {"state": "SUCCEEDED"},
+                "manifest": {"format": "JSON_ARRAY", "total_row_count": 1, "schema": {"column_count": 1, "columns": [
+                    {"name": "num_affected_rows", "position": 0, "type_name": "LONG"}]}},
+                "result": {"row_count": 1, "data_array": [[str(len(added))]]}}
 
     def _job(self, job_id: str) -> dict:
         if job_id not in self.jobs:

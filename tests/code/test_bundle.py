@@ -386,6 +386,9 @@ def test_grants_and_permissions(bundle):
         principal = f"${{resources.apps.{app}.service_principal_client_id}}"
         assert "EXECUTE" in model_grants[principal] and "USE_SCHEMA" in schema_grants[principal]
     assert "EXECUTE" in model_grants[principal]
+    # the UI app creates (and owns) feedback_reviews through its warehouse; it may modify no table of the jobs'
+    ui_schema = schema_grants["${resources.apps.ui.service_principal_client_id}"]
+    assert "CREATE_TABLE" in ui_schema and not ui_schema & {"MODIFY", "ALL_PRIVILEGES", "MANAGE"}
     grantees = {g["principal"] for _, value in walk(resources) if isinstance(value, dict) and "grants" in value
                 for g in value["grants"]}
     assert group not in grantees  # a workspace group is no Unity Catalog principal

@@ -1,5 +1,8 @@
 """The UI as a Databricks App, against the fake workspace (tests/fake_workspace.py).
 
+Review page: a verdict goes to the catalog's `feedback_reviews` through the same warehouse (the one table the
+app writes, created by it on first use).
+
 Models page: the app's service principal may not move an alias (it has EXECUTE on the model) and the endpoint
 would not follow one moved by the app, so a rollback is a run of the bundle's rollback job (`w.jobs.run_now`),
 and the page lists that job's runs. Monitor page and retraining decisions: the tables are Unity Catalog tables
@@ -23,9 +26,19 @@ import yaml
 
 from coinyear import registry
 from coinyear.config import get_settings
+from coinyear.lake import open_lake
 from coinyear.lake.tables import DECISIONS_SCHEMA, FEEDBACK, INFERENCE_LOG, MODEL_DECISIONS, SCHEMAS
 from tests.code.test_bundle import BUNDLE_DIR, deployed
-from tests.code.test_ui import api, app, log_rows, press, registered, texts  # noqa: F401 - fixtures
+from tests.code.test_ui import (  # noqa: F401 - fixtures
+    anonymous_correction,
+    api,
+    app,
+    log_rows,
+    press,
+    registered,
+    sign_in,
+    texts,
+)
 from tests.fake_workspace import DEPLOYER, FakeWorkspace, app_token
 
 UI_APP = "coinyear-ui"
@@ -130,3 +143,27 @@ def test_without_run_permission_on_the_job_the_page_says_so(workspace, registere
     at = press(press(app("models.py"), "Run the rollback job…"), "Yes, do it")
     assert "The rollback job could not be started" in texts(at.error) and "CAN_MANAGE_RUN" in texts(at.error)
     assert not fake.runs
+
+
+def test_as_a_databricks_app_the_review_page_records_a_rejection_through_the_warehouse(workspace, monkeypatch):
+    """Before: the warehouse lake was read-only, so on Databricks a rejection was refused with a message and the
+    correction stayed in the queue for good. Now the verdict is inserted into the catalog's feedback_reviews
+    (which the app creates on first use) and the correction leaves the queue."""
+    fake = workspace[0]
+    schema = get_settings().lake_schema
+    fake.tables[f"{schema}.feedback"] = table(FEEDBACK, [anonymous_correction()])
+    monkeypatch.setenv("COINYEAR_API_TOKENS", "ada:ada-secret")
+    get_settings.cache_clear()
+    at = sign_in(app("review.py"), "Ada", "ada-secret")
+    assert "**AD 71 – AD 73** for request `req-anon`" in texts(at.markdown)
+    assert f"{schema}.feedback_reviews" not in fake.tables  # nobody has written a verdict yet
+    at = press(at, "Reject")
+    assert "Rejected AD 71 – AD 73 for request `req-anon`" in texts(at.success), texts(at.error)
+    (review,) = fake.tables[f"{schema}.feedback_reviews"].to_dict("records")
+    assert (review["verdict"], review["request_id"], review["year_from"], review["year_to"]) == (
+        "rejected", "req-anon", 71, 73)
+    assert review["actor"].startswith("Ada (token ") and review["reviewed_at"].tzinfo is not None
+    assert "No corrections waiting for review" in texts(app("review.py").info)  # read back through the warehouse
+    # the jobs' tables stay theirs: the app's lake refuses to write them
+    with pytest.raises(RuntimeError, match="read-only"):
+        open_lake(get_settings()).append(FEEDBACK, [anonymous_correction("req-other")])

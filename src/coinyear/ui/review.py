@@ -30,8 +30,9 @@ def span(row) -> str:
 
 
 def record(row, verdict: str, actor: str) -> str | None:
-    """The verdict in `feedback_reviews` (the correction leaves the queue); why it could not be, or None. A
-    read-only lake (the SQL warehouse a Databricks App reads through) refuses it."""
+    """The verdict in `feedback_reviews` (the correction leaves the queue); why it could not be, or None (a lake
+    that cannot write it refuses it). A Databricks App writes it through its SQL warehouse
+    (coinyear.lake.warehouse)."""
     try:
         open_lake(settings()).append(FEEDBACK_REVIEWS, [{
             "feedback_key": row["feedback_key"], "request_id": row["request_id"], "verdict": verdict,
