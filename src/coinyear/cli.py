@@ -173,7 +173,8 @@ def cmd_retrain(args) -> int:
 
 
 def cmd_deploy(args) -> int:
-    from coinyear.deploy import as_json, run_deploy
+    from coinyear.deploy import as_json
+    from coinyear.targets import run_deploy
 
     def progress(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -193,7 +194,7 @@ def cmd_scheduler(args) -> int:
 def cmd_ingest_payloads(args) -> int:
     from dataclasses import asdict
 
-    from coinyear.jobs.payloads import ingest_payloads
+    from coinyear.databricks.payloads import ingest_payloads
 
     result = ingest_payloads(get_settings())
     print(json.dumps(asdict(result), indent=2) if args.json else result.report())
@@ -316,8 +317,10 @@ def cmd_serve(args) -> int:
     # photo decoders and the spool thread need between forward passes. Set before torch loads OpenMP.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from coinyear.serve import serve
+    from coinyear.targets import gateway_backend
 
-    serve(get_settings(), host=args.host, port=args.port, access_log=args.access_log)
+    settings = get_settings()
+    serve(settings, host=args.host, port=args.port, access_log=args.access_log, backend=gateway_backend(settings))
     return 0
 
 

@@ -2,7 +2,7 @@
 parsed and checked in one place.
 
 The packaged model (`coinyear.pyfunc`, for MLflow's and Databricks' scoring servers) and the gateway's request
-parser (`coinyear.serve.wire`, then `coinyear.serve.app` for what the served version can give) both take them:
+parser (`coinyear.serve.wire`, then `coinyear.serve.local` for what the served version can give) both take them:
 `parse_params` is their one parser, `unsupported` their one check against what a model version was logged with,
 and each turns the ValueError or the reason into its own error (InvalidCoinInput, or a 400 ApiError). This module
 sits below them and imports nothing of coinyear.

@@ -12,8 +12,7 @@ import pytest
 
 from coinyear.params import ScoringParams, parse_params, unsupported
 from coinyear.pyfunc import BACK, FRONT, CoinYearModel, InvalidCoinInput
-from coinyear.serve.errors import ApiError
-from coinyear.serve.wire import parse_body
+from coinyear.serve.wire import InvalidRequest, parse_body
 
 BAD = [
     ({"interval": 1}, "interval must be a coverage level between 0 and 1 (e.g. 0.9)"),
@@ -38,9 +37,9 @@ def bare_model(quality=None, references=None, portraits=()) -> CoinYearModel:
 
 def gateway_message(params: dict) -> str:
     body = json.dumps({"dataframe_records": [{FRONT: "x", BACK: "y"}], "params": params}).encode()
-    with pytest.raises(ApiError) as refused:
+    with pytest.raises(InvalidRequest) as refused:
         parse_body(body, max_rows=4)
-    assert refused.value.status == 400 and refused.value.error_code == "INVALID_PARAMETER_VALUE"
+    assert refused.value.error_code == "INVALID_PARAMETER_VALUE"
     return refused.value.message
 
 

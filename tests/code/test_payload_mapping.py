@@ -10,8 +10,8 @@ from datetime import UTC, datetime
 import pytest
 
 from coinyear.config import Settings
-from coinyear.jobs.payloads import feedback_record, map_payload
-from coinyear.serve.volume import photo_path, served_model
+from coinyear.databricks.payloads import feedback_record, map_payload
+from coinyear.databricks.volume import photo_path, served_model
 from tests.conftest import coin_image
 
 FRONT, BACK = "front_image_base64", "back_image_base64"

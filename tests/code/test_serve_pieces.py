@@ -16,7 +16,7 @@ from coinyear.config import Settings
 from coinyear.lake.tables import FEEDBACK
 from coinyear.serve.auth import BearerAuth, is_loopback
 from coinyear.serve.errors import ApiError
-from coinyear.serve.wire import parse_body, prepare_rows
+from coinyear.serve.wire import InvalidRequest, parse_body, prepare_rows
 from tests.conftest import coin_image
 
 
@@ -524,8 +524,8 @@ class StandInWorkspace:
         self.invoked.append(body)
         try:
             rows = prepare_rows(parse_body(body, max_rows=64).rows, image_size=32, grayscale=False)
-        except ApiError as error:
-            return httpx.Response(error.status, json={"error_code": error.error_code, "message": error.message})
+        except InvalidRequest as error:
+            return httpx.Response(400, json={"error_code": error.error_code, "message": error.message})
         if any(row.error for row in rows):
             return httpx.Response(400, json={"error_code": "INVALID_PARAMETER_VALUE", "message": "a bad photo"})
         return httpx.Response(200, json={"predictions": [100.0] * len(rows)})
@@ -538,12 +538,13 @@ class StandInWorkspace:
 def databricks_client(tmp_path):
     from fastapi.testclient import TestClient
 
+    from coinyear.databricks.gateway import RemoteBackend
     from coinyear.serve.app import create_app
     from tests.conftest import make_settings
 
     settings = make_settings(tmp_path / "home", api_tokens=[TOKEN], serving_backend="databricks",
                              loop_volume=str(tmp_path / "volume"), request_timeout_seconds=5.0)
-    app = create_app(settings, "127.0.0.1")
+    app = create_app(settings, "127.0.0.1", RemoteBackend)
     app.state.gateway.backend.workspace = workspace = StandInWorkspace()
     with TestClient(app, raise_server_exceptions=False) as client:
         client.workspace = workspace
@@ -682,3 +683,21 @@ def test_batches_overlap_on_several_inference_threads(workers, overlapped):
     answers = asyncio.run(scenario())
     assert [a["year"].tolist() for a in answers] == [[1.0]] * 4
     assert (most == workers) and (most > 1) == overlapped
+
+
+def test_the_two_backends_implement_one_protocol_and_neither_extends_the_other():
+    """Backends by composition: the routes call only the Backend protocol, which the local and the Databricks
+    backend each implement in full; neither is a subclass of the other (before: the Databricks gateway overrode
+    the local one method by method)."""
+    import inspect
+
+    from coinyear.databricks.gateway import RemoteBackend
+    from coinyear.serve.backend import Backend
+    from coinyear.serve.local import LocalBackend
+
+    protocol = {name for name, _ in inspect.getmembers(Backend, inspect.isfunction) if not name.startswith("_")}
+    assert {"score", "log", "known", "store_feedback", "ready", "version"} <= protocol
+    for backend in (LocalBackend, RemoteBackend):
+        missing = {name for name in protocol if not inspect.isfunction(backend.__dict__.get(name))}
+        assert not missing, (backend.__name__, missing)
+    assert not issubclass(RemoteBackend, LocalBackend) and not issubclass(LocalBackend, RemoteBackend)

@@ -11,7 +11,7 @@ import json
 import pandas as pd
 import pytest
 
-from coinyear.serve.volume import photo_path
+from coinyear.databricks.volume import photo_path
 from tests.conftest import coin_image, make_settings
 
 UNSAFE = ["..", ".", "../outside", "a/b", "a\\\\b", "", "x" * 129, "tab\there", "nul\x00", ".hidden", "é"]
@@ -19,7 +19,7 @@ UNSAFE = ["..", ".", "../outside", "a/b", "a\\\\b", "", "x" * 129, "tab\there", 
 
 @pytest.mark.parametrize("request_id", UNSAFE)
 def test_an_unsafe_id_is_never_a_volume_path(request_id):
-    from coinyear.serve.volume import safe_request_id
+    from coinyear.serve.request_id import safe_request_id
 
     assert not safe_request_id(request_id)
     with pytest.raises(ValueError, match="client_request_id"):
@@ -28,14 +28,14 @@ def test_an_unsafe_id_is_never_a_volume_path(request_id):
 
 @pytest.mark.parametrize("request_id", ["c-1", "catalogue-42", "0f3a" * 8, "A.b_c-9", "x" * 128])
 def test_plain_names_are_safe(request_id):
-    from coinyear.serve.volume import safe_request_id
+    from coinyear.serve.request_id import safe_request_id
 
     assert safe_request_id(request_id)
     assert photo_path("/Volumes/c/s/v/", request_id, 3, "back") == f"/Volumes/c/s/v/photos/{request_id}/3/back"
 
 
 def test_ingestion_skips_the_volume_for_an_unsafe_id_and_reports_it(tmp_path):
-    from coinyear.jobs.payloads import IngestResult, _append_requests
+    from coinyear.databricks.payloads import IngestResult, _append_requests
     from coinyear.lake import open_lake
     from coinyear.lake.tables import INFERENCE_LOG
 

@@ -25,7 +25,7 @@ import pytest
 import requests
 from PIL import Image
 
-from coinyear.jobs.payloads import PAYLOAD_COLUMNS, ingest_payloads
+from coinyear.databricks.payloads import PAYLOAD_COLUMNS, ingest_payloads
 from coinyear.lake import open_lake
 from coinyear.lake.tables import FEEDBACK, INFERENCE_LOG
 from tests.conftest import make_settings
@@ -240,7 +240,8 @@ def test_forwarding_gateway_answers_as_the_endpoint_and_closes_the_loop(setup, s
 
 def test_without_a_volume_the_databricks_backend_refuses_to_start(tmp_path):
     from coinyear.config import Settings
+    from coinyear.databricks.gateway import RemoteBackend
     from coinyear.serve.app import create_app
 
     with pytest.raises(RuntimeError, match="COINYEAR_LOOP_VOLUME"):
-        create_app(Settings(home=tmp_path, serving_backend="databricks"), "127.0.0.1")
+        create_app(Settings(home=tmp_path, serving_backend="databricks"), "127.0.0.1", RemoteBackend)

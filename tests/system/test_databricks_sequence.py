@@ -221,6 +221,7 @@ def call_gateway_app(fake: FakeWorkspace, app: dict, token: str, path: str, body
     from fastapi.testclient import TestClient
 
     from coinyear.serve.app import create_app
+    from coinyear.targets import gateway_backend
 
     secrets = {r["name"]: fake.secrets[r["secret"]["scope"]][r["secret"]["key"]]
                for r in app.get("resources", []) if "secret" in r}
@@ -232,7 +233,7 @@ def call_gateway_app(fake: FakeWorkspace, app: dict, token: str, path: str, body
     settings = make_settings(home)
     assert settings.serving_backend == "databricks" and app_env(app)["COINYEAR_ENDPOINT_NAME"]
 
-    with TestClient(create_app(settings, host="0.0.0.0")) as client:
+    with TestClient(create_app(settings, "0.0.0.0", gateway_backend(settings))) as client:
         def upstream(method, path, headers, content):
             answer = client.request(method, path, headers=headers, content=content)
             return answer.status_code, dict(answer.headers), answer.content

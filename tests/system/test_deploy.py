@@ -12,10 +12,11 @@ import shutil
 import pytest
 
 from coinyear import cli, registry
-from coinyear.deploy import DEPLOYED, FAILED, LOCAL, LOCK_TAG, ROLLED_BACK, SKIPPED, UPDATING, run_deploy
+from coinyear.databricks.volume import SMOKE_REQUEST_PREFIX
+from coinyear.deploy import DEPLOYED, FAILED, LOCAL, LOCK_TAG, ROLLED_BACK, SKIPPED, UPDATING
 from coinyear.lake import open_lake
 from coinyear.lake.tables import MODEL_DECISIONS
-from coinyear.serve.volume import SMOKE_REQUEST_PREFIX
+from coinyear.targets import run_deploy
 from tests.conftest import make_settings
 from tests.fake_workspace import FakeWorkspace
 

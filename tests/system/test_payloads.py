@@ -15,7 +15,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from coinyear.jobs.payloads import PAYLOAD_COLUMNS, ingest_payloads
+from coinyear.databricks.payloads import PAYLOAD_COLUMNS, ingest_payloads
 from coinyear.lake import open_lake
 from coinyear.lake.tables import FEEDBACK, INFERENCE_LOG
 from tests.conftest import coin_image, make_settings
@@ -150,7 +150,7 @@ def test_payload_rows_map_onto_inference_log_exactly_once_with_photos(spark, loo
 def test_smoke_queries_of_coinyear_deploy_are_not_traffic(spark, loop):
     """Model Serving logs the deploy's smoke queries like any request; they are the deploy checking a version, so
     they never reach inference_log (monitoring and retraining read it), and the report counts them."""
-    from coinyear.serve.volume import SMOKE_REQUEST_PREFIX
+    from coinyear.databricks.volume import SMOKE_REQUEST_PREFIX
 
     settings, table, entities, _ = loop
     body = {"dataframe_records": [{FRONT: b64(coin_image(1)), BACK: b64(coin_image(2))}]}

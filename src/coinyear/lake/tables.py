@@ -45,7 +45,7 @@ feedback (one row per expert correction)
     note               string     free text; nullable
     actor              string     who answers for it, never a token: the gateway's name for the caller's token
                                   (`name` of a `name:token` entry, else `token:<sha256 prefix>`), `anonymous`
-                                  without auth; on Databricks what the feedback file says (coinyear.jobs.payloads).
+                                  without auth; on Databricks what its feedback file says (databricks/payloads.py).
                                   Null in rows written before it existed. Retraining learns only from rows whose
                                   actor is neither null nor `anonymous` (coinyear.jobs.ingest)
 

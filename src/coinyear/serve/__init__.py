@@ -6,6 +6,7 @@ local      the local backend: the model in this process, requests and feedback s
 metrics    the Prometheus series
 feedback   the /feedback body's rules and the request ids feedback is taken for
 wire       the MLflow / Databricks scoring request formats, decoded into coin rows
+request_id the rule a client_request_id must follow (a plain name)
 auth       bearer tokens
 batching   concurrent requests micro-batched into one forward pass
 lifecycle  production alias watch, background load + smoke test + warm, atomic swap

@@ -41,7 +41,7 @@ from coinyear.serve.errors import (
     ApiError,
     install_handlers,
 )
-from coinyear.serve.feedback import FeedbackIn, feedback_record
+from coinyear.serve.feedback import FeedbackIn, read_feedback
 from coinyear.serve.local import LocalBackend
 from coinyear.serve.metrics import Metrics
 
@@ -130,12 +130,14 @@ class Gateway:
         checked before the body is read (an anonymous caller learns nothing about the schema)."""
         actor = self.auth.check(request)
         check_content_type(request)
-        record = feedback_record(await self.read_body(request), self.settings, actor)
-        if not await self.backend.known(record["request_id"]):
-            raise ApiError(404, RESOURCE_DOES_NOT_EXIST, f"no logged request with id {record['request_id']!r}")
+        feedback, year_from, year_to = read_feedback(await self.read_body(request), self.settings)
+        if not await self.backend.known(feedback.request_id):
+            raise ApiError(404, RESOURCE_DOES_NOT_EXIST, f"no logged request with id {feedback.request_id!r}")
+        record = {"request_id": feedback.request_id, "year_from": year_from, "year_to": year_to,
+                  "timestamp": datetime.now(UTC), "source": feedback.source, "note": feedback.note, "actor": actor}
         await self.backend.store_feedback(record)
-        return {"request_id": record["request_id"], "year_from": record["year_from"], "year_to": record["year_to"],
-                "recorded": True, "actor": actor}
+        return {"request_id": feedback.request_id, "year_from": year_from, "year_to": year_to, "recorded": True,
+                "actor": actor}
 
 
 ERROR_FIELDS = ("last_error", "failure", "rejected_versions")
@@ -174,14 +176,12 @@ def check_content_type(request: Request) -> None:
 def create_app(settings: Settings, host: str | None = None, backend: BackendFactory | None = None) -> FastAPI:
     """The ASGI app; `host` is where it will listen (auth may be off only on loopback).
 
-    `backend` makes who scores; by default COINYEAR_SERVING_BACKEND picks: this process (`local`,
-    coinyear.serve.local) or the Model Serving endpoint it forwards to (`databricks`, coinyear.serve.forward). The
-    routes and the wire format are the same.
+    `backend` makes who scores (coinyear.targets.gateway_backend picks it from COINYEAR_SERVING_BACKEND); without
+    one, this process scores (LocalBackend). The routes and the wire format are the same for every backend.
     """
-    if backend is None and settings.serving_backend == "databricks":
-        from coinyear.serve.forward import RemoteBackend
-
-        backend = RemoteBackend
+    if backend is None and settings.serving_backend != "local":
+        raise ValueError(f"COINYEAR_SERVING_BACKEND={settings.serving_backend}: pass its backend "
+                         f"(coinyear.targets.gateway_backend)")
     gateway = Gateway(settings, host or settings.host, backend or LocalBackend)
 
     @asynccontextmanager
@@ -273,7 +273,8 @@ def create_app(settings: Settings, host: str | None = None, backend: BackendFact
     return app
 
 
-def serve(settings: Settings, host: str | None = None, port: int | None = None, access_log: bool = False) -> None:
+def serve(settings: Settings, host: str | None = None, port: int | None = None, access_log: bool = False,
+          backend: BackendFactory | None = None) -> None:
     """Run the gateway with uvicorn in this process (one process: batching needs all requests in one place)."""
     import uvicorn
 
@@ -281,4 +282,4 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None, 
 
     set_torch_threads(settings)
     host, port = host or settings.host, port or settings.port
-    uvicorn.run(create_app(settings, host), host=host, port=port, access_log=access_log, log_level="info")
+    uvicorn.run(create_app(settings, host, backend), host=host, port=port, access_log=access_log, log_level="info")

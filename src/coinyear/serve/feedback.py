@@ -1,6 +1,6 @@
 """`POST /feedback`: an expert's date for a logged request, checked, and the ids the local backend takes it for.
 
-The body's rules (`feedback_record`) are the same for both backends. Which request ids may take feedback is the
+The body's rules (`read_feedback`) are the same for both backends. Which request ids may take feedback is the
 backend's: the local one answers from memory (`KnownIds`: ids it answered, and recent misses), else from one
 lookup in the inference log, run off the scoring threads and bounded (see FEEDBACK_LOOKUPS).
 """
@@ -13,7 +13,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -45,8 +44,8 @@ class FeedbackIn(BaseModel):
     note: str | None = Field(default=None, max_length=2000)
 
 
-def feedback_record(body: bytes, settings: Settings, actor: str) -> dict:
-    """The `feedback` row a request's body asks for, given by `actor`; ApiError 400 for a body that breaks a rule
+def read_feedback(body: bytes, settings: Settings) -> tuple[FeedbackIn, int, int]:
+    """(the feedback, year_from, year_to) a request's body gives; ApiError 400 for a body that breaks a rule
     (schema, one year or a range, no year 0, within the settings' span, in order)."""
     try:
         feedback = FeedbackIn.model_validate_json(body)
@@ -70,8 +69,7 @@ def feedback_record(body: bytes, settings: Settings, actor: str) -> dict:
             raise ApiError(400, INVALID_PARAMETER_VALUE, f"{name}={value} is outside {low}..{high}")
     if year_from > year_to:
         raise ApiError(400, INVALID_PARAMETER_VALUE, f"year_from {year_from} is after year_to {year_to}")
-    return {"request_id": feedback.request_id, "year_from": year_from, "year_to": year_to,
-            "timestamp": datetime.now(UTC), "source": feedback.source, "note": feedback.note, "actor": actor}
+    return feedback, year_from, year_to
 
 
 class KnownIds:

@@ -31,8 +31,8 @@ from coinyear.serve.errors import INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILAB
 from coinyear.serve.feedback import KnownIds
 from coinyear.serve.lifecycle import ModelManager, ServedModel
 from coinyear.serve.metrics import Metrics
-from coinyear.serve.volume import SAFE_REQUEST_ID_RULE, safe_request_id
-from coinyear.serve.wire import ParsedRequest, PreparedRow, parse_body, prepare_rows
+from coinyear.serve.request_id import SAFE_REQUEST_ID_RULE, safe_request_id
+from coinyear.serve.wire import InvalidRequest, ParsedRequest, PreparedRow, parse_body, prepare_rows
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,8 @@ class LocalBackend:
     async def score(self, body: bytes, outcome: Outcome) -> None:
         try:
             await self._score(body, outcome)
+        except InvalidRequest as error:
+            raise ApiError(400, error.error_code, error.message) from error
         except DispatcherDown as error:
             raise ApiError(503, TEMPORARILY_UNAVAILABLE, f"this gateway cannot score: {error}") from error
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from coinyear.data import ImageError, preprocess
 from coinyear.params import ScoringParams, parse_params
 from coinyear.pyfunc import BACK, FRONT, InvalidCoinInput, decode_base64
-from coinyear.serve.errors import BAD_REQUEST, INVALID_PARAMETER_VALUE, ApiError
+from coinyear.serve.errors import BAD_REQUEST, INVALID_PARAMETER_VALUE
 
 FORMATS = ("inputs", "instances", "dataframe_records", "dataframe_split")
 MAX_CLIENT_REQUEST_ID = 128
@@ -48,8 +48,17 @@ class PreparedRow:
     error: str | None = None
 
 
-def bad(message: str, code: str = BAD_REQUEST) -> ApiError:
-    return ApiError(400, code, message)
+class InvalidRequest(ValueError):
+    """A body that is not a well-formed scoring request, with its MLflow error code: the gateway answers it with a
+    400, payload ingestion logs why a logged request could not be read."""
+
+    def __init__(self, message: str, error_code: str = BAD_REQUEST):
+        super().__init__(message)
+        self.error_code, self.message = error_code, message
+
+
+def bad(message: str, code: str = BAD_REQUEST) -> InvalidRequest:
+    return InvalidRequest(message, code)
 
 
 def _records(value, where: str) -> list[tuple[object, object]]:
@@ -101,7 +110,7 @@ def _encodable(text: str) -> bool:
 
 
 def parse_body(body: bytes, max_rows: int) -> ParsedRequest:
-    """Body bytes to rows; ApiError (400) for anything that is not a well-formed scoring request."""
+    """Body bytes to rows; InvalidRequest for anything that is not a well-formed scoring request."""
     try:
         payload = json.loads(body.decode("utf-8"))  # what the Content-Type says (json.loads would guess UTF-16)
     except (ValueError, RecursionError) as error:  # also numbers of over 4300 digits and nesting past the stack

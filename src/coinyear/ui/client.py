@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from coinyear.serve.auth import ANONYMOUS, Credential
+from coinyear.identity import ANONYMOUS, Credential
 
 REQUEST_ID_HEADER = "x-request-id"
 MODEL_NAME_HEADER = "served-model-name"
@@ -176,7 +176,7 @@ class _DatabricksAuth(httpx.Auth):
 class WorkspaceClient(ApiClient):
     """The UI talking to Databricks itself (`COINYEAR_SERVING_BACKEND=databricks`, e.g. as a Databricks App): scoring
     by the Model Serving endpoint, feedback as a file in the volume, with the contracts of the gateway's databricks
-    backend (coinyear.serve.volume): a `client_request_id` per request (the request id feedback refers to), the
+    backend (coinyear.databricks.volume): a `client_request_id` per request (the request id feedback refers to), the
     photos of a request over the payload table's limit stored in the volume first. The workspace comes from
     DATABRICKS_HOST and databricks-sdk's auth."""
 
@@ -198,7 +198,7 @@ class WorkspaceClient(ApiClient):
         import json
         import uuid
 
-        from coinyear.serve.volume import PAYLOAD_LOG_LIMIT, photo_path
+        from coinyear.databricks.volume import PAYLOAD_LOG_LIMIT, photo_path
 
         request_id = uuid.uuid4().hex
         body = {**body, "client_request_id": request_id}
@@ -216,7 +216,7 @@ class WorkspaceClient(ApiClient):
         return served.get("model_name"), served.get("model_version")
 
     def _upload(self, path: str, data: bytes, overwrite: bool = True) -> None:
-        from coinyear.serve.volume import files_api_path
+        from coinyear.databricks.volume import files_api_path
 
         self._send("PUT", files_api_path(path), content=data, params={"overwrite": str(overwrite).lower()},
                    headers={"Content-Type": "application/octet-stream"})
@@ -228,7 +228,7 @@ class WorkspaceClient(ApiClient):
         the gateway would), or `anonymous` without one; never the token."""
         from datetime import UTC, datetime
 
-        from coinyear.serve.volume import feedback_file
+        from coinyear.databricks.volume import feedback_file
 
         actor = credential.actor if credential else ANONYMOUS
         record = {"request_id": request_id, "year_from": year_from, "year_to": year_to,
@@ -240,7 +240,7 @@ class WorkspaceClient(ApiClient):
 
     def version(self) -> dict:
         """What the endpoint serves (the entity with the most traffic) and whether it is ready."""
-        from coinyear.serve.volume import served_model
+        from coinyear.databricks.volume import served_model
 
         endpoint = self._send("GET", f"/api/2.0/serving-endpoints/{self.endpoint_name}", timeout=5.0).json()
         served = served_model(endpoint) or (None, None)

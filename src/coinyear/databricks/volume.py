@@ -7,30 +7,22 @@ In the Unity Catalog volume COINYEAR_LOOP_VOLUME (`/Volumes/<catalog>/<schema>/<
                                                   an id that is a plain name (`safe_request_id`)
     feedback/<UTC time>-<uuid>.json               one `feedback` row as JSON (request_id, year_from, year_to,
                                                   timestamp ISO 8601 with zone, source, note, actor: who
-                                                  gave it, as its writer says; coinyear.jobs.payloads)
+                                                  gave it, as its writer says; coinyear.databricks.payloads)
 """
 
 from __future__ import annotations
 
 import json
-import re
 import uuid
+
+from coinyear.serve.request_id import SAFE_REQUEST_ID_RULE, safe_request_id
 
 # Model Serving leaves `request` null in the payload table above 1 MiB; a little below it, to stay on the safe side.
 PAYLOAD_LOG_LIMIT = 1_000_000
 PHOTOS, FEEDBACK_FILES = "photos", "feedback"
-# A request id that names a folder: ASCII letters, digits, '.', '_', '-', not starting with '.' (no '..', no
-# hidden name), at most 128 characters (the longest client_request_id the gateway takes).
-SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
-SAFE_REQUEST_ID_RULE = "1 to 128 ASCII letters, digits, '.', '_' or '-', not starting with '.'"
 # The client_request_id of `coinyear deploy`'s smoke queries (a plain name after it): Model Serving logs them in the
 # payload table like any request, and `coinyear ingest-payloads` leaves them out of inference_log.
 SMOKE_REQUEST_PREFIX = "coinyear-smoke-"
-
-
-def safe_request_id(request_id: str) -> bool:
-    """Whether `request_id` can name a folder of the volume: a plain name, never a path (see SAFE_REQUEST_ID)."""
-    return isinstance(request_id, str) and SAFE_REQUEST_ID.fullmatch(request_id) is not None
 
 
 def photo_path(volume: str, request_id: str, row: int, side: str) -> str:

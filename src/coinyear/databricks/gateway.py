@@ -8,7 +8,7 @@ and the endpoint's answer goes back as it came. `/feedback`, `/version` and `/re
 none of them. It runs without Spark or a Delta writer (e.g. as a Databricks App), so nothing is logged locally:
 
 - inference log: Model Serving logs the forwarded request in the endpoint's AI Gateway payload table;
-  `coinyear ingest-payloads` (coinyear.jobs.payloads) maps it onto `inference_log`, deriving `request_id` from
+  `coinyear ingest-payloads` (coinyear.databricks.payloads) maps it onto `inference_log`, deriving `request_id` from
   `client_request_id` exactly as this gateway numbers rows (`<id>`, or `<id>-<row>` for several rows).
 - photos of big requests: Model Serving does not log a request over ~1 MB (its `request` is null). Before such a
   request is forwarded, both photos of every row go to the volume, `<COINYEAR_LOOP_VOLUME>/photos/<id>/<row>/front`
@@ -40,11 +40,11 @@ from fastapi import Request
 
 import coinyear
 from coinyear.config import Settings
+from coinyear.databricks.volume import PAYLOAD_LOG_LIMIT, feedback_file, files_api_path, photo_path, served_model
 from coinyear.pyfunc import InvalidCoinInput, decode_base64
 from coinyear.serve.backend import Outcome
 from coinyear.serve.errors import BAD_REQUEST, HTTP_CODES, INTERNAL_ERROR, TEMPORARILY_UNAVAILABLE, ApiError
-from coinyear.serve.volume import PAYLOAD_LOG_LIMIT, feedback_file, files_api_path, photo_path, served_model
-from coinyear.serve.wire import FORMATS, PreparedRow, parse_body
+from coinyear.serve.wire import FORMATS, InvalidRequest, PreparedRow, parse_body
 
 if TYPE_CHECKING:  # the SDK is imported when the backend opens
     from databricks.sdk.core import Config
@@ -215,7 +215,7 @@ class RemoteBackend:
         """Both photos of every row into the volume, before the request that Model Serving will not log leaves."""
         try:
             rows = parse_body(body, self.settings.max_rows).rows
-        except ApiError:
+        except InvalidRequest:
             return  # the endpoint refuses it: there is no coin to keep
         uploads = []
         for index, values in enumerate(rows):

@@ -2,7 +2,7 @@
 
 On Databricks, Model Serving logs every request to the endpoint's AI Gateway inference (payload) table
 (`COINYEAR_PAYLOAD_TABLE`, delivered best effort, up to an hour late) and the gateway with the databricks
-backend (coinyear.serve.forward) leaves feedback and the photos of big requests in a Unity Catalog volume
+backend (coinyear.databricks.gateway) leaves feedback and the photos of big requests in a Unity Catalog volume
 (`COINYEAR_LOOP_VOLUME`). `coinyear ingest-payloads` (a job task on a cluster, where the volume is mounted at
 /Volumes/...) turns both into the rows the retraining and monitoring jobs read, through `open_lake(settings)`.
 
@@ -64,18 +64,12 @@ from pathlib import Path
 import pandas as pd
 
 from coinyear.config import Settings
+from coinyear.databricks.volume import FEEDBACK_FILES, SMOKE_REQUEST_PREFIX, photo_path
 from coinyear.lake import open_lake
 from coinyear.lake.tables import FEEDBACK, INFERENCE_LOG, Lake
 from coinyear.pyfunc import InvalidCoinInput, decode_base64
-from coinyear.serve.errors import ApiError
-from coinyear.serve.volume import (
-    FEEDBACK_FILES,
-    SAFE_REQUEST_ID_RULE,
-    SMOKE_REQUEST_PREFIX,
-    photo_path,
-    safe_request_id,
-)
-from coinyear.serve.wire import parse_body
+from coinyear.serve.request_id import SAFE_REQUEST_ID_RULE, safe_request_id
+from coinyear.serve.wire import InvalidRequest, parse_body
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +269,7 @@ def map_payload(payload: dict, volume: str | None, endpoint: str) -> list[dict]:
     else:
         try:
             parsed = parse_body(request.encode(), MAX_ROWS)
-        except ApiError as error:  # logged, but not a scoring request we can read: one row says why
+        except InvalidRequest as error:  # logged, but not a scoring request we can read: one row says why
             metadata["photos"] = "unreadable"
             error_code = error_code or error.error_code
             error_message = error_message or f"logged request is not readable: {error.message}"
