@@ -260,7 +260,9 @@ def test_registry_failures_never_move_production_nor_consume_feedback(tmp_path, 
 def test_a_failure_in_training_leaves_the_feedback_for_the_next_run(tmp_path, monkeypatch, capsys):
     """Before: an exception while training became a REJECTED decision that consumed the batch, and the next run
     said "no new feedback"."""
-    settings = make_settings(tmp_path / "home", epochs=0, retrain_base_limit=10)  # a recipe that cannot train
+    # a recipe that cannot train: a fold ensemble without folds (each setting alone is valid, so the settings
+    # are read; the recipe refuses the pair)
+    settings = make_settings(tmp_path / "home", ensemble=True, retrain_base_limit=10)
     lake = open_lake(settings)
     logs, feedback = feedback_for(settings, 3)
     lake.append(INFERENCE_LOG, [{k: row.get(k) for k in SCHEMAS[INFERENCE_LOG].names} for row in logs])
@@ -278,7 +280,7 @@ def test_a_failure_in_training_leaves_the_feedback_for_the_next_run(tmp_path, mo
     from coinyear import cli
     from coinyear.config import get_settings
 
-    for name, value in {"COINYEAR_HOME": settings.home, "COINYEAR_DATA_DIR": OCRE, "COINYEAR_EPOCHS": 0,
+    for name, value in {"COINYEAR_HOME": settings.home, "COINYEAR_DATA_DIR": OCRE, "COINYEAR_ENSEMBLE": True,
                         "COINYEAR_RETRAIN_BASE_LIMIT": 10}.items():
         monkeypatch.setenv(name, str(value))
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "COINYEAR_TRACKING_URI", "COINYEAR_LAKE_URI"):
