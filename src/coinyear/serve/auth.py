@@ -23,71 +23,19 @@ header, so it holds only where nothing but the proxy reaches the app's port, as 
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import ipaddress
 import logging
-from collections.abc import Iterable
-from dataclasses import dataclass
 
 from fastapi import Request
 
 from coinyear.config import Settings
+from coinyear.identity import ANONYMOUS, credentials, is_loopback, match
 from coinyear.serve.errors import PERMISSION_DENIED, UNAUTHENTICATED, ApiError
 
 log = logging.getLogger(__name__)
 
-ANONYMOUS = "anonymous"  # the actor of a caller without credentials (auth off)
 # what the Databricks Apps proxy says about who called, most specific first
 FORWARDED_IDENTITY = ("x-forwarded-email", "x-forwarded-preferred-username", "x-forwarded-user")
 API_PREFIX = "/api"  # the only routes the Apps proxy passes a token to
-
-
-@dataclass(frozen=True)
-class Credential:
-    """One accepted token and who its holder is recorded as (never the token)."""
-
-    token: str
-    actor: str
-
-    def __repr__(self) -> str:  # a credential in a log line or a traceback shows who, never the token
-        return f"Credential(actor={self.actor!r})"
-
-
-def token_actor(token: str, name: str | None = None) -> str:
-    """How a token's holder is recorded: the entry's name, else a short SHA-256 fingerprint of the token."""
-    return name or f"token:{hashlib.sha256(token.encode()).hexdigest()[:8]}"
-
-
-def credentials(entries: Iterable[str]) -> list[Credential]:
-    """The COINYEAR_API_TOKENS entries (`token` or `name:token`) as credentials; an entry without a token is
-    none."""
-    found = []
-    for entry in entries:
-        name, separator, token = entry.partition(":")
-        name, token = (name.strip(), token.strip()) if separator else ("", entry.strip())
-        if token:
-            found.append(Credential(token, token_actor(token, name)))
-    return found
-
-
-def match(accepted: list[Credential], given: str) -> Credential | None:
-    """The credential whose token is `given`, compared in constant time against every one of them; None if
-    none is."""
-    found = None
-    for credential in accepted:  # no early exit: the time taken does not reveal which token nearly matched
-        if hmac.compare_digest(given.encode(), credential.token.encode()):
-            found = credential
-    return found
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class AppsProxyRoutes:
