@@ -200,18 +200,20 @@ def reused_memory():
     it on free, so each batch page-faults its whole working set in again: measured on 2 cores, 770k minor
     faults and 14% of the CPU time in the kernel per efficientnet_lite0 step. With mmap off and no trimming,
     the heap keeps those pages and the next batch reuses them (no faults). Elsewhere than glibc: nothing."""
+    changed: ctypes.CDLL | None = None  # the libc whose settings were changed
     try:
         libc = ctypes.CDLL("libc.so.6")
-        changed = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1
+        if libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1:
+            changed = libc
     except (OSError, AttributeError):
-        changed, libc = False, None
+        pass
     try:
         yield
     finally:
-        if changed:  # glibc's defaults again, and the kept memory back to the system
-            libc.mallopt(_M_MMAP_MAX, 65536)
-            libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
-            libc.malloc_trim(0)
+        if changed is not None:  # glibc's defaults again, and the kept memory back to the system
+            changed.mallopt(_M_MMAP_MAX, 65536)
+            changed.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
+            changed.malloc_trim(0)
 
 
 def fit(model: DualImageRegressor, train: CoinDataset, config: TrainConfig, val: CoinDataset | None = None,
