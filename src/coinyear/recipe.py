@@ -93,7 +93,6 @@ class TrainConfig:
         return params
 
 
-
 RECIPE_FIELDS = ("backbone", "mode", "proj_dim", "grayscale", "image_size", "pretrained", "epochs", "batch_size",
                  "lr", "loss", "folds", "seed", "limit", "horizontal_flip", "tta", "ensemble", "aux_weight",
                  "aux_heads", "reshoot", "ruler_statistic")
