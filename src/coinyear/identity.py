@@ -8,6 +8,11 @@ An entry may be `name:token` (everything before the first ':' is the name, so a 
 needs a name in front), and its callers are `name`; a bare `token` entry's callers are
 `token:<first 8 hex digits of the token's SHA-256>`. A name may be shared by several entries (the old and the new
 token of one person during a rotation). Tokens are never logged.
+
+Behind the Databricks Apps proxy (`COINYEAR_APPS_PROXY=true`) nobody holds one of our tokens: the proxy has
+checked the caller's Databricks login and CAN_USE on the app, and says who they are in the headers it forwards
+("Access HTTP headers passed to Databricks apps"); `forwarded_identity` reads them, most specific first. Trusting
+a header holds only where nothing but the proxy reaches the app's port, as on Databricks Apps.
 """
 
 from __future__ import annotations
@@ -15,10 +20,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 ANONYMOUS = "anonymous"  # the actor of a caller without credentials (auth off)
+# what the Databricks Apps proxy says about who called, most specific first
+FORWARDED_IDENTITY = ("x-forwarded-email", "x-forwarded-preferred-username", "x-forwarded-user")
 
 
 @dataclass(frozen=True)
@@ -67,3 +74,12 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def forwarded_identity(headers: Mapping[str, str]) -> str | None:
+    """Who the Databricks Apps proxy says called (its X-Forwarded-* headers, case-insensitive `headers`), or None
+    when it says nothing."""
+    for name in FORWARDED_IDENTITY:
+        if forwarded := (headers.get(name) or "").strip():
+            return forwarded
+    return None

@@ -408,15 +408,13 @@ def test_grants_and_permissions(bundle):
         # an app resource must exist when the app is created; the endpoint does not before the first retrain
         assert not [r for r in app.get("resources", []) if "serving_endpoint" in r]
         assert app_env(app)["COINYEAR_ENDPOINT_NAME"] == "${var.endpoint_name}"
-    # on 0.0.0.0 the UI refuses to start without tokens; the gateway's callers are the Apps proxy's identities
-    assert app_env(resources["apps"]["ui"])["COINYEAR_API_TOKENS"] == "api-tokens"
+    # both apps' users are who the Apps proxy signs in and forwards, with CAN_USE: no tokens of ours
+    for app in resources["apps"].values():
+        assert app_env(app)["COINYEAR_APPS_PROXY"] == "true" and "COINYEAR_API_TOKENS" not in app_env(app)
     assert resources["apps"]["ui"]["resources"] == [
-        {"name": "api-tokens", "secret": {"scope": "${var.secret_scope}", "key": "api-tokens", "permission": "READ"}},
         {"name": "sql-warehouse", "sql_warehouse": {"id": "${var.warehouse_id}", "permission": "CAN_USE"}}]
     ui = app_env(resources["apps"]["ui"])  # the tables through the warehouse (tests/system/test_ui_databricks.py)
     assert (ui["COINYEAR_LAKE_BACKEND"], ui["COINYEAR_SQL_WAREHOUSE_ID"]) == ("warehouse", "sql-warehouse")
-    gateway = resources["apps"]["gateway"]
-    assert app_env(gateway)["COINYEAR_APPS_PROXY"] == "true" and "COINYEAR_API_TOKENS" not in app_env(gateway)
     assert {"level": "CAN_READ", "group_name": group} in resources["experiments"]["coinyear"]["permissions"]
 
 

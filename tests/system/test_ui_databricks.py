@@ -36,12 +36,21 @@ from tests.code.test_ui import (  # noqa: F401 - fixtures
     log_rows,
     press,
     registered,
-    sign_in,
     texts,
 )
 from tests.fake_workspace import DEPLOYER, FakeWorkspace, app_token
 
 UI_APP = "coinyear-ui"
+PERSON = "ada@example.com"  # who the Apps proxy signed in (X-Forwarded-Email)
+
+
+def forwarded(monkeypatch, email: str | None) -> None:
+    """The headers the Apps proxy forwards to the app's Streamlit session: who it signed in, or nobody."""
+    from streamlit.runtime.context import ContextProxy, StreamlitHeaders
+
+    given = [("X-Forwarded-Email", email)] if email else []
+    monkeypatch.setattr(ContextProxy, "headers", property(lambda self: StreamlitHeaders(
+        [*given, ("X-Real-Ip", "10.0.0.7")])))
 
 
 @pytest.fixture
@@ -71,7 +80,8 @@ def workspace(registered, monkeypatch):  # noqa: F811 - the fixture imported abo
         ws.api_client.do("PATCH", f"/api/2.0/permissions/jobs/{job_id}", body={"access_control_list": acl})
         for name in [k for k in os.environ if k.startswith("DATABRICKS_")]:
             monkeypatch.delenv(name)
-        # the app's environment as the bundle declares it, but the registry (the test's) and its sign-in (none)
+        # the app's environment as the bundle declares it, but the registry (the test's); people come through
+        # the Apps proxy (COINYEAR_APPS_PROXY), which forwards who they are
         values = {"<jobs.rollback.id>": str(job_id), "sql-warehouse": warehouse}
         env = {item["name"]: values.get(item.get("value", item.get("value_from")),
                                         item.get("value", item.get("value_from")))
@@ -82,6 +92,8 @@ def workspace(registered, monkeypatch):  # noqa: F811 - the fixture imported abo
                 "DATABRICKS_CONFIG_FILE": os.devnull}
         for key, value in env.items():
             monkeypatch.setenv(key, value)
+        assert env["COINYEAR_APPS_PROXY"] == "true" and "COINYEAR_API_TOKENS" not in env
+        forwarded(monkeypatch, PERSON)
         get_settings.cache_clear()
         yield fake, job_id, client_id
     get_settings.cache_clear()
@@ -152,9 +164,7 @@ def test_as_a_databricks_app_the_review_page_records_a_rejection_through_the_war
     fake = workspace[0]
     schema = get_settings().lake_schema
     fake.tables[f"{schema}.feedback"] = table(FEEDBACK, [anonymous_correction()])
-    monkeypatch.setenv("COINYEAR_API_TOKENS", "ada:ada-secret")
-    get_settings.cache_clear()
-    at = sign_in(app("review.py"), "Ada", "ada-secret")
+    at = app("review.py")
     assert "**AD 71 – AD 73** for request `req-anon`" in texts(at.markdown)
     assert f"{schema}.feedback_reviews" not in fake.tables  # nobody has written a verdict yet
     at = press(at, "Reject")
@@ -162,8 +172,27 @@ def test_as_a_databricks_app_the_review_page_records_a_rejection_through_the_war
     (review,) = fake.tables[f"{schema}.feedback_reviews"].to_dict("records")
     assert (review["verdict"], review["request_id"], review["year_from"], review["year_to"]) == (
         "rejected", "req-anon", 71, 73)
-    assert review["actor"].startswith("Ada (token ") and review["reviewed_at"].tzinfo is not None
+    assert review["actor"] == PERSON and review["reviewed_at"].tzinfo is not None
     assert "No corrections waiting for review" in texts(app("review.py").info)  # read back through the warehouse
     # the jobs' tables stay theirs: the app's lake refuses to write them
     with pytest.raises(RuntimeError, match="read-only"):
         open_lake(get_settings()).append(FEEDBACK, [anonymous_correction("req-other")])
+
+
+def test_as_a_databricks_app_people_are_who_the_apps_proxy_forwards(workspace, monkeypatch):
+    """Before: the UI app asked for one of COINYEAR_API_TOKENS (a secret shared by hand) although the Apps proxy
+    had already signed the person in. Now there is no sign-in form: the forwarded e-mail acts and is recorded;
+    without it (no proxy in front) every action is refused."""
+    fake = workspace[0]
+    fake.tables[f"{get_settings().lake_schema}.feedback"] = table(FEEDBACK, [anonymous_correction()])
+    at = app("review.py")
+    assert not [t for t in at.text_input if t.key == "sign_in_token"]
+    assert {"Accept", "Reject"} <= {b.label for b in at.button}
+    at = press(press(app("models.py"), "Run the rollback job…"), "Yes, do it")
+    assert len(fake.runs) == 1 and PERSON in texts(at.success)  # who pressed it, in the page's message
+    forwarded(monkeypatch, None)
+    at = app("review.py")
+    assert "did not say who you are" in texts(at.error)
+    assert not {"Accept", "Reject"} & {b.label for b in at.button}
+    assert not [t for t in at.text_input if t.key == "sign_in_token"]  # no token form to fall back on
+    assert "Run the rollback job…" not in [b.label for b in app("models.py").button]

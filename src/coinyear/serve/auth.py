@@ -28,13 +28,11 @@ import logging
 from fastapi import Request
 
 from coinyear.config import Settings
-from coinyear.identity import ANONYMOUS, credentials, is_loopback, match
+from coinyear.identity import ANONYMOUS, credentials, forwarded_identity, is_loopback, match
 from coinyear.serve.errors import PERMISSION_DENIED, UNAUTHENTICATED, ApiError
 
 log = logging.getLogger(__name__)
 
-# what the Databricks Apps proxy says about who called, most specific first
-FORWARDED_IDENTITY = ("x-forwarded-email", "x-forwarded-preferred-username", "x-forwarded-user")
 API_PREFIX = "/api"  # the only routes the Apps proxy passes a token to
 
 
@@ -71,9 +69,8 @@ class BearerAuth:
         if not self.enabled:
             return ANONYMOUS
         if self.apps_proxy:  # the proxy checked the token and kept it: who it found is the caller
-            for name in FORWARDED_IDENTITY:
-                if forwarded := request.headers.get(name, "").strip():
-                    return forwarded
+            if forwarded := forwarded_identity(request.headers):
+                return forwarded
             raise ApiError(401, UNAUTHENTICATED, "no caller identity from the Databricks Apps proxy "
                                                  "(X-Forwarded-Email): call the app on /api/ with a Databricks token")
         header = request.headers.get("authorization", "")

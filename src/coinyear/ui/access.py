@@ -16,6 +16,11 @@ it as theirs or reject it. A gateway that requires tokens refuses it.
 
 The sign-in (the token, kept in the server-side session state, and the name given) is checked again on every
 page run: once the token is no longer one of COINYEAR_API_TOKENS the session is signed out, saying so.
+
+As a Databricks App (`COINYEAR_APPS_PROXY=true`) there is no sign-in form and no token: the Apps proxy has signed
+the person in with their Databricks login and let them through only with CAN_USE on the app, and its forwarded
+identity (X-Forwarded-Email, read on every page run) is who acts and who a correction or a verdict is recorded
+as, the same rule as the gateway app's (`coinyear.identity.forwarded_identity`).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import streamlit as st
 
 from coinyear import registry
 from coinyear.config import Settings
-from coinyear.identity import Credential, credentials, is_loopback, match
+from coinyear.identity import Credential, credentials, forwarded_identity, is_loopback, match
 from coinyear.lake import open_lake
 from coinyear.lake.tables import DECISIONS_ACTOR, DECISIONS_SCHEMA, MODEL_DECISIONS
 
@@ -46,8 +51,8 @@ DECISION_SCHEMA = pa.schema([
 
 def auth_required(settings: Settings) -> bool:
     """True when registry actions and corrections need a signed-in person (tokens configured, as for the
-    gateway)."""
-    return not settings.auth_disabled and bool(credentials(settings.api_token_entries()))
+    gateway, or the Databricks Apps proxy in front, which signs people in)."""
+    return settings.apps_proxy or (not settings.auth_disabled and bool(credentials(settings.api_token_entries())))
 
 
 def check_bind(settings: Settings, host: str) -> None:
@@ -67,7 +72,10 @@ def actor_name(name: str, token: str) -> str:
 def signed_in(settings: Settings) -> Credential | None:
     """The signed-in person's credential, checked against COINYEAR_API_TOKENS as they are now: a session whose
     token is no longer one of them (or whose UI no longer asks for a sign-in) is signed out here, saying so.
-    Every page run calls it (app.py), so a rotated-out token ends the session on whatever page it is on."""
+    Every page run calls it (app.py), so a rotated-out token ends the session on whatever page it is on. Behind
+    the Apps proxy: the person it forwards (no token), or None when it forwards nobody."""
+    if settings.apps_proxy:
+        return proxy_sign_in()
     credential = st.session_state.get(CREDENTIAL_KEY)
     if credential is None:
         st.session_state.pop(ACTOR_KEY, None)
@@ -81,6 +89,21 @@ def signed_in(settings: Settings) -> Credential | None:
         return None
     st.session_state[CREDENTIAL_KEY] = current  # its name may have changed with the entry
     return current
+
+
+def proxy_sign_in() -> Credential | None:
+    """The session as the person the Databricks Apps proxy forwards (kept as the actor), or None after saying
+    that it forwarded nobody."""
+    person = forwarded_identity(st.context.headers)
+    if person is None:
+        for key in (ACTOR_KEY, CREDENTIAL_KEY):
+            st.session_state.pop(key, None)
+        st.error("The Databricks Apps proxy did not say who you are (no X-Forwarded-Email): registry actions, "
+                 "corrections and reviews are refused.", icon=":material/lock:")
+        return None
+    credential = Credential("", person)  # no token: the proxy vouched for them
+    st.session_state[ACTOR_KEY], st.session_state[CREDENTIAL_KEY] = person, credential
+    return credential
 
 
 def refused_remote(what: str) -> bool:
@@ -100,6 +123,8 @@ def current_actor(settings: Settings) -> str | None:
         return None if refused_remote("Registry actions") else f"{getpass.getuser()} (local, no auth)"
     if signed_in(settings) is not None and st.session_state.get(ACTOR_KEY):
         return st.session_state[ACTOR_KEY]
+    if settings.apps_proxy:  # signed_in said why
+        return None
     st.info("Sign in with an API token to promote or roll back.", icon=":material/lock:")
     sign_in_form(settings)
     return None
@@ -112,8 +137,8 @@ def correction_credential(settings: Settings) -> tuple[bool, Credential | None]:
     if not auth_required(settings):
         return not refused_remote("Corrections"), None
     credential = signed_in(settings)
-    if credential is not None:
-        return True, credential
+    if credential is not None or settings.apps_proxy:
+        return credential is not None, credential
     st.info("Sign in with an API token to correct the date: corrections train the model, so each is recorded "
             "with who gave it.", icon=":material/lock:")
     sign_in_form(settings)

@@ -4,8 +4,9 @@ A correction sent without credentials (`anonymous`: an open gateway in local-dev
 gave it never trains the model on its own (coinyear.jobs.ingest). Here a signed-in expert looks at the coin and
 accepts one — it is sent again as their own correction, so the gateway records them as who gave it and the next
 retraining learns from it — or rejects it. Either verdict goes to the `feedback_reviews` table with who gave it,
-and the correction leaves the queue. Reviewing needs tokens (COINYEAR_API_TOKENS): without them there is nobody
-to sign in, and an accepted correction would be anonymous again.
+and the correction leaves the queue. Reviewing needs tokens (COINYEAR_API_TOKENS), or the Databricks Apps proxy
+saying who the expert is: without either there is nobody to sign in, and an accepted correction would be
+anonymous again.
 """
 
 import datetime as dt
@@ -97,7 +98,7 @@ credential = None
 if not access.auth_required(settings()):
     st.info("Reviewing needs tokens: with COINYEAR_API_TOKENS set, a signed-in expert accepts or rejects each "
             "correction (without them an accepted one would be anonymous again).", icon=":material/lock:")
-elif (credential := access.signed_in(settings())) is None:
+elif (credential := access.signed_in(settings())) is None and not settings().apps_proxy:  # the proxy: said why
     st.info("Sign in with an API token to accept or reject corrections: each verdict is recorded with who gave it.",
             icon=":material/lock:")
     access.sign_in_form(settings())
