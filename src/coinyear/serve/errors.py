@@ -6,10 +6,11 @@ as they read errors from their own servers.
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # FastAPI is the gateway's ([serve]); the codes and ApiError are read by jobs without it
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
 
 BAD_REQUEST = "BAD_REQUEST"
 INVALID_PARAMETER_VALUE = "INVALID_PARAMETER_VALUE"
@@ -37,12 +38,17 @@ class ApiError(Exception):
         self.status, self.error_code, self.message, self.headers = status, error_code, message, headers
 
     def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
+        """The error as the JSON answer the client gets."""
+        from fastapi.responses import JSONResponse
+
         return JSONResponse({"error_code": self.error_code, "message": self.message}, status_code=self.status,
                             headers={**(self.headers or {}), **(headers or {})})
 
 
 def install_handlers(app: FastAPI) -> None:
     """Every error leaves as MLflow JSON, framework ones (unknown route, bad /feedback body) included."""
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, error: ApiError):

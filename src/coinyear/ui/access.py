@@ -82,8 +82,7 @@ def signed_in(settings: Settings) -> Credential | None:
         return None
     current = match(credentials(settings.api_token_entries()), credential.token) if auth_required(settings) else None
     if current is None:
-        for key in (ACTOR_KEY, CREDENTIAL_KEY):
-            st.session_state.pop(key, None)
+        sign_out()
         st.warning("Your sign-in ended: its token is no longer accepted (COINYEAR_API_TOKENS changed). Sign in "
                    "again with a current token.", icon=":material/lock_reset:")
         return None
@@ -91,13 +90,18 @@ def signed_in(settings: Settings) -> Credential | None:
     return current
 
 
+def sign_out() -> None:
+    """Forget this session's person and token."""
+    for key in (ACTOR_KEY, CREDENTIAL_KEY):
+        st.session_state.pop(key, None)
+
+
 def proxy_sign_in() -> Credential | None:
     """The session as the person the Databricks Apps proxy forwards (kept as the actor), or None after saying
     that it forwarded nobody."""
     person = forwarded_identity(st.context.headers)
     if person is None:
-        for key in (ACTOR_KEY, CREDENTIAL_KEY):
-            st.session_state.pop(key, None)
+        sign_out()
         st.error("The Databricks Apps proxy did not say who you are (no X-Forwarded-Email): registry actions, "
                  "corrections and reviews are refused.", icon=":material/lock:")
         return None
