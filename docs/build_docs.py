@@ -76,7 +76,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
                    "coinyear.identity", "coinyear.spark"),
     "data": ("coinyear.data",),
     "model": ("coinyear.backbones", "coinyear.model", "coinyear.runtime", "coinyear.quality", "coinyear.calibrate"),
-    "packaged model": ("coinyear.params", "coinyear.neighbours", "coinyear.pyfunc"),
+    "packaged model": ("coinyear.params", "coinyear.coin_input", "coinyear.neighbours", "coinyear.pyfunc"),
     "train": ("coinyear.evaluate", "coinyear.behaviour", "coinyear.recipe", "coinyear.augment", "coinyear.fit",
               "coinyear.experiment", "coinyear.train", "coinyear.distributed"),
     "registry": ("coinyear.registry",),

@@ -27,9 +27,9 @@ The logged model is self-contained: it carries the coinyear package as MLflow `c
 `sys.path` when MLflow loads it) and lists as requirements exactly what the serving code imports, pinned to
 the training environment's versions, so any environment MLflow builds from it (`mlflow models serve`,
 `spark_udf`, Databricks Model Serving) scores without coinyear installed. Loading it imports only
-`coinyear.pyfunc`, `.data`, `.model`, `.neighbours`, `.params`, `.quality`, `.runtime` and `.years`: none may import a
-package missing from `pip_requirements` at module level (settings, lake, Spark, tqdm and scikit-learn stay lazy;
-pyarrow, which reads the reference table, comes with mlflow).
+`coinyear.pyfunc`, `.coin_input`, `.data`, `.model`, `.backbones`, `.neighbours`, `.params`, `.quality`, `.runtime`
+and `.years`: none may import a package missing from `pip_requirements` at module level (settings, lake, Spark,
+tqdm and scikit-learn stay lazy; pyarrow, which reads the reference table, comes with mlflow).
 
 When the logged model carries an ONNX export of the network (`coinyear.runtime`: all TTA rotations and the OOD
 features in one graph, attached only when it matched PyTorch at logging time) it scores with the first runtime
@@ -39,8 +39,6 @@ that matched at logging time and imports: OpenVINO, then ONNX Runtime; otherwise
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import logging
 import tempfile
@@ -51,17 +49,14 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
-from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
-from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
 from mlflow.types.schema import Array, Object, Property
 
-from coinyear.data import ImageError, preprocess
+from coinyear.coin_input import BACK, FRONT, InvalidCoinInput, decode_base64, decode_pair, encode_file
 from coinyear.params import ScoringParams, parse_params, unsupported
 
-FRONT, BACK = "front_image_base64", "back_image_base64"
 CHECKPOINT = "checkpoint"
 CONFORMAL, OOD, NEIGHBOURS = "conformal", "ood", "neighbours"
 ONNX, RUNTIMES = "onnx", "runtimes"  # the graph; the runtimes that matched PyTorch on it at logging time (JSON)
@@ -98,27 +93,6 @@ SIGNATURE = ModelSignature(
 )
 
 
-class InvalidCoinInput(MlflowException):
-    """A row that cannot be scored: MLflow's scoring server and ours turn it into a 400."""
-
-    def __init__(self, message: str, row: int | None = None):
-        where = f"row {row}: " if row is not None else ""
-        super().__init__(where + message, error_code=INVALID_PARAMETER_VALUE)
-        self.row = row
-
-
-def decode_base64(value, row: int | None, column: str) -> bytes:
-    if not isinstance(value, str) or not value.strip():
-        raise InvalidCoinInput(f"{column} must be a non-empty base64 string", row)
-    text = value.strip()
-    if text.startswith("data:") and "," in text:  # browsers send data URLs
-        text = text.split(",", 1)[1]
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as error:
-        raise InvalidCoinInput(f"{column} is not valid base64 ({error})", row) from error
-
-
 def pair_tensors(arrays: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Decoded (front, back) uint8 arrays [C, H, W] of several coins as the network's two inputs: float
     [N, C, H, W] in [0, 1]. Every path that scores photos (the pyfunc, the gateway, the behaviour checks) stacks
@@ -126,17 +100,6 @@ def pair_tensors(arrays: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Ten
     fronts = torch.from_numpy(np.stack([front for front, _ in arrays])).float() / 255
     backs = torch.from_numpy(np.stack([back for _, back in arrays])).float() / 255
     return fronts, backs
-
-
-def decode_pair(front: bytes, back: bytes, size: int, grayscale: bool, row: int | None = None):
-    """Both sides preprocessed exactly as in training; InvalidCoinInput names the bad side."""
-    arrays = []
-    for side, data in (("front", front), ("back", back)):
-        try:
-            arrays.append(preprocess(data, side, size, grayscale))
-        except ImageError as error:
-            raise InvalidCoinInput(f"{side} image: {error}", row) from error
-    return arrays
 
 
 class CoinYearModel(PythonModel):
@@ -273,10 +236,6 @@ def likeliest_portraits(probabilities: np.ndarray, classes: list[tuple[str, floa
     order = np.argsort(-probabilities, axis=1, kind="stable")[:, :k]
     return [[{"portrait": classes[c][0], "probability": round(float(row[c]), 4), "year": round(classes[c][1], 1)}
              for c in picks] for row, picks in zip(probabilities, order)]
-
-
-def encode_file(path: str | Path) -> str:
-    return base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
 
 def input_example(rows: pd.DataFrame) -> pd.DataFrame:

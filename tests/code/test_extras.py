@@ -156,15 +156,20 @@ def requirement_lines(app: str) -> list[Requirement]:
 
 
 def test_the_apps_install_only_what_they_import():
+    """The UI app installs the core and [ui]; the gateway app (a forwarding gateway: `coinyear serve` with
+    COINYEAR_SERVING_BACKEND=databricks) the core and [serve], and its command's closure needs nothing else: no
+    torch, no model runtime."""
     (ui,) = requirement_lines("ui")
     assert ui.name == "coinyear" and ui.extras == {"ui"}
-    gateway, *others = requirement_lines("gateway")
+    (gateway,) = requirement_lines("gateway")
     assert gateway.name == "coinyear" and gateway.extras == {"serve"}
-    train = {dist_name(r): r for r in EXTRAS["train"]}
-    for other in others:  # only pins of the [train] extra, as pyproject pins them
-        assert str(train[dist_name(other)]) == str(other)
-    absent, not_ours = refused({"serve"}, also={dist_name(r) for r in others})
-    result = run_imports(["import coinyear.serve.app"], absent, not_ours)
+    env = BUNDLE["resources"]["apps"]["gateway"]["config"]["env"]
+    assert {"name": "COINYEAR_SERVING_BACKEND", "value": "databricks"} in env
+    absent, not_ours = refused({"serve"})
+    assert {"torch", "torchvision", "openvino"} <= absent
+    backend = ("from coinyear.config import Settings\nfrom coinyear.targets import gateway_backend\n"
+               "gateway_backend(Settings(serving_backend='databricks'))")  # RemoteBackend and what it imports
+    result = run_imports(["import coinyear.serve.app", backend, *command_imports(["serve"])], absent, not_ours)
     assert result.stdout.strip() == "imported", result.stderr[-3000:]
 
 

@@ -31,8 +31,9 @@ from coinyear.pyfunc import BACK, FRONT, encode_file
 from tests.conftest import coin_image
 
 # All the package a served model may import: a module added here must import only what pyfunc.pip_requirements lists.
-SERVING_MODULES = {"coinyear", "coinyear.pyfunc", "coinyear.data", "coinyear.model", "coinyear.neighbours",
-                   "coinyear.params", "coinyear.quality", "coinyear.runtime", "coinyear.years"}
+SERVING_MODULES = {"coinyear", "coinyear.pyfunc", "coinyear.coin_input", "coinyear.data", "coinyear.model",
+                   "coinyear.backbones", "coinyear.neighbours", "coinyear.params", "coinyear.quality",
+                   "coinyear.runtime", "coinyear.years"}
 
 # Runs inside the fresh environment: nothing of ours is importable there until MLflow loads the model.
 SCRIPT = r"""

@@ -39,9 +39,9 @@ import httpx
 from fastapi import Request
 
 import coinyear
+from coinyear.coin_input import InvalidCoinInput, decode_base64
 from coinyear.config import Settings
 from coinyear.databricks.volume import PAYLOAD_LOG_LIMIT, feedback_file, files_api_path, photo_path, served_model
-from coinyear.pyfunc import InvalidCoinInput, decode_base64
 from coinyear.serve.backend import Outcome
 from coinyear.serve.errors import BAD_REQUEST, HTTP_CODES, INTERNAL_ERROR, TEMPORARILY_UNAVAILABLE, ApiError
 from coinyear.serve.wire import FORMATS, InvalidRequest, PreparedRow, parse_body

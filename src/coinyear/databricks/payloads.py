@@ -63,11 +63,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from coinyear.coin_input import InvalidCoinInput, decode_base64
 from coinyear.config import Settings
 from coinyear.databricks.volume import FEEDBACK_FILES, SMOKE_REQUEST_PREFIX, photo_path
 from coinyear.lake import open_lake
 from coinyear.lake.tables import FEEDBACK, INFERENCE_LOG, Lake
-from coinyear.pyfunc import InvalidCoinInput, decode_base64
 from coinyear.serve.request_id import SAFE_REQUEST_ID_RULE, safe_request_id
 from coinyear.serve.wire import InvalidRequest, parse_body
 

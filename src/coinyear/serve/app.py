@@ -42,7 +42,6 @@ from coinyear.serve.errors import (
     install_handlers,
 )
 from coinyear.serve.feedback import FeedbackIn, read_feedback
-from coinyear.serve.local import LocalBackend
 from coinyear.serve.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -182,7 +181,11 @@ def create_app(settings: Settings, host: str | None = None, backend: BackendFact
     if backend is None and settings.serving_backend != "local":
         raise ValueError(f"COINYEAR_SERVING_BACKEND={settings.serving_backend}: pass its backend "
                          f"(coinyear.targets.gateway_backend)")
-    gateway = Gateway(settings, host or settings.host, backend or LocalBackend)
+    if backend is None:
+        from coinyear.serve.local import LocalBackend  # the model runtime and torch: only where this process scores
+
+        backend = LocalBackend
+    gateway = Gateway(settings, host or settings.host, backend)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -278,8 +281,5 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None, 
     """Run the gateway with uvicorn in this process (one process: batching needs all requests in one place)."""
     import uvicorn
 
-    from coinyear.config import set_torch_threads
-
-    set_torch_threads(settings)
     host, port = host or settings.host, port or settings.port
     uvicorn.run(create_app(settings, host, backend), host=host, port=port, access_log=access_log, log_level="info")

@@ -19,7 +19,7 @@ from fastapi import Request
 from mlflow.exceptions import MlflowException
 
 import coinyear
-from coinyear.config import Settings
+from coinyear.config import Settings, set_torch_threads
 from coinyear.lake import open_lake
 from coinyear.lake.spool import SpoolClosedError, SpooledAppender
 from coinyear.lake.tables import FEEDBACK, INFERENCE_LOG
@@ -43,6 +43,7 @@ class LocalBackend:
     """The model manager, batcher and lake writers of one serving process (a coinyear.serve.backend.Backend)."""
 
     def __init__(self, settings: Settings, metrics: Metrics):
+        set_torch_threads(settings)  # this process scores (a forwarding gateway never loads torch)
         self.settings = settings
         self.metrics = metrics
         self.lake = open_lake(settings)

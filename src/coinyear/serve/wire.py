@@ -18,9 +18,9 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from coinyear.coin_input import BACK, FRONT, InvalidCoinInput, decode_base64
 from coinyear.data import ImageError, preprocess
 from coinyear.params import ScoringParams, parse_params
-from coinyear.pyfunc import BACK, FRONT, InvalidCoinInput, decode_base64
 from coinyear.serve.errors import BAD_REQUEST, INVALID_PARAMETER_VALUE
 
 FORMATS = ("inputs", "instances", "dataframe_records", "dataframe_split")
