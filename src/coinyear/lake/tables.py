@@ -108,22 +108,12 @@ SCHEMAS: dict[str, pa.Schema] = {
         pa.field("request_metadata", pa.string()),
     ]),
     FEEDBACK: pa.schema([
-        pa.field("request_id", pa.string(), nullable=False),
-        pa.field("year_from", pa.int32()),
-        pa.field("year_to", pa.int32()),
-        pa.field("timestamp", UTC_TIMESTAMP),
-        pa.field("source", pa.string()),
-        pa.field("note", pa.string()),
-        pa.field("actor", pa.string()),
+        pa.field("request_id", pa.string(), nullable=False), ("year_from", pa.int32()), ("year_to", pa.int32()),
+        ("timestamp", UTC_TIMESTAMP), ("source", pa.string()), ("note", pa.string()), ("actor", pa.string()),
     ]),
     FEEDBACK_REVIEWS: pa.schema([
-        pa.field("feedback_key", pa.string(), nullable=False),
-        pa.field("request_id", pa.string()),
-        pa.field("verdict", pa.string()),
-        pa.field("year_from", pa.int32()),
-        pa.field("year_to", pa.int32()),
-        pa.field("reviewed_at", UTC_TIMESTAMP),
-        pa.field("actor", pa.string()),
+        pa.field("feedback_key", pa.string(), nullable=False), ("request_id", pa.string()), ("verdict", pa.string()),
+        ("year_from", pa.int32()), ("year_to", pa.int32()), ("reviewed_at", UTC_TIMESTAMP), ("actor", pa.string()),
     ]),
 }
 # model_decisions: what the retraining job and `coinyear deploy` write (see the module docstring)
