@@ -498,32 +498,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run() -> NoReturn:
-    """The `coinyear` console command: `main`, then Python's exit handlers, then exit without the interpreter's
-    native teardown. Under CPU load a finished command sometimes aborted in that teardown ("terminate called
-    without an active exception", exit 134: a daemon thread stopped inside native code while the interpreter
-    shut down), which a scheduler would read as a failed job although its work was done and recorded.
+    """The `coinyear` console command: `main`'s status as the process's exit status.
 
-    Kept because the cause is not pinned down: on 2026-12-06, without this exit, `coinyear retrain --dry-run`
-    over Delta tables holding rows exited 0 in 25 of 25 runs at load 7 on 2 cores (18 of 18 over an empty lake).
-    The threads alive when such a command returns are tqdm's monitor (a Python daemon thread, idle in Python
-    code) and native pools: delta-rs (tokio workers), pyarrow (jemalloc, unnamed C++ pool threads) and torch.
-    Published reports of this abort at exit blame Arrow's C++ thread pools destroyed while a worker is still
-    joinable (apache/arrow#34314, delta-io/delta-rs#2184), pools our code has no call to shut down."""
-    import atexit
-    import os
+    The garbage collector runs once more while every library is still loaded. Arrow's dataset scanners (pyarrow,
+    which delta-rs reads through) hold native worker threads until they are collected; collected only in the
+    interpreter's final teardown, after Arrow's thread pools are gone, they can abort a finished command
+    ("terminate called without an active exception", exit 134: apache/arrow#39862 and #34314,
+    delta-io/delta-rs#2184). That abort was seen here in 4 of 25 skipped retrainings under load (2026-11-27) and
+    was then hidden by an `os._exit`; with today's libraries it did not recur in 83 runs without it under load
+    5-7 (2026-12-06). tests/faults/test_cli_exit.py runs the command that showed it."""
+    import gc
 
     code = main()
-    atexit._run_exitfuncs()  # MLflow's and logging's handlers still run; only the native teardown is skipped
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    gc.collect()
+    sys.exit(code)
 
 
 def job() -> None:
     """The `coinyear-job` entry point that the Databricks bundle's python_wheel_tasks call: the same commands as
     `coinyear`, but a wheel task calls its entry point inside the driver's Python process (sys.argv = the task's
     parameters), so this returns on success and raises on failure. It never exits the interpreter: `run`'s
-    os._exit would take the driver's REPL down with it, and the run would be reported failed."""
+    sys.exit would end the driver's REPL with it, and the run would be reported failed."""
     try:
         code = main(sys.argv[1:])
     except SystemExit as stop:  # argparse: --help (0) or a usage error (2)

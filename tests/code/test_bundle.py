@@ -302,7 +302,7 @@ def test_jobs_run_real_commands_through_the_job_entry_point(bundle):
     for job_key, task in wheel_tasks(resources):
         wheel_task = task["python_wheel_task"]
         assert wheel_task["package_name"] == PROJECT["name"]
-        assert wheel_task["entry_point"] == "coinyear-job"  # never `coinyear`: its os._exit kills the driver REPL
+        assert wheel_task["entry_point"] == "coinyear-job"  # never `coinyear`: its sys.exit ends the driver REPL
         args = parse(wheel_task["parameters"], f"jobs.{job_key} task {task['task_key']}")
         commands.add(" ".join(wheel_task["parameters"][:2] if args.command == "models" else [args.command]))
         # the wheel, and PyPI packages only where the task trains or scores (tests/code/test_extras.py)
