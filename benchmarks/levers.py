@@ -26,10 +26,12 @@ A few minutes on 2 cores (two TTA passes over ~800 coins).
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Any
 
 import mlflow
 import numpy as np
+import pandas as pd
 import torch
 
 from coinyear import evaluate
@@ -57,6 +59,38 @@ def run_split(settings, model_uri: str) -> dict:
             "seed": int(params.get("seed", 42)), "version": version}
 
 
+@dataclass
+class Registered:
+    """A registered model's pyfunc, its portrait classes (names, median years), the manifest's rows and the
+    training run's own split: its training, validation and test coins (row indices)."""
+
+    settings: Any
+    split: dict
+    pyfunc: Any
+    names: list[str]
+    years: np.ndarray
+    rows: pd.DataFrame
+    train_index: np.ndarray
+    val_index: np.ndarray
+    test_index: np.ndarray
+
+
+def registered_split(model_uri: str) -> Registered:
+    """Load `model_uri` and rebuild its run's split (a hold-out run only: a K-fold model's refit saw every
+    validation coin)."""
+    settings = get_settings()
+    configure_mlflow(settings)
+    split = run_split(settings, model_uri)
+    pyfunc = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    rows = read_manifest(settings.data_dir, settings.min_year, settings.max_year).rows
+    splits, test_index = choice_splits(rows, split["folds"], split["holdout_fraction"], split["seed"])
+    if len(splits) != 1:
+        raise SystemExit("a K-fold model's validation coins were seen by its refit: this script needs a hold-out")
+    return Registered(settings, split, pyfunc, [name for name, _ in pyfunc.portraits],
+                      np.array([year for _, year in pyfunc.portraits]), rows, splits[0][0], splits[0][1],
+                      test_index)
+
+
 def portrait_labels(rows, names: list[str]) -> np.ndarray:
     """The catalogue portrait as the model's class index, as training labels it (`train.aux_labels`): a named
     class, else the last ("other"); -100 when the catalogue names none."""
@@ -79,20 +113,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     started = time.perf_counter()
 
-    settings = get_settings()
-    configure_mlflow(settings)
-    split = run_split(settings, args.model)
-    pyfunc = mlflow.pyfunc.load_model(args.model).unwrap_python_model()
+    registered = registered_split(args.model)
+    settings, split, pyfunc, names, years, rows = (registered.settings, registered.split, registered.pyfunc,
+                                                    registered.names, registered.years, registered.rows)
+    val_index, test_index = registered.val_index, registered.test_index
     network, quality = pyfunc.model, pyfunc.quality
     config = network.config
     trained = replace(config)  # the levers as registered
-    names = [name for name, _ in pyfunc.portraits]
-    years = np.array([year for _, year in pyfunc.portraits])
-    rows = read_manifest(settings.data_dir, settings.min_year, settings.max_year).rows
-    splits, test_index = choice_splits(rows, split["folds"], split["holdout_fraction"], split["seed"])
-    if len(splits) != 1:
-        raise SystemExit("a K-fold model's validation coins were seen by its refit: this script needs a hold-out")
-    val_index = splits[0][1]
     cache = ImageCache(settings.cache_dir, config.image_size, config.grayscale)
 
     sets, truth, arrays = {}, {}, {}

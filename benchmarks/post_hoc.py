@@ -24,26 +24,23 @@ About 15 minutes on 2 cores under load (the training coins' embeddings take most
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from coinyear.calibrate import Heads, fit_levers, fit_ranges
-from coinyear.config import configure_mlflow, get_settings
-from coinyear.data import ImageCache, choice_splits, load_arrays, read_manifest
+from coinyear.data import ImageCache, load_arrays
 from coinyear.fit import infer_arrays
 from coinyear.quality import interval_metrics
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_results  # the benchmarks' shared helper
-from levers import portrait_labels, run_split  # a sibling benchmark script
+from common import results_parser, write_results  # the benchmarks' shared helper
+from levers import portrait_labels, registered_split  # a sibling benchmark script
 
 ZOOMS = (1.0, 1.15, 0.87)
 TAUS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -112,28 +109,19 @@ def measure(validation: Heads, test: Heads, config, years, val_probs=None, test_
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = results_parser(__doc__, "post_hoc")
     parser.add_argument("--model", default="models:/coinyear@production")
-    parser.add_argument("--name", default="demo")
     parser.add_argument("--heads", default=None, help="where the head outputs are kept (default COINYEAR_HOME)")
-    parser.add_argument("--out", default="benchmarks/results/post_hoc")
     args = parser.parse_args(argv)
     started = time.perf_counter()
 
-    settings = get_settings()
-    configure_mlflow(settings)
-    split = run_split(settings, args.model)
-    pyfunc = mlflow.pyfunc.load_model(args.model).unwrap_python_model()
+    registered = registered_split(args.model)
+    settings, split, pyfunc, names, years, rows = (registered.settings, registered.split, registered.pyfunc,
+                                                    registered.names, registered.years, registered.rows)
+    train_index, val_index, test_index = registered.train_index, registered.val_index, registered.test_index
     network = pyfunc.model
     config = replace(network.config)
-    names = [name for name, _ in pyfunc.portraits]
-    years = np.array([year for _, year in pyfunc.portraits])
     classes = len(names)
-    rows = read_manifest(settings.data_dir, settings.min_year, settings.max_year).rows
-    splits, test_index = choice_splits(rows, split["folds"], split["holdout_fraction"], split["seed"])
-    if len(splits) != 1:
-        raise SystemExit("a K-fold model's validation coins were seen by its refit: this script needs a hold-out")
-    train_index, val_index = splits[0]
     cache = ImageCache(settings.cache_dir, network.config.image_size, network.config.grayscale)
     kept = Path(args.heads or settings.home_dir / "post_hoc" / f"v{split['version']}")
     kept.mkdir(parents=True, exist_ok=True)
