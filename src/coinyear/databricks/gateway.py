@@ -44,7 +44,7 @@ from coinyear.config import Settings
 from coinyear.databricks.volume import PAYLOAD_LOG_LIMIT, feedback_file, files_api_path, photo_path, served_model
 from coinyear.serve.backend import Outcome
 from coinyear.serve.errors import BAD_REQUEST, HTTP_CODES, INTERNAL_ERROR, TEMPORARILY_UNAVAILABLE, ApiError
-from coinyear.serve.wire import FORMATS, InvalidRequest, PreparedRow, parse_body
+from coinyear.serve.wire import InvalidRequest, PreparedRow, json_object, parse_body
 
 if TYPE_CHECKING:  # the SDK is imported when the backend opens
     from databricks.sdk.core import Config
@@ -52,6 +52,7 @@ if TYPE_CHECKING:  # the SDK is imported when the backend opens
     from coinyear.serve.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class RemoteModel:
@@ -178,15 +179,9 @@ class RemoteBackend:
     # ------------------------------------------------------------------------------------------ scoring
     async def score(self, body: bytes, outcome: Outcome) -> None:
         try:
-            payload = json.loads(body.decode("utf-8"))  # what the Content-Type says (json.loads would guess UTF-16)
-        # ValueError: also integers of over 4,300 digits (and JSONDecodeError, UnicodeDecodeError); RecursionError:
-        # nesting deeper than the stack. Both are the client's: a 400, as the local backend's parser answers.
-        except (ValueError, RecursionError) as error:
-            raise ApiError(400, BAD_REQUEST, f"Invalid input. Ensure that input is a valid JSON formatted string: "
-                                             f"{error}") from error
-        if not isinstance(payload, dict):
-            raise ApiError(400, BAD_REQUEST, f"The input must be a JSON object with exactly one of the fields "
-                                             f"{list(FORMATS)}, not a {type(payload).__name__}")
+            payload = json_object(body)  # read as the local backend reads it: not JSON, or not an object, is a 400
+        except InvalidRequest as error:
+            raise ApiError(400, error.error_code, error.message) from error
         # anything else is for the endpoint to judge: it answers, and its payload table logs, even a bad request
         payload["client_request_id"] = outcome.http_id
         try:

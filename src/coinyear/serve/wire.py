@@ -109,8 +109,9 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def parse_body(body: bytes, max_rows: int) -> ParsedRequest:
-    """Body bytes to rows; InvalidRequest for anything that is not a well-formed scoring request."""
+def json_object(body: bytes) -> dict:
+    """A request body as the JSON object every scoring format is; InvalidRequest when it is not one (both
+    backends read it so, the forwarding one before it passes the rest to the endpoint)."""
     try:
         payload = json.loads(body.decode("utf-8"))  # what the Content-Type says (json.loads would guess UTF-16)
     except (ValueError, RecursionError) as error:  # also numbers of over 4300 digits and nesting past the stack
@@ -119,6 +120,12 @@ def parse_body(body: bytes, max_rows: int) -> ParsedRequest:
     if not isinstance(payload, dict):
         raise bad(f"The input must be a JSON object with exactly one of the fields {list(FORMATS)}, "
                   f"not a {type(payload).__name__}")
+    return payload
+
+
+def parse_body(body: bytes, max_rows: int) -> ParsedRequest:
+    """Body bytes to rows; InvalidRequest for anything that is not a well-formed scoring request."""
+    payload = json_object(body)
     present = [key for key in FORMATS if key in payload]
     if len(present) != 1:
         raise bad(f"The input must be a JSON object with exactly one of the fields {list(FORMATS)}; "

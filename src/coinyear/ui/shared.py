@@ -51,7 +51,6 @@ def parse_year(text: str) -> int:
     return -value if era in ("BC", "BCE") else value
 
 
-
 def correction_label(year_from: int, year_to: int) -> str:
     """An expert's correction as the pages show it: 'AD 71', or a range with an en dash between the years."""
     if year_from == year_to:
