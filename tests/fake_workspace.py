@@ -338,6 +338,19 @@ class FakeWorkspace:
             raise ApiError(403, "PERMISSION_DENIED", f"{_name(caller)} does not have {needed} permission on "
                                                      f"{what} (has {held or 'none'})")
 
+    def grant(self, object_id: str, body: dict, levels: tuple[str, ...]) -> None:
+        """A Permissions API PATCH: each entry (exactly one principal, a level of `levels`) added or changed."""
+        for entry in body.get("access_control_list") or []:
+            kinds = [kind for kind in ("user_name", "group_name", "service_principal_name") if entry.get(kind)]
+            if len(kinds) != 1 or entry.get("permission_level") not in levels:
+                raise ApiError(400, "INVALID_PARAMETER_VALUE", f"bad access control entry {entry}")
+            self.acls.setdefault(object_id, {})[(kinds[0], entry[kinds[0]])] = entry["permission_level"]
+
+    def access_control_list(self, object_id: str) -> list[dict]:
+        """The object's entries as the Permissions API's GET lists them (none inherited here)."""
+        return [{kind: principal, "all_permissions": [{"permission_level": level, "inherited": False}]}
+                for (kind, principal), level in self.acls.get(object_id, {}).items()]
+
     def _endpoint_by_id(self, endpoint_id: str) -> dict:
         for endpoint in self.endpoints.values():
             if endpoint["id"] == endpoint_id:
@@ -348,18 +361,12 @@ class FakeWorkspace:
         self._endpoint_by_id(endpoint_id)
         self.require(endpoint_id, caller, "CAN_MANAGE")
         return {"object_id": f"/serving-endpoints/{endpoint_id}", "object_type": "serving-endpoint",
-                "access_control_list": [
-                    {kind: principal, "all_permissions": [{"permission_level": level, "inherited": False}]}
-                    for (kind, principal), level in self.acls.get(endpoint_id, {}).items()]}
+                "access_control_list": self.access_control_list(endpoint_id)}
 
     def update_permissions(self, endpoint_id: str, body: dict, caller: dict) -> dict:
         self._endpoint_by_id(endpoint_id)
         self.require(endpoint_id, caller, "CAN_MANAGE")
-        for entry in body.get("access_control_list") or []:
-            kinds = [kind for kind in ("user_name", "group_name", "service_principal_name") if entry.get(kind)]
-            if len(kinds) != 1 or entry.get("permission_level") not in LEVELS:
-                raise ApiError(400, "INVALID_PARAMETER_VALUE", f"bad access control entry {entry}")
-            self.acls.setdefault(endpoint_id, {})[(kinds[0], entry[kinds[0]])] = entry["permission_level"]
+        self.grant(endpoint_id, body, LEVELS)
         return self.permissions(endpoint_id, caller)
 
     # ------------------------------------------------------------------------------------------- Unity Catalog models
@@ -643,11 +650,7 @@ class FakeWorkspace:
     def update_job_permissions(self, job_id: str, body: dict, caller: dict) -> dict:
         self._job(job_id)
         self.require(f"jobs/{job_id}", caller, "CAN_MANAGE", JOB_LEVELS)
-        for entry in body.get("access_control_list") or []:
-            kinds = [kind for kind in ("user_name", "group_name", "service_principal_name") if entry.get(kind)]
-            if len(kinds) != 1 or entry.get("permission_level") not in JOB_LEVELS:
-                raise ApiError(400, "INVALID_PARAMETER_VALUE", f"bad access control entry {entry}")
-            self.acls[f"jobs/{job_id}"][(kinds[0], entry[kinds[0]])] = entry["permission_level"]
+        self.grant(f"jobs/{job_id}", body, JOB_LEVELS)
         return {"object_id": f"/jobs/{job_id}", "object_type": "job"}
 
     def run_now(self, job_id: str, caller: dict) -> dict:
@@ -671,18 +674,13 @@ class FakeWorkspace:
     def app_permissions(self, name: str, caller: dict) -> dict:
         self._app(name)
         self.require(f"apps/{name}", caller, "CAN_MANAGE", APP_LEVELS)
-        return {"object_id": f"/apps/{name}", "object_type": "apps", "access_control_list": [
-            {kind: principal, "all_permissions": [{"permission_level": level, "inherited": False}]}
-            for (kind, principal), level in self.acls.get(f"apps/{name}", {}).items()]}
+        return {"object_id": f"/apps/{name}", "object_type": "apps",
+                "access_control_list": self.access_control_list(f"apps/{name}")}
 
     def update_app_permissions(self, name: str, body: dict, caller: dict) -> dict:
         self._app(name)
         self.require(f"apps/{name}", caller, "CAN_MANAGE", APP_LEVELS)
-        for entry in body.get("access_control_list") or []:
-            kinds = [kind for kind in ("user_name", "group_name", "service_principal_name") if entry.get(kind)]
-            if len(kinds) != 1 or entry.get("permission_level") not in APP_LEVELS:
-                raise ApiError(400, "INVALID_PARAMETER_VALUE", f"bad access control entry {entry}")
-            self.acls.setdefault(f"apps/{name}", {})[(kinds[0], entry[kinds[0]])] = entry["permission_level"]
+        self.grant(f"apps/{name}", body, APP_LEVELS)
         return self.app_permissions(name, caller)
 
     def call_app(self, name: str, method: str, path: str, token: str | None, upstream, body: bytes = b"",
