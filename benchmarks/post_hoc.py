@@ -71,12 +71,18 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def served_figures(part: Heads, config, probabilities: np.ndarray | None = None) -> tuple[dict, dict]:
+def with_probabilities(part: Heads, probabilities: np.ndarray | None) -> Heads:
+    """`part` with its portrait head's answers replaced by `probabilities` [N, C] (the same for every member and
+    rotation); `part` itself when there are none."""
+    if probabilities is None:
+        return part
+    logits = np.log(np.maximum(probabilities, 1e-9))[:, None, None, :]
+    return replace(part, logits=np.broadcast_to(logits, part.logits.shape).copy())
+
+
+def served_figures(part: Heads, config) -> tuple[dict, dict]:
     """MAE, ±10 y and portrait top-1/top-3 (among coins whose portrait is a named class) of what the network serves
-    under `config`; `probabilities` [N, C] replace the head's (same for every rotation)."""
-    if probabilities is not None:
-        logits = np.log(np.maximum(probabilities, 1e-9))[:, None, None, :]
-        part = replace(part, logits=np.broadcast_to(logits, part.logits.shape).copy())
+    under `config`."""
     answer = part.served(config)
     error = np.abs(answer["year"] - (part.year_from + part.year_to) / 2)
     named = (part.labels >= 0) & (part.labels < part.logits.shape[-1] - 1)
@@ -89,17 +95,13 @@ def served_figures(part: Heads, config, probabilities: np.ndarray | None = None)
 
 def measure(validation: Heads, test: Heads, config, years, val_probs=None, test_probs=None) -> dict:
     """One variant: the levers refitted on the validation coins, then the served figures and the recalibrated 90%
-    range on both sets."""
-    if val_probs is not None:
-        logits = np.log(np.maximum(val_probs, 1e-9))[:, None, None, :]
-        fit_on = replace(validation, logits=np.broadcast_to(logits, validation.logits.shape).copy())
-    else:
-        fit_on = validation
-    levers = fit_levers([fit_on], config)
+    range on both sets; `val_probs`, `test_probs` replace the portrait head's answers."""
+    validation, test = with_probabilities(validation, val_probs), with_probabilities(test, test_probs)
+    levers = fit_levers([validation], config)
     fitted = replace(config, portrait_temperature=levers.temperature, ruler_pooled=levers.ruler_pooled,
                      ruler_blend=levers.ruler_blend)
-    val, val_answer = served_figures(validation, fitted, val_probs)
-    tst, test_answer = served_figures(test, fitted, test_probs)
+    val, val_answer = served_figures(validation, fitted)
+    tst, test_answer = served_figures(test, fitted)
     ranges, _ = fit_ranges(val_answer, years, validation.year_from, validation.year_to)
     tst.update({f"interval90_{k}": v for k, v in
                 interval_metrics(*ranges.ranges(test_answer, 0.9, years), test.year_from, test.year_to).items()})
