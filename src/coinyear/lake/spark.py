@@ -190,15 +190,7 @@ class SparkLake(Lake):
         names = columns or [c for c in frame.columns if c not in RESERVED]
         if table in SCHEMAS:  # a schema column the table was written without is added below, as nulls
             names = [c for c in names if c in frame.columns]
-        data = frame.select([F.col(f"`{c}`") for c in names]).toArrow()
-        schema = SCHEMAS.get(table)
-        for index, field in enumerate(data.schema):
-            wanted = schema.field(field.name).type if schema is not None and field.name in schema.names else None
-            if wanted is None and pa.types.is_timestamp(field.type):
-                wanted = UTC
-            if wanted is not None and wanted != field.type:
-                data = data.set_column(index, field.name, data[field.name].cast(wanted))
-        return self.with_schema_columns(table, data.to_pandas(), columns)
+        return self.as_read(table, frame.select([F.col(f"`{c}`") for c in names]).toArrow(), columns)
 
     def count(self, table: str) -> int:
         return self.spark.table(self._name(table)).count() if self.exists(table) else 0

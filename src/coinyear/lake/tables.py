@@ -213,6 +213,19 @@ class Lake:
     def already_committed(done: int | None, transaction: tuple[str, int] | None) -> bool:
         return transaction is not None and done is not None and transaction[1] <= done
 
+    def as_read(self, table: str, data: pa.Table, columns: list[str] | None = None) -> pd.DataFrame:
+        """Rows a backend read back (Arrow), as every backend answers them: each column of the table's schema in
+        the schema's type, any other timestamp in UTC (as the tables are written), and a schema column the rows
+        lack as nulls."""
+        schema = SCHEMAS.get(table)
+        for index, field in enumerate(data.schema):
+            wanted = schema.field(field.name).type if schema is not None and field.name in schema.names else None
+            if wanted is None and pa.types.is_timestamp(field.type):
+                wanted = UTC_TIMESTAMP
+            if wanted is not None and wanted != field.type:
+                data = data.set_column(index, field.name, data[field.name].cast(wanted))
+        return self.with_schema_columns(table, data.to_pandas(), columns)
+
     @staticmethod
     def with_schema_columns(table: str, frame: pd.DataFrame, columns: list[str] | None = None) -> pd.DataFrame:
         """`frame` read from a table written before a column joined its fixed schema, with that column (of those

@@ -10,8 +10,9 @@ Each read is one statement, `SELECT <columns> FROM <lake_schema>.<table>`, run w
 a string or null, polled with `get_statement` while PENDING/RUNNING) on the warehouse `COINYEAR_SQL_WAREHOUSE_ID`
 (the app's `sql_warehouse` resource), as the app's service principal (SELECT on the schema). Values are typed
 from the result's column types, then cast to the table's schema (`coinyear.lake.tables.SCHEMAS`) as `SparkLake`
-does. A table that does not exist yet reads as an empty frame, as with the other backends. Binary columns (the
-photos) are left out unless asked for: the page never shows them and inline results are limited in size.
+does (`Lake.as_read`). A table that does not exist yet reads as an empty frame, as with the other backends.
+Binary columns (the photos) are left out unless asked for: the page never shows them and inline results are
+limited in size.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ TIMEOUT_SECONDS = 120.0
 
 
 class WarehouseLake(Lake):
-    """Read-only lake on a SQL warehouse (see the module docstring)."""
+    """The lake's tables on a SQL warehouse: read, and the UI's own table written (see the module docstring)."""
 
     def __init__(self, settings: Settings):
         if not settings.lake_schema or not settings.sql_warehouse_id:
@@ -88,12 +89,7 @@ class WarehouseLake(Lake):
         fields = [(column["name"], SQL_TYPES.get(str(column.get("type_name", "STRING")).upper(), pa.string()))
                   for column in manifest]
         arrays = [pa.array([row[i] for row in rows], pa.string()).cast(kind) for i, (_, kind) in enumerate(fields)]
-        data = pa.table(arrays, names=[name for name, _ in fields])
-        for index, field in enumerate(data.schema):
-            wanted = schema.field(field.name).type if schema is not None and field.name in schema.names else None
-            if wanted is not None and wanted != field.type:
-                data = data.set_column(index, field.name, data[field.name].cast(wanted))
-        return self.with_schema_columns(table, data.to_pandas(), columns)
+        return self.as_read(table, pa.table(arrays, names=[name for name, _ in fields]), columns)
 
     def _execute(self, statement: str, parameters: list[dict] | None = None) -> tuple[list[dict], list[list]] | None:
         """(the result's columns, its rows) of `statement` with its named `parameters` (":name" markers; a
