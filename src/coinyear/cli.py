@@ -26,6 +26,7 @@ def _train_config(args, settings):
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, loss=args.loss, folds=args.folds,
         seed=args.seed, limit=args.limit, aux_weight=args.aux_weight,
         aux_heads=args.aux_heads.split(",") if args.aux_heads else None, reshoot=args.reshoot,
+        early_scale=args.early_scale, full_size_epochs=args.full_size_epochs,
         # store_true flags: absent means "as configured", present turns the setting on (or off)
         grayscale=args.grayscale or None, horizontal_flip=args.horizontal_flip or None,
         ensemble=args.ensemble or None, tta=False if args.no_tta else None,
@@ -358,6 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "denomination (default COINYEAR_AUX_HEADS, portrait)")
     train.add_argument("--reshoot", type=float, help="share of training photos re-shot as a collector would take "
                        "them (default COINYEAR_RESHOOT, 0.5; 0 = none)")
+    train.add_argument("--early-scale", type=float, help="progressive resizing: the epochs before the last "
+                       "--full-size-epochs train at this share of the image size (default COINYEAR_EARLY_SCALE; "
+                       "1 = full size throughout)")
+    train.add_argument("--full-size-epochs", type=int, help="the last epochs, trained at the image size served "
+                       "(default COINYEAR_FULL_SIZE_EPOCHS)")
     train.add_argument("--no-pretrained", action="store_true", help="do not load ImageNet weights")
     train.add_argument("--no-register", action="store_true")
     train.add_argument("--promote", choices=["staging", "production"], help="set this alias on the new version")

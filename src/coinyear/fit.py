@@ -279,6 +279,7 @@ def _fit_epochs(model: DualImageRegressor, train: CoinDataset, config: TrainConf
     with_aux = bool(model.aux_heads) and config.aux_weight > 0
     history, best_mae, best_state, stale = [], math.inf, None, 0
     for epoch in range(1, epochs + 1):
+        size = config.early_size(epoch, epochs)
         if sampler is not None:
             sampler.set_epoch(epoch)
         if trace is not None:
@@ -290,6 +291,9 @@ def _fit_epochs(model: DualImageRegressor, train: CoinDataset, config: TrainConf
         bar = tqdm(loader, desc=f"{name} epoch {epoch}/{epochs}", unit="batch", leave=False, disable=rank != 0)
         for batch in bar:
             front, back, year_from, year_to, *aux = (t.to(device, non_blocking=True) for t in batch)
+            if size is not None:  # progressive resizing: an early epoch, at the cheap size
+                front, back = (nn.functional.interpolate(t, size=(size, size), mode="bilinear", antialias=True,
+                                                         align_corners=False) for t in (front, back))
             front, back = front.contiguous(memory_format=memory_format), back.contiguous(memory_format=memory_format)
             optimizer.zero_grad(set_to_none=True)
             predicted, logits = step(front, back, with_aux and bool(aux))
@@ -312,7 +316,8 @@ def _fit_epochs(model: DualImageRegressor, train: CoinDataset, config: TrainConf
             for buffer in model.buffers():
                 dist.broadcast(buffer, 0)
         record = {"epoch": epoch, "train_loss": loss_sum / loss_count if loss_count else float("nan"),
-                  "epoch_seconds": time.perf_counter() - started}
+                  "epoch_seconds": time.perf_counter() - started,
+                  "train_image_size": float(size or model.config.image_size)}
         if val is not None and len(val):
             predicted = validation_years(model, val, device)
             metrics = evaluate.regression_metrics(predicted, val.year_from.numpy(), val.year_to.numpy())
@@ -322,7 +327,7 @@ def _fit_epochs(model: DualImageRegressor, train: CoinDataset, config: TrainConf
                 if config.early_stopping:
                     best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
                 record["best"] = True
-            else:
+            elif size is None:  # an early epoch is validated at the served size it has not trained at
                 stale += 1
         history.append(record)
         log.info("%s epoch %d/%d %s", name, epoch, epochs,

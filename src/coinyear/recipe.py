@@ -45,6 +45,10 @@ class TrainConfig:
     folds: int = setting_default("folds")
     # Without folds: the share of the non-test rows (whole coin types, seeded) held out for validation.
     holdout_fraction: float = 0.15
+    # Progressive resizing: every epoch but the last `full_size_epochs` sees the photos downscaled by
+    # `early_scale` (a fraction of the cost per step); those and every validation are at the served size.
+    early_scale: float = setting_default("early_scale")
+    full_size_epochs: int = setting_default("full_size_epochs")
     rotation_degrees: float = 20.0
     color_jitter: float = 0.2
     horizontal_flip: bool = setting_default("horizontal_flip")
@@ -87,6 +91,13 @@ class TrainConfig:
             raise ValueError(f"unknown auxiliary column(s) {', '.join(unknown)}; "
                              f"choose from {', '.join(AUX_COLUMNS)}")
 
+    def early_size(self, epoch: int, epochs: int) -> int | None:
+        """The image size epoch `epoch` (from 1) of `epochs` trains at when progressive resizing shrinks it, else
+        None (the served size)."""
+        if self.early_scale >= 1 or epoch > epochs - self.full_size_epochs:
+            return None
+        return max(32, round(self.model.image_size * self.early_scale))
+
     def flat(self) -> dict:
         params = {k: v for k, v in asdict(self).items() if k != "model"}
         params.update(self.model.to_dict())
@@ -95,7 +106,7 @@ class TrainConfig:
 
 RECIPE_FIELDS = ("backbone", "mode", "proj_dim", "grayscale", "image_size", "pretrained", "epochs", "batch_size",
                  "lr", "loss", "folds", "seed", "limit", "horizontal_flip", "tta", "ensemble", "aux_weight",
-                 "aux_heads", "reshoot", "ruler_statistic")
+                 "aux_heads", "reshoot", "ruler_statistic", "early_scale", "full_size_epochs")
 
 
 @cache
@@ -137,7 +148,8 @@ def recipe_from_settings(settings: Settings, **overrides) -> tuple[ModelConfig, 
                             loss=v["loss"], folds=v["folds"], seed=v["seed"], limit=v["limit"],
                             horizontal_flip=v["horizontal_flip"], ensemble=v["ensemble"],
                             aux_weight=float(v["aux_weight"]), aux_heads=tuple(v["aux_heads"]),
-                            reshoot=float(v["reshoot"]), **no_tta)
+                            reshoot=float(v["reshoot"]), early_scale=float(v["early_scale"]),
+                            full_size_epochs=v["full_size_epochs"], **no_tta)
     except ValueError as error:  # a rule across fields (TrainConfig's own checks)
         raise ValueError(f"invalid training recipe: {error}") from None
     return model, train

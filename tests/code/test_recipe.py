@@ -23,7 +23,8 @@ def recipe_fields(config) -> dict:
             "batch_size": config.batch_size, "lr": config.lr, "loss": config.loss, "folds": config.folds,
             "seed": config.seed, "limit": config.limit, "horizontal_flip": config.horizontal_flip,
             "tta_angles": config.tta_angles, "ensemble": config.ensemble, "aux_weight": config.aux_weight,
-            "aux_heads": config.aux_heads, "reshoot": config.reshoot, "ruler_statistic": model.ruler_statistic}
+            "aux_heads": config.aux_heads, "reshoot": config.reshoot, "ruler_statistic": model.ruler_statistic,
+            "early_scale": config.early_scale, "full_size_epochs": config.full_size_epochs}
 
 
 def test_cli_train_and_retrain_build_the_same_recipe(tmp_path):
@@ -33,19 +34,22 @@ def test_cli_train_and_retrain_build_the_same_recipe(tmp_path):
     settings = make_settings(tmp_path / "home", backbone="resnet18", mode="dual", image_size=96, proj_dim=0,
                              epochs=3, folds=3, lr=3e-4, tta=False, ensemble=True, aux_weight=0.5, pretrained=False,
                              reshoot=0.25, horizontal_flip=True, grayscale=True, seed=7, batch_size=8,
-                             aux_heads=["portrait", "mint"], ruler_statistic="mean")
+                             aux_heads=["portrait", "mint"], ruler_statistic="mean", early_scale=0.5,
+                             full_size_epochs=1)
     expected = {"backbone": "resnet18", "mode": "dual", "proj_dim": 0, "grayscale": True, "image_size": 96,
                 "pretrained": False, "epochs": 3, "batch_size": 8, "lr": 3e-4, "loss": "interval", "folds": 3,
                 "seed": 7, "limit": None, "horizontal_flip": True, "tta_angles": (), "ensemble": True,
-                "aux_weight": 0.5, "aux_heads": ("portrait", "mint"), "reshoot": 0.25, "ruler_statistic": "mean"}
+                "aux_weight": 0.5, "aux_heads": ("portrait", "mint"), "reshoot": 0.25, "ruler_statistic": "mean",
+                "early_scale": 0.5, "full_size_epochs": 1}
     assert recipe_fields(retrain.recipe(settings)) == expected
     assert recipe_fields(cli_recipe(settings)) == expected
     # without settings: the defaults, written out, in both
     defaults = {"backbone": "efficientnet_lite0", "mode": "shared", "proj_dim": 256, "grayscale": False,
-                "image_size": 128, "pretrained": True, "epochs": 6, "batch_size": 32, "lr": 1e-3, "loss": "interval",
+                "image_size": 192, "pretrained": True, "epochs": 6, "batch_size": 32, "lr": 1e-3, "loss": "interval",
                 "folds": 0, "seed": 42, "limit": None, "horizontal_flip": False,
                 "tta_angles": (-20.0, -10.0, 0.0, 10.0, 20.0), "ensemble": False, "aux_weight": 0.3,
-                "aux_heads": ("portrait",), "reshoot": 0.5, "ruler_statistic": "median"}
+                "aux_heads": ("portrait",), "reshoot": 0.5, "ruler_statistic": "median",
+                "early_scale": 1.0, "full_size_epochs": 2}
     plain = make_settings(tmp_path / "plain")
     assert recipe_fields(retrain.recipe(plain)) == defaults
     assert recipe_fields(cli_recipe(plain)) == defaults
@@ -71,6 +75,9 @@ def test_flags_override_the_settings_and_zero_is_a_value(tmp_path):
     (["--reshoot", "1.5"], "reshoot: Input should be less than or equal to 1"),
     (["--aux-heads", "portrait,legend"], "aux_heads: Input should be 'mint', 'denomination' or 'portrait'"),
     (["--limit", "0"], "limit must be none or an integer >= 1"),
+    (["--early-scale", "0"], "early_scale: Input should be greater than 0"),
+    (["--early-scale", "1.5"], "early_scale: Input should be less than or equal to 1"),
+    (["--full-size-epochs", "0"], "full_size_epochs: Input should be greater than or equal to 1"),
     (["--ensemble"], "ensemble needs folds >= 2"),
 ])
 def test_an_invalid_recipe_is_a_clear_error(tmp_path, monkeypatch, capsys, flags, message):
@@ -94,3 +101,17 @@ def test_invalid_settings_are_refused_before_any_recipe(tmp_path):
         make_settings(tmp_path / "home", lr=0.0)
     with pytest.raises(ValueError, match="invalid training recipe: ensemble needs folds >= 2"):
         retrain.recipe(make_settings(tmp_path / "home", ensemble=True))
+
+
+def test_progressive_resizing_trains_only_the_last_epochs_at_the_served_size(tmp_path):
+    """`early_size` is what the epoch loop shrinks a batch to: every epoch but the last `full_size_epochs` at
+    `early_scale` of the image size; off at scale 1; a short run (a refit, a test) trains at full size."""
+    config = cli_recipe(make_settings(tmp_path / "home", image_size=192, epochs=6, early_scale=2 / 3,
+                                      full_size_epochs=2))
+    assert [config.early_size(epoch, 6) for epoch in range(1, 7)] == [128, 128, 128, 128, None, None]
+    assert [config.early_size(epoch, 3) for epoch in range(1, 4)] == [128, None, None]  # a 3-epoch refit
+    assert [config.early_size(epoch, 2) for epoch in range(1, 3)] == [None, None]
+    plain = cli_recipe(make_settings(tmp_path / "plain", epochs=6))
+    assert all(plain.early_size(epoch, 6) is None for epoch in range(1, 7))
+    tiny = cli_recipe(make_settings(tmp_path / "tiny", image_size=40, early_scale=0.5, epochs=4))
+    assert tiny.early_size(1, 4) == 32  # never below the smallest size the backbones take

@@ -90,6 +90,24 @@ def test_cpu_fit_trains_channels_last_and_returns_an_ordinary_model():
     assert next(model.parameters()).device.type == "cpu"
 
 
+def test_progressive_resizing_shrinks_the_early_epochs_and_validates_at_the_served_size():
+    """With early_scale 0.5 and one full-size epoch of three, the network's training batches are 32 px in epochs 1
+    and 2 and 64 px (the served size) in epoch 3; validation passes are always 64 px, and the history says the
+    size each epoch trained at."""
+    config = small_train_config(batch_size=8, epochs=3, early_scale=0.5, full_size_epochs=1)
+    fronts, backs, year_from, year_to = _tiny_data(count=16)
+    model = new_model(config, year_from, year_to)
+    seen: list[tuple[bool, int]] = []  # (training?, photo size) of every pass through the stem's convolution
+    stem = next(module for module in model.modules() if isinstance(module, torch.nn.Conv2d))
+    stem.register_forward_pre_hook(lambda module, inputs: seen.append((module.training, inputs[0].shape[-1])))
+    history = fit(model, CoinDataset(fronts, backs, year_from, year_to), config,
+                  CoinDataset(fronts, backs, year_from, year_to, index=np.arange(8)))
+    assert [h["train_image_size"] for h in history] == [32.0, 32.0, 64.0]
+    training = [size for is_training, size in seen if is_training]
+    assert training == [32] * 4 + [64] * 2  # 2 batches of 8 per epoch, the shared backbone sees both sides at once
+    assert {size for is_training, size in seen if not is_training} == {64}
+
+
 def test_final_calibration_scores_every_coin_once(monkeypatch):
     config = small_train_config()
     fronts, backs, year_from, year_to = _tiny_data(count=12)
