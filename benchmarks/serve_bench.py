@@ -1,6 +1,6 @@
 """Serving benchmark: the coinyear gateway against `mlflow models serve` on the same registered model.
 
-Models: `default` is what `make demo` registers and users get (efficientnet_lite0, shared backbone, 128 px,
+Models: `default` is what `make demo` registers and users get (efficientnet_lite0, shared backbone, 192 px,
 5-angle rotation TTA: 10 backbone passes per request), next to the light models (one pass per photo, no TTA).
 Each is trained for one epoch on a small slice of the reference data (speed does not depend on the weights),
 registered with its checked ONNX graph (coinyear.runtime) and promoted to production in a benchmark home
@@ -92,9 +92,11 @@ def prepare_model(home: Path, name: str, image_size: int, limit: int, data_dir: 
         mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
         run = mlflow.MlflowClient().get_run(mlflow.MlflowClient(registry_uri=settings.mlflow_registry_uri)
                                             .get_model_version(settings.model_name, version).run_id)
-        if "openvino_max_abs_diff_years" in run.data.metrics:
+        size = run.data.params.get("image_size")
+        if "openvino_max_abs_diff_years" in run.data.metrics and size in (None, str(image_size)):
             return version
-        print(f"{home} holds a model logged before the OpenVINO check: training a new one", flush=True)
+        print(f"{home} holds a model logged before the OpenVINO check or at another size ({size} px, not "
+              f"{image_size}): training a new one", flush=True)
         shutil.rmtree(home)
     home.mkdir(parents=True, exist_ok=True)  # sqlite creates the database file, not its folder
     backbone, tta = MODELS[name]
@@ -422,7 +424,10 @@ def main() -> int:
     parser.add_argument("--clients", nargs="+", type=int, default=[1, 16])
     parser.add_argument("--seconds", type=float, default=4.0, help="measured seconds per point and round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all servers")
-    parser.add_argument("--image-size", type=int, default=128)
+    from coinyear.config import setting_default
+
+    parser.add_argument("--image-size", type=int, default=setting_default("image_size"),
+                        help="input size of the 1-epoch models (default: the recipe's, what make demo trains)")
     parser.add_argument("--limit", type=int, default=96, help="coins to train the 1-epoch model on")
     parser.add_argument("--holdout", type=int, default=200, help="coins after the training slice for the ONNX check")
     parser.add_argument("--home", type=Path, default=REPO / ".coinyear" / "bench", help="benchmark state")

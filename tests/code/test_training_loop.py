@@ -39,12 +39,16 @@ M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
 
 def test_reused_memory_keeps_freed_memory_while_training_then_restores_glibc(monkeypatch):
     """What reused_memory asks of glibc, checked on a recorder: no fresh mmap per big block and no trimming while
-    the block runs, glibc's defaults and the memory back afterwards, also when training raises. (This replaces
+    the block runs, nothing more for a nested block, glibc's defaults and the memory back when the outermost
+    block ends, also when training raises. (This replaces
     counting page faults of real allocations, which measured the machine's glibc and kernel, not this code.)"""
     libc = RecordingLibc()
     monkeypatch.setattr(fit_module.ctypes, "CDLL", lambda name: libc)
     with reused_memory():
-        assert libc.calls == [("mallopt", M_MMAP_MAX, 0), ("mallopt", M_TRIM_THRESHOLD, 1 << 30)]
+        assert libc.calls == [("mallopt", M_MMAP_MAX, 0), ("mallopt", M_TRIM_THRESHOLD, -1)]  # -1: no trimming
+        with reused_memory():  # nested (the epoch loop's validation scoring): changes and restores nothing
+            pass
+        assert len(libc.calls) == 2
     restored = [("mallopt", M_MMAP_MAX, 65536), ("mallopt", M_TRIM_THRESHOLD, 128 * 1024), ("malloc_trim", 0)]
     assert libc.calls[2:] == restored
     libc.calls.clear()
