@@ -1,0 +1,82 @@
+"""What scoring image arrays costs on a CPU, per coin: the way training scores its validation, calibration and
+test coins (`coinyear.fit.infer_arrays`: the served network with its 5-angle rotation TTA, features on).
+
+Random photos at the recipe's size (speed does not depend on the pixels or the weights), one process; for each
+batch size, scored as `infer_arrays` does now (freed memory kept by `reused_memory`) and with glibc's default
+allocator (every large block a fresh mmap, unmapped on free: what scoring did before). Reported per coin: wall
+milliseconds, CPU milliseconds in user space and in the kernel, minor page faults, and the process's peak
+resident memory so far (it only grows: read it down the table).
+
+    python benchmarks/score_memory.py --name lite0-192
+
+About a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from unittest import mock
+
+import numpy as np
+import torch
+
+from coinyear import fit
+from coinyear.config import setting_default
+from coinyear.experiment import new_model
+from coinyear.model import CoinEnsemble, ModelConfig
+from coinyear.recipe import TTA_ANGLES, TrainConfig
+
+# isort: split
+# this folder's modules: a script's own folder is first on sys.path when it runs
+from common import results_parser, write_results
+
+
+def usage() -> tuple[int, float, float, int]:
+    """(minor faults, kernel seconds, user seconds, peak resident KB) of this process so far."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return own.ru_minflt, own.ru_stime, own.ru_utime, own.ru_maxrss
+
+
+def main() -> None:
+    parser = results_parser(__doc__, "score_memory", name="lite0")
+    parser.add_argument("--size", type=int, default=setting_default("image_size"))
+    parser.add_argument("--coins", type=int, default=128)
+    parser.add_argument("--batches", type=int, nargs="+", default=[16, 64])
+    args = parser.parse_args()
+    started = time.perf_counter()
+    torch.set_num_threads(2)
+    rng = np.random.default_rng(0)
+    fronts = rng.integers(0, 255, (args.coins, 3, args.size, args.size), dtype=np.uint8)
+    backs = rng.integers(0, 255, (args.coins, 3, args.size, args.size), dtype=np.uint8)
+    years = rng.integers(-20, 120, args.coins)
+    model = new_model(TrainConfig(model=ModelConfig(image_size=args.size)), years, years + 5)
+    served = CoinEnsemble([model], TTA_ANGLES)
+    fit.infer_arrays(served, fronts[:4], backs[:4], batch_size=4)  # warm-up: one-time costs out of the rows
+    rows = []
+    lines = [f"## Scoring {args.coins} coins of {args.size} px with the {len(TTA_ANGLES)}-angle rotation TTA "
+             "(`infer_arrays`), per coin", "",
+             "| allocator | batch (coins) | wall ms | user ms | kernel ms | minor faults | peak RSS so far (GB) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for batch in args.batches:
+        for allocator in ("glibc default (before)", "kept memory (infer_arrays now)"):
+            default = allocator.startswith("glibc")
+            with mock.patch.object(fit, "reused_memory", fit.contextlib.nullcontext) if default else \
+                    fit.contextlib.nullcontext():
+                faults, kernel, user, _ = usage()
+                clock = time.perf_counter()
+                fit.infer_arrays(served, fronts, backs, batch_size=batch, with_features=True)
+                wall = time.perf_counter() - clock
+            after = usage()
+            row = {"allocator": allocator, "batch": batch, "wall_ms": 1000 * wall / args.coins,
+                   "user_ms": 1000 * (after[2] - user) / args.coins,
+                   "kernel_ms": 1000 * (after[1] - kernel) / args.coins,
+                   "minor_faults": (after[0] - faults) / args.coins, "peak_rss_gb": after[3] / 1e6}
+            rows.append(row)
+            lines.append(f"| {allocator} | {batch} | {row['wall_ms']:.0f} | {row['user_ms']:.0f} | "
+                         f"{row['kernel_ms']:.0f} | {row['minor_faults']:,.0f} | {row['peak_rss_gb']:.2f} |")
+    write_results(args.out, args.name, {"size": args.size, "coins": args.coins, "rows": rows}, lines, started)
+
+
+if __name__ == "__main__":
+    main()
