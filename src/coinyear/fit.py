@@ -157,9 +157,9 @@ def infer_arrays(model: DualImageRegressor | CoinEnsemble, fronts: np.ndarray, b
     rows = np.arange(len(fronts)) if index is None else np.asarray(index, dtype=np.int64)
     years, spreads, features, portraits = [], [], [], []
     raw: dict[str, list[np.ndarray]] = {"regression": [], "logits": []}
-    # freed activations kept for the next batch on a CPU (`reused_memory`): at 192 px, 72 instead of 211 ms per
-    # coin with the rotation TTA, and batches of 16 coins (160 photos through the network) rather than 64 hold
-    # 3 GB instead of 8 at the peak (benchmarks/README.md, "Time")
+    # freed activations kept for the next batch on a CPU (`reused_memory`): at 192 px with the rotation TTA, 73
+    # instead of 205 ms per coin, and batches of 16 coins (160 photos through the network) rather than 64 peak at
+    # 3.5 GB instead of 8 (benchmarks/score_memory.py)
     with reused_memory() if device.type == "cpu" else contextlib.nullcontext():
         for start in range(0, len(rows), batch_size):
             batch = rows[start:start + batch_size]
@@ -210,7 +210,7 @@ def reused_memory():
     faults and 14% of the CPU time in the kernel per efficientnet_lite0 step. With mmap off and no trimming,
     the heap keeps those pages and the next batch reuses them (no faults). Trimming is off altogether, not
     above a threshold: at 192 px a scoring batch frees more than 1 GB at once, and a 1 GB threshold gave it
-    back and faulted it in again every batch (benchmarks/README.md, "Time"). Blocks may nest (the epoch loop
+    back and faulted it in again every batch (benchmarks/score_memory.py). Blocks may nest (the epoch loop
     scores its validation coins with `infer_arrays`): the outermost one restores glibc. Elsewhere than glibc:
     nothing."""
     global _reuse_depth, _reuse_libc
