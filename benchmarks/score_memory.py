@@ -14,6 +14,7 @@ About a minute on 2 cores.
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import time
 from unittest import mock
@@ -30,6 +31,11 @@ from coinyear.recipe import TTA_ANGLES, TrainConfig
 # isort: split
 # this folder's modules: a script's own folder is first on sys.path when it runs
 from common import results_parser, write_results
+
+# The allocators compared, each as the context its scoring pass runs in: infer_arrays without its kept-memory
+# block (glibc's defaults), and infer_arrays as it is.
+ALLOCATORS = {"glibc default (before)": lambda: mock.patch.object(fit, "reused_memory", contextlib.nullcontext),
+              "kept memory (infer_arrays now)": contextlib.nullcontext}
 
 
 def usage() -> tuple[int, float, float, int]:
@@ -59,10 +65,8 @@ def main() -> None:
              "| allocator | batch (coins) | wall ms | user ms | kernel ms | minor faults | peak RSS so far (GB) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for batch in args.batches:
-        for allocator in ("glibc default (before)", "kept memory (infer_arrays now)"):
-            default = allocator.startswith("glibc")
-            with mock.patch.object(fit, "reused_memory", fit.contextlib.nullcontext) if default else \
-                    fit.contextlib.nullcontext():
+        for allocator, context in ALLOCATORS.items():
+            with context():
                 faults, kernel, user, _ = usage()
                 clock = time.perf_counter()
                 fit.infer_arrays(served, fronts, backs, batch_size=batch, with_features=True)
