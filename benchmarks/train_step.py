@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from coinyear.experiment import new_model
-from coinyear.fit import loss_fn, reused_memory
+from coinyear.fit import freeze_early_stages, loss_fn, reused_memory
 from coinyear.model import ModelConfig
 from coinyear.recipe import TrainConfig
 
@@ -33,7 +33,8 @@ def main() -> None:
     parser.add_argument("--reuse-memory", action="store_true", help="glibc mmap off while training (train.py)")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
-    parser.add_argument("--freeze-early", type=int, default=0, help="freeze the stem and this many first blocks")
+    parser.add_argument("--freeze-early", type=int, default=0,
+                        help="freeze the stem and this many first stages (as --frozen-blocks trains)")
     parser.add_argument("--freeze-backbone", action="store_true")
     parser.add_argument("--out", default="benchmarks/results/train_step.jsonl")
     args = parser.parse_args()
@@ -41,12 +42,11 @@ def main() -> None:
     torch.manual_seed(0)
     config = TrainConfig(model=ModelConfig(backbone=args.backbone, image_size=args.size), epochs=1)
     model = new_model(config, [-100, 100], [0, 200])
-    net = model.front_net
-    frozen = list(net.parameters()) if args.freeze_backbone else [
-        p for m in ([net.conv_stem, net.bn1, *net.blocks[:args.freeze_early]] if args.freeze_early else [])
-        for p in m.parameters()]
-    for parameter in frozen:
-        parameter.requires_grad_(False)
+    # the trainer's own freezing (TrainConfig.frozen_blocks): the stem and the first N stages, BatchNorm in eval
+    frozen = freeze_early_stages(model, args.freeze_early)
+    if args.freeze_backbone:
+        model.front_net.requires_grad_(False)
+        frozen = [model.front_net]
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=layout)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -67,6 +67,8 @@ def main() -> None:
 
     with reused_memory() if args.reuse_memory else contextlib.nullcontext():
         model.train()
+        for module in frozen:
+            module.eval()
         step()  # warm-up: first-call allocations and oneDNN primitive creation
         start = usage()
         for _ in range(args.steps):

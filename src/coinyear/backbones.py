@@ -118,3 +118,18 @@ def build_backbone(name: str, pretrained: bool, grayscale: bool) -> tuple[nn.Mod
     else:
         raise ValueError(f"unknown backbone {name!r}")
     return net, dim, loaded
+
+
+def early_stages(net: nn.Module) -> list[list[nn.Module]]:
+    """A backbone built by `build_backbone` as its stem followed by its stages, input side first: what
+    `TrainConfig.frozen_blocks` counts (the stem always, then that many stages)."""
+    def part(name: str) -> nn.Module:
+        return cast(nn.Module, getattr(net, name))
+
+    if hasattr(net, "conv_stem"):  # timm EfficientNet(-Lite): stem conv + BatchNorm, then blocks[0..6]
+        return [[part("conv_stem"), part("bn1")], *[[block] for block in cast(nn.Sequential, part("blocks"))]]
+    if hasattr(net, "layer1"):  # torchvision ResNet
+        return [[part("conv1"), part("bn1")], *[[part(f"layer{i}")] for i in range(1, 5)]]
+    if hasattr(net, "features"):  # torchvision MobileNetV3: features[0] is the stem
+        return [[stage] for stage in cast(nn.Sequential, part("features"))]
+    raise ValueError(f"no known stages in a {type(net).__name__}")

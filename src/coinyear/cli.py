@@ -27,6 +27,7 @@ def _train_config(args, settings):
         seed=args.seed, limit=args.limit, aux_weight=args.aux_weight,
         aux_heads=args.aux_heads.split(",") if args.aux_heads else None, reshoot=args.reshoot,
         early_scale=args.early_scale, full_size_epochs=args.full_size_epochs,
+        frozen_blocks=args.frozen_blocks, ema_decay=args.ema_decay,
         # store_true flags: absent means "as configured", present turns the setting on (or off)
         grayscale=args.grayscale or None, horizontal_flip=args.horizontal_flip or None,
         ensemble=args.ensemble or None, tta=False if args.no_tta else None,
@@ -364,6 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "1 = full size throughout)")
     train.add_argument("--full-size-epochs", type=int, help="the last epochs, trained at the image size served "
                        "(default COINYEAR_FULL_SIZE_EPOCHS)")
+    train.add_argument("--frozen-blocks", type=int, help="keep the backbone's stem and this many first stages as "
+                       "pretrained (default COINYEAR_FROZEN_BLOCKS; 0 = train every weight)")
+    train.add_argument("--ema-decay", type=float, help="validate and keep the weights' moving average with this "
+                       "decay per step (default COINYEAR_EMA_DECAY; 0 = off)")
     train.add_argument("--no-pretrained", action="store_true", help="do not load ImageNet weights")
     train.add_argument("--no-register", action="store_true")
     train.add_argument("--promote", choices=["staging", "production"], help="set this alias on the new version")

@@ -49,6 +49,10 @@ class TrainConfig:
     # `early_scale` (a fraction of the cost per step); those and every validation are at the served size.
     early_scale: float = setting_default("early_scale")
     full_size_epochs: int = setting_default("full_size_epochs")
+    # The backbone's stem and first `frozen_blocks` stages keep their ImageNet weights (`backbones.early_stages`);
+    # `ema_decay` > 0 validates, keeps and returns the weights' moving average instead of the weights as trained.
+    frozen_blocks: int = setting_default("frozen_blocks")
+    ema_decay: float = setting_default("ema_decay")
     rotation_degrees: float = 20.0
     color_jitter: float = 0.2
     horizontal_flip: bool = setting_default("horizontal_flip")
@@ -106,7 +110,8 @@ class TrainConfig:
 
 RECIPE_FIELDS = ("backbone", "mode", "proj_dim", "grayscale", "image_size", "pretrained", "epochs", "batch_size",
                  "lr", "loss", "folds", "seed", "limit", "horizontal_flip", "tta", "ensemble", "aux_weight",
-                 "aux_heads", "reshoot", "ruler_statistic", "early_scale", "full_size_epochs")
+                 "aux_heads", "reshoot", "ruler_statistic", "early_scale", "full_size_epochs",
+                 "frozen_blocks", "ema_decay")
 
 
 @cache
@@ -149,7 +154,8 @@ def recipe_from_settings(settings: Settings, **overrides) -> tuple[ModelConfig, 
                             horizontal_flip=v["horizontal_flip"], ensemble=v["ensemble"],
                             aux_weight=float(v["aux_weight"]), aux_heads=tuple(v["aux_heads"]),
                             reshoot=float(v["reshoot"]), early_scale=float(v["early_scale"]),
-                            full_size_epochs=v["full_size_epochs"], **no_tta)
+                            full_size_epochs=v["full_size_epochs"], frozen_blocks=v["frozen_blocks"],
+                            ema_decay=float(v["ema_decay"]), **no_tta)
     except ValueError as error:  # a rule across fields (TrainConfig's own checks)
         raise ValueError(f"invalid training recipe: {error}") from None
     return model, train

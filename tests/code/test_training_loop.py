@@ -4,6 +4,8 @@ rotation TTA, and no fit, early stop or calibration ever sees a test coin type."
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,6 +13,7 @@ import torch
 
 from coinyear import experiment
 from coinyear import fit as fit_module
+from coinyear.backbones import early_stages
 from coinyear.experiment import fit_quality, new_model
 from coinyear.fit import CoinDataset, fit, reused_memory
 from coinyear.model import CoinEnsemble, infer
@@ -110,6 +113,67 @@ def test_progressive_resizing_shrinks_the_early_epochs_and_validates_at_the_serv
     training = [size for is_training, size in seen if is_training]
     assert training == [32] * 4 + [64] * 2  # 2 batches of 8 per epoch, the shared backbone sees both sides at once
     assert {size for is_training, size in seen if not is_training} == {64}
+
+
+@pytest.mark.parametrize("backbone", ["mobilenet_v3_small", "efficientnet_lite0", "resnet18"])
+def test_frozen_blocks_keep_the_stem_and_first_stages_as_they_were(backbone):
+    """With frozen_blocks 2 the stem and the first two stages of a pretrained backbone keep every weight and
+    BatchNorm statistic through training (eval mode while the rest trains), the later stages and heads move, and
+    the model comes back with every weight trainable; more blocks than the backbone has is refused by name, and a
+    backbone without pretrained weights is never frozen."""
+    config = small_train_config(batch_size=8, epochs=2, frozen_blocks=2, model={"backbone": backbone})
+    fronts, backs, year_from, year_to = _tiny_data(count=16)
+    model = new_model(config, year_from, year_to)
+    model.pretrained_loaded = True  # as with ImageNet weights on disk (what the freezing keeps)
+    stages = early_stages(model.front_net)
+    prefix = {id(module): name for name, module in model.named_modules()}
+
+    def names(modules) -> list[str]:  # their entries in the model's state dict
+        return [name for name in model.state_dict() for m in modules if name.startswith(prefix[id(m)] + ".")]
+
+    kept, later = names([m for stage in stages[:3] for m in stage]), names(stages[3])
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    fit(model, CoinDataset(fronts, backs, year_from, year_to), config,
+        CoinDataset(fronts, backs, year_from, year_to, index=np.arange(8)))
+    after = model.state_dict()
+    assert kept and all(torch.equal(before[name], after[name]) for name in kept)
+    assert any("running_mean" in name for name in kept)  # the BatchNorm statistics too
+    assert later and any(not torch.equal(before[name], after[name]) for name in later)
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match=f"frozen_blocks {len(stages)}: the {backbone} backbone has "
+                                         f"{len(stages) - 1} stages"):
+        fit(model, CoinDataset(fronts, backs, year_from, year_to),
+            small_train_config(frozen_blocks=len(stages), model={"backbone": backbone}))
+    scratch = new_model(config, year_from, year_to)
+    scratch.pretrained_loaded = False  # random weights are never frozen
+    assert fit_module.freeze_early_stages(scratch, 2) == []
+
+
+def test_ema_validates_and_returns_the_weights_moving_average(monkeypatch):
+    """With ema_decay, validation judges the averaged copy, not the network being stepped, and the weights that
+    come back are that average: with a decay of nearly 1 it stays at the first step's weights, far closer to
+    where training started than the weights as trained."""
+    config = small_train_config(batch_size=4, epochs=2, early_stopping=False)
+    fronts, backs, year_from, year_to = _tiny_data(count=16)
+    start = new_model(config, year_from, year_to).state_dict()
+    original = fit_module.validation_years
+
+    def trained(decay: float):
+        model = new_model(config, year_from, year_to)
+        model.load_state_dict(start)
+        judged: list = []
+        monkeypatch.setattr(fit_module, "validation_years",
+                            lambda m, val, device: judged.append(m) or original(m, val, device))
+        fit(model, CoinDataset(fronts, backs, year_from, year_to), replace(config, ema_decay=decay),
+            CoinDataset(fronts, backs, year_from, year_to, index=np.arange(8)))
+        distance = sum(float((p.detach() - start[name]).norm()) for name, p in model.named_parameters())
+        return model, judged, distance
+
+    plain, plain_judged, plain_distance = trained(0.0)
+    averaged, averaged_judged, averaged_distance = trained(0.999999)
+    assert all(m is plain for m in plain_judged) and len(plain_judged) == 2
+    assert len(averaged_judged) == 2 and all(m is not averaged for m in averaged_judged)
+    assert 0 < averaged_distance < plain_distance / 3
 
 
 def test_final_calibration_scores_every_coin_once(monkeypatch):
