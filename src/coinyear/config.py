@@ -75,7 +75,8 @@ class Settings(BaseSettings):
     frozen_blocks: int = Field(default=3, ge=0, description="The backbone's stem and this many first stages stay "
                                "as pretrained (no gradient, BatchNorm statistics kept): a cheaper step, since the "
                                "early stages see the most pixels (3: epochs of 76-80 instead of 113-126 s at 192 "
-                               "px, a better validation MAE; benchmarks/README.md); 0 = every weight is trained.")
+                               "px, dating as well over two seeds; benchmarks/README.md); 0 = every weight is "
+                               "trained.")
     ema_decay: float = Field(default=0.0, ge=0, lt=1, description="Validate and keep an exponential moving average "
                              "of the weights, updated every step with this decay (0 = the weights as trained).")
     grayscale: bool = False
