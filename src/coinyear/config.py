@@ -320,14 +320,18 @@ def configure_mlflow(settings: Settings) -> None:
 
 
 def ensure_experiment(settings: Settings) -> str:
-    """The experiment id, creating it with its artifacts under COINYEAR_HOME (not the working directory)."""
+    """The experiment id, creating it with its artifacts under COINYEAR_HOME (not the working directory) when the
+    tracking store is a SQLite database (the embedded default, or one a tracking URI names), for which MLflow would
+    otherwise put them in ./mlruns of whatever directory the command ran in. A tracking server (http, databricks)
+    keeps its own artifact store."""
     import mlflow
 
     configure_mlflow(settings)
     experiment = mlflow.get_experiment_by_name(settings.experiment_name)
     if experiment is not None:
         return experiment.experiment_id
-    location = None if settings.tracking_uri else settings.artifact_root.as_uri()
+    local = settings.tracking_uri is None or settings.tracking_uri.startswith("sqlite:")
+    location = settings.artifact_root.as_uri() if local else None
     return mlflow.create_experiment(settings.experiment_name, artifact_location=location)
 
 

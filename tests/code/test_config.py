@@ -9,7 +9,7 @@ import re
 import mlflow
 import pytest
 
-from coinyear.config import Settings, configure_mlflow
+from coinyear.config import Settings, configure_mlflow, ensure_experiment
 
 URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "COINYEAR_TRACKING_URI", "COINYEAR_REGISTRY_URI")
 
@@ -46,6 +46,20 @@ def test_configuring_mlflow_leaves_a_uri_the_user_set_as_it_was(tmp_path, clean_
     assert os.environ["MLFLOW_TRACKING_URI"] == user
     assert "MLFLOW_REGISTRY_URI" not in os.environ
     assert Settings(home=tmp_path / "b").mlflow_tracking_uri == user
+
+
+@pytest.mark.parametrize("store", ["default", "sqlite"])
+def test_a_local_tracking_store_keeps_its_artifacts_under_the_home(tmp_path, clean_mlflow, monkeypatch, store):
+    """Before: with a tracking URI set (a SQLite file, as the tests and a shared local store set it), MLflow put
+    every run's plots and logged models in ./mlruns of the directory the command ran in."""
+    monkeypatch.chdir(tmp_path)
+    uri = {"default": None, "sqlite": f"sqlite:///{tmp_path / 'other.db'}"}[store]
+    settings = Settings(home=tmp_path / "home", tracking_uri=uri)
+    experiment = mlflow.get_experiment(ensure_experiment(settings))
+    assert experiment.artifact_location == (tmp_path / "home" / "mlartifacts").resolve().as_uri()
+    with mlflow.start_run(experiment_id=experiment.experiment_id):
+        mlflow.log_text("a plot", "plots/note.txt")
+    assert (tmp_path / "home" / "mlartifacts").is_dir() and not (tmp_path / "mlruns").exists()
 
 
 @pytest.mark.parametrize(("variable", "value", "message"), [
