@@ -48,7 +48,7 @@ def test_cli_train_and_retrain_build_the_same_recipe(tmp_path):
     defaults = {"backbone": "efficientnet_lite0", "mode": "shared", "proj_dim": 256, "grayscale": False,
                 "image_size": 192, "pretrained": True, "epochs": 6, "batch_size": 32, "lr": 1e-3, "loss": "interval",
                 "folds": 0, "seed": 42, "limit": None, "horizontal_flip": False,
-                "tta_angles": (-20.0, -10.0, 0.0, 10.0, 20.0), "ensemble": False, "aux_weight": 0.3,
+                "tta_angles": (-20.0, -10.0, 0.0, 10.0, 20.0), "ensemble": False, "aux_weight": 1.0,
                 "aux_heads": ("portrait",), "reshoot": 0.5, "ruler_statistic": "median",
                 "early_scale": 1.0, "full_size_epochs": 2, "frozen_blocks": 3, "ema_decay": 0.0}
     plain = make_settings(tmp_path / "plain")
