@@ -94,7 +94,7 @@ class Settings(BaseSettings):
     ensemble: bool = Field(default=False, description="With folds >= 2: serve the K fold models averaged.")
     aux_weight: float = Field(default=1.0, ge=0, allow_inf_nan=False,
                               description="Weight of the auxiliary heads' loss (0 = none). 1 names the portrait "
-                              "of unseen coin types right 9 points more often than 0.3 and dates them 0.9 years "
+                              "of unseen coin types right 8 points more often than 0.3 and dates them 0.9 years "
                               "better, over two seeds (benchmarks/README.md, The portrait head's weight).")
     ruler_statistic: Literal["mean", "median"] = Field(
         default="median", description="The ruler mixture's year the served year blends in: its weighted median "
