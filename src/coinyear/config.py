@@ -332,8 +332,8 @@ def ensure_experiment(settings: Settings) -> str:
     experiment = mlflow.get_experiment_by_name(settings.experiment_name)
     if experiment is not None:
         return experiment.experiment_id
-    local = settings.tracking_uri is None or settings.tracking_uri.startswith("sqlite:")
-    location = settings.artifact_root.as_uri() if local else None
+    # the resolved URI: the embedded default is a SQLite file too
+    location = settings.artifact_root.as_uri() if settings.mlflow_tracking_uri.startswith("sqlite:") else None
     return mlflow.create_experiment(settings.experiment_name, artifact_location=location)
 
 
