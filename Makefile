@@ -36,10 +36,12 @@ demo:
 	@started=$$(date +%s); $(MAKE) -s --no-print-directory setup \
 	  && $(BIN)/coinyear demo --setup-seconds $$(( $$(date +%s) - started ))
 
-## The best recipe measured (benchmarks/README.md): 16 epochs, grouped 5-fold CV+ calibration, then one model
-## refit on every coin. About 4 minutes on an H100, hours on 2 CPU cores.
+## The longer recipe (benchmarks/README.md): the defaults for 12 epochs, grouped 5-fold CV+ calibration, then one
+## model refit on every non-test coin, registered and given the alias staging. 12 epochs so that it fits 2 hours
+## on 2 CPU cores (measured in benchmarks/README.md); on a GPU, `make train-best EPOCHS=16` (the H100 CV recipe).
+EPOCHS ?= 12
 train-best: setup
-	$(BIN)/coinyear train --epochs 16 --folds 5 --promote staging
+	$(BIN)/coinyear train --epochs $(EPOCHS) --folds 5 --promote staging
 
 ## Static checks (CI runs them before the tests): ruff and mypy with the settings in pyproject.toml.
 lint: setup

@@ -1,5 +1,7 @@
 """What scoring image arrays costs on a CPU, per coin: the way training scores its validation, calibration and
-test coins (`coinyear.fit.infer_arrays`: the served network with its 5-angle rotation TTA, features on).
+test coins (`coinyear.fit.infer_arrays`: the served network with its 5-angle rotation TTA, features on), and the
+packaged model's PyTorch fallback (`coinyear.runtime.torch_infer`, what a model without its ONNX graph scores
+with) against `coinyear.model.infer` called on the whole request as the fallback did before.
 
 Random photos at the recipe's size (speed does not depend on the pixels or the weights), one process; for each
 batch size, scored as `infer_arrays` does now (freed memory kept by `reused_memory`) and with glibc's default
@@ -25,8 +27,9 @@ import torch
 from coinyear import fit
 from coinyear.config import setting_default
 from coinyear.experiment import new_model
-from coinyear.model import CoinEnsemble, ModelConfig
+from coinyear.model import CoinEnsemble, ModelConfig, infer
 from coinyear.recipe import TTA_ANGLES, TrainConfig
+from coinyear.runtime import torch_infer
 
 # isort: split
 # this folder's modules: a script's own folder is first on sys.path when it runs
@@ -79,7 +82,34 @@ def main() -> None:
             rows.append(row)
             lines.append(f"| {allocator} | {batch} | {row['wall_ms']:.0f} | {row['user_ms']:.0f} | "
                          f"{row['kernel_ms']:.0f} | {row['minor_faults']:,.0f} | {row['peak_rss_gb']:.2f} |")
-    write_results(args.out, args.name, {"size": args.size, "coins": args.coins, "rows": rows}, lines, started)
+    fallback = fallback_rows(served, fronts, backs)
+    lines += ["", f"## The PyTorch fallback, one request of 1 or 16 coins at {args.size} px, median of 3 (ms)", "",
+              "| scoring call | 1 coin | 16 coins |", "|---|---:|---:|"]
+    lines += [f"| {row['call']} | {row['ms_batch1']:.0f} | {row['ms_batch16']:.0f} |" for row in fallback]
+    write_results(args.out, args.name, {"size": args.size, "coins": args.coins, "rows": rows,
+                                        "fallback": fallback}, lines, started)
+
+
+def fallback_rows(served: CoinEnsemble, fronts: np.ndarray, backs: np.ndarray) -> list[dict]:
+    """Milliseconds of one scoring call on 1 and on 16 coins (features on; median of 3 after a warm-up): `infer`
+    on the whole request in the model's ordinary layout (the fallback before), and `torch_infer` (now)."""
+    calls = {"model.infer, whole request, ordinary layout (before)": infer,
+             "runtime.torch_infer: channels-last, kept memory, 16-coin batches (now)": torch_infer}
+    rows = []
+    for call, run in calls.items():
+        served.to(memory_format=torch.contiguous_format)  # each call starts from the layout a checkpoint loads in
+        row: dict = {"call": call}
+        for batch in (1, 16):
+            front, back = (torch.from_numpy(side[:batch]).float() / 255 for side in (fronts, backs))
+            run(served, front, back, True)
+            times = []
+            for _ in range(3):
+                clock = time.perf_counter()
+                run(served, front, back, True)
+                times.append(1000 * (time.perf_counter() - clock))
+            row[f"ms_batch{batch}"] = float(np.median(times))
+        rows.append(row)
+    return rows
 
 
 if __name__ == "__main__":

@@ -20,9 +20,10 @@ import numpy as np
 import torch
 
 from coinyear.experiment import new_model
-from coinyear.fit import freeze_early_stages, loss_fn, reused_memory
+from coinyear.fit import freeze_early_stages, loss_fn
 from coinyear.model import ModelConfig
 from coinyear.recipe import TrainConfig
+from coinyear.runtime import reused_memory
 
 
 def main() -> None:

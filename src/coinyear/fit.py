@@ -5,11 +5,9 @@ validation and the training run's calibration and test scores use."""
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import math
 import os
-import threading
 import time
 from typing import cast
 
@@ -24,6 +22,7 @@ from coinyear import evaluate
 from coinyear.backbones import early_stages
 from coinyear.model import CoinEnsemble, DualImageRegressor, infer
 from coinyear.recipe import TrainConfig
+from coinyear.runtime import reused_memory
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +60,6 @@ class CoinDataset(Dataset):
         return (front.float() / 255, back.float() / 255, self.year_from[index], self.year_to[index], *labels)
 
 
-
 # ------------------------------------------------------------------------------------------------- loss
 def loss_fn(predicted, year_from, year_to, kind: str, scale: float) -> torch.Tensor:
     """Loss in standardised years. `interval`: zero inside the label range, Huber outside; `mse`: midpoint."""
@@ -69,7 +67,6 @@ def loss_fn(predicted, year_from, year_to, kind: str, scale: float) -> torch.Ten
         return torch.mean(((predicted - (year_from + year_to) / 2) / scale) ** 2)
     outside = torch.relu(year_from - predicted) + torch.relu(predicted - year_to)
     return nn.functional.smooth_l1_loss(outside / scale, torch.zeros_like(outside), beta=0.1)
-
 
 
 # ---------------------------------------------------------------------------------------------- fitting
@@ -194,48 +191,6 @@ def predict_arrays(model: DualImageRegressor | CoinEnsemble, fronts: np.ndarray,
                    batch_size: int = 16,
                    device: torch.device | str | None = None) -> np.ndarray:
     return infer_arrays(model, fronts, backs, batch_size, device)["year"]
-
-
-# glibc mallopt parameters (malloc.h); a trim threshold of -1 turns trimming off
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-_NO_TRIM = -1
-_reuse_lock = threading.Lock()
-_reuse_depth = 0  # reused_memory blocks open now (the outermost one changes glibc and restores it)
-_reuse_libc: ctypes.CDLL | None = None  # the libc whose settings the outermost block changed
-
-
-@contextlib.contextmanager
-def reused_memory():
-    """Keep freed memory in the process while training or scoring arrays on a CPU, then hand it back.
-
-    glibc serves every allocation above a few MB (the activations of a batch) with a fresh mmap and returns
-    it on free, so each batch page-faults its whole working set in again: measured on 2 cores, 770k minor
-    faults and 14% of the CPU time in the kernel per efficientnet_lite0 step. With mmap off and no trimming,
-    the heap keeps those pages and the next batch reuses them (no faults). Trimming is off altogether, not
-    above a threshold: at 192 px a scoring batch frees more than 1 GB at once, and a 1 GB threshold gave it
-    back and faulted it in again every batch (benchmarks/score_memory.py). Blocks may nest (the epoch loop
-    scores its validation coins with `infer_arrays`): the outermost one restores glibc. Elsewhere than glibc:
-    nothing."""
-    global _reuse_depth, _reuse_libc
-    with _reuse_lock:
-        _reuse_depth += 1
-        if _reuse_depth == 1:
-            try:
-                libc = ctypes.CDLL("libc.so.6")
-                if libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _NO_TRIM) == 1:
-                    _reuse_libc = libc
-            except (OSError, AttributeError):
-                pass
-    try:
-        yield
-    finally:
-        with _reuse_lock:
-            _reuse_depth -= 1
-            if _reuse_depth == 0 and _reuse_libc is not None:  # glibc's defaults, and the kept memory back
-                _reuse_libc.mallopt(_M_MMAP_MAX, 65536)
-                _reuse_libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
-                _reuse_libc.malloc_trim(0)
-                _reuse_libc = None
 
 
 def fit(model: DualImageRegressor, train: CoinDataset, config: TrainConfig, val: CoinDataset | None = None,

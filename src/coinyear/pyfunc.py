@@ -158,10 +158,10 @@ class CoinYearModel(PythonModel):
         Callers that batch across requests (the gateway's micro-batcher) call this once per batch and slice the
         arrays per request; `answers` then turns a slice into intervals at each request's own level.
         """
-        from coinyear.model import infer
+        from coinyear.runtime import torch_infer
 
         onnx = getattr(self, "onnx", None)
-        run = onnx.infer if onnx is not None else partial(infer, self.model)
+        run = onnx.infer if onnx is not None else partial(torch_infer, self.model)
         parts = [run(fronts[start:start + batch_size], backs[start:start + batch_size], with_features)
                  for start in range(0, len(fronts), max(batch_size, 1))]
         return {key: torch.cat([part[key] for part in parts]).numpy().astype(float) for key in parts[0]}

@@ -1,4 +1,4 @@
-"""Runtime stage: the served network as one ONNX graph, run with ONNX Runtime.
+"""Runtime stage: the served network as one ONNX graph, run with OpenVINO or ONNX Runtime, else PyTorch.
 
 The graph holds everything one request costs: every rotation of both photos (the fixed sampling grid of
 `CoinEnsemble.rotated`), every member, and member 0's out-of-distribution features from the unrotated pass. Its
@@ -14,11 +14,17 @@ and ONNX Runtime (`OnnxScorer`). `open_scorer` takes the first that imports.
 the ONNX file is only attached when ONNX Runtime agrees within `TOLERANCE_YEARS`, and OpenVINO is only named in
 the model's requirements when it agrees too. Serving imports only `openvino` or `onnxruntime`, numpy and torch
 from here (`onnx`/`onnxscript`, which the exporter needs, stay lazy).
+
+Where no graph or runtime is there, PyTorch scores (`torch_infer`). On a CPU it and the trainer run under
+`reused_memory`: glibc keeps the freed activations for the next batch instead of mapping them afresh.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -229,3 +235,67 @@ def export_checked(model: DualImageRegressor | CoinEnsemble, front: torch.Tensor
         reason += (f"; OpenVINO {'within' if openvino.passed else 'differs by'} "
                    f"{openvino.max_abs_diff_years:.2g} years")
     return path, check, reason, openvino
+
+
+# glibc mallopt parameters (malloc.h); a trim threshold of -1 turns trimming off
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+_NO_TRIM = -1
+_reuse_lock = threading.Lock()
+_reuse_depth = 0  # reused_memory blocks open now (the outermost one changes glibc and restores it)
+_reuse_libc: ctypes.CDLL | None = None  # the libc whose settings the outermost block changed
+
+
+@contextlib.contextmanager
+def reused_memory():
+    """Keep freed memory in the process while training or scoring arrays on a CPU, then hand it back.
+
+    glibc serves every allocation above a few MB (the activations of a batch) with a fresh mmap and returns
+    it on free, so each batch page-faults its whole working set in again: measured on 2 cores, 770k minor
+    faults and 14% of the CPU time in the kernel per efficientnet_lite0 step. With mmap off and no trimming,
+    the heap keeps those pages and the next batch reuses them (no faults). Trimming is off altogether, not
+    above a threshold: at 192 px a scoring batch frees more than 1 GB at once, and a 1 GB threshold gave it
+    back and faulted it in again every batch (benchmarks/score_memory.py). Blocks may nest (the epoch loop
+    scores its validation coins with `infer_arrays`): the outermost one restores glibc. Elsewhere than glibc:
+    nothing."""
+    global _reuse_depth, _reuse_libc
+    with _reuse_lock:
+        _reuse_depth += 1
+        if _reuse_depth == 1:
+            try:
+                libc = ctypes.CDLL("libc.so.6")
+                if libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _NO_TRIM) == 1:
+                    _reuse_libc = libc
+            except (OSError, AttributeError):
+                pass
+    try:
+        yield
+    finally:
+        with _reuse_lock:
+            _reuse_depth -= 1
+            if _reuse_depth == 0 and _reuse_libc is not None:  # glibc's defaults, and the kept memory back
+                _reuse_libc.mallopt(_M_MMAP_MAX, 65536)
+                _reuse_libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024)
+                _reuse_libc.malloc_trim(0)
+                _reuse_libc = None
+
+
+# The PyTorch fallback's batch, in coins: 16 (160 photos with the 5-angle TTA) reuse the kept heap; 64 fault
+# again and peak at 11 GB at 192 px (benchmarks/score_memory.py)
+TORCH_BATCH = 16
+
+
+def torch_infer(model: DualImageRegressor | CoinEnsemble, front: torch.Tensor, back: torch.Tensor,
+                with_features: bool = False) -> dict[str, torch.Tensor]:
+    """`coinyear.model.infer` run as scoring on a CPU should be, for a model served without an ONNX graph:
+    channels-last (the trainer's layout, about 1.7x faster convolutions on a CPU), in batches of `TORCH_BATCH`
+    coins, inside `reused_memory` (without it, glibc maps and unmaps every batch's activations: 16 coins at
+    192 px took 7.7 s; benchmarks/README.md "Serving speed"). On another device, `infer` as it is."""
+    if next(model.parameters()).device.type != "cpu":
+        return infer(model, front, back, with_features)
+    layout = torch.channels_last
+    model.to(memory_format=layout)
+    with reused_memory():
+        parts = [infer(model, front[start:start + TORCH_BATCH].contiguous(memory_format=layout),
+                       back[start:start + TORCH_BATCH].contiguous(memory_format=layout), with_features)
+                 for start in range(0, len(front), TORCH_BATCH)]
+    return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}

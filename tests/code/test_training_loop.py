@@ -1,9 +1,11 @@
-"""The CPU training loop: freed memory is kept while it trains (glibc is told so, and restored after), the trained
-model comes back in the ordinary memory layout, the final calibration scores every coin once, not with the
-rotation TTA, and no fit, early stop or calibration ever sees a test coin type."""
+"""The CPU training loop: freed memory is kept while it trains (glibc is told so, and restored after; the PyTorch
+scoring fallback runs the same way), the trained model comes back in the ordinary memory layout, the final
+calibration scores every coin once, not with the rotation TTA, and no fit,
+early stop or calibration ever sees a test coin type."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import replace
 
 import numpy as np
@@ -11,13 +13,14 @@ import pandas as pd
 import pytest
 import torch
 
-from coinyear import experiment
+from coinyear import experiment, runtime
 from coinyear import fit as fit_module
 from coinyear.backbones import early_stages
 from coinyear.experiment import fit_quality, new_model
-from coinyear.fit import CoinDataset, fit, reused_memory
+from coinyear.fit import CoinDataset, fit
 from coinyear.model import CoinEnsemble, infer
 from coinyear.quality import SCALES
+from coinyear.runtime import TORCH_BATCH, reused_memory, torch_infer
 from tests.conftest import small_train_config
 
 
@@ -46,7 +49,7 @@ def test_reused_memory_keeps_freed_memory_while_training_then_restores_glibc(mon
     block ends, also when training raises. (This replaces
     counting page faults of real allocations, which measured the machine's glibc and kernel, not this code.)"""
     libc = RecordingLibc()
-    monkeypatch.setattr(fit_module.ctypes, "CDLL", lambda name: libc)
+    monkeypatch.setattr(runtime.ctypes, "CDLL", lambda name: libc)
     with reused_memory():
         assert libc.calls == [("mallopt", M_MMAP_MAX, 0), ("mallopt", M_TRIM_THRESHOLD, -1)]  # -1: no trimming
         with reused_memory():  # nested (the epoch loop's validation scoring): changes and restores nothing
@@ -63,7 +66,7 @@ def test_reused_memory_keeps_freed_memory_while_training_then_restores_glibc(mon
 def test_reused_memory_changes_nothing_where_glibc_does_not_take_it(monkeypatch):
     """A libc that refuses the option (or none: musl, macOS) is left as it is: nothing to restore."""
     refusing = RecordingLibc(accepts=0)
-    monkeypatch.setattr(fit_module.ctypes, "CDLL", lambda name: refusing)
+    monkeypatch.setattr(runtime.ctypes, "CDLL", lambda name: refusing)
     with reused_memory():
         pass
     assert [call[0] for call in refusing.calls] == ["mallopt"]  # refused at once: no restore, no trim
@@ -71,9 +74,41 @@ def test_reused_memory_changes_nothing_where_glibc_does_not_take_it(monkeypatch)
     def no_libc(name):
         raise OSError(f"{name}: cannot open shared object file")
 
-    monkeypatch.setattr(fit_module.ctypes, "CDLL", no_libc)
+    monkeypatch.setattr(runtime.ctypes, "CDLL", no_libc)
     with reused_memory():
         pass
+
+
+def test_the_pytorch_fallback_scores_like_infer_channels_last_in_kept_memory_batches(monkeypatch):
+    """A model served without an ONNX graph (`torch_infer`): the same answers as `infer` on the whole batch, the
+    network convolving channels-last batches of at most TORCH_BATCH coins, all inside one `reused_memory` block."""
+    config = small_train_config()
+    count = TORCH_BATCH + 4
+    fronts, backs, year_from, year_to = _tiny_data(count=count)
+    model = CoinEnsemble([new_model(config, year_from, year_to)], (0.0, 90.0)).eval()  # as a loaded model is
+    front, back = (torch.from_numpy(side).float() / 255 for side in (fronts, backs))
+    expected = infer(model, front, back, True)
+    blocks, batches = [], []
+    opened = runtime.reused_memory
+
+    @contextlib.contextmanager
+    def recording_block():
+        blocks.append("open")
+        with opened():
+            yield
+
+    stem = next(module for module in model.modules() if isinstance(module, torch.nn.Conv2d))
+    stem.register_forward_hook(lambda module, inputs, output: batches.append(
+        (len(output), output.is_contiguous(memory_format=torch.channels_last))))
+    monkeypatch.setattr(runtime, "reused_memory", recording_block)
+    got = torch_infer(model, front, back, True)
+    assert blocks == ["open"]
+    photos_per_coin = 2 * 2  # both sides through the shared backbone, at each of the 2 angles
+    assert [size for size, _ in batches] == [TORCH_BATCH * photos_per_coin, 4 * photos_per_coin]
+    assert all(channels_last for _, channels_last in batches)
+    assert set(got) == set(expected)
+    for key in expected:
+        assert torch.allclose(got[key], expected[key], atol=1e-4), (key, (got[key] - expected[key]).abs().max())
 
 
 def _tiny_data(count=24, size=64, seed=0):
