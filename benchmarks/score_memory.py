@@ -83,7 +83,7 @@ def main() -> None:
             lines.append(f"| {allocator} | {batch} | {row['wall_ms']:.0f} | {row['user_ms']:.0f} | "
                          f"{row['kernel_ms']:.0f} | {row['minor_faults']:,.0f} | {row['peak_rss_gb']:.2f} |")
     fallback = fallback_rows(served, fronts, backs)
-    lines += ["", f"## The PyTorch fallback, one request of 1 or 16 coins at {args.size} px, median of 3 (ms)", "",
+    lines += ["", f"## The PyTorch fallback, one request of 1 or 16 coins at {args.size} px, median of 5 (ms)", "",
               "| scoring call | 1 coin | 16 coins |", "|---|---:|---:|"]
     lines += [f"| {row['call']} | {row['ms_batch1']:.0f} | {row['ms_batch16']:.0f} |" for row in fallback]
     write_results(args.out, args.name, {"size": args.size, "coins": args.coins, "rows": rows,
@@ -91,7 +91,7 @@ def main() -> None:
 
 
 def fallback_rows(served: CoinEnsemble, fronts: np.ndarray, backs: np.ndarray) -> list[dict]:
-    """Milliseconds of one scoring call on 1 and on 16 coins (features on; median of 3 after a warm-up): `infer`
+    """Milliseconds of one scoring call on 1 and on 16 coins (features on; median of 5 after a warm-up): `infer`
     on the whole request in the model's ordinary layout (the fallback before), and `torch_infer` (now)."""
     calls = {"model.infer, whole request, ordinary layout (before)": infer,
              "runtime.torch_infer: channels-last, kept memory, 16-coin batches (now)": torch_infer}
@@ -103,7 +103,7 @@ def fallback_rows(served: CoinEnsemble, fronts: np.ndarray, backs: np.ndarray) -
             front, back = (torch.from_numpy(side[:batch]).float() / 255 for side in (fronts, backs))
             run(served, front, back, True)
             times = []
-            for _ in range(3):
+            for _ in range(5):
                 clock = time.perf_counter()
                 run(served, front, back, True)
                 times.append(1000 * (time.perf_counter() - clock))
