@@ -42,7 +42,6 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from functools import partial
 from pathlib import Path
 
 import mlflow
@@ -161,8 +160,10 @@ class CoinYearModel(PythonModel):
         from coinyear.runtime import torch_infer
 
         onnx = getattr(self, "onnx", None)
-        run = onnx.infer if onnx is not None else partial(torch_infer, self.model)
-        parts = [run(fronts[start:start + batch_size], backs[start:start + batch_size], with_features)
+        if onnx is None:  # PyTorch batches the request itself, inside one kept-memory block
+            scored = torch_infer(self.model, fronts, backs, with_features, batch_size)
+            return {key: value.numpy().astype(float) for key, value in scored.items()}
+        parts = [onnx.infer(fronts[start:start + batch_size], backs[start:start + batch_size], with_features)
                  for start in range(0, len(fronts), max(batch_size, 1))]
         return {key: torch.cat([part[key] for part in parts]).numpy().astype(float) for key in parts[0]}
 

@@ -285,17 +285,18 @@ TORCH_BATCH = 16
 
 
 def torch_infer(model: DualImageRegressor | CoinEnsemble, front: torch.Tensor, back: torch.Tensor,
-                with_features: bool = False) -> dict[str, torch.Tensor]:
+                with_features: bool = False, batch_size: int = TORCH_BATCH) -> dict[str, torch.Tensor]:
     """`coinyear.model.infer` run as scoring on a CPU should be, for a model served without an ONNX graph:
-    channels-last (the trainer's layout, about 1.7x faster convolutions on a CPU), in batches of `TORCH_BATCH`
-    coins, inside `reused_memory` (without it, glibc maps and unmaps every batch's activations: 16 coins at
-    192 px took 7.7 s; benchmarks/README.md "Serving speed"). On another device, `infer` as it is."""
+    channels-last (the trainer's layout, about 1.7x faster convolutions on a CPU), in batches of at most
+    `batch_size` and `TORCH_BATCH` coins, all inside one `reused_memory` block (without it, glibc maps and unmaps
+    every batch's activations: 16 coins at 192 px took 7.7 s; benchmarks/README.md "Serving speed"). On another
+    device, `infer` as it is."""
     if next(model.parameters()).device.type != "cpu":
         return infer(model, front, back, with_features)
-    layout = torch.channels_last
+    layout, size = torch.channels_last, max(min(batch_size, TORCH_BATCH), 1)
     model.to(memory_format=layout)
     with reused_memory():
-        parts = [infer(model, front[start:start + TORCH_BATCH].contiguous(memory_format=layout),
-                       back[start:start + TORCH_BATCH].contiguous(memory_format=layout), with_features)
-                 for start in range(0, len(front), TORCH_BATCH)]
+        parts = [infer(model, front[start:start + size].contiguous(memory_format=layout),
+                       back[start:start + size].contiguous(memory_format=layout), with_features)
+                 for start in range(0, len(front), size)]
     return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}

@@ -1,7 +1,7 @@
 """The CPU training loop: freed memory is kept while it trains (glibc is told so, and restored after; the PyTorch
 scoring fallback runs the same way), the trained model comes back in the ordinary memory layout, the final
-calibration scores every coin once, not with the rotation TTA, and no fit,
-early stop or calibration ever sees a test coin type."""
+calibration scores every coin once, not with the rotation TTA, and no fit, early stop or calibration ever sees a
+test coin type."""
 
 from __future__ import annotations
 
