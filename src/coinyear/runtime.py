@@ -15,8 +15,9 @@ the ONNX file is only attached when ONNX Runtime agrees within `TOLERANCE_YEARS`
 the model's requirements when it agrees too. Serving imports only `openvino` or `onnxruntime`, numpy and torch
 from here (`onnx`/`onnxscript`, which the exporter needs, stay lazy).
 
-Where no graph or runtime is there, PyTorch scores (`torch_infer`). On a CPU it and the trainer run under
-`reused_memory`: glibc keeps the freed activations for the next batch instead of mapping them afresh.
+Where no graph or runtime is there, PyTorch scores (`torch_infer`). It and training's scoring of image arrays
+run one batched loop (`scored_batches`), channels-last on a CPU and under `reused_memory`: glibc keeps the freed
+activations for the next batch instead of mapping them afresh.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import contextlib
 import ctypes
 import logging
 import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -284,19 +286,28 @@ def reused_memory():
 TORCH_BATCH = 16
 
 
+def scored_batches(model: DualImageRegressor | CoinEnsemble, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                   with_features: bool = False, with_heads: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    """`coinyear.model.infer` on each (front, back) batch, as scoring on a CPU should be: channels-last (the
+    trainer's layout, about 1.7x faster convolutions on a CPU), every batch inside one `reused_memory` block
+    (without it glibc maps and unmaps every batch's activations: 16 coins at 192 px took 7.7 s; benchmarks/README.md
+    "Serving speed"). On another device, `infer` as it is. The one batched scoring loop: the served fallback
+    (`torch_infer`) and training's scoring of image arrays (`fit.infer_arrays`) both run it. The model is left
+    channels-last on a CPU."""
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    layout = torch.channels_last if on_cpu else torch.preserve_format
+    model.eval().to(memory_format=layout)
+    with reused_memory() if on_cpu else contextlib.nullcontext():
+        for front, back in batches:
+            yield infer(model, front.contiguous(memory_format=layout), back.contiguous(memory_format=layout),
+                        with_features, with_heads)
+
+
 def torch_infer(model: DualImageRegressor | CoinEnsemble, front: torch.Tensor, back: torch.Tensor,
                 with_features: bool = False, batch_size: int = TORCH_BATCH) -> dict[str, torch.Tensor]:
-    """`coinyear.model.infer` run as scoring on a CPU should be, for a model served without an ONNX graph:
-    channels-last (the trainer's layout, about 1.7x faster convolutions on a CPU), in batches of at most
-    `batch_size` and `TORCH_BATCH` coins, all inside one `reused_memory` block (without it, glibc maps and unmaps
-    every batch's activations: 16 coins at 192 px took 7.7 s; benchmarks/README.md "Serving speed"). On another
-    device, `infer` as it is."""
-    if next(model.parameters()).device.type != "cpu":
-        return infer(model, front, back, with_features)
-    layout, size = torch.channels_last, max(min(batch_size, TORCH_BATCH), 1)
-    model.to(memory_format=layout)
-    with reused_memory():
-        parts = [infer(model, front[start:start + size].contiguous(memory_format=layout),
-                       back[start:start + size].contiguous(memory_format=layout), with_features)
-                 for start in range(0, len(front), size)]
+    """What a model served without an ONNX graph scores with: `scored_batches` over batches of at most
+    `batch_size` and `TORCH_BATCH` coins, concatenated."""
+    size = max(min(batch_size, TORCH_BATCH), 1)
+    parts = list(scored_batches(model, ((front[start:start + size], back[start:start + size])
+                                        for start in range(0, len(front), size)), with_features))
     return {key: torch.cat([part[key] for part in parts]) for key in parts[0]}
