@@ -14,11 +14,16 @@ Reported, for the in-span hold-out coins and the out-of-span coins:
   the feature distance the served flag uses, the rotation-TTA spread, and the portrait head's signals (with a
   portrait head, as the default recipe has): its uncertainty (1 - max probability), its energy
   (-logsumexp of the logits), the probability of its "other" class, and the disagreement between the served
-  year and the ruler mixture (sum of p(portrait) x that portrait's median training year); and their combination
-  (the largest of them, each as a rank among the in-span hold-out coins' values). The same signals are also
-  reported at 10% in-span false alarms (the out-of-span flag's target: AUROC >= 0.8 at <= 10%).
+  year and the ruler mixture (sum of p(portrait) x that portrait's median training year), how much its rotated
+  views disagree (the mutual information the view flag thresholds, and the share of views naming another
+  portrait); the distance to the training coins in other spaces (the class-conditional Mahalanobis distance to
+  the portraits' means, Lee et al. 2018, in the backbone features and in the fused embedding; the 10 nearest in
+  the fused embedding); and their combination (the largest of them, each as a rank among the in-span hold-out
+  coins' values). The same signals are also reported at 10% in-span false alarms (the out-of-span flag's
+  target: AUROC >= 0.8 at <= 10%).
 
-Writes `<out>/<name>.json` and `.md`. About 12 minutes on 2 idle CPU cores:
+Writes `<out>/<name>.json` and `.md`. About 30 minutes on 2 CPU cores (the embeddings of the ~2,000 reference
+coins included):
 
     python benchmarks/era_shift.py --aux-weight 0.3 --name portrait-0.3
 """
@@ -56,6 +61,38 @@ def signal_report(in_span: np.ndarray, out_span: np.ndarray, false_alarm: float 
     threshold = float(np.quantile(in_span, 1 - false_alarm))
     return {"auroc": float(roc_auc_score(labels, np.r_[in_span, out_span])),
             f"flagged_at_{int(false_alarm * 100)}pct_false_alarms": float(np.mean(out_span > threshold))}
+
+
+def class_mahalanobis(reference: np.ndarray, labels: np.ndarray, queries: np.ndarray, dims: int = 64,
+                      min_coins: int = 5) -> np.ndarray:
+    """The smallest Mahalanobis distance of each query to the classes' means, with one covariance shared by the
+    classes (Lee et al. 2018), in the reference's top `dims` principal components; classes of at least
+    `min_coins` reference rows."""
+    mean = reference.mean(axis=0)
+    _, _, axes = np.linalg.svd(reference - mean, full_matrices=False)
+    project = axes[:dims].T
+    ref, query = (reference - mean) @ project, (queries - mean) @ project
+    classes = [c for c in np.unique(labels) if (labels == c).sum() >= min_coins]
+    means = np.stack([ref[labels == c].mean(axis=0) for c in classes])
+    centred = np.concatenate([ref[labels == c] - means[i] for i, c in enumerate(classes)])
+    precision = np.linalg.pinv(np.cov(centred, rowvar=False) + 1e-6 * np.eye(ref.shape[1]))
+    gaps = query[:, None, :] - means[None, :, :]
+    return np.einsum("ncd,de,nce->nc", gaps, precision, gaps).min(axis=1)
+
+
+def knn_distance(reference: np.ndarray, queries: np.ndarray, k: int = 10) -> np.ndarray:
+    """Mean cosine distance to the k nearest reference rows, after centring on the reference mean."""
+    mean = reference.mean(axis=0)
+    unit = lambda a: (a - mean) / np.maximum(np.linalg.norm(a - mean, axis=1, keepdims=True), 1e-12)  # noqa: E731
+    distance = 1 - unit(queries) @ unit(reference).T
+    return np.partition(distance, k - 1, axis=1)[:, :k].mean(axis=1)
+
+
+def views_naming_another(logits: np.ndarray) -> np.ndarray:
+    """From the portrait logits of every member and rotation [N, M, A, C]: the share of views whose top portrait
+    is not the top one of the averaged logits (a cruder form of `model.view_disagreement`)."""
+    views = logits.reshape(len(logits), -1, logits.shape[-1])
+    return (views.argmax(axis=-1) != views.mean(axis=1).argmax(axis=1)[:, None]).mean(axis=1)
 
 
 def ranks(reference: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -96,11 +133,17 @@ def main(argv=None) -> int:
     reference_groups = manifest.rows["group"].to_numpy()[usable]
     sets = {"in_span_holdout": held, "out_of_span": after.reset_index(drop=True)}
     scored, summary, arrays = {}, {}, {}
+    # the reference coins (every non-test coin) in two spaces, with their catalogue portraits: the backbone
+    # directions the served flag compares, and the fused embedding the heads read (a plain pass over them)
+    plain = served.regressors[0] if hasattr(served, "regressors") else served
+    reference_rows = manifest.rows.iloc[usable]
+    reference_portraits = evaluate.catalogue_portraits(reference_rows).to_numpy(str)
+    reference_fused = embeddings_and_portraits(plain, *load_arrays(reference_rows, cache))[0]
     for name, subset in sets.items():
         fronts, backs = load_arrays(subset, cache)
         inferred = infer_arrays(served, fronts, backs, with_features=True, with_heads=True)
-        plain = served.regressors[0] if hasattr(served, "regressors") else served
-        portrait_logits = embeddings_and_portraits(plain, fronts, backs, logits=True)[1].get("portrait")
+        fused, heads = embeddings_and_portraits(plain, fronts, backs, logits=True)
+        portrait_logits = heads.get("portrait")
         portrait_p = None if portrait_logits is None else torch.softmax(torch.from_numpy(portrait_logits), 1).numpy()
         years = np.array([year for _, year in as_ensemble(served).portrait_classes()])
         low, high = quality.conformal.ranges(inferred, 0.9, years)
@@ -112,6 +155,8 @@ def main(argv=None) -> int:
         flagged = (distance > quality.ood.threshold) | quality.ood.featureless(inferred["features"])
         if "portraits" in inferred:  # the portrait flag (`calibrate.portrait_floor`), as served
             flagged |= quality.ood.unsure_portrait(inferred["portraits"])
+        if "disagreement" in inferred:  # the view flag (`calibrate.disagreement_ceiling`), as served
+            flagged |= quality.ood.views_disagree(inferred["disagreement"])
         summary[name] = {
             "coins": len(subset), **evaluate.regression_metrics(inferred["year"], year_from, year_to),
             "served_flag_rate": float(flagged.mean()),
@@ -121,7 +166,20 @@ def main(argv=None) -> int:
             arrays.update({f"{name}/{key}": value for key, value in {
                 "year": inferred["year"], "spread": inferred["spread"], "features": inferred["features"],
                 "distance": distance, "year_from": year_from, "year_to": year_to,
-                "group": subset["group"].to_numpy(str), "portrait_p": portrait_p}.items() if value is not None})
+                "group": subset["group"].to_numpy(str), "portrait_p": portrait_p, "fused": fused,
+                "logits": inferred.get("logits"), "regression": inferred.get("regression")}.items()
+                if value is not None})
+        directions = quality.ood._directions(inferred["features"], quality.ood.sides) - quality.ood.center
+        named = reference_portraits != ""
+        scored[name]["feature distance, class-conditional Mahalanobis"] = class_mahalanobis(
+            quality.ood.reference[named], reference_portraits[named], directions)
+        scored[name]["fused embedding, 10 nearest"] = knn_distance(reference_fused, fused)
+        scored[name]["fused embedding, class-conditional Mahalanobis"] = class_mahalanobis(
+            reference_fused[named], reference_portraits[named], fused)
+        if "disagreement" in inferred:  # what the view flag thresholds (`model.view_disagreement`)
+            scored[name]["portrait mutual information over the rotated views (the view flag's)"] = \
+                inferred["disagreement"]
+            scored[name]["share of rotated views naming another portrait"] = views_naming_another(inferred["logits"])
         if portrait_p is not None:
             scored[name]["portrait uncertainty"] = 1 - portrait_p.max(axis=1)
             scored[name]["portrait energy"] = -torch.logsumexp(torch.from_numpy(portrait_logits), 1).numpy()
@@ -159,7 +217,7 @@ def main(argv=None) -> int:
     if args.arrays:
         quality.save(args.arrays)
         np.savez_compressed(Path(args.arrays) / "coins.npz", reference_groups=reference_groups.astype(str),
-                            **arrays)
+                            reference_portraits=reference_portraits, reference_fused=reference_fused, **arrays)
     return 0
 
 

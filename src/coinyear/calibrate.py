@@ -15,7 +15,8 @@ benchmarks/levers.py applies the same functions to a model already registered. T
   mixture's dispersion, or both): the one whose calibrated ranges are narrowest on the validation coins;
 * the portrait flag (`quality.FeatureDistance.portrait_floor`): the top portrait probability below which a coin
   is flagged out of distribution, the `rate` quantile of the validation coins' (so that share of coins of unseen
-  in-span types are flagged by it).
+  in-span types are flagged by it), and the view flag (`disagreement_ceiling`): the portrait head's disagreement
+  between the rotated views above which a coin is flagged, likewise.
 
 Every served year is computed by `model.blend_rulers`, here as in the network and its ONNX graph.
 """
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from coinyear.model import ModelConfig, blend_rulers, rotation_spread
+from coinyear.model import ModelConfig, blend_rulers, rotation_spread, view_disagreement
 from coinyear.quality import SCALES, Conformal
 
 TEMPERATURES = tuple(float(t) for t in np.geomspace(0.25, 8.0, 31))
@@ -51,13 +52,16 @@ class Heads:
     year_to: np.ndarray
 
     def served(self, config: ModelConfig) -> dict[str, np.ndarray]:
-        """What the network serves for these coins under `config`: year, spread and averaged portraits."""
+        """What the network serves for these coins under `config`: year, spread, averaged portraits and the
+        views' disagreement."""
         samples, portraits = blend_rulers(torch.as_tensor(self.regression, dtype=torch.float32),
                                           torch.as_tensor(self.logits, dtype=torch.float32),
                                           torch.as_tensor(self.years, dtype=torch.float32), config)
         assert portraits is not None, "a Heads always has logits"
+        logits = torch.as_tensor(self.logits, dtype=torch.float32)
         return {"year": samples.mean(dim=(1, 2)).numpy().astype(float),
-                "spread": rotation_spread(samples).numpy().astype(float), "portraits": portraits.numpy()}
+                "spread": rotation_spread(samples).numpy().astype(float), "portraits": portraits.numpy(),
+                "disagreement": view_disagreement(logits, config).numpy().astype(float)}
 
 
 @dataclass
@@ -129,6 +133,14 @@ def fit_ranges(scored: dict[str, np.ndarray], portrait_years, year_from, year_to
         widths[by] = float(np.median(high - low))
     best = min(widths, key=lambda by: (widths[by], scales.index(by)))
     return fitted[best], {f"val_interval90_width_{by}": width for by, width in widths.items()}
+
+
+def disagreement_ceiling(disagreement, rate: float) -> float:
+    """The view disagreement (`model.view_disagreement`) above which `rate` of these (validation) coins lie: the
+    view flag's threshold at that false-alarm rate on unseen in-span types (0: off)."""
+    if rate <= 0 or len(disagreement) == 0:
+        return 0.0
+    return float(np.quantile(np.asarray(disagreement, float), 1 - rate))
 
 
 def portrait_floor(portraits, rate: float) -> float:

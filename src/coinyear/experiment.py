@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from coinyear import evaluate
 from coinyear.augment import make_augmentation
-from coinyear.calibrate import Heads, fit_levers, fit_ranges, portrait_floor
+from coinyear.calibrate import Heads, disagreement_ceiling, fit_levers, fit_ranges, portrait_floor
 from coinyear.config import AUX_COLUMNS
 from coinyear.data import ImageCache, Manifest, choice_splits, load_arrays, mapped_arrays
 from coinyear.fit import CoinDataset, best_epoch, fit, infer_arrays, process_rank, resolve_device
@@ -111,7 +111,7 @@ def serving_model(members: list[DualImageRegressor], tta_angles: tuple[float, ..
 
 def fit_quality(model, fronts, backs, groups, predictions: pd.DataFrame, config: TrainConfig,
                 device: torch.device, unseen=None, index: np.ndarray | None = None,
-                portraits: np.ndarray | None = None) -> Quality:
+                portraits: np.ndarray | None = None, disagreement: np.ndarray | None = None) -> Quality:
     """Interval calibration from the out-of-fold (or validation) predictions; the OOD reference and threshold
     from the served model's out-of-distribution features of every coin, or of the rows `index` (positions in
     the arrays): the training run passes the non-test rows, so a test coin is never its own neighbour.
@@ -123,7 +123,8 @@ def fit_quality(model, fronts, backs, groups, predictions: pd.DataFrame, config:
 
     `portraits` (the served portrait probabilities of the `predictions` rows), with `config.calibrate`, let the
     range's scale be chosen among SCALES (`calibrate.fit_ranges`; the portrait years are the served model's) and
-    set the portrait flag's floor at `config.portrait_flag_rate` of those coins."""
+    set the portrait flag's floor at `config.portrait_flag_rate` of those coins; their view `disagreement`
+    sets the view flag's ceiling at `config.view_flag_rate` of them."""
     scaled = config.conformal_scaled and len(config.tta_angles) >= 2
     years = np.array([year for _, year in as_ensemble(model).portrait_classes()])
     if scaled and config.calibrate and portraits is not None and len(years) == portraits.shape[1]:
@@ -139,6 +140,8 @@ def fit_quality(model, fronts, backs, groups, predictions: pd.DataFrame, config:
     if config.calibrate and portraits is not None and len(portraits) >= MIN_FLAG_CALIBRATION:
         # as the distance's threshold: a quantile of fewer coins is mostly noise, then no portrait flag
         ood.portrait_floor = portrait_floor(portraits, config.portrait_flag_rate)
+    if config.calibrate and disagreement is not None and len(disagreement) >= MIN_FLAG_CALIBRATION:
+        ood.disagreement_ceiling = disagreement_ceiling(disagreement, config.view_flag_rate)
     model.cpu()
     return Quality(conformal, ood)
 
@@ -157,7 +160,8 @@ def score_test_rows(model, quality: Quality, rows: pd.DataFrame, fronts, backs, 
                           "year_to": chosen["year_to"].to_numpy(), "predicted": scored["year"],
                           "spread": scored["spread"], "low": low, "high": high,
                           "out_of_distribution": quality.ood.flag(scored["features"],
-                                                                  portraits=scored.get("portraits")),
+                                                                  portraits=scored.get("portraits"),
+                                                                  disagreement=scored.get("disagreement")),
                           "portrait": evaluate.catalogue_portraits(chosen).to_numpy()})
     if "portraits" in scored:
         names = [name for name, _ in as_ensemble(model).portrait_classes()]
@@ -223,6 +227,7 @@ def train_on_manifest(manifest: Manifest, config: TrainConfig, cache_dir: Path, 
     fold_of = np.full(len(rows), -1)
     heads: list[tuple[np.ndarray, Heads]] = []  # per fold: its validation rows' raw head outputs (the levers)
     val_portraits: dict[int, np.ndarray] = {}  # row -> the served portrait probabilities
+    val_disagreement: dict[int, float] = {}  # row -> the portrait head's disagreement between the rotated views
     histories, fold_metrics, fold_models = {}, [], []
     best_epochs: list[int] = []
     for fold, (train_index, val_index) in enumerate(tqdm(splits, desc="folds", unit="fold", disable=len(splits) == 1)):
@@ -267,6 +272,7 @@ def train_on_manifest(manifest: Manifest, config: TrainConfig, cache_dir: Path, 
         answer = part.served(config.model)
         predictions[val_index], spread[val_index] = answer["year"], answer["spread"]
         val_portraits.update(zip(val_index.tolist(), answer["portraits"]))
+        val_disagreement.update(zip(val_index.tolist(), answer["disagreement"]))
     evaluated = fold_of > 0
     overall = evaluate.regression_metrics(predictions[evaluated], year_from[evaluated], year_to[evaluated])
     metrics.update({f"val_{k}": v for k, v in overall.items()})
@@ -312,9 +318,12 @@ def train_on_manifest(manifest: Manifest, config: TrainConfig, cache_dir: Path, 
                   if len(splits) == 1 and len(splits[0][1]) >= MIN_FLAG_CALIBRATION else None)
         portraits = (np.stack([val_portraits[int(i)] for i in np.flatnonzero(evaluated)])
                      if val_portraits and len(val_portraits) == int(evaluated.sum()) else None)
+        disagreement = (np.array([val_disagreement[int(i)] for i in np.flatnonzero(evaluated)])
+                        if val_disagreement and len(val_disagreement) == int(evaluated.sum()) else None)
         quality = fit_quality(final, fronts, backs, rows["group"].to_numpy()[usable], table, config, device, unseen,
-                              index=usable, portraits=portraits)
+                              index=usable, portraits=portraits, disagreement=disagreement)
         metrics["portrait_floor"] = quality.ood.portrait_floor
+        metrics["disagreement_ceiling"] = quality.ood.disagreement_ceiling
         metrics["conformal_q90"] = quality.conformal.quantile(0.9)
         metrics["ood_threshold"] = quality.ood.threshold
         if len(test_index):

@@ -187,6 +187,9 @@ class FeatureDistance:
     # coin (`calibrate.fit_levers` sets it on the validation types at a stated false-alarm rate; 0 = off, files
     # written before).
     portrait_floor: float = 0.0
+    # A fourth: the portrait head's disagreement between the rotated views (`model.view_disagreement`) above this
+    # flags the coin (set on the validation types like the floor; 0 = off, files written before).
+    disagreement_ceiling: float = 0.0
 
     @classmethod
     def fit(cls, features, groups, k: int = 10, quantile: float = 0.99, sides: int = 2,
@@ -253,12 +256,15 @@ class FeatureDistance:
         norms = np.stack([np.linalg.norm(side, axis=1) for side in _split(features, self.sides)], axis=1)
         return norms.min(axis=1) < self.norm_floor
 
-    def flag(self, features, distance: np.ndarray | None = None, portraits=None) -> np.ndarray:
+    def flag(self, features, distance: np.ndarray | None = None, portraits=None, disagreement=None) -> np.ndarray:
         """Out of distribution per row; `distance`: `distances(features)` when already computed; `portraits`:
-        the portrait head's averaged probabilities [B, C] (the `portrait_floor` signal; None: not used)."""
+        the portrait head's averaged probabilities [B, C] (the `portrait_floor` signal) and `disagreement` its
+        disagreement between the rotated views [B] (the `disagreement_ceiling` signal); None: not used."""
         score = self.score(features) if distance is None else self._mean_nearest(distance)
         flagged = (score > self.threshold) | self.featureless(features)
-        return flagged if portraits is None else flagged | self.unsure_portrait(portraits)
+        if portraits is not None:
+            flagged |= self.unsure_portrait(portraits)
+        return flagged if disagreement is None else flagged | self.views_disagree(disagreement)
 
     def unsure_portrait(self, portraits) -> np.ndarray:
         """The portrait signal per row: the head's top probability below `portrait_floor` (never when off)."""
@@ -266,6 +272,13 @@ class FeatureDistance:
         if self.portrait_floor <= 0:
             return np.zeros(len(portraits), bool)
         return portraits.max(axis=1) < self.portrait_floor
+
+    def views_disagree(self, disagreement) -> np.ndarray:
+        """The view-disagreement signal per row: above `disagreement_ceiling` (never when off)."""
+        disagreement = np.asarray(disagreement, float)
+        if self.disagreement_ceiling <= 0:
+            return np.zeros(len(disagreement), bool)
+        return disagreement > self.disagreement_ceiling
 
     def _mean_nearest(self, distance: np.ndarray) -> np.ndarray:
         return self._nearest_k(distance).mean(axis=1)
@@ -291,7 +304,8 @@ class Quality:
         np.savez_compressed(folder / OOD_FILE, reference=self.ood.reference.astype(np.float16),
                             center=self.ood.center.astype(np.float32), threshold=np.float64(self.ood.threshold),
                             norm_floor=np.float64(self.ood.norm_floor), k=np.int64(self.ood.k),
-                            sides=np.int64(self.ood.sides), portrait_floor=np.float64(self.ood.portrait_floor))
+                            sides=np.int64(self.ood.sides), portrait_floor=np.float64(self.ood.portrait_floor),
+                            disagreement_ceiling=np.float64(self.ood.disagreement_ceiling))
         return {"conformal": str(folder / CONFORMAL_FILE), "ood": str(folder / OOD_FILE)}
 
     @classmethod
@@ -301,5 +315,6 @@ class Quality:
             ood = FeatureDistance(data["reference"].astype(np.float32), data["center"].astype(np.float32),
                                   float(data["threshold"]), float(data["norm_floor"]), int(data["k"]),
                                   int(data["sides"]),
-                                  float(data["portrait_floor"]) if "portrait_floor" in data else 0.0)
+                                  float(data["portrait_floor"]) if "portrait_floor" in data else 0.0,
+                                  float(data["disagreement_ceiling"]) if "disagreement_ceiling" in data else 0.0)
         return cls(conformal, ood)

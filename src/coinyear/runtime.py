@@ -4,7 +4,8 @@ The graph holds everything one request costs: every rotation of both photos (the
 `CoinEnsemble.rotated`), every member, and member 0's out-of-distribution features from the unrotated pass. Its
 inputs are the photos as the PyTorch model takes them (float [B, C, H, W] in [0, 1], any B); its outputs are
 `samples` [B, members, angles] (years), `features` [B, 2*D] and, for a model with a named portrait head,
-`portraits` [B, classes], from which `OnnxScorer.infer` gives exactly what `coinyear.model.infer` gives.
+`portraits` [B, classes] and `disagreement` [B] (graphs exported before have no `disagreement`), from which
+`OnnxScorer.infer` gives exactly what `coinyear.model.infer` gives.
 
 Two runtimes read that file: OpenVINO (`OpenVinoScorer`, preferred: on this project's 2-core Xeon it answers a
 one-coin request in 20 ms against ONNX Runtime's 34 ms, the same years to 1e-4; benchmarks/README.md "Serving")
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from coinyear.model import CoinEnsemble, DualImageRegressor, as_ensemble, infer, rotation_spread
+from coinyear.model import CoinEnsemble, DualImageRegressor, as_ensemble, infer, rotation_spread, view_disagreement
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +57,15 @@ class ScoringGraph(nn.Module):
 
     @property
     def output_names(self) -> list[str]:
-        return ["samples", "features", *(["portraits"] if self.ensemble.has_portraits else [])]
+        return ["samples", "features", *(["portraits", "disagreement"] if self.ensemble.has_portraits else [])]
 
     def forward(self, front: torch.Tensor, back: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        samples, features, portraits = self.ensemble.scores(front, back, with_features=True)
+        regression, logits, features = self.ensemble.heads(front, back, with_features=True)
+        samples, features, portraits = self.ensemble.served(regression, logits, features, with_features=True)
         assert features is not None, "scores() gives the features when asked for them"
-        return (samples, features) if portraits is None else (samples, features, portraits)
+        if portraits is None or logits is None:
+            return samples, features
+        return samples, features, portraits, view_disagreement(logits, self.ensemble.config)
 
 
 def export_onnx(model: DualImageRegressor | CoinEnsemble, path: str | Path) -> Path:
@@ -102,7 +106,8 @@ class OnnxScorer:
 
     def infer(self, front: torch.Tensor, back: torch.Tensor, with_features: bool = False) -> dict[str, torch.Tensor]:
         outputs = self.session.run(None, {"front": _array(front), "back": _array(back)})
-        return _answer(outputs[0], outputs[1], with_features, outputs[2] if len(outputs) > 2 else None)
+        return _answer(outputs[0], outputs[1], with_features, outputs[2] if len(outputs) > 2 else None,
+                       outputs[3] if len(outputs) > 3 else None)
 
 
 class OpenVinoScorer:
@@ -120,7 +125,8 @@ class OpenVinoScorer:
             "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
             "INFERENCE_PRECISION_HINT": "f32"})  # bf16 on an avx512_bf16 CPU moved years by up to 0.22
         self.local = threading.local()
-        self.portraits = any("portraits" in output.get_names() for output in self.compiled.outputs)
+        names = set().union(*(output.get_names() for output in self.compiled.outputs))
+        self.portraits, self.disagreement = "portraits" in names, "disagreement" in names
 
     def infer(self, front: torch.Tensor, back: torch.Tensor, with_features: bool = False) -> dict[str, torch.Tensor]:
         request = getattr(self.local, "request", None)
@@ -128,7 +134,8 @@ class OpenVinoScorer:
             request = self.local.request = self.compiled.create_infer_request()
         results = request.infer({"front": _array(front), "back": _array(back)})
         return _answer(np.array(results["samples"]), np.array(results["features"]), with_features,
-                       np.array(results["portraits"]) if self.portraits else None)
+                       np.array(results["portraits"]) if self.portraits else None,
+                       np.array(results["disagreement"]) if self.disagreement else None)
 
 
 Scorer = OpenVinoScorer | OnnxScorer
@@ -150,15 +157,17 @@ def open_scorer(path: str | Path, threads: int | None = None,
 
 
 def _answer(samples: np.ndarray, features: np.ndarray, with_features: bool,
-            portraits: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+            portraits: np.ndarray | None = None, disagreement: np.ndarray | None = None) -> dict[str, torch.Tensor]:
     """The graph's outputs as `coinyear.model.infer` answers: mean year and rotation spread per coin (and the
-    OOD features and portrait probabilities, when the graph has them, when asked)."""
+    OOD features, portrait probabilities and view disagreement, when the graph has them, when asked)."""
     years = torch.from_numpy(samples)
     out = {"year": years.mean(dim=(1, 2)), "spread": rotation_spread(years)}
     if with_features:
         out["features"] = torch.from_numpy(features)
         if portraits is not None:
             out["portraits"] = torch.from_numpy(portraits)
+        if disagreement is not None:
+            out["disagreement"] = torch.from_numpy(disagreement)
     return out
 
 
@@ -183,16 +192,17 @@ class Check:
 
 def compare(ours: dict[str, torch.Tensor], scorer: Scorer, front: torch.Tensor, back: torch.Tensor) -> Check:
     """`scorer` against PyTorch's answer `ours` (`infer(model, front, back, True)`) on the same photos: the
-    largest year (and spread) difference, feature difference and portrait probability difference (infinite when
-    the graph lacks the portraits PyTorch gives)."""
+    largest year (and spread) difference, feature difference and portrait probability (and view disagreement)
+    difference (infinite when the graph lacks the portraits PyTorch gives)."""
     theirs = scorer.infer(front, back, True)
     years = max(float((ours[key] - theirs[key]).abs().max()) for key in ("year", "spread"))
     scale = float(ours["features"].abs().max()) or 1.0
     features = float((ours["features"] - theirs["features"]).abs().max()) / scale
     portraits = 0.0
-    if "portraits" in ours:
-        portraits = float((ours["portraits"] - theirs["portraits"]).abs().max()) if "portraits" in theirs \
-            else float("inf")
+    for key in ("portraits", "disagreement"):  # both probabilities' scale (nats of a few classes' mixture)
+        if key in ours:
+            portraits = max(portraits, float((ours[key] - theirs[key]).abs().max()) if key in theirs
+                            else float("inf"))
     return Check(years, features, len(front), portraits)
 
 

@@ -255,6 +255,11 @@ def test_the_portrait_flag_floor_is_the_stated_quantile_of_the_validation_coins(
     assert quality.ood.portrait_floor == pytest.approx(np.quantile(portraits.max(axis=1), 0.1))
     assert quality.ood.unsure_portrait(portraits).mean() == pytest.approx(0.1, abs=0.011)
     assert quality.conformal.by in SCALES
+    assert quality.ood.disagreement_ceiling == 0  # no disagreement given: no view flag
+    disagreement = np.random.default_rng(1).gamma(1.0, 0.1, count)
+    quality = fit_quality(served, fronts, backs, np.arange(count) % 7, pd.DataFrame(table), config,
+                          torch.device("cpu"), portraits=portraits, disagreement=disagreement)
+    assert quality.ood.views_disagree(disagreement).mean() == pytest.approx(config.view_flag_rate, abs=0.011)
 
 
 def test_the_served_year_blends_the_ruler_mixture_of_the_portrait_head():

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from coinyear.calibrate import Heads, fit_levers, fit_ranges, portrait_floor
-from coinyear.model import CoinEnsemble, ModelConfig, build_model, infer, mixture_median
+from coinyear.calibrate import Heads, disagreement_ceiling, fit_levers, fit_ranges, portrait_floor
+from coinyear.model import CoinEnsemble, ModelConfig, build_model, infer, mixture_median, view_disagreement
 from coinyear.quality import Conformal, FeatureDistance, Quality, mixture_dispersion
 from coinyear.runtime import export_checked
 
@@ -183,6 +183,63 @@ def test_the_portrait_flag_fires_below_the_floor_fitted_at_the_stated_rate(tmp_p
         old = {key: data[key] for key in data.files if key != "portrait_floor"}
     np.savez(tmp_path / "old.npz", **old)
     assert Quality.load(saved["conformal"], tmp_path / "old.npz").ood.portrait_floor == 0.0
+
+
+def test_view_disagreement_is_zero_when_the_views_agree_and_grows_as_they_part():
+    config = ModelConfig(backbone="mobilenet_v3_small", pretrained=False)
+    same = torch.tensor([2.0, 0.0, -1.0]).expand(1, 1, 4, 3)
+    parted = torch.tensor([[[[5.0, 0.0, 0.0], [0.0, 5.0, 0.0], [5.0, 0.0, 0.0], [0.0, 5.0, 0.0]]]])
+    split = torch.tensor([[[[5.0, 0.0, 0.0], [5.0, 0.0, 0.0], [5.0, 0.0, 0.0], [0.0, 5.0, 0.0]]]])
+    agree, apart, mostly = view_disagreement(torch.cat([same, parted, split]), config).tolist()
+    assert agree == pytest.approx(0.0, abs=1e-6)
+    assert apart > mostly > 0.1  # half the views against the other half part more than one against three
+    assert apart < np.log(2) + 1e-6  # never above the entropy of a two-way split
+
+
+def test_the_view_flag_fires_above_the_ceiling_fitted_at_the_stated_rate_and_is_served_by_the_graph(tmp_path):
+    """The ceiling flags `rate` of the validation coins; the network, its ONNX graph and the saved quality files
+    carry it; files written before have none."""
+    rng = np.random.default_rng(1)
+    validation = rng.gamma(1.0, 0.1, 2000)
+    ceiling = disagreement_ceiling(validation, 0.05)
+    assert disagreement_ceiling(validation, 0.0) == 0.0
+    features = np.abs(rng.normal(size=(40, 8)))
+    ood = FeatureDistance.fit(features, np.arange(40) // 2, k=3)
+    assert not ood.views_disagree([10.0])[0]  # off until fitted
+    ood.disagreement_ceiling = ceiling
+    assert 0.035 <= ood.views_disagree(rng.gamma(1.0, 0.1, 4000)).mean() <= 0.065
+    assert ood.flag(features[:1], disagreement=[ceiling * 2])[0]
+    assert not ood.flag(features[:1], disagreement=[ceiling / 2])[0]
+    saved = Quality(Conformal.fit([1.0, 2.0], [1.0, 2.0], [1.0, 2.0]), ood).save(tmp_path / "q")
+    assert Quality.load(saved["conformal"], saved["ood"]).ood.disagreement_ceiling == pytest.approx(ceiling)
+    with np.load(saved["ood"]) as data:
+        np.savez(tmp_path / "old.npz", **{key: data[key] for key in data.files if key != "disagreement_ceiling"})
+    assert Quality.load(saved["conformal"], tmp_path / "old.npz").ood.disagreement_ceiling == 0.0
+
+    # an untrained resnet18's head changes its mind a little with the rotation (mobilenet's pooled features hardly
+    # move); without its bias, no class swamps the others
+    config = ModelConfig(backbone="resnet18", image_size=64, proj_dim=16, pretrained=False,
+                         aux_classes={"portrait": 3}, aux_names={"portrait": ["A", "B", "other"]})
+    torch.manual_seed(0)
+    ensemble = CoinEnsemble([build_model(config, year_center=50.0, year_scale=40.0)], ANGLES).eval()
+    head = ensemble.regressors[0].aux_heads["portrait"][1]
+    with torch.no_grad():
+        head.bias.zero_()
+        head.weight.mul_(3)
+    front = torch.zeros(3, 3, 64, 64)
+    front[:, :, 5:30, 10:60] = 1.0
+    front[1:, :, 30:60, 20:30] = 0.5
+    front[2, 1] = torch.rand(64, 64, generator=torch.Generator().manual_seed(1))
+    back = front.flip(-2)
+    answer = infer(ensemble, front, back, with_features=True, with_heads=True)
+    assert torch.allclose(answer["disagreement"], view_disagreement(answer["logits"], ensemble.config))
+    assert (answer["disagreement"] > 1e-4).all()
+    path, check, why, _ = export_checked(ensemble, front[:1], back[:1], tmp_path)
+    assert path is not None and check is not None and check.passed, why
+    from coinyear.runtime import OnnxScorer
+
+    graph = OnnxScorer(path).infer(front, back, with_features=True)
+    torch.testing.assert_close(graph["disagreement"], answer["disagreement"], atol=2e-5, rtol=1e-2)
 
 
 def test_the_served_answer_uses_the_fitted_range_scale_and_the_portrait_flag():
