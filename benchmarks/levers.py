@@ -107,13 +107,17 @@ def figures(answer: dict, part: Heads, truth, names, low=None, high=None, flagge
                                    names)
 
 
-def main(argv=None) -> int:
-    parser = results_parser(__doc__, "levers")
+def registered_run(doc: str, folder: str, argv=None) -> tuple[Any, Registered, float]:
+    """A script's command line (`results_parser` and `--model`), the registered model's split, and the start time."""
+    parser = results_parser(doc, folder)
     parser.add_argument("--model", default="models:/coinyear@production")
     args = parser.parse_args(argv)
     started = time.perf_counter()
+    return args, registered_split(args.model), started
 
-    registered = registered_split(args.model)
+
+def main(argv=None) -> int:
+    args, registered, started = registered_run(__doc__, "levers", argv)
     settings, split, pyfunc, names, years, rows = (registered.settings, registered.split, registered.pyfunc,
                                                     registered.names, registered.years, registered.rows)
     val_index, test_index = registered.val_index, registered.test_index

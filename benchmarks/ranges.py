@@ -21,19 +21,18 @@ About 2 minutes on 2 cores (one TTA pass over ~740 coins).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 import numpy as np
 
 from coinyear.data import ImageCache, load_arrays
 from coinyear.fit import infer_arrays
-from coinyear.quality import mixture_dispersion
+from coinyear.quality import interval_metrics, mixture_dispersion
 
 # isort: split
 # this folder's modules: a script's own folder is first on sys.path when it runs
-from common import results_parser, write_results
-from levers import registered_split  # a sibling benchmark script
+from common import write_results
+from levers import registered_run  # a sibling benchmark script
 
 LEVEL = 0.9
 
@@ -139,17 +138,12 @@ def take(coins: dict, mask: np.ndarray) -> dict:
 
 def measured(low, high, coins: dict) -> tuple[float, float]:
     """(coverage of the label midpoint, median width)."""
-    return (float(np.mean((low <= coins["midpoint"]) & (coins["midpoint"] <= high))),
-            float(np.median(high - low)))
+    metrics = interval_metrics(low, high, coins["midpoint"], coins["midpoint"])
+    return metrics["coverage"], metrics["median_width"]
 
 
 def main(argv=None) -> int:
-    parser = results_parser(__doc__, "ranges")
-    parser.add_argument("--model", default="models:/coinyear@production")
-    args = parser.parse_args(argv)
-    started = time.perf_counter()
-
-    registered = registered_split(args.model)
+    args, registered, started = registered_run(__doc__, "ranges", argv)
     network, rows, years = registered.pyfunc.model, registered.rows, registered.years
     cache = ImageCache(registered.settings.cache_dir, network.config.image_size, network.config.grayscale)
     coins, types = {}, {}
