@@ -145,7 +145,8 @@ def infer_arrays(model: DualImageRegressor | CoinEnsemble, fronts: np.ndarray, b
                  index: np.ndarray | None = None, with_heads: bool = False) -> dict[str, np.ndarray]:
     """Years of uint8 image arrays (rows `index`, default all; memory-mapped arrays are read batch by batch);
     for an ensemble also the spread over rotations and (optionally) the embeddings and, for a model with a named
-    portrait head, its probabilities: {"year": [N], "spread": [N], "features": [N, D], "portraits": [N, classes]};
+    portrait head, its probabilities and its rotated views' disagreement: {"year": [N], "spread": [N],
+    "features": [N, D], "portraits": [N, classes], "disagreement": [N]};
     `with_heads` adds the heads' raw outputs "regression" and "logits" (`model.infer`)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     # `scored_batches` scores channels-last on a CPU (1.7x faster: 96 vs 57 photos/s, the demo model) with the
@@ -162,7 +163,7 @@ def infer_arrays(model: DualImageRegressor | CoinEnsemble, fronts: np.ndarray, b
 
     chunks = (rows[start:start + batch_size] for start in range(0, len(rows), batch_size))
     batches = ((photos(fronts, chosen), photos(backs, chosen)) for chosen in chunks)
-    years, spreads, features, portraits = [], [], [], []
+    years, spreads, features, portraits, disagreements = [], [], [], [], []
     raw: dict[str, list[np.ndarray]] = {"regression": [], "logits": []}
     for scored in scored_batches(model, batches, with_features, with_heads):
         years.append(scored["year"].cpu().numpy())
@@ -174,6 +175,7 @@ def infer_arrays(model: DualImageRegressor | CoinEnsemble, fronts: np.ndarray, b
             features.append(scored["features"].float().cpu().numpy())
         if "portraits" in scored:
             portraits.append(scored["portraits"].float().cpu().numpy())
+            disagreements.append(scored["disagreement"].float().cpu().numpy())
     if came_ordinary:
         model.to(memory_format=torch.contiguous_format)
     out = {"year": np.concatenate(years) if years else np.zeros(0)}
@@ -182,6 +184,7 @@ def infer_arrays(model: DualImageRegressor | CoinEnsemble, fronts: np.ndarray, b
         out["features"] = np.concatenate(features) if features else np.zeros((0, 0))
     if portraits:
         out["portraits"] = np.concatenate(portraits)
+        out["disagreement"] = np.concatenate(disagreements)
     out.update({key: np.concatenate(parts) for key, parts in raw.items() if parts})
     return out
 

@@ -256,6 +256,9 @@ def test_the_portrait_flag_floor_is_the_stated_quantile_of_the_validation_coins(
     assert quality.ood.unsure_portrait(portraits).mean() == pytest.approx(0.1, abs=0.011)
     assert quality.conformal.by in SCALES
     assert quality.ood.disagreement_ceiling == 0  # no disagreement given: no view flag
+    # what the test report flags with (`experiment.score_test_rows`): the array scoring gives the signal too
+    scored = fit_module.infer_arrays(served, fronts, backs, with_features=True)
+    assert scored["disagreement"].shape == (count,) and (scored["disagreement"] >= 0).all()
     disagreement = np.random.default_rng(1).gamma(1.0, 0.1, count)
     quality = fit_quality(served, fronts, backs, np.arange(count) % 7, pd.DataFrame(table), config,
                           torch.device("cpu"), portraits=portraits, disagreement=disagreement)
