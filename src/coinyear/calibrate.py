@@ -54,11 +54,10 @@ class Heads:
     def served(self, config: ModelConfig) -> dict[str, np.ndarray]:
         """What the network serves for these coins under `config`: year, spread, averaged portraits and the
         views' disagreement."""
-        samples, portraits = blend_rulers(torch.as_tensor(self.regression, dtype=torch.float32),
-                                          torch.as_tensor(self.logits, dtype=torch.float32),
+        logits = torch.as_tensor(self.logits, dtype=torch.float32)
+        samples, portraits = blend_rulers(torch.as_tensor(self.regression, dtype=torch.float32), logits,
                                           torch.as_tensor(self.years, dtype=torch.float32), config)
         assert portraits is not None, "a Heads always has logits"
-        logits = torch.as_tensor(self.logits, dtype=torch.float32)
         return {"year": samples.mean(dim=(1, 2)).numpy().astype(float),
                 "spread": rotation_spread(samples).numpy().astype(float), "portraits": portraits.numpy(),
                 "disagreement": view_disagreement(logits, config).numpy().astype(float)}

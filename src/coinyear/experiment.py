@@ -15,6 +15,7 @@ import logging
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -316,10 +317,14 @@ def train_on_manifest(manifest: Manifest, config: TrainConfig, cache_dir: Path, 
         # reference coin's. The reference is the non-test coins (positions below count those rows).
         unseen = (np.searchsorted(usable, splits[0][1])
                   if len(splits) == 1 and len(splits[0][1]) >= MIN_FLAG_CALIBRATION else None)
-        portraits = (np.stack([val_portraits[int(i)] for i in np.flatnonzero(evaluated)])
-                     if val_portraits and len(val_portraits) == int(evaluated.sum()) else None)
-        disagreement = (np.array([val_disagreement[int(i)] for i in np.flatnonzero(evaluated)])
-                        if val_disagreement and len(val_disagreement) == int(evaluated.sum()) else None)
+
+        def in_table_order(by_row: dict[int, Any]) -> np.ndarray | None:
+            """Per-row validation answers stacked in the order of `table`'s rows; None unless every row has one."""
+            if not by_row or len(by_row) != int(evaluated.sum()):
+                return None
+            return np.stack([by_row[int(i)] for i in np.flatnonzero(evaluated)])
+
+        portraits, disagreement = in_table_order(val_portraits), in_table_order(val_disagreement)
         quality = fit_quality(final, fronts, backs, rows["group"].to_numpy()[usable], table, config, device, unseen,
                               index=usable, portraits=portraits, disagreement=disagreement)
         metrics["portrait_floor"] = quality.ood.portrait_floor

@@ -163,29 +163,18 @@ def infer_arrays(model: DualImageRegressor | CoinEnsemble, fronts: np.ndarray, b
 
     chunks = (rows[start:start + batch_size] for start in range(0, len(rows), batch_size))
     batches = ((photos(fronts, chosen), photos(backs, chosen)) for chosen in chunks)
-    years, spreads, features, portraits, disagreements = [], [], [], [], []
-    raw: dict[str, list[np.ndarray]] = {"regression": [], "logits": []}
+    # every key `infer` answers is passed on, whatever it is (year and spread as they come, the rest as float32)
+    parts: dict[str, list[np.ndarray]] = {}
     for scored in scored_batches(model, batches, with_features, with_heads):
-        years.append(scored["year"].cpu().numpy())
-        for key, parts in raw.items():
-            if key in scored:
-                parts.append(scored[key].float().cpu().numpy())
-        spreads.append(scored["spread"].cpu().numpy())
-        if with_features:
-            features.append(scored["features"].float().cpu().numpy())
-        if "portraits" in scored:
-            portraits.append(scored["portraits"].float().cpu().numpy())
-            disagreements.append(scored["disagreement"].float().cpu().numpy())
+        for key, value in scored.items():
+            parts.setdefault(key, []).append((value if key in ("year", "spread") else value.float()).cpu().numpy())
     if came_ordinary:
         model.to(memory_format=torch.contiguous_format)
-    out = {"year": np.concatenate(years) if years else np.zeros(0)}
-    out["spread"] = np.concatenate(spreads) if spreads else np.zeros_like(out["year"])
+    out = {key: np.concatenate(values) for key, values in parts.items()}
+    out.setdefault("year", np.zeros(0))  # no rows
+    out.setdefault("spread", np.zeros_like(out["year"]))
     if with_features:
-        out["features"] = np.concatenate(features) if features else np.zeros((0, 0))
-    if portraits:
-        out["portraits"] = np.concatenate(portraits)
-        out["disagreement"] = np.concatenate(disagreements)
-    out.update({key: np.concatenate(parts) for key, parts in raw.items() if parts})
+        out.setdefault("features", np.zeros((0, 0)))
     return out
 
 
