@@ -8,24 +8,38 @@ ifdef COINYEAR_DATA_SOURCE
 export COINYEAR_DATA_SOURCE
 endif
 
-.PHONY: setup data demo train-best lint test test-fast serve ui bench docs notebook clean
+.PHONY: setup setup-train data demo train-best lint test test-fast serve ui bench docs notebook clean
 
 # pip's own output goes to $(VENV)/setup.log (shown only when the set-up fails): the demo prints its own steps.
 # torch and torchvision first, pinned: pip takes them from this machine's disk (no CUDA download).
-$(BIN)/.installed: pyproject.toml
-	@echo "set-up: virtual environment $(VENV), packages from PyPI (a few minutes the first time; log: $(VENV)/setup.log)"
+# $(call install,EXTRA): the virtual environment with coinyear[EXTRA] installed (editable).
+define install
+	@echo "set-up: virtual environment $(VENV), coinyear[$(1)] from PyPI (a few minutes the first time; log: $(VENV)/setup.log)"
 	@$(PYTHON) -m venv $(VENV)
 	@{ $(BIN)/pip install -q --upgrade pip \
 	  && $(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1 \
-	  && $(BIN)/pip install -q -e '.[dev]'; } > $(VENV)/setup.log 2>&1 \
+	  && $(BIN)/pip install -q -e '.[$(1)]'; } > $(VENV)/setup.log 2>&1 \
 	  || { tail -n 40 $(VENV)/setup.log >&2; echo "set-up failed: the whole log is $(VENV)/setup.log" >&2; exit 1; }
+endef
+
+# Everything: the network, the gateway, the UI, Spark and the tools of the tests and the lint. It holds [train].
+$(BIN)/.installed: pyproject.toml
+	$(call install,dev)
+	@touch $@ $(BIN)/.installed-train
+
+# What `coinyear demo` needs and no more: the core and [train] (no Spark, UI, browser or lint tools to download,
+# which saves about a third of a cold set-up; benchmarks/README.md). tests/system/test_demo.py runs the demo with
+# every other extra's packages hidden.
+$(BIN)/.installed-train: pyproject.toml
+	$(call install,train)
 	@touch $@
 
 setup: $(BIN)/.installed
+setup-train: $(BIN)/.installed-train
 
 ## The reference data: ../shared/data/ocre (or COINYEAR_DATA_DIR) checked in place, else fetched once into
 ## COINYEAR_HOME/data/ocre from the pinned upstream archive (or COINYEAR_DATA_SOURCE: a mirror, a .tar.gz).
-data: setup
+data: setup-train
 	$(BIN)/coinyear data fetch
 
 ## The main job on the embedded defaults (`coinyear demo`): the reference data (fetched if no copy exists; set
@@ -33,14 +47,14 @@ data: setup
 ## registered model scored from the photos on the test coin types; it ends with the time of each step (set-up
 ## included) and the model's figures.
 demo:
-	@started=$$(date +%s); $(MAKE) -s --no-print-directory setup \
+	@started=$$(date +%s); $(MAKE) -s --no-print-directory setup-train \
 	  && $(BIN)/coinyear demo --setup-seconds $$(( $$(date +%s) - started ))
 
 ## The longer recipe (benchmarks/README.md): the defaults for 12 epochs, grouped 5-fold CV+ calibration, then one
 ## model refit on every non-test coin, registered and given the alias staging. 12 epochs so that it fits 2 hours
 ## on 2 CPU cores (measured in benchmarks/README.md); on a GPU, `make train-best EPOCHS=16` (the H100 CV recipe).
 EPOCHS ?= 12
-train-best: setup
+train-best: setup-train
 	$(BIN)/coinyear train --epochs $(EPOCHS) --folds 5 --promote staging
 
 ## Static checks (CI runs them before the tests): ruff and mypy with the settings in pyproject.toml.
@@ -49,7 +63,7 @@ lint: setup
 	$(BIN)/mypy src
 
 ## Every test CI runs.
-test: data
+test: setup data
 	$(BIN)/python -m pytest
 
 test-fast: setup

@@ -15,6 +15,7 @@ import ast
 import importlib.metadata as md
 import inspect
 import json
+import os
 import re
 import subprocess
 import sys
@@ -211,3 +212,26 @@ def test_jobs_that_train_or_score_get_the_train_packages():
         for task in job["tasks"]:
             has = any("pypi" in library for library in task["libraries"])
             assert has == (task["python_wheel_task"]["parameters"][0] in needs), task["task_key"]
+
+
+def test_make_demo_installs_enough_for_the_demo(tmp_path):
+    """`make demo` sets up the core and [train] only (Makefile: no gateway, UI, Spark, browser or lint tools, a
+    shorter cold set-up). A small `coinyear demo`, run to the end with every module those leave out made
+    unimportable, as if not installed (`None` in sys.modules, so an optional import's probe also finds nothing)."""
+    present = closure(CORE + EXTRAS["train"])
+    tools = {dist_name(r) for r in map(Requirement, PROJECT["optional-dependencies"]["dev"])} - {"coinyear"}
+    missing = {dist_name(r) for name, reqs in EXTRAS.items() if name != "train" for r in reqs} | tools
+    # a namespace two distributions share (databricks: the SDK's and the bundles') stays when one is installed
+    absent = sorted(modules_of(missing - present) - modules_of(present))
+    assert {"streamlit", "pyspark", "prometheus_client", "playwright", "pytest", "mypy"} <= set(absent)
+    small = {"BACKBONE": "mobilenet_v3_small", "IMAGE_SIZE": "64", "PROJ_DIM": "32", "EPOCHS": "1",
+             "BATCH_SIZE": "16", "HOME": str(tmp_path / "home")}
+    script = ("import sys\n"
+              f"sys.modules.update(dict.fromkeys({absent!r}))\n"
+              "from coinyear.cli import main\n"
+              "sys.exit(main(['demo', '--limit', '150']))\n")
+    env = {**os.environ, **{f"COINYEAR_{key}": value for key, value in small.items()}}
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(alias production)" in done.stdout and "year MAE" in done.stdout
