@@ -27,8 +27,8 @@ $(BIN)/.installed: pyproject.toml
 	$(call install,dev)
 	@touch $@ $(BIN)/.installed-train
 
-# What `coinyear demo` needs and no more: the core and [train] (no Spark, UI, browser or lint tools to download,
-# which saves about a third of a cold set-up; benchmarks/README.md). tests/system/test_demo.py runs the demo with
+# What `coinyear demo` needs and no more: the core and [train] (no Spark, UI, browser or lint tools: a cold set-up
+# of about 2.1 instead of 2.8 minutes, benchmarks/README.md; most of either is torch and its CUDA libraries). tests/system/test_demo.py runs the demo with
 # every other extra's packages hidden.
 $(BIN)/.installed-train: pyproject.toml
 	$(call install,train)

@@ -218,6 +218,9 @@ def test_make_demo_installs_enough_for_the_demo(tmp_path):
     """`make demo` sets up the core and [train] only (Makefile: no gateway, UI, Spark, browser or lint tools, a
     shorter cold set-up). A small `coinyear demo`, run to the end with every module those leave out made
     unimportable, as if not installed (`None` in sys.modules, so an optional import's probe also finds nothing)."""
+    makefile = (REPO / "Makefile").read_text()
+    demo = makefile.split("\ndemo:\n", 1)[1].split("\n\n", 1)[0]
+    assert "setup-train" in demo and "$(call install,train)" in makefile.split("$(BIN)/.installed-train:", 1)[1]
     present = closure(CORE + EXTRAS["train"])
     tools = {dist_name(r) for r in map(Requirement, PROJECT["optional-dependencies"]["dev"])} - {"coinyear"}
     missing = {dist_name(r) for name, reqs in EXTRAS.items() if name != "train" for r in reqs} | tools
