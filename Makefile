@@ -28,8 +28,8 @@ $(BIN)/.installed: pyproject.toml
 	@touch $@ $(BIN)/.installed-train
 
 # What `coinyear demo` needs and no more: the core and [train] (no Spark, UI, browser or lint tools: a cold set-up
-# of about 2.1 instead of 2.8 minutes, benchmarks/README.md; most of either is torch and its CUDA libraries). tests/system/test_demo.py runs the demo with
-# every other extra's packages hidden.
+# of about 2.1 instead of 2.8 minutes, benchmarks/README.md; most of either is torch and its CUDA libraries).
+# tests/code/test_extras.py runs a small demo with every module the other extras bring made unimportable.
 $(BIN)/.installed-train: pyproject.toml
 	$(call install,train)
 	@touch $@
