@@ -84,10 +84,10 @@ class Settings(BaseSettings):
     epochs: int = Field(default=6, ge=1)
     folds: Annotated[int, AfterValidator(_no_single_fold)] = Field(
         default=0, ge=0, description="K of grouped K-fold (0 = one grouped hold-out).")
-    batch_size: int = Field(default=8, ge=1, description="Coins per training step (split over the ranks of a "
+    batch_size: int = Field(default=4, ge=1, description="Coins per training step (split over the ranks of a "
                             "distributed run). A smaller batch takes more steps for about the same time per epoch "
-                            "on a CPU: over two seeds, validation MAE 9.74 at 8, 10.02 at 16, 10.16 at 32 "
-                            "(benchmarks/README.md, The batch size).")
+                            "on a CPU: over two seeds, validation MAE 8.91 at 4, 9.74 at 8, 10.02 at 16, 10.16 at "
+                            "32 (benchmarks/README.md, The batch size).")
     lr: float = Field(default=1e-3, gt=0, allow_inf_nan=False)
     loss: Loss = "interval"
     seed: int = 42

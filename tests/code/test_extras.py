@@ -116,12 +116,14 @@ def closure(requirements: list[Requirement]) -> set[str]:
     return {key.partition("[")[0] for key in seen}
 
 
-def refused(installed_extras: set[str], also: set[str] = frozenset(), strict_web: bool = False) -> tuple[set, set]:
+def refused(installed_extras: set[str], also: set[str] = frozenset(), strict_web: bool = False,
+            also_missing: set[str] = frozenset()) -> tuple[set, set]:
     """(absent, not_ours) module names for an install of the core, `installed_extras` and the distributions
-    `also`."""
+    `also`, without those of the other extras and the distributions `also_missing`."""
     missing = {dist_name(r) for name, reqs in EXTRAS.items() if name not in installed_extras for r in reqs}
     present = closure(CORE + [r for name in installed_extras for r in EXTRAS[name]]) | also
-    absent = modules_of(missing - present)
+    # a namespace two distributions share (databricks: the SDK's and the bundles') stays when one is installed
+    absent = modules_of((missing | also_missing) - present) - modules_of(present)
     not_ours = modules_of({dist_name(r) for r in EXTRAS["serve"]} & present) if strict_web else set()
     return absent, not_ours
 
@@ -221,11 +223,8 @@ def test_make_demo_installs_enough_for_the_demo(tmp_path):
     makefile = (REPO / "Makefile").read_text()
     demo = makefile.split("\ndemo:\n", 1)[1].split("\n\n", 1)[0]
     assert "setup-train" in demo and "$(call install,train)" in makefile.split("$(BIN)/.installed-train:", 1)[1]
-    present = closure(CORE + EXTRAS["train"])
     tools = {dist_name(r) for r in map(Requirement, PROJECT["optional-dependencies"]["dev"])} - {"coinyear"}
-    missing = {dist_name(r) for name, reqs in EXTRAS.items() if name != "train" for r in reqs} | tools
-    # a namespace two distributions share (databricks: the SDK's and the bundles') stays when one is installed
-    absent = sorted(modules_of(missing - present) - modules_of(present))
+    absent = sorted(refused({"train"}, also_missing=tools)[0])
     assert {"streamlit", "pyspark", "prometheus_client", "playwright", "pytest", "mypy"} <= set(absent)
     small = {"BACKBONE": "mobilenet_v3_small", "IMAGE_SIZE": "64", "PROJ_DIM": "32", "EPOCHS": "1",
              "BATCH_SIZE": "16", "HOME": str(tmp_path / "home")}

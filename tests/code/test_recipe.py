@@ -46,7 +46,7 @@ def test_cli_train_and_retrain_build_the_same_recipe(tmp_path):
     assert recipe_fields(cli_recipe(settings)) == expected
     # without settings: the defaults, written out, in both
     defaults = {"backbone": "efficientnet_lite0", "mode": "shared", "proj_dim": 256, "grayscale": False,
-                "image_size": 192, "pretrained": True, "epochs": 6, "batch_size": 8, "lr": 1e-3, "loss": "interval",
+                "image_size": 192, "pretrained": True, "epochs": 6, "batch_size": 4, "lr": 1e-3, "loss": "interval",
                 "folds": 0, "seed": 42, "limit": None, "horizontal_flip": False,
                 "tta_angles": (-20.0, -10.0, 0.0, 10.0, 20.0), "ensemble": False, "aux_weight": 1.0,
                 "aux_heads": ("portrait",), "reshoot": 0.5, "ruler_statistic": "median",
