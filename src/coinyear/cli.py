@@ -27,7 +27,7 @@ def _train_config(args, settings):
         seed=args.seed, limit=args.limit, aux_weight=args.aux_weight,
         aux_heads=args.aux_heads.split(",") if args.aux_heads else None, reshoot=args.reshoot,
         early_scale=args.early_scale, full_size_epochs=args.full_size_epochs,
-        frozen_blocks=args.frozen_blocks, ema_decay=args.ema_decay,
+        frozen_blocks=args.frozen_blocks, ema_decay=args.ema_decay, portrait_input=args.portrait_input,
         # store_true flags: absent means "as configured", present turns the setting on (or off)
         grayscale=args.grayscale or None, horizontal_flip=args.horizontal_flip or None,
         ensemble=args.ensemble or None, tta=False if args.no_tta else None,
@@ -369,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "pretrained (default COINYEAR_FROZEN_BLOCKS; 0 = train every weight)")
     train.add_argument("--ema-decay", type=float, help="validate and keep the weights' moving average with this "
                        "decay per step (default COINYEAR_EMA_DECAY; 0 = off)")
+    train.add_argument("--portrait-input", choices=["fused", "obverse"], help="what the portrait head reads: both "
+                       "sides' fused embedding or the obverse's features alone (default COINYEAR_PORTRAIT_INPUT)")
     train.add_argument("--no-pretrained", action="store_true", help="do not load ImageNet weights")
     train.add_argument("--no-register", action="store_true")
     train.add_argument("--promote", choices=["staging", "production"], help="set this alias on the new version")

@@ -102,6 +102,9 @@ class Settings(BaseSettings):
     ruler_statistic: Literal["mean", "median"] = Field(
         default="median", description="The ruler mixture's year the served year blends in: its weighted median "
         "(benchmarks/ruler_median.py: 12.97 vs 13.24 years on the demo model's test types) or its mean.")
+    portrait_input: Literal["fused", "obverse"] = Field(
+        default="fused", description="What the portrait head reads: both sides' fused embedding, or the obverse's "
+        "pooled backbone features alone (the portrait is on the obverse; an unseen coin type's reverse is new).")
     reshoot: float = Field(default=0.5, ge=0, le=1, description="Share of training photos re-shot as a collector "
                            "would take them: smaller, on another background, other light, softer focus (0 = none).")
     aux_heads: Annotated[list[AuxHead], NoDecode] = Field(

@@ -32,6 +32,7 @@ from coinyear.backbones import (
 log = logging.getLogger(__name__)
 
 MODES = ("shared", "dual")
+PORTRAIT_INPUTS = ("fused", "obverse")
 
 
 @dataclass
@@ -63,6 +64,10 @@ class ModelConfig:
     # The portrait head's logits are divided by this before the softmax (temperature scaling, fitted on the
     # validation coin types by `calibrate.fit_levers`; 1 = as trained, checkpoints from before).
     portrait_temperature: float = 1.0
+    # What the portrait head reads: "fused" (both sides' fused embedding, checkpoints from before) or "obverse"
+    # (the obverse's pooled backbone features alone). The portrait is on the obverse; a coin of an unseen type
+    # shows a reverse no training coin had, which a head reading both sides has learned to lean on.
+    portrait_input: str = "fused"
     # What the model was trained on (`years.training_span`, set by the trainer; checkpoints from before have
     # none): served in /version and the MLmodel metadata, and said in words when the OOD flag is up.
     span: dict = field(default_factory=dict)
@@ -74,6 +79,8 @@ class ModelConfig:
             raise ValueError(f"unknown mode {self.mode!r}; choose from {', '.join(MODES)}")
         if self.ruler_statistic not in ("mean", "median"):
             raise ValueError(f"ruler_statistic is 'mean' or 'median', not {self.ruler_statistic!r}")
+        if self.portrait_input not in PORTRAIT_INPUTS:
+            raise ValueError(f"portrait_input is one of {', '.join(PORTRAIT_INPUTS)}, not {self.portrait_input!r}")
         if not self.portrait_temperature > 0:
             raise ValueError(f"portrait_temperature must be > 0, not {self.portrait_temperature!r}")
 
@@ -120,8 +127,10 @@ class DualImageRegressor(nn.Module):
         else:
             self.fusion = nn.Identity()
         self.head = nn.Sequential(nn.Dropout(config.dropout), nn.Linear(fused, 1))
-        self.aux_heads = nn.ModuleDict({name: nn.Sequential(nn.Dropout(config.dropout), nn.Linear(fused, count))
-                                        for name, count in config.aux_classes.items()})
+        self.aux_heads = nn.ModuleDict({
+            name: nn.Sequential(nn.Dropout(config.dropout),
+                                nn.Linear(dim if self._reads_obverse(name) else fused, count))
+            for name, count in config.aux_classes.items()})
         # each portrait class's median year (set by the trainer from its training coins; saved with the weights)
         self.register_buffer("portrait_years", torch.zeros(config.aux_classes.get("portrait", 0)))
 
@@ -144,30 +153,37 @@ class DualImageRegressor(nn.Module):
         return torch.cat(self.backbone_features(front, back), dim=1)
 
     def forward(self, front: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
-        """Years, [B]: the head predicts a standardised year, rescaled here."""
-        return self.year_from_features(self.features(front, back))
+        """The served year of one unrotated pass, [B]: the regression head's, blended with the ruler mixture when
+        there is a portrait head (`blend_rulers`, the function the ensemble serves with)."""
+        regression, logits = self.forward_with_aux(front, back)
+        portrait = logits["portrait"].unsqueeze(1).unsqueeze(1) if "portrait" in logits else None
+        return blend_rulers(regression.view(-1, 1, 1), portrait, self.portrait_years.unsqueeze(0),
+                            self.config)[0].view(-1)
 
     def regression_year(self, features: torch.Tensor) -> torch.Tensor:
-        """The regression head's year: it predicts a standardised year, rescaled here."""
+        """The regression head's year of fused embeddings: it predicts a standardised year, rescaled here."""
         return self.head(features).squeeze(1) * self.year_scale + self.year_center
 
-    def portrait_probabilities(self, features: torch.Tensor) -> torch.Tensor:
-        """The portrait head's class probabilities of fused embeddings, [B, classes] (needs a portrait head), at
-        the model's `portrait_temperature`."""
-        return torch.softmax(self.aux_heads["portrait"](features) / self.config.portrait_temperature, dim=1)
+    def _reads_obverse(self, head: str) -> bool:
+        return head == "portrait" and self.config.portrait_input == "obverse"
 
-    def year_from_features(self, features: torch.Tensor) -> torch.Tensor:
-        """The served year of one unrotated pass: the regression head's, blended with the ruler mixture when
-        there is a portrait head (`blend_rulers`, the function the ensemble serves with)."""
-        regression = self.regression_year(features).view(-1, 1, 1)
-        logits = self.aux_heads["portrait"](features).unsqueeze(1).unsqueeze(1) if "portrait" in self.aux_heads \
-            else None
-        return blend_rulers(regression, logits, self.portrait_years.unsqueeze(0), self.config)[0].view(-1)
+    def aux_logits(self, front_features: torch.Tensor, fused: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each auxiliary head's logits, from the obverse's pooled features `front_features` [B, D] or the fused
+        embedding [B, F], whichever it reads (`ModelConfig.portrait_input`)."""
+        return {name: head(front_features if self._reads_obverse(name) else fused)
+                for name, head in self.aux_heads.items()}
+
+    def portrait_probabilities(self, front: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
+        """The portrait head's class probabilities of one unrotated pass, [B, classes] (needs a portrait head), at
+        the model's `portrait_temperature`."""
+        return torch.softmax(self.forward_with_aux(front, back)[1]["portrait"] / self.config.portrait_temperature,
+                             dim=1)
 
     def forward_with_aux(self, front: torch.Tensor, back: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """The regression head's years (what the year loss trains) and the auxiliary heads' logits."""
-        features = self.features(front, back)
-        return self.regression_year(features), {name: head(features) for name, head in self.aux_heads.items()}
+        front_features, back_features = self.backbone_features(front, back)
+        fused = self.fusion(torch.cat([front_features, back_features], dim=1))
+        return self.regression_year(fused), self.aux_logits(front_features, fused)
 
 
 def ruler_year(probabilities: torch.Tensor, years: torch.Tensor, statistic: str) -> torch.Tensor:
@@ -315,7 +331,7 @@ class CoinEnsemble(nn.Module):
             fused = member.fusion(both)
             years.append(member.regression_year(fused).view(angles, batch))
             if "portrait" in member.aux_heads:
-                logits.append(member.aux_heads["portrait"](fused).view(angles, batch, -1))
+                logits.append(member.aux_logits(front_features, fused)["portrait"].view(angles, batch, -1))
             if index == 0 and with_features:
                 features = both.view(angles, batch, -1)[unrotated] if unrotated is not None \
                     else member.ood_features(front, back)

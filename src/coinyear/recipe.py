@@ -117,7 +117,7 @@ class TrainConfig:
 RECIPE_FIELDS = ("backbone", "mode", "proj_dim", "grayscale", "image_size", "pretrained", "epochs", "batch_size",
                  "lr", "loss", "folds", "seed", "limit", "horizontal_flip", "tta", "ensemble", "aux_weight",
                  "aux_heads", "reshoot", "ruler_statistic", "early_scale", "full_size_epochs",
-                 "frozen_blocks", "ema_decay")
+                 "frozen_blocks", "ema_decay", "portrait_input")
 
 
 @cache
@@ -153,7 +153,8 @@ def recipe_from_settings(settings: Settings, **overrides) -> tuple[ModelConfig, 
     v = recipe_values(settings, **overrides)
     no_tta: dict[str, Any] = {} if v["tta"] else {"tta_angles": ()}
     model = ModelConfig(backbone=v["backbone"], mode=v["mode"], proj_dim=v["proj_dim"], grayscale=v["grayscale"],
-                        image_size=v["image_size"], pretrained=v["pretrained"], ruler_statistic=v["ruler_statistic"])
+                        image_size=v["image_size"], pretrained=v["pretrained"], ruler_statistic=v["ruler_statistic"],
+                        portrait_input=v["portrait_input"])
     try:
         train = TrainConfig(model=model, epochs=v["epochs"], batch_size=v["batch_size"], lr=float(v["lr"]),
                             loss=v["loss"], folds=v["folds"], seed=v["seed"], limit=v["limit"],
