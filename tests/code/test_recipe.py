@@ -37,13 +37,13 @@ def test_cli_train_and_retrain_build_the_same_recipe(tmp_path):
                              epochs=3, folds=3, lr=3e-4, tta=False, ensemble=True, aux_weight=0.5, pretrained=False,
                              reshoot=0.25, horizontal_flip=True, grayscale=True, seed=7, batch_size=8,
                              aux_heads=["portrait", "mint"], ruler_statistic="mean", early_scale=0.5,
-                             full_size_epochs=1, frozen_blocks=2, ema_decay=0.95, portrait_input="obverse")
+                             full_size_epochs=1, frozen_blocks=2, ema_decay=0.95, portrait_input="fused")
     expected = {"backbone": "resnet18", "mode": "dual", "proj_dim": 0, "grayscale": True, "image_size": 96,
                 "pretrained": False, "epochs": 3, "batch_size": 8, "lr": 3e-4, "loss": "interval", "folds": 3,
                 "seed": 7, "limit": None, "horizontal_flip": True, "tta_angles": (), "ensemble": True,
                 "aux_weight": 0.5, "aux_heads": ("portrait", "mint"), "reshoot": 0.25, "ruler_statistic": "mean",
                 "early_scale": 0.5, "full_size_epochs": 1, "frozen_blocks": 2, "ema_decay": 0.95,
-                "portrait_input": "obverse"}
+                "portrait_input": "fused"}
     assert recipe_fields(retrain.recipe(settings)) == expected
     assert recipe_fields(cli_recipe(settings)) == expected
     # without settings: the defaults, written out, in both
@@ -53,7 +53,7 @@ def test_cli_train_and_retrain_build_the_same_recipe(tmp_path):
                 "tta_angles": (-20.0, -10.0, 0.0, 10.0, 20.0), "ensemble": False, "aux_weight": 1.0,
                 "aux_heads": ("portrait",), "reshoot": 0.5, "ruler_statistic": "median",
                 "early_scale": 1.0, "full_size_epochs": 2, "frozen_blocks": 3, "ema_decay": 0.0,
-                "portrait_input": "fused"}
+                "portrait_input": "obverse"}
     plain = make_settings(tmp_path / "plain")
     assert recipe_fields(retrain.recipe(plain)) == defaults
     assert recipe_fields(cli_recipe(plain)) == defaults
@@ -69,7 +69,7 @@ def test_flags_override_the_settings_and_zero_is_a_value(tmp_path):
     assert (cli_recipe(frozen).frozen_blocks, cli_recipe(frozen).ema_decay) == (3, 0.99)
     config = cli_recipe(frozen, "--frozen-blocks", "0", "--ema-decay", "0")
     assert (config.frozen_blocks, config.ema_decay) == (0, 0.0)
-    assert cli_recipe(frozen, "--portrait-input", "obverse").model.portrait_input == "obverse"
+    assert cli_recipe(frozen, "--portrait-input", "fused").model.portrait_input == "fused"
 
 
 @pytest.mark.parametrize(("flags", "message"), [
