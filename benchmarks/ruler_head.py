@@ -54,10 +54,11 @@ def embeddings_and_portraits(model, fronts: np.ndarray, backs: np.ndarray, batch
     for start in range(0, len(fronts), batch):
         front = torch.from_numpy(np.asarray(fronts[start:start + batch])).float() / 255
         back = torch.from_numpy(np.asarray(backs[start:start + batch])).float() / 255
-        features = model.features(front, back)
+        front_features, back_features = model.backbone_features(front, back)
+        features = model.fusion(torch.cat([front_features, back_features], dim=1))
         embedded.append(features.numpy())
-        for name, head in model.aux_heads.items():
-            raw = head(features)
+        # each head from what it reads (the obverse alone for an obverse portrait head, ModelConfig.portrait_input)
+        for name, raw in model.aux_logits(front_features, features).items():
             outputs[name].append((raw if logits else torch.softmax(raw, dim=1)).numpy())
     return np.concatenate(embedded), {name: np.concatenate(parts) for name, parts in outputs.items()}
 
