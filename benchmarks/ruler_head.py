@@ -55,7 +55,7 @@ def embeddings_and_portraits(model, fronts: np.ndarray, backs: np.ndarray, batch
         front = torch.from_numpy(np.asarray(fronts[start:start + batch])).float() / 255
         back = torch.from_numpy(np.asarray(backs[start:start + batch])).float() / 255
         front_features, back_features = model.backbone_features(front, back)
-        features = model.fusion(torch.cat([front_features, back_features], dim=1))
+        features = model.fuse(front_features, back_features)
         embedded.append(features.numpy())
         # each head from what it reads (the obverse alone for an obverse portrait head, ModelConfig.portrait_input)
         for name, raw in model.aux_logits(front_features, features).items():

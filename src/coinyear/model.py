@@ -144,7 +144,11 @@ class DualImageRegressor(nn.Module):
 
     def features(self, front: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
         """The fused embedding of a coin, [B, proj_dim or 2*D]."""
-        return self.fusion(torch.cat(self.backbone_features(front, back), dim=1))
+        return self.fuse(*self.backbone_features(front, back))
+
+    def fuse(self, front_features: torch.Tensor, back_features: torch.Tensor) -> torch.Tensor:
+        """The fused embedding from both sides' pooled backbone features ([B, D] each)."""
+        return self.fusion(torch.cat([front_features, back_features], dim=1))
 
     def ood_features(self, front: torch.Tensor, back: torch.Tensor) -> torch.Tensor:
         """What the out-of-distribution score compares: both sides' pooled backbone features, [B, 2*D].
@@ -182,7 +186,7 @@ class DualImageRegressor(nn.Module):
     def forward_with_aux(self, front: torch.Tensor, back: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """The regression head's years (what the year loss trains) and the auxiliary heads' logits."""
         front_features, back_features = self.backbone_features(front, back)
-        fused = self.fusion(torch.cat([front_features, back_features], dim=1))
+        fused = self.fuse(front_features, back_features)
         return self.regression_year(fused), self.aux_logits(front_features, fused)
 
 
