@@ -11,14 +11,15 @@ endif
 .PHONY: setup setup-train data demo train-best lint test test-fast serve ui bench docs notebook clean
 
 # pip's own output goes to $(VENV)/setup.log (shown only when the set-up fails): the demo prints its own steps.
-# torch and torchvision first, pinned: pip takes them from this machine's disk (no CUDA download).
+# One pip call, torch and torchvision named and pinned (pip takes them from this machine's disk, no CUDA
+# download). --no-compile: pip would byte-compile every module of every package (torch's thousands included);
+# Python compiles what is imported, once, on first use. Both cut the set-up by about a quarter (benchmarks/README.md).
 # $(call install,EXTRA): the virtual environment with coinyear[EXTRA] installed (editable).
 define install
 	@echo "set-up: virtual environment $(VENV), coinyear[$(1)] from PyPI (a few minutes the first time; log: $(VENV)/setup.log)"
 	@$(PYTHON) -m venv $(VENV)
 	@{ $(BIN)/pip install -q --upgrade pip \
-	  && $(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1 \
-	  && $(BIN)/pip install -q -e '.[$(1)]'; } > $(VENV)/setup.log 2>&1 \
+	  && $(BIN)/pip install -q --no-compile torch==2.14.1 torchvision==0.29.1 -e '.[$(1)]'; } > $(VENV)/setup.log 2>&1 \
 	  || { tail -n 40 $(VENV)/setup.log >&2; echo "set-up failed: the whole log is $(VENV)/setup.log" >&2; exit 1; }
 endef
 
@@ -50,12 +51,17 @@ demo:
 	@started=$$(date +%s); $(MAKE) -s --no-print-directory setup-train \
 	  && $(BIN)/coinyear demo --setup-seconds $$(( $$(date +%s) - started ))
 
-## The longer recipe (benchmarks/README.md): the defaults for 12 epochs, grouped 5-fold CV+ calibration, then one
-## model refit on every non-test coin, registered and given the alias staging. 12 epochs so that it fits 2 hours
+## The longer recipe (benchmarks/README.md): the demo's recipe for 12 epochs, grouped 5-fold CV+ calibration, then
+## one model refit on every non-test coin, registered and given the alias staging. 12 epochs so that it fits 2 hours
 ## on 2 CPU cores (measured in benchmarks/README.md); on a GPU, `make train-best EPOCHS=16` (the H100 CV recipe).
+## 32 coins a step and the fused portrait head: the recipe that was measured for it (the demo's 4 coins a step
+## trains up to 18% slower on a 2-core Xeon; neither that nor the obverse portrait head is measured here).
 EPOCHS ?= 12
+BATCH ?= 32
+PORTRAIT_INPUT ?= fused
 train-best: setup-train
-	$(BIN)/coinyear train --epochs $(EPOCHS) --folds 5 --promote staging
+	$(BIN)/coinyear train --epochs $(EPOCHS) --folds 5 --batch-size $(BATCH) --portrait-input $(PORTRAIT_INPUT) \
+	  --promote staging
 
 ## Static checks (CI runs them before the tests): ruff and mypy with the settings in pyproject.toml.
 lint: setup

@@ -256,6 +256,25 @@ def results_parser(doc: str, folder: str, name: str = "demo") -> argparse.Argume
     return parser
 
 
+def model_parser(doc: str, folder: str) -> argparse.ArgumentParser:
+    """`results_parser` with `--model`, the registered model a script measures (default: production)."""
+    parser = results_parser(doc, folder)
+    parser.add_argument("--model", default="models:/coinyear@production")
+    return parser
+
+
+def model_run(doc: str, folder: str, argv=None) -> tuple[argparse.Namespace, Any, float]:
+    """A measurement of a registered model: its command line (`model_parser`), the settings with MLflow set up
+    from them, and the start time (perf_counter)."""
+    from coinyear.config import configure_mlflow, get_settings
+
+    args = model_parser(doc, folder).parse_args(argv)
+    started = time.perf_counter()
+    settings = get_settings()
+    configure_mlflow(settings)
+    return args, settings, started
+
+
 def write_json(path: Path, data: dict) -> None:
     """`data` as indented JSON (values JSON cannot hold written as text), its folder made if need be."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -43,7 +43,7 @@ from coinyear.quality import SCALES, interval_metrics
 
 # isort: split
 # this folder's modules: a script's own folder is first on sys.path when it runs
-from common import results_parser, write_results
+from common import model_parser, write_results
 
 
 def run_split(settings, model_uri: str) -> dict:
@@ -108,10 +108,8 @@ def figures(answer: dict, part: Heads, truth, names, low=None, high=None, flagge
 
 
 def registered_run(doc: str, folder: str, argv=None) -> tuple[Any, Registered, float]:
-    """A script's command line (`results_parser` and `--model`), the registered model's split, and the start time."""
-    parser = results_parser(doc, folder)
-    parser.add_argument("--model", default="models:/coinyear@production")
-    args = parser.parse_args(argv)
+    """A script's command line (`model_parser`), the registered model's split, and the start time."""
+    args = model_parser(doc, folder).parse_args(argv)
     started = time.perf_counter()
     return args, registered_split(args.model), started
 

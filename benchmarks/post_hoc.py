@@ -39,7 +39,7 @@ from coinyear.fit import infer_arrays
 from coinyear.quality import interval_metrics
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import results_parser, write_results  # the benchmarks' shared helper
+from common import model_parser, write_results  # the benchmarks' shared helper
 from levers import portrait_labels, registered_split  # a sibling benchmark script
 
 ZOOMS = (1.0, 1.15, 0.87)
@@ -111,8 +111,7 @@ def measure(validation: Heads, test: Heads, config, years, val_probs=None, test_
 
 
 def main(argv=None) -> int:
-    parser = results_parser(__doc__, "post_hoc")
-    parser.add_argument("--model", default="models:/coinyear@production")
+    parser = model_parser(__doc__, "post_hoc")
     parser.add_argument("--heads", default=None, help="where the head outputs are kept (default COINYEAR_HOME)")
     args = parser.parse_args(argv)
     started = time.perf_counter()

@@ -21,7 +21,6 @@ A few minutes on 2 cores (one pass over the ~400 test-type coins).
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import mlflow
@@ -29,24 +28,17 @@ import numpy as np
 import torch
 
 from coinyear import evaluate
-from coinyear.config import configure_mlflow, get_settings
 from coinyear.data import read_manifest, split_test
 from coinyear.model import mixture_median
 from coinyear.pyfunc import decode_pair, pair_tensors
 
 # isort: split
 # this folder's modules: a script's own folder is first on sys.path when it runs
-from common import results_parser, write_results
+from common import model_run, write_results
 
 
 def main(argv=None) -> int:
-    parser = results_parser(__doc__, "ruler_median")
-    parser.add_argument("--model", default="models:/coinyear@production")
-    args = parser.parse_args(argv)
-    started = time.perf_counter()
-
-    settings = get_settings()
-    configure_mlflow(settings)
+    args, settings, started = model_run(__doc__, "ruler_median", argv)
     model = mlflow.pyfunc.load_model(args.model).unwrap_python_model()
     rows = read_manifest(settings.data_dir, settings.min_year, settings.max_year).rows
     rows = rows.iloc[split_test(rows)[1]].reset_index(drop=True)

@@ -15,26 +15,17 @@ About a minute on 2 cores (one pass over the ~360 validation coins).
 
 from __future__ import annotations
 
-import time
-
 from coinyear import evaluate
-from coinyear.config import configure_mlflow, get_settings
 from coinyear.data import choice_splits, read_manifest
 from coinyear.recipe import TrainConfig
 
 # isort: split
 # this folder's modules: a script's own folder is first on sys.path when it runs
-from common import results_parser, write_results
+from common import model_run, write_results
 
 
 def main(argv=None) -> int:
-    parser = results_parser(__doc__, "validation_types")
-    parser.add_argument("--model", default="models:/coinyear@production")
-    args = parser.parse_args(argv)
-    started = time.perf_counter()
-
-    settings = get_settings()
-    configure_mlflow(settings)
+    args, settings, started = model_run(__doc__, "validation_types", argv)
     rows = read_manifest(settings.data_dir, settings.min_year, settings.max_year, seed=settings.seed).rows
     splits, _ = choice_splits(rows, 0, TrainConfig().holdout_fraction, settings.seed)
     validation = rows.iloc[splits[0][1]].reset_index(drop=True)

@@ -3,12 +3,18 @@ an invalid value is a clear error instead of a silent default."""
 
 from __future__ import annotations
 
+import shlex
+import subprocess
+from pathlib import Path
+
 import pytest
 
 from coinyear import cli
 from coinyear.config import get_settings
 from coinyear.jobs import retrain
 from tests.conftest import make_settings
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def cli_recipe(settings, *flags: str):
@@ -70,6 +76,21 @@ def test_flags_override_the_settings_and_zero_is_a_value(tmp_path):
     config = cli_recipe(frozen, "--frozen-blocks", "0", "--ema-decay", "0")
     assert (config.frozen_blocks, config.ema_decay) == (0, 0.0)
     assert cli_recipe(frozen, "--portrait-input", "fused").model.portrait_input == "fused"
+
+
+def test_make_train_best_runs_the_recipe_it_was_measured_with(tmp_path):
+    """benchmarks/README.md's `make train-best` figures (1 h 46 min, MAE 8.64) are of 32 coins a step with the
+    fused portrait head, for up to 12 epochs on 5 folds: the Makefile's command must still build that recipe
+    although the demo's defaults have moved (4 coins a step, the obverse head)."""
+    dry = subprocess.run(["make", "-n", "--no-print-directory", "train-best", "BIN=bin"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert dry.returncode == 0, dry.stderr
+    command = [line for line in dry.stdout.replace("\\\n", " ").splitlines() if "coinyear train" in line]
+    assert len(command) == 1, dry.stdout
+    flags = shlex.split(command[0].split("coinyear train", 1)[1])
+    config = cli_recipe(make_settings(tmp_path / "home"), *flags)
+    assert (config.batch_size, config.model.portrait_input, config.epochs, config.folds) == (32, "fused", 12, 5)
+    assert "--promote" in flags and flags[flags.index("--promote") + 1] == "staging"
 
 
 @pytest.mark.parametrize(("flags", "message"), [
