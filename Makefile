@@ -13,7 +13,8 @@ endif
 # pip's own output goes to $(VENV)/setup.log (shown only when the set-up fails): the demo prints its own steps.
 # One pip call, torch and torchvision named and pinned (pip takes them from this machine's disk, no CUDA
 # download). --no-compile: pip would byte-compile every module of every package (torch's thousands included);
-# Python compiles what is imported, once, on first use. Both cut the set-up by about a quarter (benchmarks/README.md).
+# Python compiles what is imported, once, on first use. From a cold disk that set-up took 63-67 s against 100-125 s
+# (benchmarks/README.md, Time).
 # $(call install,EXTRA): the virtual environment with coinyear[EXTRA] installed (editable).
 define install
 	@echo "set-up: virtual environment $(VENV), coinyear[$(1)] from PyPI (a few minutes the first time; log: $(VENV)/setup.log)"
