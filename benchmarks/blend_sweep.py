@@ -4,8 +4,9 @@
 The served year is (1 - w) x the regression head + w x the ruler mixture (`ModelConfig.ruler_blend`); training
 fits w on its validation coin types (`calibrate.fit_levers`), about 65 types. This script scores the validation
 and test coins once (`infer(with_heads)`), then serves them under every w from 0 to 1 with the model's other
-levers as registered (`calibrate.Heads.served`, the function the network serves with), and reports the MAE of
-each. It measures how much the choice made on so few types costs on new ones; it changes nothing.
+levers as registered (`calibrate.Heads.served`, the function the network serves with; `levers.scored_heads`
+checks that the registered levers reproduce the network's answers), and reports the MAE of each. It measures
+how much the choice made on so few types costs on new ones; it changes nothing.
 
     COINYEAR_HOME=/tmp/s43obverse python benchmarks/blend_sweep.py --name obverse-seed43-xeon
 
@@ -16,17 +17,13 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-import numpy as np
-
 from coinyear import evaluate
-from coinyear.calibrate import Heads
 from coinyear.data import ImageCache, load_arrays
-from coinyear.fit import infer_arrays
 
 # isort: split
 # this folder's modules: a script's own folder is first on sys.path when it runs
 from common import write_results
-from levers import portrait_labels, registered_run  # a sibling benchmark script
+from levers import registered_run, scored_heads  # a sibling benchmark script
 
 WEIGHTS = tuple(round(0.1 * step, 1) for step in range(11))
 
@@ -40,12 +37,7 @@ def main(argv=None) -> int:
     for label, index in (("validation", registered.val_index), ("test", registered.test_index)):
         chosen = registered.rows.iloc[index]
         fronts, backs = load_arrays(chosen, cache)
-        out = infer_arrays(network, fronts, backs, with_heads=True)
-        heads[label] = Heads(out["regression"], out["logits"], network.portrait_years().numpy(),
-                             portrait_labels(chosen, registered.names), chosen["year_from"].to_numpy(float),
-                             chosen["year_to"].to_numpy(float))
-        # one scoring path: the heads served as registered are what the network served
-        assert np.allclose(heads[label].served(config)["year"], out["year"], atol=1e-3)
+        heads[label], _ = scored_heads(network, chosen, fronts, backs, registered.names)
     table = {}
     for weight in WEIGHTS:
         variant = replace(config, ruler_blend=weight)

@@ -99,6 +99,18 @@ def portrait_labels(rows, names: list[str]) -> np.ndarray:
                      for value in evaluate.catalogue_portraits(rows)])
 
 
+def scored_heads(network, chosen: pd.DataFrame, fronts, backs, names: list[str],
+                 with_features: bool = False) -> tuple[Heads, dict]:
+    """One scoring pass of the registered network over the `chosen` rows' photos: its raw head outputs with the
+    catalogue's labels (`Heads`), and the pass's outputs. Checks the one scoring path: the heads blended with
+    the levers as registered give the years the network served."""
+    out = infer_arrays(network, fronts, backs, with_features=with_features, with_heads=True)
+    heads = Heads(out["regression"], out["logits"], network.portrait_years().numpy(), portrait_labels(chosen, names),
+                  chosen["year_from"].to_numpy(float), chosen["year_to"].to_numpy(float))
+    assert np.allclose(heads.served(network.config)["year"], out["year"], atol=1e-3)
+    return heads, out
+
+
 def figures(answer: dict, part: Heads, truth, names, low=None, high=None, flagged=None) -> dict:
     """The report's figures of one variant on one set of coins."""
     order = np.argsort(-answer["portraits"], axis=1, kind="stable")[:, :evaluate.PORTRAIT_RANKS]
@@ -129,13 +141,8 @@ def main(argv=None) -> int:
         chosen = rows.iloc[index]
         fronts, backs = load_arrays(chosen, cache)
         arrays[label] = (fronts, backs)
-        out = infer_arrays(network, fronts, backs, with_features=True, with_heads=True)
-        sets[label] = (Heads(out["regression"], out["logits"], network.portrait_years().numpy(),
-                             portrait_labels(chosen, names), chosen["year_from"].to_numpy(float),
-                             chosen["year_to"].to_numpy(float)), out)
+        sets[label] = scored_heads(network, chosen, fronts, backs, names, with_features=True)
         truth[label] = evaluate.catalogue_portraits(chosen).to_numpy()
-        # one scoring path: the heads' outputs blended as registered are what the network served
-        assert np.allclose(sets[label][0].served(trained)["year"], out["year"], atol=1e-3)
     validation, test = sets["validation"][0], sets["test"][0]
 
     levers = fit_levers([validation], trained)
