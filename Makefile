@@ -21,7 +21,15 @@ define install
 	@$(PYTHON) -m venv $(VENV)
 	@{ $(BIN)/pip install -q --upgrade pip \
 	  && $(BIN)/pip install -q --no-compile torch==2.14.1 torchvision==0.29.1 -e '.[$(1)]'; } > $(VENV)/setup.log 2>&1 \
-	  || { tail -n 40 $(VENV)/setup.log >&2; echo "set-up failed: the whole log is $(VENV)/setup.log" >&2; exit 1; }
+	  || { tail -n 40 $(VENV)/setup.log >&2; echo "set-up failed: the whole log is $(VENV)/setup.log" >&2; \
+	       if grep -q "No space left on device" $(VENV)/setup.log; then $(no_space); fi; exit 1; }
+endef
+
+# What a full disk looks like to the user: the set-up needs about 10 GB at its peak (torch and its CUDA libraries,
+# about 7.5 GB unpacked in the virtual environment, and pip's downloads of up to 2.4 GB in its temporary folder:
+# measured in benchmarks/README.md, Time), and says where the space ran out.
+define no_space
+echo "set-up failed: the disk is full; it needs about 10 GB free at its peak (7.5 GB stay in $(VENV)). Free now:" >&2; df -h $(VENV) $${TMPDIR:-/tmp} >&2
 endef
 
 # Everything: the network, the gateway, the UI, Spark and the tools of the tests and the lint. It holds [train].

@@ -108,6 +108,9 @@ def main(argv=None) -> int:
     parser.add_argument("--aux-top", type=int, default=20)
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--limit", type=int, help="a random subset of N coins (smoke runs)")
+    parser.add_argument("--cutoff", type=int, default=CUTOFF,
+                        help="the year the span ends: trained on coins before it, out of span from it (98: Trajan's "
+                             "accession, a second out-of-span set on which to choose a signal before the Hadrian one)")
     parser.add_argument("--arrays", help="also save every coin's years, spreads, features and the quality files "
                                          "in this folder (to study other flags and ranges without retraining)")
     args = parser.parse_args(argv)
@@ -117,7 +120,7 @@ def main(argv=None) -> int:
     rows = manifest.rows
     if args.limit:
         rows = rows.sample(n=args.limit, random_state=0).reset_index(drop=True)
-    before, after = rows[rows["year_to"] < CUTOFF], rows[rows["year_from"] >= CUTOFF]
+    before, after = rows[rows["year_to"] < args.cutoff], rows[rows["year_from"] >= args.cutoff]
     manifest.rows = before.reset_index(drop=True)
     _, config = recipe_from_settings(Settings(), epochs=args.epochs)
     if args.aux_weight > 0:
@@ -138,11 +141,12 @@ def main(argv=None) -> int:
     plain = served.regressors[0] if hasattr(served, "regressors") else served
     reference_rows = manifest.rows.iloc[usable]
     reference_portraits = evaluate.catalogue_portraits(reference_rows).to_numpy(str)
-    reference_fused = embeddings_and_portraits(plain, *load_arrays(reference_rows, cache))[0]
+    reference_fused, _, reference_obverse = embeddings_and_portraits(plain, *load_arrays(reference_rows, cache),
+                                                                     obverse=True)
     for name, subset in sets.items():
         fronts, backs = load_arrays(subset, cache)
         inferred = infer_arrays(served, fronts, backs, with_features=True, with_heads=True)
-        fused, heads = embeddings_and_portraits(plain, fronts, backs, logits=True)
+        fused, heads, obverse = embeddings_and_portraits(plain, fronts, backs, logits=True, obverse=True)
         portrait_logits = heads.get("portrait")
         portrait_p = None if portrait_logits is None else torch.softmax(torch.from_numpy(portrait_logits), 1).numpy()
         years = np.array([year for _, year in as_ensemble(served).portrait_classes()])
@@ -166,7 +170,7 @@ def main(argv=None) -> int:
             arrays.update({f"{name}/{key}": value for key, value in {
                 "year": inferred["year"], "spread": inferred["spread"], "features": inferred["features"],
                 "distance": distance, "year_from": year_from, "year_to": year_to,
-                "group": subset["group"].to_numpy(str), "portrait_p": portrait_p, "fused": fused,
+                "group": subset["group"].to_numpy(str), "portrait_p": portrait_p, "fused": fused, "obverse": obverse,
                 "logits": inferred.get("logits"), "regression": inferred.get("regression")}.items()
                 if value is not None})
         directions = quality.ood._directions(inferred["features"], quality.ood.sides) - quality.ood.center
@@ -176,6 +180,12 @@ def main(argv=None) -> int:
         scored[name]["fused embedding, 10 nearest"] = knn_distance(reference_fused, fused)
         scored[name]["fused embedding, class-conditional Mahalanobis"] = class_mahalanobis(
             reference_fused[named], reference_portraits[named], fused)
+        # the obverse alone: a portrait nobody trained on should lie far from every training obverse, where the
+        # fused embedding also reads the reverse (whose types outlive a reign)
+        scored[name]["obverse features, 10 nearest"] = knn_distance(reference_obverse, obverse)
+        scored[name]["obverse features, nearest"] = knn_distance(reference_obverse, obverse, k=1)
+        scored[name]["obverse features, class-conditional Mahalanobis"] = class_mahalanobis(
+            reference_obverse[named], reference_portraits[named], obverse)
         if "disagreement" in inferred:  # what the view flag thresholds (`model.view_disagreement`)
             scored[name]["portrait mutual information over the rotated views (the view flag's)"] = \
                 inferred["disagreement"]
@@ -195,17 +205,24 @@ def main(argv=None) -> int:
     reference = scored["in_span_holdout"]
     combined = {name: np.max([ranks(reference[s], values[s]) for s in reference], axis=0)
                 for name, values in scored.items()}
+    views = "portrait mutual information over the rotated views (the view flag's)"
+    mean_ranks = {"mean rank: obverse 10 nearest, view disagreement": ("obverse features, 10 nearest", views),
+                  "mean rank: fused 10 nearest, view disagreement": ("fused embedding, 10 nearest", views)}
     for name in scored:
         scored[name]["combined (max rank)"] = combined[name]
+        for label, parts in mean_ranks.items():
+            if all(part in reference for part in parts):
+                scored[name][label] = np.mean([ranks(reference[p], scored[name][p]) for p in parts], axis=0)
     signals = {name: {**signal_report(scored["in_span_holdout"][name], scored["out_of_span"][name]),
                       **signal_report(scored["in_span_holdout"][name], scored["out_of_span"][name], 0.10)}
                for name in scored["in_span_holdout"]}
-    report = {"name": args.name, "aux_weight": config.aux_weight, "epochs": config.epochs, "cutoff": CUTOFF,
+    report = {"name": args.name, "aux_weight": config.aux_weight, "epochs": config.epochs, "cutoff": args.cutoff,
               "trained_coins": len(before), "sets": summary, "signals": signals,
               "levers": {k: v for k, v in result.metrics.items()
                          if k in ("portrait_temperature", "ruler_pooled", "ruler_blend", "portrait_floor")},
               "conformal_by": quality.conformal.by}
-    lines = [f"## {args.name}: trained on {len(before)} coins before AD {CUTOFF}, aux weight {config.aux_weight}", "",
+    lines = [f"## {args.name}: trained on {len(before)} coins before AD {args.cutoff}, aux weight {config.aux_weight}",
+             "",
              "| coins | n | MAE | served flag rate | 90% coverage | median width |", "|---|---|---|---|---|---|"]
     lines += [f"| {name} | {s['coins']} | {s['mae']:.1f} | {100 * s['served_flag_rate']:.1f}% | "
               f"{100 * s['interval90_coverage']:.1f}% | {s['interval90_median_width']:.1f} |"

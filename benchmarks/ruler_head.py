@@ -46,21 +46,27 @@ from common import DATA_DIR, results_parser, write_results
 
 
 @torch.inference_mode()
-def embeddings_and_portraits(model, fronts: np.ndarray, backs: np.ndarray, batch: int = 64, logits: bool = False):
+def embeddings_and_portraits(model, fronts: np.ndarray, backs: np.ndarray, batch: int = 64, logits: bool = False,
+                             obverse: bool = False):
     """Fused embedding [N, F] and each auxiliary head's class probabilities {head: [N, classes]}, plain pass
-    (with `logits`, the heads' raw logits instead of their probabilities)."""
+    (with `logits`, the heads' raw logits instead of their probabilities); with `obverse`, also the obverse's
+    pooled backbone features [N, D] (what an obverse portrait head reads), third."""
     model.eval()
-    embedded, outputs = [], {name: [] for name in model.aux_heads}
+    embedded, outputs, obverses = [], {name: [] for name in model.aux_heads}, []
     for start in range(0, len(fronts), batch):
         front = torch.from_numpy(np.asarray(fronts[start:start + batch])).float() / 255
         back = torch.from_numpy(np.asarray(backs[start:start + batch])).float() / 255
         front_features, back_features = model.backbone_features(front, back)
         features = model.fuse(front_features, back_features)
         embedded.append(features.numpy())
+        obverses.append(front_features.numpy())
         # each head from what it reads (the obverse alone for an obverse portrait head, ModelConfig.portrait_input)
         for name, raw in model.aux_logits(front_features, features).items():
             outputs[name].append((raw if logits else torch.softmax(raw, dim=1)).numpy())
-    return np.concatenate(embedded), {name: np.concatenate(parts) for name, parts in outputs.items()}
+    heads = {name: np.concatenate(parts) for name, parts in outputs.items()}
+    if obverse:
+        return np.concatenate(embedded), heads, np.concatenate(obverses)
+    return np.concatenate(embedded), heads
 
 
 def neighbour_years(embedded: np.ndarray, midpoints: np.ndarray, train: np.ndarray, query: np.ndarray,
