@@ -63,14 +63,15 @@ demo:
 ## The longer recipe (benchmarks/README.md): the demo's recipe for 12 epochs, grouped 5-fold CV+ calibration, then
 ## one model refit on every non-test coin, registered and given the alias staging. 12 epochs so that it fits 2 hours
 ## on 2 CPU cores (measured in benchmarks/README.md); on a GPU, `make train-best EPOCHS=16` (the H100 CV recipe).
-## 32 coins a step and the fused portrait head: the recipe that was measured for it (the demo's 4 coins a step
-## trains up to 18% slower on a 2-core Xeon; neither that nor the obverse portrait head is measured here).
+## 32 coins a step, the fused portrait head and the ruler blend fitted on the five folds' coins: the recipe that was
+## measured for it (the demo's 4 coins a step trains up to 18% slower on a 2-core Xeon; neither that nor the obverse
+## portrait head is measured here).
 EPOCHS ?= 12
 BATCH ?= 32
 PORTRAIT_INPUT ?= fused
 train-best: setup-train
 	$(BIN)/coinyear train --epochs $(EPOCHS) --folds 5 --batch-size $(BATCH) --portrait-input $(PORTRAIT_INPUT) \
-	  --promote staging
+	  --ruler-blend fit --promote staging
 
 ## Static checks (CI runs them before the tests): ruff and mypy with the settings in pyproject.toml.
 lint: setup

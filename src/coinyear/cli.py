@@ -28,6 +28,7 @@ def _train_config(args, settings):
         aux_heads=args.aux_heads.split(",") if args.aux_heads else None, reshoot=args.reshoot,
         early_scale=args.early_scale, full_size_epochs=args.full_size_epochs,
         frozen_blocks=args.frozen_blocks, ema_decay=args.ema_decay, portrait_input=args.portrait_input,
+        ruler_blend=args.ruler_blend,
         # store_true flags: absent means "as configured", present turns the setting on (or off)
         grayscale=args.grayscale or None, horizontal_flip=args.horizontal_flip or None,
         ensemble=args.ensemble or None, tta=False if args.no_tta else None,
@@ -371,6 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "decay per step (default COINYEAR_EMA_DECAY; 0 = off)")
     train.add_argument("--portrait-input", choices=["fused", "obverse"], help="what the portrait head reads: both "
                        "sides' fused embedding or the obverse's features alone (default COINYEAR_PORTRAIT_INPUT)")
+    train.add_argument("--ruler-blend", help="the ruler mixture's weight in the served year, 0 to 1, or 'fit' "
+                       "(chosen on the validation coins; default COINYEAR_RULER_BLEND, 0.5)")
     train.add_argument("--no-pretrained", action="store_true", help="do not load ImageNet weights")
     train.add_argument("--no-register", action="store_true")
     train.add_argument("--promote", choices=["staging", "production"], help="set this alias on the new version")

@@ -108,6 +108,12 @@ class Settings(BaseSettings):
         "embedding. Obverse: portrait top-1 on the validation types 75.4% / 59.7% against 71.6% / 59.7% over two "
         "seeds, validation MAE 9.24 / 8.91 against 9.26 / 8.75 (benchmarks/README.md, What the portrait head "
         "reads).")
+    ruler_blend: Annotated[float, Field(ge=0, le=1)] | Literal["fit"] = Field(
+        default=0.5, description="The ruler mixture's weight in the served year (served year = (1 - w) x the "
+        "regression head's + w x the ruler mixture's), or `fit`: the weight with the lowest MAE on the validation "
+        "coins of the run. 0.5: the lowest validation MAE over three seeds' validation types pooled, where each "
+        "run's own 65 or so validation types chose weights from 0 to 0.9 and cost up to 0.96 years on the test "
+        "types (benchmarks/README.md, The ruler blend's weight). `make train-best` fits it on its 5 folds.")
     reshoot: float = Field(default=0.5, ge=0, le=1, description="Share of training photos re-shot as a collector "
                            "would take them: smaller, on another background, other light, softer focus (0 = none).")
     aux_heads: Annotated[list[AuxHead], NoDecode] = Field(

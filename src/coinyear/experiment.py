@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from coinyear import evaluate
 from coinyear.augment import make_augmentation
-from coinyear.calibrate import Heads, disagreement_ceiling, fit_levers, fit_ranges, portrait_floor
+from coinyear.calibrate import BLENDS, Heads, disagreement_ceiling, fit_levers, fit_ranges, portrait_floor
 from coinyear.config import AUX_COLUMNS
 from coinyear.data import ImageCache, Manifest, choice_splits, load_arrays, mapped_arrays
 from coinyear.fit import CoinDataset, best_epoch, fit, infer_arrays, process_rank, resolve_device
@@ -262,7 +262,8 @@ def train_on_manifest(manifest: Manifest, config: TrainConfig, cache_dir: Path, 
     metrics = {}
     if heads and config.calibrate:
         # the post-hoc levers, on the validation coins (`coinyear.calibrate`); every model shares config.model
-        levers = fit_levers([part for _, part in heads], config.model)
+        blends = BLENDS if config.fit_ruler_blend else (config.model.ruler_blend,)
+        levers = fit_levers([part for _, part in heads], config.model, blends=blends)
         levers.apply(config.model)
         metrics.update({"portrait_temperature": levers.temperature, "ruler_pooled": float(levers.ruler_pooled),
                         "ruler_blend": levers.ruler_blend, **levers.validation})

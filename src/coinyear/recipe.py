@@ -76,6 +76,9 @@ class TrainConfig:
     # temperature, the ruler mixture's pooling and weight, the range's scale and the portrait flag. Off: the
     # network serves as trained, the ranges divide by the rotation spread, no portrait flag.
     calibrate: bool = True
+    # Whether the levers also choose the ruler mixture's weight (`Settings.ruler_blend` = "fit"); else the
+    # network's `ModelConfig.ruler_blend`, fixed by the recipe, is served.
+    fit_ruler_blend: bool = setting_default("ruler_blend") == "fit"
     # Share of validation coins (unseen in-span types) the portrait flag may flag (`calibrate.portrait_floor`;
     # 0 = no portrait flag): a false-alarm rate stated in advance, on top of the feature distance's. Off: it lost
     # on benchmarks/era_shift.py (portrait-levers: AUROC 0.568; at 5% it flagged 13.6% of in-span test types and
@@ -117,7 +120,7 @@ class TrainConfig:
 RECIPE_FIELDS = ("backbone", "mode", "proj_dim", "grayscale", "image_size", "pretrained", "epochs", "batch_size",
                  "lr", "loss", "folds", "seed", "limit", "horizontal_flip", "tta", "ensemble", "aux_weight",
                  "aux_heads", "reshoot", "ruler_statistic", "early_scale", "full_size_epochs",
-                 "frozen_blocks", "ema_decay", "portrait_input")
+                 "frozen_blocks", "ema_decay", "portrait_input", "ruler_blend")
 
 
 @cache
@@ -152,9 +155,12 @@ def recipe_from_settings(settings: Settings, **overrides) -> tuple[ModelConfig, 
     """(ModelConfig, TrainConfig) from `settings`, with `overrides` (None = use the setting); see the module."""
     v = recipe_values(settings, **overrides)
     no_tta: dict[str, Any] = {} if v["tta"] else {"tta_angles": ()}
+    fit_blend = v["ruler_blend"] == "fit"
+    # a fitted weight starts at the network's default until the levers are fitted; a fixed one is served as given
+    blend: dict[str, Any] = {} if fit_blend else {"ruler_blend": float(v["ruler_blend"])}
     model = ModelConfig(backbone=v["backbone"], mode=v["mode"], proj_dim=v["proj_dim"], grayscale=v["grayscale"],
                         image_size=v["image_size"], pretrained=v["pretrained"], ruler_statistic=v["ruler_statistic"],
-                        portrait_input=v["portrait_input"])
+                        portrait_input=v["portrait_input"], **blend)
     try:
         train = TrainConfig(model=model, epochs=v["epochs"], batch_size=v["batch_size"], lr=float(v["lr"]),
                             loss=v["loss"], folds=v["folds"], seed=v["seed"], limit=v["limit"],
@@ -162,7 +168,7 @@ def recipe_from_settings(settings: Settings, **overrides) -> tuple[ModelConfig, 
                             aux_weight=float(v["aux_weight"]), aux_heads=tuple(v["aux_heads"]),
                             reshoot=float(v["reshoot"]), early_scale=float(v["early_scale"]),
                             full_size_epochs=v["full_size_epochs"], frozen_blocks=v["frozen_blocks"],
-                            ema_decay=float(v["ema_decay"]), **no_tta)
+                            ema_decay=float(v["ema_decay"]), fit_ruler_blend=fit_blend, **no_tta)
     except ValueError as error:  # a rule across fields (TrainConfig's own checks)
         raise ValueError(f"invalid training recipe: {error}") from None
     return model, train

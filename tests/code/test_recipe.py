@@ -32,7 +32,8 @@ def recipe_fields(config) -> dict:
             "aux_heads": config.aux_heads, "reshoot": config.reshoot, "ruler_statistic": model.ruler_statistic,
             "early_scale": config.early_scale, "full_size_epochs": config.full_size_epochs,
             "frozen_blocks": config.frozen_blocks, "ema_decay": config.ema_decay,
-            "portrait_input": model.portrait_input}
+            "portrait_input": model.portrait_input, "ruler_blend": model.ruler_blend,
+            "fit_ruler_blend": config.fit_ruler_blend}
 
 
 def test_cli_train_and_retrain_build_the_same_recipe(tmp_path):
@@ -43,13 +44,14 @@ def test_cli_train_and_retrain_build_the_same_recipe(tmp_path):
                              epochs=3, folds=3, lr=3e-4, tta=False, ensemble=True, aux_weight=0.5, pretrained=False,
                              reshoot=0.25, horizontal_flip=True, grayscale=True, seed=7, batch_size=8,
                              aux_heads=["portrait", "mint"], ruler_statistic="mean", early_scale=0.5,
-                             full_size_epochs=1, frozen_blocks=2, ema_decay=0.95, portrait_input="fused")
+                             full_size_epochs=1, frozen_blocks=2, ema_decay=0.95, portrait_input="fused",
+                             ruler_blend=0.3)
     expected = {"backbone": "resnet18", "mode": "dual", "proj_dim": 0, "grayscale": True, "image_size": 96,
                 "pretrained": False, "epochs": 3, "batch_size": 8, "lr": 3e-4, "loss": "interval", "folds": 3,
                 "seed": 7, "limit": None, "horizontal_flip": True, "tta_angles": (), "ensemble": True,
                 "aux_weight": 0.5, "aux_heads": ("portrait", "mint"), "reshoot": 0.25, "ruler_statistic": "mean",
                 "early_scale": 0.5, "full_size_epochs": 1, "frozen_blocks": 2, "ema_decay": 0.95,
-                "portrait_input": "fused"}
+                "portrait_input": "fused", "ruler_blend": 0.3, "fit_ruler_blend": False}
     assert recipe_fields(retrain.recipe(settings)) == expected
     assert recipe_fields(cli_recipe(settings)) == expected
     # without settings: the defaults, written out, in both
@@ -59,7 +61,7 @@ def test_cli_train_and_retrain_build_the_same_recipe(tmp_path):
                 "tta_angles": (-20.0, -10.0, 0.0, 10.0, 20.0), "ensemble": False, "aux_weight": 1.0,
                 "aux_heads": ("portrait",), "reshoot": 0.5, "ruler_statistic": "median",
                 "early_scale": 1.0, "full_size_epochs": 2, "frozen_blocks": 3, "ema_decay": 0.0,
-                "portrait_input": "obverse"}
+                "portrait_input": "obverse", "ruler_blend": 0.5, "fit_ruler_blend": False}
     plain = make_settings(tmp_path / "plain")
     assert recipe_fields(retrain.recipe(plain)) == defaults
     assert recipe_fields(cli_recipe(plain)) == defaults
@@ -76,6 +78,9 @@ def test_flags_override_the_settings_and_zero_is_a_value(tmp_path):
     config = cli_recipe(frozen, "--frozen-blocks", "0", "--ema-decay", "0")
     assert (config.frozen_blocks, config.ema_decay) == (0, 0.0)
     assert cli_recipe(frozen, "--portrait-input", "fused").model.portrait_input == "fused"
+    fitted = cli_recipe(frozen, "--ruler-blend", "fit")
+    assert (fitted.fit_ruler_blend, cli_recipe(frozen, "--ruler-blend", "0.2").model.ruler_blend) == (True, 0.2)
+    assert cli_recipe(make_settings(tmp_path / "fit", ruler_blend="fit")).fit_ruler_blend
 
 
 def test_make_train_best_runs_the_recipe_it_was_measured_with(tmp_path):
@@ -90,6 +95,7 @@ def test_make_train_best_runs_the_recipe_it_was_measured_with(tmp_path):
     flags = shlex.split(command[0].split("coinyear train", 1)[1])
     config = cli_recipe(make_settings(tmp_path / "home"), *flags)
     assert (config.batch_size, config.model.portrait_input, config.epochs, config.folds) == (32, "fused", 12, 5)
+    assert config.fit_ruler_blend  # its five folds' coins chose the blend
     assert "--promote" in flags and flags[flags.index("--promote") + 1] == "staging"
 
 
@@ -101,6 +107,8 @@ def test_make_train_best_runs_the_recipe_it_was_measured_with(tmp_path):
     (["--batch-size", "0"], "batch_size: Input should be greater than or equal to 1"),
     (["--image-size", "0"], "image_size: Input should be greater than or equal to 32"),
     (["--folds", "1"], "folds must be 0 (one grouped hold-out) or at least 2"),
+    (["--ruler-blend", "1.5"], "ruler_blend: Input should be less than or equal to 1"),
+    (["--ruler-blend", "half"], "ruler_blend: Input should be a valid number"),
     (["--aux-weight=-1"], "aux_weight: Input should be greater than or equal to 0"),
     (["--reshoot", "1.5"], "reshoot: Input should be less than or equal to 1"),
     (["--aux-heads", "portrait,legend"], "aux_heads: Input should be 'mint', 'denomination' or 'portrait'"),

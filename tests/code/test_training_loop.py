@@ -16,6 +16,7 @@ import torch
 from coinyear import experiment, runtime
 from coinyear import fit as fit_module
 from coinyear.backbones import early_stages
+from coinyear.calibrate import BLENDS
 from coinyear.experiment import fit_quality, new_model
 from coinyear.fit import CoinDataset, fit
 from coinyear.model import CoinEnsemble, infer
@@ -336,7 +337,9 @@ def test_training_never_fits_stops_or_calibrates_on_a_test_coin_type(monkeypatch
     from coinyear.data import is_test_type, read_manifest
 
     calls = recording_fit(monkeypatch)
-    config = small_train_config(folds=folds, model={"pretrained": False})
+    # the hold-out serves the recipe's fixed ruler blend (the default); the folds fit it on their coins
+    config = small_train_config(folds=folds, model={"pretrained": False, "ruler_blend": 0.3},
+                                fit_ruler_blend=bool(folds))
     manifest = read_manifest(ocre_dir, limit=config.limit, seed=config.seed)
     rows = manifest.rows
     test = is_test_type(rows["group"])
@@ -364,6 +367,7 @@ def test_training_never_fits_stops_or_calibrates_on_a_test_coin_type(monkeypatch
     served = result.model.config
     assert served.portrait_temperature == result.metrics["portrait_temperature"] > 0
     assert served.ruler_blend == result.metrics["ruler_blend"]
+    assert served.ruler_blend in BLENDS if folds else served.ruler_blend == 0.3
     assert served.ruler_pooled == bool(result.metrics["ruler_pooled"])
     assert result.metrics["val_mae"] == pytest.approx(result.metrics["val_mae_levers"])  # val_* as now served
     assert result.quality.conformal.by in SCALES
