@@ -5,7 +5,9 @@ has no coin of a later era, so this test makes one: it trains the default recipe
 every coin dated before AD 117 (Augustus to Trajan; its grouped hold-out calibrates the ranges and the flag as
 usual), then scores the coins struck from AD 117 on (Hadrian's reign: a ruler and issues training never saw) against the
 test coin types before it (in span, never trained or calibrated on).
-Coins whose range straddles 117 are left out of both sides.
+Coins whose range straddles 117 are left out of both sides. `--cutoff 98` moves the cut to Trajan's accession
+(trained on Augustus to Nerva; Trajan's and Hadrian's coins out of span): a second out-of-span set, on which a
+new signal is chosen before it is read on Hadrian's coins.
 
 Reported, for the in-span hold-out coins and the out-of-span coins:
 * the served out-of-distribution flag rate and the 90% range coverage and width;
@@ -231,10 +233,13 @@ def main(argv=None) -> int:
     lines += [f"| {name} | {s['auroc']:.3f} | {100 * s['flagged_at_5pct_false_alarms']:.1f}% / "
               f"{100 * s['flagged_at_10pct_false_alarms']:.1f}% |" for name, s in signals.items()]
     write_results(args.out, args.name, report, lines, started)
-    if args.arrays:
+    if args.arrays:  # with every signal's values, so that combinations can be studied on a choice set's run
         quality.save(args.arrays)
+        signal_values = {f"{name}/signal: {signal}": values for name, by_signal in scored.items()
+                         for signal, values in by_signal.items()}
         np.savez_compressed(Path(args.arrays) / "coins.npz", reference_groups=reference_groups.astype(str),
-                            reference_portraits=reference_portraits, reference_fused=reference_fused, **arrays)
+                            reference_portraits=reference_portraits, reference_fused=reference_fused,
+                            reference_obverse=reference_obverse, **arrays, **signal_values)
     return 0
 
 
