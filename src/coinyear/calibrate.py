@@ -9,8 +9,8 @@ benchmarks/levers.py applies the same functions to a model already registered. T
   log-likelihood of the catalogue portraits of the validation coins, on the probabilities averaged over the
   rotations (what the served answer and the ruler mixture read);
 * where the ruler mixture is taken (`ModelConfig.ruler_pooled`: on each rotation, or once on the averaged
-  probabilities) and its weight in the served year (`ModelConfig.ruler_blend`): the pair with the lowest
-  validation MAE;
+  probabilities) and, when the recipe says `fit` (`Settings.ruler_blend`), its weight in the served year
+  (`ModelConfig.ruler_blend`): the pair with the lowest validation MAE (else the recipe's weight, fixed);
 * what the 90% range's conformal scores are divided by (`quality.Conformal.by`: the rotation spread, the portrait
   mixture's dispersion, or both): the one whose calibrated ranges are narrowest on the validation coins;
 * the portrait flag (`quality.FeatureDistance.portrait_floor`): the top portrait probability below which a coin
