@@ -339,7 +339,9 @@ def test_the_lock_is_a_lease_renewed_while_the_deploy_runs(deploy_settings, work
     import threading
     import time
 
-    settings = deploy_settings.model_copy(update={"deploy_lock_lease_seconds": 1.5, "deploy_watch_seconds": 4.0})
+    # a 3-second lease renewed every second: with a 1.5-second one, on 2 cores shared with a training run, a
+    # sample once found the lease lapsed (a renewal is a registry read and write, starved of CPU)
+    settings = deploy_settings.model_copy(update={"deploy_lock_lease_seconds": 3.0, "deploy_watch_seconds": 7.0})
     client = registry.client(settings)
     assert run_deploy(settings).decision == DEPLOYED
     registry.promote(settings, "2", registry.PRODUCTION)
@@ -347,22 +349,23 @@ def test_the_lock_is_a_lease_renewed_while_the_deploy_runs(deploy_settings, work
 
     def sample():
         while not done.is_set():
+            before = time.time()  # the tag is read after this: a slow read must not make a held lease look lapsed
             value = client.get_registered_model("coinyear").tags.get(LOCK_TAG)
             if value:
-                seen.append((time.time(), json.loads(value)["expires"]))
+                seen.append((before, json.loads(value)["expires"]))
             time.sleep(0.2)
 
     sampler = threading.Thread(target=sample)
     sampler.start()
     try:
-        assert run_deploy(settings).decision == DEPLOYED  # a 4-second watch under a 1.5-second lease
+        assert run_deploy(settings).decision == DEPLOYED  # a 7-second watch under a 3-second lease
     finally:
         done.set()
         sampler.join()
     expiries = sorted({expires for _, expires in seen})
     assert len(expiries) >= 3, seen  # renewed, again and again
     assert all(expires > at for at, expires in seen)  # never lapsed while held
-    assert max(expires for _, expires in seen) < time.time() + 1.5  # a lease ahead, not hours
+    assert max(expires for _, expires in seen) < time.time() + 3.0  # a lease ahead, not hours
     assert client.get_registered_model("coinyear").tags.get(LOCK_TAG) is None
 
     client.set_registered_model_tag("coinyear", LOCK_TAG, json.dumps(
