@@ -21,8 +21,10 @@ Reported, for the in-span hold-out coins and the out-of-span coins:
   portrait); the distance to the training coins in other spaces (the class-conditional Mahalanobis distance to
   the portraits' means, Lee et al. 2018, in the backbone features and in the fused embedding; the 10 nearest in
   the fused embedding); and their combination (the largest of them, each as a rank among the in-span hold-out
-  coins' values). The same signals are also reported at 10% in-span false alarms (the out-of-span flag's
-  target: AUROC >= 0.8 at <= 10%).
+  coins' values), and the era-shift score the served flag thresholds (`quality.FeatureDistance.shift_score`:
+  the mean rank of the fused embedding's 10 nearest and the view disagreement among the validation coins'). The
+  same signals are also reported at 10% in-span false alarms (the out-of-span flag's target: AUROC >= 0.8 at
+  <= 10%).
 
 Writes `<out>/<name>.json` and `.md`. About 30 minutes on 2 CPU cores (the embeddings of the ~2,000 reference
 coins included):
@@ -55,6 +57,7 @@ from common import DATA_DIR, results_parser, write_results
 from ruler_head import embeddings_and_portraits  # a sibling benchmark script
 
 CUTOFF = 117  # Trajan died in AD 117: Hadrian's coins are the latest ruler's
+SERVED_SHIFT = "served era-shift score (mean rank of fused 10 nearest and view disagreement, validation scales)"
 
 
 def signal_report(in_span: np.ndarray, out_span: np.ndarray, false_alarm: float = 0.05) -> dict:
@@ -163,6 +166,8 @@ def main(argv=None) -> int:
             flagged |= quality.ood.unsure_portrait(inferred["portraits"])
         if "disagreement" in inferred:  # the view flag (`calibrate.disagreement_ceiling`), as served
             flagged |= quality.ood.views_disagree(inferred["disagreement"])
+            # the era-shift score (`quality.FeatureDistance.fit_shift`), as served
+            flagged |= quality.ood.era_shifted(inferred["embedding"], inferred["disagreement"])
         summary[name] = {
             "coins": len(subset), **evaluate.regression_metrics(inferred["year"], year_from, year_to),
             "served_flag_rate": float(flagged.mean()),
@@ -171,6 +176,7 @@ def main(argv=None) -> int:
         if args.arrays:
             arrays.update({f"{name}/{key}": value for key, value in {
                 "year": inferred["year"], "spread": inferred["spread"], "features": inferred["features"],
+                "embedding": inferred.get("embedding"),
                 "distance": distance, "year_from": year_from, "year_to": year_to,
                 "group": subset["group"].to_numpy(str), "portrait_p": portrait_p, "fused": fused, "obverse": obverse,
                 "logits": inferred.get("logits"), "regression": inferred.get("regression")}.items()
@@ -188,6 +194,8 @@ def main(argv=None) -> int:
         scored[name]["obverse features, nearest"] = knn_distance(reference_obverse, obverse, k=1)
         scored[name]["obverse features, class-conditional Mahalanobis"] = class_mahalanobis(
             reference_obverse[named], reference_portraits[named], obverse)
+        if "disagreement" in inferred and quality.ood.shift_scale is not None:
+            scored[name][SERVED_SHIFT] = quality.ood.shift_score(inferred["embedding"], inferred["disagreement"])
         if "disagreement" in inferred:  # what the view flag thresholds (`model.view_disagreement`)
             scored[name]["portrait mutual information over the rotated views (the view flag's)"] = \
                 inferred["disagreement"]

@@ -112,7 +112,8 @@ def serving_model(members: list[DualImageRegressor], tta_angles: tuple[float, ..
 
 def fit_quality(model, fronts, backs, groups, predictions: pd.DataFrame, config: TrainConfig,
                 device: torch.device, unseen=None, index: np.ndarray | None = None,
-                portraits: np.ndarray | None = None, disagreement: np.ndarray | None = None) -> Quality:
+                portraits: np.ndarray | None = None, disagreement: np.ndarray | None = None,
+                predicted_rows: np.ndarray | None = None) -> Quality:
     """Interval calibration from the out-of-fold (or validation) predictions; the OOD reference and threshold
     from the served model's out-of-distribution features of every coin, or of the rows `index` (positions in
     the arrays): the training run passes the non-test rows, so a test coin is never its own neighbour.
@@ -125,7 +126,9 @@ def fit_quality(model, fronts, backs, groups, predictions: pd.DataFrame, config:
     `portraits` (the served portrait probabilities of the `predictions` rows), with `config.calibrate`, let the
     range's scale be chosen among SCALES (`calibrate.fit_ranges`; the portrait years are the served model's) and
     set the portrait flag's floor at `config.portrait_flag_rate` of those coins; their view `disagreement`
-    sets the view flag's ceiling at `config.view_flag_rate` of them."""
+    sets the view flag's ceiling at `config.view_flag_rate` of them and, with `predicted_rows` (the positions of
+    the `predictions` rows among the reference rows), the era-shift score's scales and ceiling at
+    `config.shift_flag_rate` (`FeatureDistance.fit_shift`)."""
     scaled = config.conformal_scaled and len(config.tta_angles) >= 2
     years = np.array([year for _, year in as_ensemble(model).portrait_classes()])
     if scaled and config.calibrate and portraits is not None and len(years) == portraits.shape[1]:
@@ -136,13 +139,15 @@ def fit_quality(model, fronts, backs, groups, predictions: pd.DataFrame, config:
         conformal = Conformal.fit(predictions["predicted"], predictions["year_from"], predictions["year_to"],
                                   predictions["spread"] if scaled else None)
     plain = model.regressors[0] if isinstance(model, CoinEnsemble) else model
-    features = infer_arrays(plain, fronts, backs, device=device, with_features=True, index=index)["features"]
-    ood = FeatureDistance.fit(features, groups, quantile=config.ood_quantile, calibration=unseen)
+    reference = infer_arrays(plain, fronts, backs, device=device, with_features=True, index=index)
+    ood = FeatureDistance.fit(reference["features"], groups, quantile=config.ood_quantile, calibration=unseen)
     if config.calibrate and portraits is not None and len(portraits) >= MIN_FLAG_CALIBRATION:
         # as the distance's threshold: a quantile of fewer coins is mostly noise, then no portrait flag
         ood.portrait_floor = portrait_floor(portraits, config.portrait_flag_rate)
     if config.calibrate and disagreement is not None and len(disagreement) >= MIN_FLAG_CALIBRATION:
         ood.disagreement_ceiling = disagreement_ceiling(disagreement, config.view_flag_rate)
+        if predicted_rows is not None and config.shift_flag_rate > 0:
+            ood.fit_shift(reference["embedding"], groups, predicted_rows, disagreement, config.shift_flag_rate)
     model.cpu()
     return Quality(conformal, ood)
 
@@ -162,7 +167,8 @@ def score_test_rows(model, quality: Quality, rows: pd.DataFrame, fronts, backs, 
                           "spread": scored["spread"], "low": low, "high": high,
                           "out_of_distribution": quality.ood.flag(scored["features"],
                                                                   portraits=scored.get("portraits"),
-                                                                  disagreement=scored.get("disagreement")),
+                                                                  disagreement=scored.get("disagreement"),
+                                                                  embedding=scored.get("embedding")),
                           "portrait": evaluate.catalogue_portraits(chosen).to_numpy()})
     if "portraits" in scored:
         names = [name for name, _ in as_ensemble(model).portrait_classes()]
@@ -327,7 +333,8 @@ def train_on_manifest(manifest: Manifest, config: TrainConfig, cache_dir: Path, 
 
         portraits, disagreement = in_table_order(val_portraits), in_table_order(val_disagreement)
         quality = fit_quality(final, fronts, backs, rows["group"].to_numpy()[usable], table, config, device, unseen,
-                              index=usable, portraits=portraits, disagreement=disagreement)
+                              index=usable, portraits=portraits, disagreement=disagreement,
+                              predicted_rows=np.searchsorted(usable, np.flatnonzero(evaluated)))
         metrics["portrait_floor"] = quality.ood.portrait_floor
         metrics["disagreement_ceiling"] = quality.ood.disagreement_ceiling
         metrics["conformal_q90"] = quality.conformal.quantile(0.9)

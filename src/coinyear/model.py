@@ -321,14 +321,15 @@ class CoinEnsemble(nn.Module):
         return list(zip(self.config.aux_names["portrait"], years.tolist()))
 
     def heads(self, front: torch.Tensor, back: torch.Tensor, with_features: bool = False,
-              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
         """The heads' raw outputs, before any blend: (the regression head's year of every member on every
         rotation [B, members, angles], the portrait head's logits [B, members, angles, classes] or None without a
-        portrait head, and member 0's out-of-distribution features of the unrotated photos [B, 2*D] or None)."""
+        portrait head, and, `with_features`, member 0's out-of-distribution features [B, 2*D] and fused embedding
+        [B, E] of the unrotated photos, else None and None)."""
         batch, angles = front.shape[0], len(self.tta_angles)
         fronts, backs = self.rotated(front), self.rotated(back)
         unrotated = next((i for i, angle in enumerate(self.tta_angles) if angle % 360 == 0), None)
-        years, features, logits = [], None, []
+        years, features, embedding, logits = [], None, None, []
         for index, member in enumerate(self.regressors):
             front_features, back_features = member.backbone_features(fronts, backs)
             both = torch.cat([front_features, back_features], dim=1)
@@ -337,10 +338,13 @@ class CoinEnsemble(nn.Module):
             if "portrait" in member.aux_heads:
                 logits.append(member.aux_logits(front_features, fused)["portrait"].view(angles, batch, -1))
             if index == 0 and with_features:
-                features = both.view(angles, batch, -1)[unrotated] if unrotated is not None \
-                    else member.ood_features(front, back)
+                if unrotated is not None:
+                    features = both.view(angles, batch, -1)[unrotated]
+                    embedding = fused.view(angles, batch, -1)[unrotated]
+                else:
+                    features, embedding = member.ood_features(front, back), member.features(front, back)
         stacked = torch.stack(logits).permute(2, 0, 1, 3) if len(logits) == len(years) else None
-        return torch.stack(years).permute(2, 0, 1), stacked, features
+        return torch.stack(years).permute(2, 0, 1), stacked, features, embedding
 
     def portrait_years(self) -> torch.Tensor:
         """Each member's portrait years, [members, classes]."""
@@ -351,7 +355,8 @@ class CoinEnsemble(nn.Module):
         """(every member's served year on every rotation [B, members, angles] (`blend_rulers`), member 0's
         out-of-distribution features of the unrotated photos [B, 2*D] or None, and with the features the portrait
         probabilities [B, classes] averaged over members and rotations, or None without a named portrait head)."""
-        return self.served(*self.heads(front, back, with_features), with_features)
+        regression, logits, features, _ = self.heads(front, back, with_features)
+        return self.served(regression, logits, features, with_features)
 
     def served(self, regression: torch.Tensor, logits: torch.Tensor | None, features: torch.Tensor | None,
                with_features: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -403,13 +408,14 @@ def as_ensemble(model: DualImageRegressor | CoinEnsemble) -> CoinEnsemble:
 def infer(model: DualImageRegressor | CoinEnsemble, front: torch.Tensor, back: torch.Tensor,
           with_features: bool = False, with_heads: bool = False) -> dict[str, torch.Tensor]:
     """One batch: {"year": [B], "spread": [B] (rotation spread, zero without TTA), "features": [B, D] (the
-    out-of-distribution features, from the same forward pass) and, with a named portrait head, "portraits"
+    out-of-distribution features, from the same forward pass), "embedding" [B, E] (member 0's fused embedding of
+    the unrotated photos, which the era-shift score compares) and, with a named portrait head, "portraits"
     [B, classes] (its probabilities, averaged over members and rotations) and "disagreement" [B]
-    (`view_disagreement`)}; the last three `with_features`. With
+    (`view_disagreement`)}; the last four `with_features`. With
     `with_heads` also the heads' raw outputs of `CoinEnsemble.heads`: "regression" [B, members, angles] and,
     with a portrait head, "logits" [B, members, angles, classes] (what `coinyear.calibrate` fits on)."""
     ensemble = as_ensemble(model)
-    regression, logits, features = ensemble.heads(front, back, with_features)
+    regression, logits, features, embedding = ensemble.heads(front, back, with_features)
     samples, features, portraits = ensemble.served(regression, logits, features, with_features)
     out = {"year": samples.mean(dim=(1, 2)), "spread": rotation_spread(samples)}
     if with_heads:
@@ -419,6 +425,8 @@ def infer(model: DualImageRegressor | CoinEnsemble, front: torch.Tensor, back: t
     if with_features:
         assert features is not None, "scores() gives the features when asked for them"
         out["features"] = features
+        if embedding is not None:
+            out["embedding"] = embedding
         if portraits is not None and logits is not None:
             out["portraits"] = portraits
             out["disagreement"] = view_disagreement(logits, ensemble.config)

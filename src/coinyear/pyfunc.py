@@ -194,7 +194,7 @@ class CoinYearModel(PythonModel):
             frame["low"], frame["high"] = quality.conformal.ranges(
                 scored, level, np.array([year for _, year in getattr(self, "portraits", None) or []]))
             frame["out_of_distribution"] = quality.ood.flag(scored["features"], distance, scored.get("portraits"),
-                                                            scored.get("disagreement"))
+                                                            scored.get("disagreement"), scored.get("embedding"))
         if neighbours:
             assert references is not None, "check_params refused neighbours without the reference table"
             frame["neighbours"] = references.describe(*quality.ood.nearest(scored["features"], neighbours, distance))

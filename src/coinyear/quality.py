@@ -16,7 +16,10 @@ shows by how much.
 * `FeatureDistance` scores how far a coin's backbone features lie from the training coins' (mean cosine
   distance to the k nearest, after centring on the training mean; Sun et al. 2022) and flags scores above a
   quantile of the training coins' own scores with their coin type left out, or features far weaker than any
-  training coin's (a featureless photo).
+  training coin's (a featureless photo). Its era-shift score (`FeatureDistance.shift_score`) is the signal chosen
+  on a coin of a ruler the model never saw (benchmarks/era_shift.py): the mean of two ranks among the
+  validation coins', the same distance in the fused embedding the heads read and the portrait head's
+  disagreement between the rotated views.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -165,6 +169,28 @@ def _split(features, sides: int) -> list[np.ndarray]:
     return np.split(np.asarray(features, np.float32), sides, axis=1)
 
 
+def _rank(sorted_reference: np.ndarray, values) -> np.ndarray:
+    """Each value's rank among the (sorted) reference values, in [0, 1]: the empirical CDF."""
+    return np.searchsorted(sorted_reference, np.asarray(values, float), side="right") / len(sorted_reference)
+
+
+def nearest_mean(distance: np.ndarray, k: int) -> np.ndarray:
+    """The mean of each row's k smallest distances ([B, N] -> [B]); a row with fewer than k finite distances
+    counts the rest as 2 (opposite directions)."""
+    k = min(k, distance.shape[1])
+    nearest = np.partition(distance, k - 1, axis=1)[:, :k]
+    return np.where(np.isfinite(nearest), nearest, 2.0).mean(axis=1)
+
+
+def leave_type_out(distance: np.ndarray, groups, reference_groups) -> np.ndarray:
+    """`distance` [B, N] with each row's distances to the reference rows of its own coin type set infinite (a
+    coin of a type nobody has seen is scored so)."""
+    codes = np.unique(np.r_[np.asarray(groups, str), np.asarray(reference_groups, str)], return_inverse=True)[1]
+    codes = codes.ravel()
+    mine, theirs = codes[:len(groups)], codes[len(groups):]
+    return np.where(mine[:, None] == theirs[None, :], np.inf, distance)
+
+
 @dataclass
 class FeatureDistance:
     """Out-of-distribution test on a coin's backbone features (both sides side by side, [N, sides*D]).
@@ -190,6 +216,14 @@ class FeatureDistance:
     # A fourth: the portrait head's disagreement between the rotated views (`model.view_disagreement`) above this
     # flags the coin (set on the validation types like the floor; 0 = off, files written before).
     disagreement_ceiling: float = 0.0
+    # A fifth, the era-shift score (`shift_score`): the reference coins' fused embeddings (member 0's, unit-length
+    # and centred, [N, E]) and their mean; the validation coins' sorted values of the score's two parts [2, V]
+    # (the embedding distance, their own type left out, and the view disagreement), which rank a coin's; the
+    # mean rank above `shift_ceiling` flags it (0 = off: files written before, or no validation coins).
+    embedding_reference: np.ndarray | None = None
+    embedding_center: np.ndarray | None = None
+    shift_scale: np.ndarray | None = None
+    shift_ceiling: float = 0.0
 
     @classmethod
     def fit(cls, features, groups, k: int = 10, quantile: float = 0.99, sides: int = 2,
@@ -237,33 +271,73 @@ class FeatureDistance:
         """Direction scores of `features`. With `groups` (each row's coin type) a row is scored without the
         reference rows of its own type, as a coin of an unseen type would be: `reference_groups` are the
         reference rows' types, by default `groups` itself (when `features` are the reference rows)."""
-        features = np.asarray(features, np.float32)
-        if groups is not None:
-            reference_groups = groups if reference_groups is None else reference_groups
-            codes = np.unique(np.r_[np.asarray(groups, str), np.asarray(reference_groups, str)],
-                              return_inverse=True)[1]
-            groups, reference_groups = codes[:len(groups)], codes[len(groups):]
+        return self._chunked(self.distances, features, chunk, groups, reference_groups)
+
+    def _chunked(self, distances, rows, chunk: int, groups, reference_groups) -> np.ndarray:
+        rows = np.asarray(rows, np.float32)
+        reference_groups = groups if reference_groups is None else reference_groups
         out = []
-        for start in range(0, len(features), chunk):
-            distance = self.distances(features[start:start + chunk])
+        for start in range(0, len(rows), chunk):
+            distance = distances(rows[start:start + chunk])
             if groups is not None:
-                distance[groups[start:start + chunk, None] == reference_groups[None, :]] = np.inf
-            nearest = self._nearest_k(distance)
-            out.append(np.where(np.isfinite(nearest), nearest, 2.0).mean(axis=1))
+                distance = leave_type_out(distance, np.asarray(groups)[start:start + chunk], reference_groups)
+            out.append(nearest_mean(distance, self.k))
         return np.concatenate(out) if out else np.zeros(0)
+
+    # --------------------------------------------------------------------------------- the era-shift score
+    def fit_shift(self, embeddings, groups, calibration, disagreement, rate: float) -> None:
+        """Sets the era-shift score from the reference coins' fused `embeddings` [N, E] (the same rows as
+        `reference`, of coin types `groups`): the rows `calibration` (coins the model never trained on, whose
+        view `disagreement` is given in the same order) give each part's scale, and the score's ceiling is its
+        1 - `rate` quantile over them (so `rate` of coins of unseen in-span types are flagged by it; 0: off)."""
+        embeddings = np.asarray(embeddings, np.float32)
+        self.embedding_center = embeddings.mean(axis=0)
+        self.embedding_reference = _unit(embeddings - self.embedding_center)
+        calibration = np.asarray(calibration)
+        distance = self.embedding_score(embeddings[calibration], groups=np.asarray(groups)[calibration],
+                                        reference_groups=groups)
+        self.shift_scale = np.stack([np.sort(distance), np.sort(np.asarray(disagreement, float))])
+        score = self.shift_score(embeddings[calibration], disagreement, groups=np.asarray(groups)[calibration],
+                                 reference_groups=groups)
+        self.shift_ceiling = float(np.quantile(score, 1 - rate)) if rate > 0 else 0.0
+
+    def embedding_score(self, embedding, chunk: int = 512, groups=None, reference_groups=None) -> np.ndarray:
+        """The first part of the era-shift score: the mean cosine distance of each fused embedding (centred on
+        the reference coins') to its k nearest reference coins'; `groups` as in `score`."""
+        assert self.embedding_reference is not None, "fit_shift sets the embedding reference"
+        reference, center = self.embedding_reference, self.embedding_center
+        return self._chunked(lambda rows: 1 - _unit(rows - center) @ reference.T, embedding, chunk, groups,
+                             reference_groups)
+
+    def shift_score(self, embedding, disagreement, groups=None, reference_groups=None) -> np.ndarray:
+        """The era-shift score in [0, 1] per coin: the mean of the ranks of its embedding distance
+        (`embedding_score`) and its view disagreement among the validation coins' (higher = less like them)."""
+        assert self.shift_scale is not None, "fit_shift sets the scales"
+        distance = self.embedding_score(embedding, groups=groups, reference_groups=reference_groups)
+        return (_rank(self.shift_scale[0], distance) + _rank(self.shift_scale[1], disagreement)) / 2
+
+    def era_shifted(self, embedding, disagreement) -> np.ndarray:
+        """The era-shift signal per row: the score above `shift_ceiling` (never when off)."""
+        if self.shift_ceiling <= 0 or self.shift_scale is None:
+            return np.zeros(len(np.asarray(disagreement)), bool)
+        return self.shift_score(embedding, disagreement) > self.shift_ceiling
 
     def featureless(self, features) -> np.ndarray:
         norms = np.stack([np.linalg.norm(side, axis=1) for side in _split(features, self.sides)], axis=1)
         return norms.min(axis=1) < self.norm_floor
 
-    def flag(self, features, distance: np.ndarray | None = None, portraits=None, disagreement=None) -> np.ndarray:
+    def flag(self, features, distance: np.ndarray | None = None, portraits=None, disagreement=None,
+             embedding=None) -> np.ndarray:
         """Out of distribution per row; `distance`: `distances(features)` when already computed; `portraits`:
-        the portrait head's averaged probabilities [B, C] (the `portrait_floor` signal) and `disagreement` its
-        disagreement between the rotated views [B] (the `disagreement_ceiling` signal); None: not used."""
-        score = self.score(features) if distance is None else self._mean_nearest(distance)
+        the portrait head's averaged probabilities [B, C] (the `portrait_floor` signal), `disagreement` its
+        disagreement between the rotated views [B] (the `disagreement_ceiling` signal) and with it the fused
+        `embedding` [B, E] (the era-shift signal); None: not used."""
+        score = self.score(features) if distance is None else nearest_mean(distance, self.k)
         flagged = (score > self.threshold) | self.featureless(features)
         if portraits is not None:
             flagged |= self.unsure_portrait(portraits)
+        if disagreement is not None and embedding is not None:
+            flagged |= self.era_shifted(embedding, disagreement)
         return flagged if disagreement is None else flagged | self.views_disagree(disagreement)
 
     def unsure_portrait(self, portraits) -> np.ndarray:
@@ -280,12 +354,6 @@ class FeatureDistance:
             return np.zeros(len(disagreement), bool)
         return disagreement > self.disagreement_ceiling
 
-    def _mean_nearest(self, distance: np.ndarray) -> np.ndarray:
-        return self._nearest_k(distance).mean(axis=1)
-
-    def _nearest_k(self, distance: np.ndarray) -> np.ndarray:
-        k = min(self.k, distance.shape[1])
-        return np.partition(distance, k - 1, axis=1)[:, :k]
 
 
 # ------------------------------------------------------------------------------------------ persistence
@@ -305,8 +373,17 @@ class Quality:
                             center=self.ood.center.astype(np.float32), threshold=np.float64(self.ood.threshold),
                             norm_floor=np.float64(self.ood.norm_floor), k=np.int64(self.ood.k),
                             sides=np.int64(self.ood.sides), portrait_floor=np.float64(self.ood.portrait_floor),
-                            disagreement_ceiling=np.float64(self.ood.disagreement_ceiling))
+                            disagreement_ceiling=np.float64(self.ood.disagreement_ceiling),
+                            **self._shift_arrays())
         return {"conformal": str(folder / CONFORMAL_FILE), "ood": str(folder / OOD_FILE)}
+
+    def _shift_arrays(self) -> dict[str, Any]:
+        ood = self.ood
+        if ood.embedding_reference is None or ood.shift_scale is None or ood.embedding_center is None:
+            return {}
+        return {"embedding_reference": ood.embedding_reference.astype(np.float16),
+                "embedding_center": ood.embedding_center.astype(np.float32),
+                "shift_scale": ood.shift_scale.astype(np.float32), "shift_ceiling": np.array(ood.shift_ceiling)}
 
     @classmethod
     def load(cls, conformal_path: str | Path, ood_path: str | Path) -> Quality:
@@ -317,4 +394,9 @@ class Quality:
                                   int(data["sides"]),
                                   float(data["portrait_floor"]) if "portrait_floor" in data else 0.0,
                                   float(data["disagreement_ceiling"]) if "disagreement_ceiling" in data else 0.0)
+            if "shift_scale" in data:  # files written before have no era-shift score
+                ood.embedding_reference = data["embedding_reference"].astype(np.float32)
+                ood.embedding_center = data["embedding_center"].astype(np.float32)
+                ood.shift_scale = data["shift_scale"].astype(np.float64)
+                ood.shift_ceiling = float(data["shift_ceiling"])
         return cls(conformal, ood)

@@ -3,9 +3,10 @@
 The graph holds everything one request costs: every rotation of both photos (the fixed sampling grid of
 `CoinEnsemble.rotated`), every member, and member 0's out-of-distribution features from the unrotated pass. Its
 inputs are the photos as the PyTorch model takes them (float [B, C, H, W] in [0, 1], any B); its outputs are
-`samples` [B, members, angles] (years), `features` [B, 2*D] and, for a model with a named portrait head,
-`portraits` [B, classes] and `disagreement` [B] (graphs exported before have no `disagreement`), from which
-`OnnxScorer.infer` gives exactly what `coinyear.model.infer` gives.
+`samples` [B, members, angles] (years), `features` [B, 2*D], `embedding` [B, E] (member 0's fused embedding)
+and, for a model with a named portrait head, `portraits` [B, classes] and `disagreement` [B] (graphs exported
+before have no `embedding`, older ones no `disagreement`), from which `OnnxScorer.infer` gives exactly what
+`coinyear.model.infer` gives.
 
 Two runtimes read that file: OpenVINO (`OpenVinoScorer`, preferred: on this project's 2-core Xeon it answers a
 one-coin request in 20 ms against ONNX Runtime's 34 ms, the same years to 1e-4; benchmarks/README.md "Serving")
@@ -49,7 +50,9 @@ TOLERANCE_PORTRAITS = 1e-3
 
 
 class ScoringGraph(nn.Module):
-    """What is exported: photos in, (years per member and rotation, OOD features[, portrait probabilities]) out."""
+    """What is exported: photos in, (years per member and rotation, OOD features, fused embedding[, portrait
+    probabilities, view disagreement]) out. Scorers read the outputs by name: a graph exported before the
+    embedding was an output still scores (without the era-shift score)."""
 
     def __init__(self, model: DualImageRegressor | CoinEnsemble):
         super().__init__()
@@ -57,15 +60,16 @@ class ScoringGraph(nn.Module):
 
     @property
     def output_names(self) -> list[str]:
-        return ["samples", "features", *(["portraits", "disagreement"] if self.ensemble.has_portraits else [])]
+        return ["samples", "features", "embedding",
+                *(["portraits", "disagreement"] if self.ensemble.has_portraits else [])]
 
     def forward(self, front: torch.Tensor, back: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        regression, logits, features = self.ensemble.heads(front, back, with_features=True)
+        regression, logits, features, embedding = self.ensemble.heads(front, back, with_features=True)
         samples, features, portraits = self.ensemble.served(regression, logits, features, with_features=True)
-        assert features is not None, "scores() gives the features when asked for them"
+        assert features is not None and embedding is not None, "heads() gives both when asked for features"
         if portraits is None or logits is None:
-            return samples, features
-        return samples, features, portraits, view_disagreement(logits, self.ensemble.config)
+            return samples, features, embedding
+        return samples, features, embedding, portraits, view_disagreement(logits, self.ensemble.config)
 
 
 def export_onnx(model: DualImageRegressor | CoinEnsemble, path: str | Path) -> Path:
@@ -103,11 +107,11 @@ class OnnxScorer:
         # spinning idle threads would take the cores from the server's other threads (decoding, logging)
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.names = [output.name for output in self.session.get_outputs()]
 
     def infer(self, front: torch.Tensor, back: torch.Tensor, with_features: bool = False) -> dict[str, torch.Tensor]:
         outputs = self.session.run(None, {"front": _array(front), "back": _array(back)})
-        return _answer(outputs[0], outputs[1], with_features, outputs[2] if len(outputs) > 2 else None,
-                       outputs[3] if len(outputs) > 3 else None)
+        return _answer(dict(zip(self.names, outputs)), with_features)
 
 
 class OpenVinoScorer:
@@ -125,17 +129,14 @@ class OpenVinoScorer:
             "PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads or torch.get_num_threads(),
             "INFERENCE_PRECISION_HINT": "f32"})  # bf16 on an avx512_bf16 CPU moved years by up to 0.22
         self.local = threading.local()
-        names = set().union(*(output.get_names() for output in self.compiled.outputs))
-        self.portraits, self.disagreement = "portraits" in names, "disagreement" in names
+        self.names = set().union(*(output.get_names() for output in self.compiled.outputs))
 
     def infer(self, front: torch.Tensor, back: torch.Tensor, with_features: bool = False) -> dict[str, torch.Tensor]:
         request = getattr(self.local, "request", None)
         if request is None:
             request = self.local.request = self.compiled.create_infer_request()
         results = request.infer({"front": _array(front), "back": _array(back)})
-        return _answer(np.array(results["samples"]), np.array(results["features"]), with_features,
-                       np.array(results["portraits"]) if self.portraits else None,
-                       np.array(results["disagreement"]) if self.disagreement else None)
+        return _answer({name: np.array(results[name]) for name in self.names}, with_features)
 
 
 Scorer = OpenVinoScorer | OnnxScorer
@@ -156,18 +157,18 @@ def open_scorer(path: str | Path, threads: int | None = None,
     raise error if error is not None else ValueError("no runtime named")
 
 
-def _answer(samples: np.ndarray, features: np.ndarray, with_features: bool,
-            portraits: np.ndarray | None = None, disagreement: np.ndarray | None = None) -> dict[str, torch.Tensor]:
-    """The graph's outputs as `coinyear.model.infer` answers: mean year and rotation spread per coin (and the
-    OOD features, portrait probabilities and view disagreement, when the graph has them, when asked)."""
-    years = torch.from_numpy(samples)
+# the graph's outputs (by name) that `coinyear.model.infer` answers as they are, when asked for features
+FEATURE_OUTPUTS = ("features", "embedding", "portraits", "disagreement")
+
+
+def _answer(outputs: dict[str, np.ndarray], with_features: bool) -> dict[str, torch.Tensor]:
+    """The graph's named outputs as `coinyear.model.infer` answers: mean year and rotation spread per coin (and
+    the OOD features, fused embedding, portrait probabilities and view disagreement that the graph has, when
+    asked)."""
+    years = torch.from_numpy(outputs["samples"])
     out = {"year": years.mean(dim=(1, 2)), "spread": rotation_spread(years)}
     if with_features:
-        out["features"] = torch.from_numpy(features)
-        if portraits is not None:
-            out["portraits"] = torch.from_numpy(portraits)
-        if disagreement is not None:
-            out["disagreement"] = torch.from_numpy(disagreement)
+        out.update({name: torch.from_numpy(outputs[name]) for name in FEATURE_OUTPUTS if name in outputs})
     return out
 
 
@@ -192,12 +193,16 @@ class Check:
 
 def compare(ours: dict[str, torch.Tensor], scorer: Scorer, front: torch.Tensor, back: torch.Tensor) -> Check:
     """`scorer` against PyTorch's answer `ours` (`infer(model, front, back, True)`) on the same photos: the
-    largest year (and spread) difference, feature difference and portrait probability (and view disagreement)
-    difference (infinite when the graph lacks the portraits PyTorch gives)."""
+    largest year (and spread) difference, feature (and embedding) difference and portrait probability (and view
+    disagreement) difference (infinite when the graph lacks an output PyTorch gives)."""
     theirs = scorer.infer(front, back, True)
     years = max(float((ours[key] - theirs[key]).abs().max()) for key in ("year", "spread"))
-    scale = float(ours["features"].abs().max()) or 1.0
-    features = float((ours["features"] - theirs["features"]).abs().max()) / scale
+    features = 0.0
+    for key in ("features", "embedding"):  # distances between such vectors are compared: relative to their size
+        if key in ours:
+            scale = float(ours[key].abs().max()) or 1.0
+            features = max(features, float((ours[key] - theirs[key]).abs().max()) / scale if key in theirs
+                           else float("inf"))
     portraits = 0.0
     for key in ("portraits", "disagreement"):  # both probabilities' scale (nats of a few classes' mixture)
         if key in ours:

@@ -241,8 +241,10 @@ def test_final_calibration_scores_every_coin_once(monkeypatch):
 
 def test_the_portrait_flag_floor_is_the_stated_quantile_of_the_validation_coins():
     """With the served portrait probabilities of enough validation coins, the floor flags `portrait_flag_rate`
-    of them; the range's scale is chosen among SCALES."""
-    config = small_train_config(portrait_flag_rate=0.1, model={"aux_classes": {"portrait": 3},
+    of them (the view flag and the era-shift score their stated shares likewise); the range's scale is chosen
+    among SCALES."""
+    config = small_train_config(portrait_flag_rate=0.1, view_flag_rate=0.05, shift_flag_rate=0.1,
+                                model={"aux_classes": {"portrait": 3},
                                                                "aux_names": {"portrait": ["A", "B", "other"]}})
     count = experiment.MIN_FLAG_CALIBRATION
     fronts, backs, year_from, year_to = _tiny_data(count=count, size=32)
@@ -264,6 +266,17 @@ def test_the_portrait_flag_floor_is_the_stated_quantile_of_the_validation_coins(
     quality = fit_quality(served, fronts, backs, np.arange(count) % 7, pd.DataFrame(table), config,
                           torch.device("cpu"), portraits=portraits, disagreement=disagreement)
     assert quality.ood.views_disagree(disagreement).mean() == pytest.approx(config.view_flag_rate, abs=0.011)
+    assert quality.ood.shift_ceiling == 0  # no rows of the predictions placed among the reference: no shift score
+    # with the rows placed (the training run's validation coins), the era-shift score flags `shift_flag_rate` of
+    # them, each scored without the reference coins of its own type
+    groups = np.arange(count) % 7
+    quality = fit_quality(served, fronts, backs, groups, pd.DataFrame(table), config, torch.device("cpu"),
+                          portraits=portraits, disagreement=disagreement, predicted_rows=np.arange(count))
+    assert 0 < quality.ood.shift_ceiling < 1 and quality.ood.shift_scale.shape == (2, count)
+    score = quality.ood.shift_score(scored["embedding"], disagreement, groups=groups, reference_groups=groups)
+    assert (score > quality.ood.shift_ceiling).mean() == pytest.approx(config.shift_flag_rate, abs=0.011)
+    flagged = quality.ood.era_shifted(scored["embedding"], disagreement)
+    assert flagged.shape == (count,) and flagged.dtype == bool
 
 
 def test_the_served_year_blends_the_ruler_mixture_of_the_portrait_head():

@@ -135,6 +135,41 @@ def test_quality_files_round_trip(tmp_path):
     assert loaded.ood.threshold == quality.ood.threshold
     probe = rng.normal(0, 1, (10, 16))
     assert np.allclose(loaded.ood.score(probe), quality.ood.score(probe), atol=2e-3)
+    assert loaded.ood.shift_ceiling == 0 and not loaded.ood.era_shifted(probe, np.ones(10)).any()  # none fitted
+    # with the era-shift score: its reference, scales and ceiling travel too
+    embeddings = features[:, :8] + rng.normal(0, 0.1, (len(features), 8))
+    disagreement = rng.gamma(1.0, 0.1, 50)
+    quality.ood.fit_shift(embeddings, groups, np.arange(50), disagreement, rate=0.1)
+    files = quality.save(tmp_path)
+    loaded = Quality.load(files["conformal"], files["ood"])
+    assert loaded.ood.shift_ceiling == pytest.approx(quality.ood.shift_ceiling)
+    probe_embedding, probe_disagreement = rng.normal(0, 1, (10, 8)), rng.gamma(1.0, 0.1, 10)
+    assert np.allclose(loaded.ood.shift_score(probe_embedding, probe_disagreement),
+                       quality.ood.shift_score(probe_embedding, probe_disagreement), atol=0.02)
+
+
+def test_the_era_shift_score_ranks_far_embeddings_and_disagreeing_views_above_the_validation_coins():
+    """Both parts move the score: an embedding far from every reference coin's and a portrait head whose rotated
+    views disagree each raise it, and the ceiling flags the stated share of the calibration coins."""
+    rng = np.random.default_rng(8)
+    features, groups, _ = _clusters(rng)
+    embeddings = features[:, :8]
+    detector = FeatureDistance.fit(features, groups)
+    calibration = np.arange(0, len(features), 2)
+    disagreement = rng.gamma(1.0, 0.1, len(calibration))
+    detector.fit_shift(embeddings, groups, calibration, disagreement, rate=0.1)
+    assert 0 < detector.shift_ceiling < 1
+    near, far = embeddings[:20], rng.normal(0, 1, (20, 8)) * 3
+    calm, torn = np.full(20, np.median(disagreement)), np.full(20, disagreement.max() + 1)
+    assert (detector.shift_score(far, calm) > detector.shift_score(near, calm)).mean() >= 0.9
+    assert (detector.shift_score(near, torn) > detector.shift_score(near, calm)).all()
+    assert detector.era_shifted(far, torn).all() and not detector.era_shifted(near, calm).any()
+    own = detector.shift_score(embeddings[calibration], disagreement, groups=groups[calibration],
+                               reference_groups=groups)
+    assert (own > detector.shift_ceiling).mean() == pytest.approx(0.1, abs=0.02)
+    # switched off (rate 0): never flags
+    detector.fit_shift(embeddings, groups, calibration, disagreement, rate=0.0)
+    assert not detector.era_shifted(far, torn).any()
 
 
 # ------------------------------------------------------------------------------------- TTA and ensembles

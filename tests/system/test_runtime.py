@@ -88,6 +88,9 @@ def test_onnx_answers_like_pytorch_on_real_coins(served, coins):
     assert difference < TOLERANCE_YEARS
     assert np.abs(onnx["spread"] - plain["spread"]).max() < TOLERANCE_YEARS
     np.testing.assert_allclose(onnx["features"], plain["features"], rtol=1e-3, atol=1e-3)
+    # the fused embedding the era-shift score compares comes out of the same graph
+    assert onnx["embedding"].shape == plain["embedding"].shape and onnx["embedding"].shape[0] == COINS
+    np.testing.assert_allclose(onnx["embedding"], plain["embedding"], rtol=1e-3, atol=1e-3)
     # the MLflow interface (decoding, batching, intervals) on the ONNX path
     assert np.abs(served.predict(None, frame) - plain["year"]).max() < TOLERANCE_YEARS
     ranged = served.predict(None, frame, params={"interval": 0.9, "batch_size": 5})
@@ -111,7 +114,7 @@ def test_onnx_answers_like_pytorch_on_real_coins(served, coins):
 
 def test_batched_tta_gives_the_years_of_one_rotation_per_call(served, coins):
     """One grid_sample over all angles and one forward pass per member == torchvision's rotate per angle, and the
-    fused OOD features == a separate unrotated pass."""
+    fused OOD features and embedding == a separate unrotated pass."""
     ensemble = served.model
     fronts, backs = (images[:8] for images in coins[:2])  # the per-angle reference is slow: 8 coins suffice
     with torch.inference_mode():
@@ -123,12 +126,14 @@ def test_batched_tta_gives_the_years_of_one_rotation_per_call(served, coins):
         expected = torch.stack(per_angle, dim=2)
         samples = ensemble.year_samples(fronts, backs)
         separate = ensemble.ood_features(fronts, backs)
+        fused = ensemble.features(fronts, backs)
     assert samples.shape == expected.shape == (8, 1, 5)
     assert (samples - expected).abs().max() < 1e-4
     assert (expected.std(dim=2) > 0.01).all()
     out = infer(ensemble, fronts, backs, with_features=True)
     assert torch.allclose(out["year"], expected.mean(dim=(1, 2)), atol=1e-4)
     assert torch.allclose(out["features"], separate, atol=1e-5)
+    assert torch.allclose(out["embedding"], fused, atol=1e-5)
 
 
 def test_logged_model_carries_the_checked_onnx_graph(lite):
