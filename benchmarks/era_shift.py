@@ -57,6 +57,7 @@ from common import DATA_DIR, results_parser, write_results
 from ruler_head import embeddings_and_portraits  # a sibling benchmark script
 
 CUTOFF = 117  # Trajan died in AD 117: Hadrian's coins are the latest ruler's
+VIEWS = "portrait mutual information over the rotated views (the view flag's)"  # the view flag's signal
 SERVED_SHIFT = "served era-shift score (mean rank of fused 10 nearest and view disagreement, validation scales)"
 
 
@@ -197,8 +198,7 @@ def main(argv=None) -> int:
         if "disagreement" in inferred and quality.ood.shift_scale is not None:
             scored[name][SERVED_SHIFT] = quality.ood.shift_score(inferred["embedding"], inferred["disagreement"])
         if "disagreement" in inferred:  # what the view flag thresholds (`model.view_disagreement`)
-            scored[name]["portrait mutual information over the rotated views (the view flag's)"] = \
-                inferred["disagreement"]
+            scored[name][VIEWS] = inferred["disagreement"]
             scored[name]["share of rotated views naming another portrait"] = views_naming_another(inferred["logits"])
         if portrait_p is not None:
             scored[name]["portrait uncertainty"] = 1 - portrait_p.max(axis=1)
@@ -215,9 +215,8 @@ def main(argv=None) -> int:
     reference = scored["in_span_holdout"]
     combined = {name: np.max([ranks(reference[s], values[s]) for s in reference], axis=0)
                 for name, values in scored.items()}
-    views = "portrait mutual information over the rotated views (the view flag's)"
-    mean_ranks = {"mean rank: obverse 10 nearest, view disagreement": ("obverse features, 10 nearest", views),
-                  "mean rank: fused 10 nearest, view disagreement": ("fused embedding, 10 nearest", views)}
+    mean_ranks = {"mean rank: obverse 10 nearest, view disagreement": ("obverse features, 10 nearest", VIEWS),
+                  "mean rank: fused 10 nearest, view disagreement": ("fused embedding, 10 nearest", VIEWS)}
     for name in scored:
         scored[name]["combined (max rank)"] = combined[name]
         for label, parts in mean_ranks.items():

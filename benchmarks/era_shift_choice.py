@@ -4,9 +4,9 @@
 further candidate signals from them (the fused embedding's k nearest for several k, the same distance divided by
 the neighbours' own (local outlier factor style, Breunig et al. 2000), the distance to the training coins of the
 portrait the head names, and mean ranks of two or three signals), reports each one's AUROC on every run given,
-and names the best on the first (the choice set: `--cutoff 98`, Trajan and Hadrian out of span). Only that one
-is then read on the others (`--cutoff 117`, Hadrian's coins): reading every row of the second table and keeping
-the best would choose on the set that reports.
+and names the best on the first (the choice set: `--cutoff 98`, Trajan and Hadrian out of span). A signal is
+chosen there and only then read on the others (`--cutoff 117`, Hadrian's coins): keeping the best row of the
+second table would choose on the set that reports.
 
     python benchmarks/era_shift_choice.py /tmp/esarr98 /tmp/esarr117 --name choice-seed42
 
@@ -25,10 +25,9 @@ import torch
 
 # isort: split
 from common import results_parser, write_results
-from era_shift import ranks, signal_report
+from era_shift import VIEWS, ranks, signal_report
 
 IN, OUT = "in_span_holdout", "out_of_span"
-VIEWS = "portrait mutual information over the rotated views (the view flag's)"
 
 
 def centred_unit(reference: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -108,12 +107,12 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     runs = {str(folder): report(Path(folder)) for folder in args.runs}
     choice = max(runs[args.runs[0]], key=lambda label: runs[args.runs[0]][label]["auroc"])
-    lines = [f"## {args.name}: chosen on {args.runs[0]}: **{choice}**", "",
+    lines = [f"## {args.name}: the best on the choice set {args.runs[0]}: **{choice}**", "",
              "| signal | " + " | ".join(f"AUROC {Path(r).name}" for r in args.runs) + " |",
              "|---|" + "---|" * len(args.runs)]
     for label in runs[args.runs[0]]:
         lines.append(f"| {label} | " + " | ".join(f"{runs[r][label]['auroc']:.3f}" for r in args.runs) + " |")
-    lines += ["", "The chosen signal, out-of-span flagged at 5% / 10% in-span false alarms:"]
+    lines += ["", "That signal, out-of-span flagged at 5% / 10% in-span false alarms:"]
     lines += [f"* {Path(r).name}: {100 * runs[r][choice]['flagged_at_5pct_false_alarms']:.1f}% / "
               f"{100 * runs[r][choice]['flagged_at_10pct_false_alarms']:.1f}%" for r in args.runs]
     write_results(args.out, args.name, {"choice": choice, "runs": runs}, lines, started)
