@@ -337,6 +337,7 @@ def train_on_manifest(manifest: Manifest, config: TrainConfig, cache_dir: Path, 
                               predicted_rows=np.searchsorted(usable, np.flatnonzero(evaluated)))
         metrics["portrait_floor"] = quality.ood.portrait_floor
         metrics["disagreement_ceiling"] = quality.ood.disagreement_ceiling
+        metrics["shift_ceiling"] = quality.ood.shift_ceiling
         metrics["conformal_q90"] = quality.conformal.quantile(0.9)
         metrics["ood_threshold"] = quality.ood.threshold
         if len(test_index):

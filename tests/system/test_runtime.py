@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -110,6 +111,26 @@ def test_onnx_answers_like_pytorch_on_real_coins(served, coins):
         assert all(entry["year"] == pytest.approx(dict(served.portraits)[entry["portrait"]], abs=0.05)
                    for entry in listed)
     print(f"ONNX vs PyTorch on {COINS} real coins: max |year difference| {difference:.2e} years")
+
+
+def test_the_served_flag_reads_the_era_shift_score(served, coins):
+    """The MLflow interface passes the graph's fused embedding and view disagreement to the flag: with an
+    era-shift score whose ceiling flags most calibration coins, the served answer flags what
+    `FeatureDistance.flag` says from the same outputs, and more coins than without the score."""
+    fronts, backs, frame = coins
+    scored = served.score_tensors(fronts, backs, with_features=True, batch_size=8)
+    original = served.quality
+    ood = replace(original.ood)
+    ood.fit_shift(scored["embedding"], np.arange(COINS), np.arange(COINS), scored["disagreement"], rate=0.9)
+    served.quality = replace(original, ood=ood)
+    try:
+        answered = served.predict(None, frame, params={"interval": 0.9})["out_of_distribution"].to_numpy(bool)
+    finally:
+        served.quality = original
+    expected = ood.flag(scored["features"], None, scored.get("portraits"), scored["disagreement"], scored["embedding"])
+    without = original.ood.flag(scored["features"], None, scored.get("portraits"), scored["disagreement"])
+    assert answered.tolist() == expected.tolist()
+    assert expected.sum() > without.sum()
 
 
 def test_batched_tta_gives_the_years_of_one_rotation_per_call(served, coins):
