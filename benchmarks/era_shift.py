@@ -48,7 +48,7 @@ from coinyear.data import ImageCache, load_arrays, read_manifest, split_test
 from coinyear.experiment import train_on_manifest
 from coinyear.fit import infer_arrays
 from coinyear.model import as_ensemble, mixture_median
-from coinyear.quality import interval_metrics
+from coinyear.quality import interval_metrics, nearest_mean
 from coinyear.recipe import recipe_from_settings
 
 # isort: split
@@ -86,12 +86,16 @@ def class_mahalanobis(reference: np.ndarray, labels: np.ndarray, queries: np.nda
     return np.einsum("ncd,de,nce->nc", gaps, precision, gaps).min(axis=1)
 
 
-def knn_distance(reference: np.ndarray, queries: np.ndarray, k: int = 10) -> np.ndarray:
-    """Mean cosine distance to the k nearest reference rows, after centring on the reference mean."""
+def cosine_distances(reference: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Cosine distance of every query to every reference row [Q, N], both centred on the reference mean."""
     mean = reference.mean(axis=0)
     unit = lambda a: (a - mean) / np.maximum(np.linalg.norm(a - mean, axis=1, keepdims=True), 1e-12)  # noqa: E731
-    distance = 1 - unit(queries) @ unit(reference).T
-    return np.partition(distance, k - 1, axis=1)[:, :k].mean(axis=1)
+    return 1 - unit(queries) @ unit(reference).T
+
+
+def knn_distance(reference: np.ndarray, queries: np.ndarray, k: int = 10) -> np.ndarray:
+    """Mean cosine distance to the k nearest reference rows, after centring on the reference mean."""
+    return nearest_mean(cosine_distances(reference, queries), k)
 
 
 def views_naming_another(logits: np.ndarray) -> np.ndarray:

@@ -23,29 +23,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from coinyear.quality import leave_type_out, nearest_mean
+
 # isort: split
 from common import results_parser, write_results
-from era_shift import VIEWS, ranks, signal_report
+from era_shift import VIEWS, cosine_distances, ranks, signal_report
 
 IN, OUT = "in_span_holdout", "out_of_span"
-
-
-def centred_unit(reference: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Rows centred on the reference mean, unit length (the cosine space `era_shift.knn_distance` uses)."""
-    rows = rows - reference.mean(axis=0)
-    return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
-
-
-def neighbour_distances(reference: np.ndarray, queries: np.ndarray, exclude=None) -> np.ndarray:
-    """Cosine distance of every query to every reference row [Q, N]; `exclude` [Q, N] marks pairs left out."""
-    distance = 1 - centred_unit(reference, queries) @ centred_unit(reference, reference).T
-    if exclude is not None:
-        distance[exclude] = np.inf
-    return distance
-
-
-def kth_mean(distance: np.ndarray, k: int) -> np.ndarray:
-    return np.partition(distance, k - 1, axis=1)[:, :k].mean(axis=1)
 
 
 def candidate_signals(coins: dict, name: str) -> dict[str, np.ndarray]:
@@ -53,11 +37,11 @@ def candidate_signals(coins: dict, name: str) -> dict[str, np.ndarray]:
     reference = coins["reference_fused"].astype(np.float32)
     groups = coins["reference_groups"]
     fused = coins[f"{name}/fused"].astype(np.float32)
-    distance = neighbour_distances(reference, fused)
-    out = {f"fused {k} nearest": kth_mean(distance, k) for k in (1, 5, 10, 20, 50)}
+    distance = cosine_distances(reference, fused)
+    out = {f"fused {k} nearest": nearest_mean(distance, k) for k in (1, 5, 10, 20, 50)}
     # the reference rows' own 10-nearest distances, their own coin type left out (a new type's view of them)
-    own = neighbour_distances(reference, reference, groups[:, None] == groups[None, :])
-    own_k = kth_mean(own, 10)
+    own = leave_type_out(cosine_distances(reference, reference), groups, groups)
+    own_k = nearest_mean(own, 10)
     nearest = np.argpartition(distance, 9, axis=1)[:, :10]
     out["fused 10 nearest / theirs (LOF)"] = out["fused 10 nearest"] / own_k[nearest].mean(axis=1)
     logits = coins[f"{name}/logits"].astype(np.float64)  # [N, members, angles, classes]
@@ -73,7 +57,7 @@ def candidate_signals(coins: dict, name: str) -> dict[str, np.ndarray]:
     classes = np.array([*known.value_counts().index[:logits.shape[-1] - 1], "other"])
     same = portraits[None, :] == classes[probabilities.argmax(axis=1)][:, None]
     same[~same.any(axis=1)] = True
-    out["fused 10 nearest of the named portrait"] = kth_mean(np.where(same, distance, np.inf), 10)
+    out["fused 10 nearest of the named portrait"] = nearest_mean(np.where(same, distance, np.inf), 10)
     out[VIEWS] = coins[f"{name}/signal: {VIEWS}"]
     return out
 

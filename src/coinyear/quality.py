@@ -297,8 +297,7 @@ class FeatureDistance:
         distance = self.embedding_score(embeddings[calibration], groups=np.asarray(groups)[calibration],
                                         reference_groups=groups)
         self.shift_scale = np.stack([np.sort(distance), np.sort(np.asarray(disagreement, float))])
-        score = self.shift_score(embeddings[calibration], disagreement, groups=np.asarray(groups)[calibration],
-                                 reference_groups=groups)
+        score = self._mean_rank(distance, disagreement)
         self.shift_ceiling = float(np.quantile(score, 1 - rate)) if rate > 0 else 0.0
 
     def embedding_score(self, embedding, chunk: int = 512, groups=None, reference_groups=None) -> np.ndarray:
@@ -312,8 +311,11 @@ class FeatureDistance:
     def shift_score(self, embedding, disagreement, groups=None, reference_groups=None) -> np.ndarray:
         """The era-shift score in [0, 1] per coin: the mean of the ranks of its embedding distance
         (`embedding_score`) and its view disagreement among the validation coins' (higher = less like them)."""
+        return self._mean_rank(self.embedding_score(embedding, groups=groups, reference_groups=reference_groups),
+                               disagreement)
+
+    def _mean_rank(self, distance, disagreement) -> np.ndarray:
         assert self.shift_scale is not None, "fit_shift sets the scales"
-        distance = self.embedding_score(embedding, groups=groups, reference_groups=reference_groups)
         return (_rank(self.shift_scale[0], distance) + _rank(self.shift_scale[1], disagreement)) / 2
 
     def era_shifted(self, embedding, disagreement) -> np.ndarray:
